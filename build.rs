@@ -1,0 +1,13 @@
+//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and prost-build.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/edgerelay/v1/edgerelay.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let descriptors = protox::compile(files, ["proto"])?;
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(descriptors)?;
+    Ok(())
+}

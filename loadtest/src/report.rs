@@ -1,0 +1,435 @@
+//! Turns [`Measurements`] into the end-of-run table (stdout), a JSON summary and an HdrHistogram
+//! `.hgrm` percentile distribution, the same for every mode.
+//!
+//! Latencies are recorded in microseconds and reported in milliseconds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::schedule::{Failure, Measurements, Schedule};
+
+/// Highest latency the histograms track, in microseconds; larger values are clamped to it.
+const MAX_MICROS: u64 = 60_000_000;
+
+/// Significant decimal digits kept by the histograms (and printed in `.hgrm`).
+const SIGFIG: u8 = 3;
+
+/// Microseconds per reported unit (milliseconds).
+const MICROS_PER_MS: f64 = 1000.0;
+
+/// Output flags shared by every mode.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Name of this run in the report and JSON [default: the mode name]
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
+
+    /// Write a JSON summary of the run to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the latency percentile distribution to FILE in HdrHistogram `.hgrm` text format
+    /// (milliseconds), as read by the HdrHistogram plotter.
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
+}
+
+/// What a mode tells the report about itself.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    /// Subcommand name, e.g. `https`.
+    pub mode: &'static str,
+    /// HTTP version (`"1.1"`, `"2"`), for HTTP modes.
+    pub http: Option<&'static str>,
+    /// Connections opened.
+    pub connections: usize,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+}
+
+/// The JSON summary; also the source of the printed table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub label: String,
+    pub mode: &'static str,
+    /// HTTP version (`"1.1"` or `"2"`), for HTTP modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<&'static str>,
+    pub connections: usize,
+    pub concurrency: usize,
+    /// Offered events per second.
+    pub offered_rate: f64,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    /// Window the achieved rate is computed over (see `schedule::measured_window`).
+    pub measured_s: f64,
+    /// Successful events per second over `measured_s`.
+    pub achieved_rate: f64,
+    /// Requests offered in the measurement window.
+    pub offered: u64,
+    pub ok: u64,
+    /// Failures by kind: HTTP status code, `timeout`, `connect`, `transport`, `unsent`.
+    pub errors: BTreeMap<String, u64>,
+    pub error_total: u64,
+    pub warmup_ok: u64,
+    pub warmup_errors: u64,
+    pub interrupted: bool,
+    /// Intended send time -> success, coordinated-omission-corrected.
+    pub latency_ms: Percentiles,
+    /// Intended -> actual send time: waiting for a free worker inside the generator.
+    pub queueing_ms: Percentiles,
+}
+
+/// Percentiles in milliseconds; all zero when nothing succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Summary {
+    /// Summarises a finished run.
+    pub fn new(
+        label: String,
+        info: &RunInfo,
+        schedule: &Schedule,
+        measured: &Measurements,
+    ) -> Self {
+        let window = measured.window.as_secs_f64();
+        let achieved_rate = if window > 0.0 {
+            measured.measured.ok as f64 / window
+        } else {
+            0.0
+        };
+        Self {
+            label,
+            mode: info.mode,
+            http: info.http,
+            connections: info.connections,
+            concurrency: info.concurrency,
+            offered_rate: schedule.rate(),
+            warmup_s: schedule.warmup().as_secs_f64(),
+            duration_s: schedule.duration().as_secs_f64(),
+            measured_s: window,
+            achieved_rate,
+            offered: schedule.measured_requests(),
+            ok: measured.measured.ok,
+            errors: failure_map(&measured.measured.failed),
+            error_total: measured.measured.failures(),
+            warmup_ok: measured.warmup.ok,
+            warmup_errors: measured.warmup.failures(),
+            interrupted: measured.interrupted,
+            latency_ms: Percentiles::of(&measured.latency),
+            queueing_ms: Percentiles::of(&measured.queueing),
+        }
+    }
+
+    /// The human-readable end-of-run table.
+    pub fn table(&self, schedule: &Schedule) -> String {
+        let mut out = String::new();
+        let http = self
+            .http
+            .map(|version| format!("  http={version}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "loadtest {}  label={}{http}  connections={}  concurrency={}  offered={}/s  \
+             duration={}  warmup={}",
+            self.mode,
+            self.label,
+            self.connections,
+            self.concurrency,
+            self.offered_rate,
+            format_duration(schedule.duration()),
+            format_duration(schedule.warmup()),
+        );
+        let statuses = if self.errors.is_empty() {
+            "-".to_owned()
+        } else {
+            self.errors
+                .iter()
+                .map(|(kind, n)| format!("{kind}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "achieved  {:.1}/s   ok {}   errors {}   (status: {statuses})",
+            self.achieved_rate, self.ok, self.error_total
+        );
+        if self.interrupted {
+            let _ = writeln!(
+                out,
+                "interrupted after {:.1}s of measurement",
+                self.measured_s
+            );
+        }
+        if let Some(unsent) = self.errors.get(&Failure::Unsent.to_string()) {
+            let _ = writeln!(
+                out,
+                "{unsent} requests were never sent: every worker was still busy when the run \
+                 ended (raise --connections/--concurrency or lower --rate)"
+            );
+        }
+        let _ = writeln!(out, "latency send->202 (ms, CO-corrected)");
+        let l = &self.latency_ms;
+        if l.count == 0 {
+            let _ = writeln!(out, "  (no successful requests)");
+        } else {
+            for (name, value) in [
+                ("p50", l.p50),
+                ("p90", l.p90),
+                ("p99", l.p99),
+                ("p99.9", l.p999),
+                ("max", l.max),
+                ("mean", l.mean),
+            ] {
+                let _ = writeln!(out, "  {name:<6}{value:>8.2}");
+            }
+            let q = &self.queueing_ms;
+            let _ = writeln!(
+                out,
+                "generator queueing (ms, waiting for a free worker)  p50 {:.2}  p99 {:.2}  max {:.2}",
+                q.p50, q.p99, q.max
+            );
+        }
+        out
+    }
+}
+
+impl Percentiles {
+    /// Percentiles of a microsecond histogram, in milliseconds.
+    pub fn of(hist: &Histogram<u64>) -> Self {
+        if hist.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: hist.len(),
+            p50: millis(hist.value_at_quantile(0.50)),
+            p90: millis(hist.value_at_quantile(0.90)),
+            p99: millis(hist.value_at_quantile(0.99)),
+            p999: millis(hist.value_at_quantile(0.999)),
+            max: millis(hist.max()),
+            mean: hist.mean() / MICROS_PER_MS,
+        }
+    }
+}
+
+/// A fresh microsecond latency histogram: 3 significant digits, up to 60 s.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, SIGFIG).expect("constant histogram bounds are valid")
+}
+
+/// Microseconds to milliseconds.
+pub fn millis(micros: u64) -> f64 {
+    micros as f64 / MICROS_PER_MS
+}
+
+/// Prints the table to stdout and writes the `--json` and `--hgrm` files.
+pub fn emit(
+    args: &ReportArgs,
+    info: &RunInfo,
+    schedule: &Schedule,
+    measured: &Measurements,
+) -> anyhow::Result<()> {
+    let label = args.label.clone().unwrap_or_else(|| info.mode.to_owned());
+    let summary = Summary::new(label, info, schedule, measured);
+    print!("{}", summary.table(schedule));
+    if let Some(path) = &args.json {
+        let mut json = serde_json::to_string_pretty(&summary)?;
+        json.push('\n');
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.hgrm {
+        std::fs::write(path, hgrm(&measured.latency))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The classic HdrHistogram percentile distribution (Java's `outputPercentileDistribution`
+/// with 5 ticks per half distance and values scaled to milliseconds): a header, one row per
+/// percentile step, and the `#[Mean ...]`, `#[Max ...]`, `#[Buckets ...]` footer.
+pub fn hgrm(hist: &Histogram<u64>) -> String {
+    let digits = usize::from(hist.sigfig());
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    for step in hist.iter_quantiles(5) {
+        total += step.count_since_last_iteration();
+        let value = millis(step.value_iterated_to());
+        let q = step.quantile_iterated_to();
+        if q < 1.0 {
+            let _ = writeln!(
+                out,
+                "{value:12.digits$} {q:2.12} {total:10} {:14.2}",
+                1.0 / (1.0 - q)
+            );
+        } else {
+            let _ = writeln!(out, "{value:12.digits$} {q:2.12} {total:10}");
+        }
+    }
+    let (mean, stdev, max) = if hist.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        (
+            hist.mean() / MICROS_PER_MS,
+            hist.stdev() / MICROS_PER_MS,
+            millis(hist.max()),
+        )
+    };
+    let _ = writeln!(
+        out,
+        "#[Mean    = {mean:12.digits$}, StdDeviation   = {stdev:12.digits$}]"
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {max:12.digits$}, Total count    = {:12}]",
+        hist.len()
+    );
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        hist.buckets(),
+        sub_bucket_count(hist.sigfig())
+    );
+    out
+}
+
+/// HdrHistogram's sub-bucket count for `sigfig` digits (not exposed by the crate): the
+/// smallest power of two covering `2 × 10^sigfig`.
+fn sub_bucket_count(sigfig: u8) -> u64 {
+    (2 * 10u64.pow(u32::from(sigfig))).next_power_of_two()
+}
+
+/// `10s`, `500ms`, `2m`, `1.5s`: the inverse of `schedule::parse_duration` for display.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        format!("{}us", d.as_micros())
+    } else if ms % 1000 != 0 {
+        if ms > 1000 {
+            format!("{}s", d.as_secs_f64())
+        } else {
+            format!("{ms}ms")
+        }
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// Failure counts keyed by their report name.
+fn failure_map(failed: &BTreeMap<Failure, u64>) -> BTreeMap<String, u64> {
+    failed
+        .iter()
+        .map(|(failure, n)| (failure.to_string(), *n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Histogram<u64> {
+        let mut h = histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 10).unwrap(); // 10 µs .. 10 ms
+        }
+        h
+    }
+
+    #[test]
+    fn hgrm_has_the_classic_shape() {
+        let text = hgrm(&sample());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "       Value     Percentile TotalCount 1/(1-Percentile)"
+        );
+        assert_eq!(lines[1], "");
+
+        let rows: Vec<Vec<&str>> = lines[2..]
+            .iter()
+            .take_while(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert!(rows.len() > 10);
+        // Every row but the last has four columns; the last (percentile 1.0) has three.
+        let (last, body) = rows.split_last().unwrap();
+        assert!(body.iter().all(|r| r.len() == 4));
+        assert_eq!(last.len(), 3);
+        assert_eq!(last[1], "1.000000000000");
+        assert_eq!(last[2], "1000");
+        // Values in ms with 3 decimals; percentiles and counts never decrease.
+        assert_eq!(rows[0][0], "0.010");
+        let mut previous = (0.0, 0.0, 0u64);
+        for r in &rows {
+            let row: (f64, f64, u64) = (
+                r[0].parse().unwrap(),
+                r[1].parse().unwrap(),
+                r[2].parse().unwrap(),
+            );
+            assert!(row.0 >= previous.0 && row.1 >= previous.1 && row.2 >= previous.2);
+            previous = row;
+        }
+        assert!(last[0].starts_with("10.0"));
+
+        let footer: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("#[")).collect();
+        assert_eq!(footer.len(), 3);
+        assert!(footer[0].starts_with("#[Mean    =        5.00"));
+        assert!(footer[0].contains(", StdDeviation   = "));
+        assert!(footer[1].starts_with("#[Max     =       10.0"));
+        assert!(footer[1].ends_with(", Total count    =         1000]"));
+        assert!(footer[2].ends_with(", SubBuckets     =         2048]"));
+        assert_eq!(lines.last(), footer.last());
+    }
+
+    #[test]
+    fn hgrm_of_an_empty_histogram_is_only_header_and_footer() {
+        let text = hgrm(&histogram());
+        assert_eq!(text.lines().count(), 5);
+        assert!(text.contains("Total count    =            0]"));
+    }
+
+    #[test]
+    fn percentiles_are_in_milliseconds() {
+        let p = Percentiles::of(&sample());
+        assert_eq!(p.count, 1000);
+        assert!((p.p50 - 5.0).abs() < 0.01, "{p:?}");
+        assert!((p.p99 - 9.9).abs() < 0.01, "{p:?}");
+        assert!((p.max - 10.0).abs() < 0.01, "{p:?}");
+        assert_eq!(Percentiles::of(&histogram()), Percentiles::default());
+    }
+
+    #[test]
+    fn formats_durations_like_the_parser_reads_them() {
+        for (d, s) in [
+            (Duration::from_secs(10), "10s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_micros(250), "250us"),
+            (Duration::ZERO, "0s"),
+        ] {
+            assert_eq!(format_duration(d), s);
+            assert_eq!(crate::schedule::parse_duration(s), Ok(d));
+        }
+    }
+}

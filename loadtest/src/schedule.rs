@@ -1,0 +1,618 @@
+//! Open-loop, coordinated-omission-correct request driver shared by every mode.
+//!
+//! Request `i` has an intended send time `start + i / rate`, fixed before the run starts. A
+//! pool of workers claims indices in order, sleeps until the intended time and sends; latency is
+//! measured from the *intended* time to completion (like wrk2). When every worker is busy the
+//! next request simply waits for one, and that wait shows up as latency instead of silently
+//! lowering the offered load. Nothing here knows about HTTP: a mode hands in one [`Worker`] per
+//! unit of concurrency and gets [`Measurements`] back.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::report;
+
+/// Load shape flags shared by every mode.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Offered load in events per second: open loop, constant rate, independent of how fast the
+    /// server answers.
+    #[arg(long, value_name = "EVENTS_PER_SEC", value_parser = parse_rate)]
+    pub rate: f64,
+
+    /// How long to measure, after the warm-up (e.g. 500ms, 10s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Warm-up before measuring: requests are sent at the same rate but not recorded.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Per-request timeout, from the moment the request is sent (includes any reconnect).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The fixed timetable of a run: which request is sent when, and which ones are measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+    warmup_requests: u64,
+    total_requests: u64,
+}
+
+/// Whether a request belongs to the warm-up (sent, not recorded) or to the measurement.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Phase {
+    Warmup,
+    Measured,
+}
+
+/// Why a request did not end in success.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub enum Failure {
+    /// The server answered with this status instead of the success status.
+    Status(u16),
+    /// No complete answer within `--timeout`.
+    Timeout,
+    /// No connection could be established (TCP, TLS or protocol handshake).
+    Connect,
+    /// The connection failed while the request was in flight.
+    Transport,
+    /// Still waiting for a free worker when the run ended (`--timeout` after the measurement
+    /// window): the generator was saturated, so the request was never sent.
+    Unsent,
+}
+
+/// Outcome counts of one phase.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Tally {
+    pub ok: u64,
+    pub failed: BTreeMap<Failure, u64>,
+}
+
+/// One unit of concurrency of a mode: sends one request at a time.
+pub trait Worker: Send + 'static {
+    /// Sends request number `seq` and waits until it is answered, failed or timed out. Must
+    /// return within about `--timeout`; the driver does not cancel it.
+    fn send(&mut self, seq: u64) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+/// Everything a run measured.
+#[derive(Debug)]
+pub struct Measurements {
+    /// Intended send time -> success, in microseconds, measured requests only.
+    pub latency: Histogram<u64>,
+    /// Intended send time -> actual send time, in microseconds, measured successes only: time
+    /// spent waiting for a free worker (the generator's own queueing).
+    pub queueing: Histogram<u64>,
+    /// Outcomes of measured requests.
+    pub measured: Tally,
+    /// Outcomes of warm-up requests.
+    pub warmup: Tally,
+    /// Length of the measurement window used for the achieved rate.
+    pub window: Duration,
+    /// The run was stopped early (Ctrl-C).
+    pub interrupted: bool,
+}
+
+/// What one worker task measured; merged into [`Measurements`].
+struct WorkerMeasurements {
+    latency: Histogram<u64>,
+    queueing: Histogram<u64>,
+    measured: Tally,
+    warmup: Tally,
+    last_completion: Option<Instant>,
+    interrupted: bool,
+}
+
+/// State shared by the worker tasks and the progress printer.
+struct Shared {
+    schedule: Schedule,
+    start: Instant,
+    /// After this instant requests are no longer sent but counted as [`Failure::Unsent`].
+    hard_stop: Instant,
+    next: AtomicU64,
+    sent: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Schedule {
+    /// A constant `rate` (events/s) for `warmup` then `duration`.
+    pub fn new(rate: f64, warmup: Duration, duration: Duration) -> anyhow::Result<Self> {
+        ensure!(
+            rate.is_finite() && rate > 0.0,
+            "rate must be a positive number"
+        );
+        let warmup_requests = count_before(warmup, rate);
+        let total_requests = count_before(warmup + duration, rate);
+        ensure!(
+            total_requests > warmup_requests,
+            "--rate × --duration must cover at least one request"
+        );
+        Ok(Self {
+            rate,
+            warmup,
+            duration,
+            warmup_requests,
+            total_requests,
+        })
+    }
+
+    /// Offered rate in events per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Length of the warm-up.
+    pub fn warmup(&self) -> Duration {
+        self.warmup
+    }
+
+    /// Length of the measurement window.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// Number of requests offered during the measurement window.
+    pub fn measured_requests(&self) -> u64 {
+        self.total_requests - self.warmup_requests
+    }
+
+    /// Intended send time of request `i`, relative to the start of the run.
+    pub fn offset(&self, i: u64) -> Duration {
+        // Computed from `i` directly, not by adding intervals, so rounding does not accumulate.
+        Duration::from_nanos((i as f64 * 1e9 / self.rate).round() as u64)
+    }
+
+    /// The phase request `i` belongs to, or `None` once the run is over.
+    pub fn phase(&self, i: u64) -> Option<Phase> {
+        if i < self.warmup_requests {
+            Some(Phase::Warmup)
+        } else if i < self.total_requests {
+            Some(Phase::Measured)
+        } else {
+            None
+        }
+    }
+}
+
+impl Tally {
+    /// Counts one outcome.
+    pub fn record(&mut self, outcome: Result<(), Failure>) {
+        match outcome {
+            Ok(()) => self.ok += 1,
+            Err(failure) => *self.failed.entry(failure).or_default() += 1,
+        }
+    }
+
+    /// Total number of failures.
+    pub fn failures(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    /// Adds `other`'s counts to this one.
+    fn merge(&mut self, other: &Tally) {
+        self.ok += other.ok;
+        for (failure, n) in &other.failed {
+            *self.failed.entry(*failure).or_default() += n;
+        }
+    }
+}
+
+impl WorkerMeasurements {
+    fn new() -> Self {
+        Self {
+            latency: report::histogram(),
+            queueing: report::histogram(),
+            measured: Tally::default(),
+            warmup: Tally::default(),
+            last_completion: None,
+            interrupted: false,
+        }
+    }
+
+    fn merge(&mut self, other: &WorkerMeasurements) -> anyhow::Result<()> {
+        self.latency.add(&other.latency)?;
+        self.queueing.add(&other.queueing)?;
+        self.measured.merge(&other.measured);
+        self.warmup.merge(&other.warmup);
+        self.last_completion = self.last_completion.max(other.last_completion);
+        self.interrupted |= other.interrupted;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Status(code) => write!(f, "{code}"),
+            Failure::Timeout => f.write_str("timeout"),
+            Failure::Connect => f.write_str("connect"),
+            Failure::Transport => f.write_str("transport"),
+            Failure::Unsent => f.write_str("unsent"),
+        }
+    }
+}
+
+/// Runs `schedule` over `workers` until every request has been sent or `stop` turns true.
+///
+/// Requests still waiting for a worker `grace` after the measurement window ends are counted as
+/// [`Failure::Unsent`] instead of being sent. Prints a progress line to stderr every second.
+pub async fn run<W: Worker>(
+    schedule: Schedule,
+    grace: Duration,
+    workers: Vec<W>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Measurements> {
+    ensure!(!workers.is_empty(), "no workers to drive");
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        schedule,
+        start,
+        hard_stop: start + schedule.warmup + schedule.duration + grace,
+        next: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+
+    let mut live = Vec::with_capacity(workers.len());
+    let mut tasks = Vec::with_capacity(workers.len());
+    for worker in workers {
+        let recent = Arc::new(Mutex::new(report::histogram()));
+        live.push(Arc::clone(&recent));
+        tasks.push(tokio::spawn(drive(
+            worker,
+            Arc::clone(&shared),
+            recent,
+            stop.clone(),
+        )));
+    }
+    let progress = tokio::spawn(print_progress(Arc::clone(&shared), live));
+
+    let mut total = WorkerMeasurements::new();
+    for task in tasks {
+        let measured = task.await.context("worker task failed")?;
+        total.merge(&measured)?;
+    }
+    progress.abort();
+
+    let measure_start = start + schedule.warmup;
+    let window = measured_window(
+        measure_start,
+        measure_start + schedule.duration,
+        total.last_completion,
+        total.interrupted,
+    );
+    Ok(Measurements {
+        latency: total.latency,
+        queueing: total.queueing,
+        measured: total.measured,
+        warmup: total.warmup,
+        window,
+        interrupted: total.interrupted,
+    })
+}
+
+/// One worker task: claim the next index, wait for its intended time, send, record.
+async fn drive<W: Worker>(
+    mut worker: W,
+    shared: Arc<Shared>,
+    recent: Arc<Mutex<Histogram<u64>>>,
+    mut stop: watch::Receiver<bool>,
+) -> WorkerMeasurements {
+    let mut m = WorkerMeasurements::new();
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(phase) = shared.schedule.phase(i) else {
+            break;
+        };
+        let intended = shared.start + shared.schedule.offset(i);
+        tokio::select! {
+            biased;
+            // A dropped sender (Err) disables this branch rather than stopping the run.
+            Ok(_) = stop.wait_for(|stopped| *stopped) => {
+                m.interrupted = true;
+                break;
+            }
+            () = tokio::time::sleep_until(intended) => {}
+        }
+
+        let sent_at = Instant::now();
+        if sent_at >= shared.hard_stop {
+            if phase == Phase::Measured {
+                m.measured.record(Err(Failure::Unsent));
+            }
+            continue;
+        }
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        let outcome = worker.send(i).await;
+        let done = Instant::now();
+
+        match outcome {
+            Ok(()) => {
+                shared.ok.fetch_add(1, Ordering::Relaxed);
+                recent
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .saturating_record(micros(latency(intended, done)));
+            }
+            Err(_) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match phase {
+            Phase::Warmup => m.warmup.record(outcome),
+            Phase::Measured => {
+                m.measured.record(outcome);
+                m.last_completion = m.last_completion.max(Some(done));
+                if outcome.is_ok() {
+                    m.latency.saturating_record(micros(latency(intended, done)));
+                    m.queueing
+                        .saturating_record(micros(latency(intended, sent_at)));
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Prints one line per second to stderr: phase, send rate, totals and the last second's p99.
+async fn print_progress(shared: Arc<Shared>, live: Vec<Arc<Mutex<Histogram<u64>>>>) {
+    let mut tick = tokio::time::interval_at(
+        shared.start + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_sent = 0;
+    let mut last_tick = shared.start;
+    let mut second = report::histogram();
+    loop {
+        let now = tick.tick().await;
+        second.reset();
+        for recent in &live {
+            let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
+            // Same bounds on both sides, so this cannot fail.
+            let _ = second.add(&*recent);
+            recent.reset();
+        }
+        let sent = shared.sent.load(Ordering::Relaxed);
+        let elapsed = now.duration_since(shared.start);
+        let rate = (sent - last_sent) as f64 / now.duration_since(last_tick).as_secs_f64();
+        let phase = if elapsed < shared.schedule.warmup {
+            "warmup"
+        } else if elapsed < shared.schedule.warmup + shared.schedule.duration {
+            "run"
+        } else {
+            "drain"
+        };
+        let p99 = if second.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.2}ms", report::millis(second.value_at_quantile(0.99)))
+        };
+        eprintln!(
+            "[{:>4}s] {phase:<6} offered {}/s  sent {rate:.0}/s  ok {}  failed {}  p99(1s) {p99}",
+            elapsed.as_secs(),
+            shared.schedule.rate,
+            shared.ok.load(Ordering::Relaxed),
+            shared.failed.load(Ordering::Relaxed),
+        );
+        last_sent = sent;
+        last_tick = now;
+    }
+}
+
+/// Coordinated-omission-correct latency: from when the request *should* have been sent, not
+/// from when it was.
+pub fn latency(intended: Instant, completed: Instant) -> Duration {
+    completed.saturating_duration_since(intended)
+}
+
+/// The window the achieved rate is computed over: the nominal window, stretched to the last
+/// measured completion (a slow server delivers its answers late), or cut short on interruption.
+pub fn measured_window(
+    measure_start: Instant,
+    measure_end: Instant,
+    last_completion: Option<Instant>,
+    interrupted: bool,
+) -> Duration {
+    let last = last_completion.unwrap_or(measure_start);
+    let end = if interrupted {
+        last.min(measure_end)
+    } else {
+        last.max(measure_end)
+    };
+    end.saturating_duration_since(measure_start)
+}
+
+/// Whole microseconds, saturating.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Number of requests `i >= 0` whose intended time `i / rate` falls before `t`: `ceil(t·rate)`,
+/// with a tolerance so `2s × 1000/s` is exactly 2000 despite floating point.
+fn count_before(t: Duration, rate: f64) -> u64 {
+    let x = t.as_secs_f64() * rate;
+    let nearest = x.round();
+    if (x - nearest).abs() <= 1e-9 * nearest.max(1.0) {
+        nearest as u64
+    } else {
+        x.ceil() as u64
+    }
+}
+
+/// Parses `--rate`: a positive, finite number of events per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("`{s}` is not a positive number of events per second")),
+    }
+}
+
+/// Parses a duration like `250us`, `500ms`, `10s`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{s}` has no unit (use us, ms, s, m or h, e.g. 10s)"))?;
+    let (number, unit) = s.split_at(split);
+    let unit_nanos: u64 = match unit {
+        "us" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use us, ms, s, m or h)")),
+    };
+    let nanos = match number.parse::<u64>() {
+        Ok(whole) => whole.checked_mul(unit_nanos),
+        Err(_) => {
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("`{s}` does not start with a number"))?;
+            let nanos = (value * unit_nanos as f64).round();
+            (nanos < u64::MAX as f64).then_some(nanos as u64)
+        }
+    };
+    nanos
+        .map(Duration::from_nanos)
+        .ok_or_else(|| format!("`{s}` is out of range"))
+}
+
+/// A watch that turns true on the first Ctrl-C.
+pub fn stop_on_ctrl_c() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: finishing requests in flight");
+            let _ = tx.send(true);
+            // Keep the sender alive so receivers keep seeing `true`.
+            tx.closed().await;
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn rejects_bad_durations() {
+        for bad in ["10", "", "s", "10x", "-1s", "1..2s", "ms10"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn intended_times_follow_the_rate() {
+        let s = Schedule::new(1000.0, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
+        assert_eq!(s.offset(0), Duration::ZERO);
+        assert_eq!(s.offset(1), Duration::from_millis(1));
+        assert_eq!(s.offset(2500), Duration::from_millis(2500));
+
+        let s = Schedule::new(3.0, Duration::ZERO, Duration::from_secs(1)).unwrap();
+        assert_eq!(s.offset(1), Duration::from_nanos(333_333_333));
+        assert_eq!(s.offset(2), Duration::from_nanos(666_666_667));
+        assert_eq!(s.offset(3_000_000), Duration::from_secs(1_000_000));
+    }
+
+    #[test]
+    fn phases_split_warmup_and_measurement() {
+        let s = Schedule::new(1000.0, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
+        assert_eq!(s.phase(0), Some(Phase::Warmup));
+        assert_eq!(s.phase(1999), Some(Phase::Warmup));
+        assert_eq!(s.phase(2000), Some(Phase::Measured));
+        assert_eq!(s.phase(11_999), Some(Phase::Measured));
+        assert_eq!(s.phase(12_000), None);
+        assert_eq!(s.measured_requests(), 10_000);
+
+        // 0.5/s: requests at 0s, 2s, 4s, ...; warm-up [0, 1s) holds one, [1s, 5s) holds two.
+        let s = Schedule::new(0.5, Duration::from_secs(1), Duration::from_secs(4)).unwrap();
+        assert_eq!(s.phase(0), Some(Phase::Warmup));
+        assert_eq!(s.phase(1), Some(Phase::Measured));
+        assert_eq!(s.phase(2), Some(Phase::Measured));
+        assert_eq!(s.phase(3), None);
+    }
+
+    #[test]
+    fn rejects_empty_schedules() {
+        assert!(Schedule::new(0.0, Duration::ZERO, Duration::from_secs(1)).is_err());
+        assert!(Schedule::new(f64::NAN, Duration::ZERO, Duration::from_secs(1)).is_err());
+        assert!(Schedule::new(1.0, Duration::ZERO, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn latency_counts_from_the_intended_time() {
+        let start = Instant::now();
+        let s = Schedule::new(100.0, Duration::ZERO, Duration::from_secs(1)).unwrap();
+        let intended = start + s.offset(10); // 100ms
+        // Sent 400ms late because every worker was busy, answered 5ms after sending.
+        let sent = intended + Duration::from_millis(400);
+        let done = sent + Duration::from_millis(5);
+        assert_eq!(latency(intended, done), Duration::from_millis(405));
+        assert_eq!(latency(intended, sent), Duration::from_millis(400));
+        // Never negative.
+        assert_eq!(latency(done, intended), Duration::ZERO);
+    }
+
+    #[test]
+    fn window_stretches_to_late_completions_and_shrinks_on_interrupt() {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(10);
+        let late = end + Duration::from_secs(2);
+        let early = start + Duration::from_secs(4);
+        assert_eq!(
+            measured_window(start, end, Some(late), false),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            measured_window(start, end, Some(early), false),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            measured_window(start, end, Some(early), true),
+            Duration::from_secs(4)
+        );
+        assert_eq!(measured_window(start, end, None, true), Duration::ZERO);
+    }
+
+    #[test]
+    fn tally_counts_failures_by_kind() {
+        let mut t = Tally::default();
+        t.record(Ok(()));
+        t.record(Err(Failure::Status(503)));
+        t.record(Err(Failure::Status(503)));
+        t.record(Err(Failure::Timeout));
+        assert_eq!(t.ok, 1);
+        assert_eq!(t.failures(), 3);
+        assert_eq!(t.failed[&Failure::Status(503)], 2);
+        assert_eq!(Failure::Status(503).to_string(), "503");
+    }
+}

@@ -1,0 +1,8 @@
+//! Batching: events wait in bounded, sharded lock-free queues ([`queue`]); one task per shard
+//! ([`driver`]) feeds them to the sans-IO [`batcher`] and hands ready batches to the sink.
+
+pub mod batcher;
+pub mod driver;
+pub mod queue;
+
+pub use batcher::{Batcher, FlushReason, Limits, Ready};

@@ -1,0 +1,541 @@
+//! The one configuration file (`/etc/edgerelay/edgerelay.toml` in production).
+//!
+//! Every field has a default suited to a production PoP unless it names something that only
+//! the operator knows (certificate paths, NATS URLs, tokens). Unknown fields are refused, and
+//! [`Config::validate`] reports every problem at once so one `check-config` run fixes a file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::subject::Pattern;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this relay instance and how it answers the edge.
+    pub relay: RelayConfig,
+    /// The HTTPS (HTTP/1.1 + HTTP/2) listener.
+    pub https: HttpsConfig,
+    /// How events are coalesced into batches.
+    pub batch: BatchConfig,
+    /// The NATS cluster the relay publishes to.
+    pub nats: NatsConfig,
+    /// The JetStream stream that stores the batches.
+    pub stream: StreamConfig,
+    /// Who may publish where.
+    pub auth: AuthConfig,
+    /// Remembering idempotency keys so client retries are answered, not stored twice.
+    pub idempotency: IdempotencyConfig,
+    /// The admin listener (health and readiness; metrics in a later version).
+    pub admin: AdminConfig,
+}
+
+/// When the edge is answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Answer 202 only after JetStream acknowledged the batch holding the event (default).
+    #[default]
+    Durable,
+    /// Answer 202 as soon as the event is queued in the relay. Lower latency, but an event
+    /// queued when the relay crashes (or that JetStream later refuses) is lost.
+    Accepted,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name of this relay, unique per PoP (e.g. `fra1-a`); first part of every `Nats-Msg-Id`.
+    /// Tokens of `[A-Za-z0-9_-]`, so it can also appear in subjects.
+    pub id: String,
+    /// When the edge gets its 202: `durable` (after the PubAck) or `accepted` (after enqueue).
+    pub ack_mode: AckMode,
+    /// On SIGTERM/SIGINT: how long to keep flushing queued batches and waiting for acks before
+    /// giving up and exiting (anything still unanswered gets 503 `shutting_down`).
+    pub shutdown_grace_ms: u64,
+    /// Longest subject accepted for publishing, bytes.
+    pub max_subject_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpsConfig {
+    /// Address to listen on for HTTPS (TCP).
+    pub listen: SocketAddr,
+    /// PEM certificate chain served to clients.
+    pub tls_cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// Connections open at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request body (a multi-event request), bytes. Larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest single event payload, bytes. Must fit in one batch (`batch.max_bytes`).
+    pub max_event_bytes: usize,
+    /// Most events in one multi-event request.
+    pub max_events_per_request: usize,
+    /// Time allowed for the TLS handshake, milliseconds.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time allowed to receive a request's headers (HTTP/1.1), milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, milliseconds.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2: concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: initial per-stream flow-control window, bytes. The protocol default (64 KiB)
+    /// throttles a busy multiplexed edge connection; 1 MiB lets one stream carry a full body.
+    pub h2_stream_window_bytes: u32,
+    /// HTTP/2: initial per-connection flow-control window, bytes.
+    pub h2_connection_window_bytes: u32,
+    /// HTTP/2: streams the client may reset before they are accepted (rapid-reset guard).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2: streams this side may reset because of client errors before the connection is
+    /// closed (error-reset flood guard).
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Flush a subject's batch once it holds this many events. `1` turns batching off.
+    pub max_events: usize,
+    /// Flush a subject's batch before it would exceed this many bytes of encoded events. Keep
+    /// it under the NATS server's `max_payload` (1 MiB by default).
+    pub max_bytes: usize,
+    /// Flush a batch this long after its first event arrived, milliseconds, even if not full.
+    /// The main latency/throughput knob.
+    pub linger_ms: u64,
+    /// Number of queue shards (each with its own batcher task). 0 = number of CPUs. Events of
+    /// one subject always go to the same shard, so their order is kept.
+    pub shards: usize,
+    /// Capacity of each shard's lock-free queue, events. A full queue answers 503.
+    pub queue_capacity: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs of the cluster, e.g. `nats://10.0.0.1:4222`; the client picks and fails
+    /// over among them.
+    pub urls: Vec<String>,
+    /// Client connection name, shown by the NATS server's monitoring.
+    pub client_name: String,
+    /// NATS credentials file (JWT + nkey seed), if the cluster uses decentralized auth.
+    pub creds_file: Option<PathBuf>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// PEM CA that signed the NATS servers' certificates, to use TLS to NATS.
+    pub tls_ca: Option<PathBuf>,
+    /// Timeout of one connection attempt, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Batches published and not yet acknowledged, at most. Beyond it the batchers wait and
+    /// the queues fill (backpressure).
+    pub max_inflight_batches: usize,
+    /// How long to wait for one PubAck before publishing the batch again (same Msg-Id).
+    pub ack_timeout_ms: u64,
+    /// Total time a batch may take, from flush to PubAck, including retries; then its events
+    /// are answered 504 `ack_timeout` (or 503 `nats_unavailable` if disconnected). Keep it
+    /// under the edge's own request timeout.
+    pub publish_deadline_ms: u64,
+    /// First pause before a retry, milliseconds; doubles up to 1 s.
+    pub retry_backoff_ms: u64,
+    /// Size of the client's write buffer, bytes (larger buffers publish faster).
+    pub write_buffer_bytes: usize,
+}
+
+/// JetStream storage backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    File,
+    Memory,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stream name.
+    pub name: String,
+    /// Subjects the stream captures (NATS wildcards allowed). Every subject the relay may
+    /// publish on must fall under one of them; others are refused at ingest with 403.
+    pub subjects: Vec<String>,
+    /// Replicas (1, 3 or 5). Production streams should be R3: an R1 stream loses what it has
+    /// not fsynced when its server's machine dies.
+    pub replicas: usize,
+    /// `file` or `memory`.
+    pub storage: Storage,
+    /// JetStream's de-duplication window for `Nats-Msg-Id`, milliseconds. A batch retried
+    /// within it is stored once.
+    pub duplicate_window_ms: u64,
+    /// Oldest message kept, seconds; 0 = no limit.
+    pub max_age_secs: u64,
+    /// Most bytes kept; -1 = no limit.
+    pub max_bytes: i64,
+    /// Create the stream if it does not exist. When false the relay only checks it.
+    pub create: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Static bearer tokens, for development and tests; production uses OIDC (later version).
+    pub static_tokens: Vec<StaticToken>,
+}
+
+/// One static bearer token and what its holder may publish.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticToken {
+    /// Identity name recorded as `publisher` on every event and in logs.
+    pub name: String,
+    /// The secret bearer token (at least 16 characters).
+    pub token: String,
+    /// Subject patterns this identity may publish on (NATS wildcards).
+    pub allow: Vec<String>,
+    /// Subject patterns refused even when `allow` matches; deny wins.
+    pub deny: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long the result for an `Idempotency-Key` is remembered, milliseconds. A retry with
+    /// the same key (by the same identity) within it is answered with the first result.
+    pub window_ms: u64,
+    /// Most keys remembered; the oldest are forgotten first.
+    pub max_keys: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/healthz`, `/readyz`). Plain HTTP: keep it on a
+    /// management network or loopback.
+    pub listen: SocketAddr,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown or wrongly typed fields.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// Fields with values that cannot work, one line each.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            id: "edgerelay".into(),
+            ack_mode: AckMode::Durable,
+            shutdown_grace_ms: 10_000,
+            max_subject_bytes: 256,
+        }
+    }
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            max_connections: 10_000,
+            max_body_bytes: 1 << 20,
+            max_event_bytes: 64 << 10,
+            max_events_per_request: 1000,
+            tls_handshake_timeout_ms: 5_000,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            h2_max_concurrent_streams: 256,
+            h2_stream_window_bytes: 1 << 20,
+            h2_connection_window_bytes: 16 << 20,
+            h2_max_pending_accept_reset_streams: 100,
+            h2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 256,
+            max_bytes: 512 << 10,
+            linger_ms: 2,
+            shards: 0,
+            queue_capacity: 16_384,
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            client_name: "edgerelay".into(),
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            connect_timeout_ms: 2_000,
+            max_inflight_batches: 256,
+            ack_timeout_ms: 1_000,
+            publish_deadline_ms: 5_000,
+            retry_backoff_ms: 50,
+            write_buffer_bytes: 256 << 10,
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            name: "EDGE".into(),
+            subjects: vec!["edge.>".into()],
+            replicas: 1,
+            storage: Storage::File,
+            duplicate_window_ms: 120_000,
+            max_age_secs: 0,
+            max_bytes: -1,
+            create: true,
+        }
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { window_ms: 120_000, max_keys: 1_000_000 }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config = Self::parse(&text)
+            .map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating the values.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every field and reports all problems together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut bad = |cond: bool, msg: String| {
+            if cond {
+                errs.push(msg)
+            }
+        };
+        let r = &self.relay;
+        bad(
+            crate::subject::validate(&r.id, 64).is_err() || r.id.contains('.'),
+            format!("relay.id: {:?} must be 1-64 characters of [A-Za-z0-9_-]", r.id),
+        );
+        bad(r.max_subject_bytes == 0, "relay.max_subject_bytes must be > 0".into());
+
+        let h = &self.https;
+        bad(h.tls_cert.as_os_str().is_empty(), "https.tls_cert is required".into());
+        bad(h.tls_key.as_os_str().is_empty(), "https.tls_key is required".into());
+        for (name, path) in [("https.tls_cert", &h.tls_cert), ("https.tls_key", &h.tls_key)] {
+            bad(
+                !path.as_os_str().is_empty() && !path.is_file(),
+                format!("{name}: {} is not a readable file", path.display()),
+            );
+        }
+        bad(h.max_connections == 0, "https.max_connections must be > 0".into());
+        bad(h.max_event_bytes == 0, "https.max_event_bytes must be > 0".into());
+        bad(
+            h.max_body_bytes < h.max_event_bytes,
+            "https.max_body_bytes must be >= https.max_event_bytes".into(),
+        );
+        bad(h.max_events_per_request == 0, "https.max_events_per_request must be > 0".into());
+        bad(h.h2_max_concurrent_streams == 0, "https.h2_max_concurrent_streams must be > 0".into());
+        bad(
+            !(65_535..=(1 << 31) - 1).contains(&h.h2_stream_window_bytes),
+            "https.h2_stream_window_bytes must be between 65535 and 2^31-1".into(),
+        );
+        bad(
+            !(65_535..=(1 << 31) - 1).contains(&h.h2_connection_window_bytes),
+            "https.h2_connection_window_bytes must be between 65535 and 2^31-1".into(),
+        );
+        bad(
+            h.listen.port() != 0 && h.listen == self.admin.listen,
+            "https.listen and admin.listen are the same address".into(),
+        );
+
+        let b = &self.batch;
+        bad(b.max_events == 0, "batch.max_events must be > 0 (1 turns batching off)".into());
+        bad(
+            b.max_bytes < h.max_event_bytes + 1024,
+            format!(
+                "batch.max_bytes ({}) must exceed https.max_event_bytes ({}) by at least 1 KiB so any event fits a batch",
+                b.max_bytes, h.max_event_bytes
+            ),
+        );
+        bad(b.max_bytes > 8 << 20, "batch.max_bytes must be at most 8 MiB (NATS max_payload)".into());
+        bad(b.queue_capacity == 0, "batch.queue_capacity must be > 0".into());
+        bad(b.shards > 1024, "batch.shards must be at most 1024".into());
+
+        let n = &self.nats;
+        bad(n.urls.is_empty(), "nats.urls must list at least one server".into());
+        for u in &n.urls {
+            bad(
+                u.parse::<async_nats::ServerAddr>().is_err(),
+                format!("nats.urls: {u:?} is not a NATS URL"),
+            );
+        }
+        bad(n.user.is_some() != n.password.is_some(), "nats.user and nats.password go together".into());
+        let methods = [n.creds_file.is_some(), n.user.is_some(), n.token.is_some()];
+        bad(
+            methods.iter().filter(|m| **m).count() > 1,
+            "nats: use only one of creds_file, user/password, token".into(),
+        );
+        for (name, path) in [("nats.creds_file", &n.creds_file), ("nats.tls_ca", &n.tls_ca)] {
+            if let Some(p) = path {
+                bad(!p.is_file(), format!("{name}: {} is not a readable file", p.display()));
+            }
+        }
+        bad(n.max_inflight_batches == 0, "nats.max_inflight_batches must be > 0".into());
+        bad(n.ack_timeout_ms == 0, "nats.ack_timeout_ms must be > 0".into());
+        bad(
+            n.publish_deadline_ms < n.ack_timeout_ms,
+            "nats.publish_deadline_ms must be >= nats.ack_timeout_ms".into(),
+        );
+
+        let s = &self.stream;
+        bad(
+            s.name.is_empty()
+                || s.name.len() > 64
+                || !s.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'),
+            format!("stream.name: {:?} must be 1-64 characters of [A-Za-z0-9_-]", s.name),
+        );
+        bad(s.subjects.is_empty(), "stream.subjects must list at least one subject".into());
+        for p in &s.subjects {
+            if let Err(e) = Pattern::parse(p) {
+                bad(true, format!("stream.subjects: {p:?}: {e}"));
+            }
+        }
+        bad(!matches!(s.replicas, 1 | 3 | 5), "stream.replicas must be 1, 3 or 5".into());
+        bad(
+            s.duplicate_window_ms < 1_000,
+            "stream.duplicate_window_ms must be at least 1000".into(),
+        );
+
+        for (i, t) in self.auth.static_tokens.iter().enumerate() {
+            let at = format!("auth.static_tokens[{i}] ({:?})", t.name);
+            bad(t.name.is_empty(), format!("{at}: name is required"));
+            bad(t.token.len() < 16, format!("{at}: token must be at least 16 characters"));
+            bad(t.allow.is_empty(), format!("{at}: allow must list at least one pattern"));
+            for p in t.allow.iter().chain(&t.deny) {
+                if let Err(e) = Pattern::parse(p) {
+                    bad(true, format!("{at}: pattern {p:?}: {e}"));
+                }
+            }
+        }
+        let tokens = &self.auth.static_tokens;
+        for (i, t) in tokens.iter().enumerate() {
+            bad(
+                tokens[..i].iter().any(|o| o.token == t.token),
+                format!("auth.static_tokens[{i}]: token is used twice"),
+            );
+        }
+        bad(self.auth.static_tokens.is_empty(), "auth: no identity configured (auth.static_tokens is empty): nothing could publish".into());
+
+        bad(self.idempotency.max_keys == 0, "idempotency.max_keys must be > 0".into());
+
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errs))
+        }
+    }
+
+    /// Number of queue shards to run.
+    pub fn shards(&self) -> usize {
+        match self.batch.shards {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Milliseconds from config as a `Duration`.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("[batch]\nmax_event = 3\n").unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [relay]
+            id = "a.b"
+            [batch]
+            max_events = 0
+            [stream]
+            replicas = 2
+            subjects = ["edge.>.x"]
+            [[auth.static_tokens]]
+            name = "t"
+            token = "short"
+            allow = ["a.*"]
+        "#;
+        let cfg = Config::parse(text).unwrap();
+        let ConfigError::Invalid(errs) = cfg.validate().unwrap_err() else { panic!() };
+        let all = errs.join("\n");
+        for needle in [
+            "relay.id",
+            "https.tls_cert is required",
+            "batch.max_events",
+            "stream.replicas",
+            "stream.subjects",
+            "at least 16 characters",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let cfg = Config::default();
+        assert_eq!(cfg.relay.ack_mode, AckMode::Durable);
+        assert_eq!(cfg.stream.duplicate_window_ms, 120_000);
+        assert!(cfg.batch.max_bytes > cfg.https.max_event_bytes);
+    }
+}

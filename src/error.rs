@@ -1,0 +1,170 @@
+//! The refusals the relay answers the edge with: one code per reason, each knowing whose fault
+//! it is and whether a retry helps. The code picks the HTTP status, the `Retry-After` header,
+//! the protobuf `Refused` result and (later) the metric label, so every protocol says the same.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+/// Whose fault a refusal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The request was wrong; the edge must change it (4xx).
+    Edge,
+    /// NATS / JetStream did not take the event in time (503/504).
+    Upstream,
+    /// The relay itself: overload, shutting down, or a bug (500/503).
+    Internal,
+}
+
+/// Why the relay did not accept an event. Stable strings: clients and dashboards key on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed subject: wildcard, empty token, bad character, too long.
+    BadSubject,
+    /// Malformed body, header or request (bad JSON, bad protobuf, bad base64, bad header).
+    BadRequest,
+    /// Missing, unknown or expired credentials.
+    Unauthorized,
+    /// The identity may not publish on this subject.
+    Forbidden,
+    /// Body, event or batch of events larger than the configured limits.
+    TooLarge,
+    /// `Content-Type` the route does not take.
+    UnsupportedMediaType,
+    /// No such route.
+    NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// Too many requests from this identity.
+    RateLimited,
+    /// The relay's bounded queues are full: back off and retry.
+    QueueFull,
+    /// No NATS server is reachable (or the stream is not ready).
+    NatsUnavailable,
+    /// JetStream did not acknowledge the batch within the publish deadline. The event may or
+    /// may not be stored: retry with the same idempotency key.
+    AckTimeout,
+    /// JetStream refused the batch (e.g. stream full with discard-new).
+    Rejected,
+    /// The relay is draining for shutdown.
+    ShuttingDown,
+    /// A bug in the relay.
+    Internal,
+}
+
+/// A refusal of one event or one request, as answered to the edge.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl ErrorCode {
+    /// The stable string used in JSON bodies, protobuf results and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadSubject => "bad_subject",
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::RateLimited => "rate_limited",
+            Self::QueueFull => "queue_full",
+            Self::NatsUnavailable => "nats_unavailable",
+            Self::AckTimeout => "ack_timeout",
+            Self::Rejected => "rejected",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// HTTP status for this code.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadSubject | Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::TooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::RateLimited => 429,
+            Self::Internal => 500,
+            Self::QueueFull | Self::NatsUnavailable | Self::Rejected | Self::ShuttingDown => 503,
+            Self::AckTimeout => 504,
+        }
+    }
+
+    /// Whose fault it is.
+    pub fn side(self) -> Side {
+        match self {
+            Self::BadSubject
+            | Self::BadRequest
+            | Self::Unauthorized
+            | Self::Forbidden
+            | Self::TooLarge
+            | Self::UnsupportedMediaType
+            | Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::RateLimited => Side::Edge,
+            Self::NatsUnavailable | Self::AckTimeout | Self::Rejected => Side::Upstream,
+            Self::QueueFull | Self::ShuttingDown | Self::Internal => Side::Internal,
+        }
+    }
+
+    /// How long the client should wait before retrying the same request, or `None` when a
+    /// retry of the same request will not help.
+    pub fn retry_after(self) -> Option<Duration> {
+        match self {
+            Self::RateLimited | Self::QueueFull => Some(Duration::from_secs(1)),
+            Self::NatsUnavailable | Self::ShuttingDown | Self::Rejected => {
+                Some(Duration::from_secs(2))
+            }
+            Self::AckTimeout => Some(Duration::from_secs(1)),
+            Self::Internal => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_codes_carry_retry_after_and_edge_faults_do_not() {
+        for code in [
+            ErrorCode::BadSubject,
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::TooLarge,
+            ErrorCode::UnsupportedMediaType,
+        ] {
+            assert_eq!(code.side(), Side::Edge);
+            assert!(code.retry_after().is_none(), "{code}");
+            assert!((400..500).contains(&code.status()));
+        }
+        for code in [ErrorCode::RateLimited, ErrorCode::QueueFull, ErrorCode::NatsUnavailable] {
+            assert!(code.retry_after().is_some(), "{code}");
+            assert!(matches!(code.status(), 429 | 503));
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The unit of work on the data path: an event waiting for its answer ([`Pending`]), and the
+//! answer ([`Outcome`]). Every `Pending` is answered exactly once — by the sink on PubAck or
+//! failure, or with `shutting_down` if it is dropped unanswered — so no edge request waits
+//! forever and no idempotency key stays claimed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::batch::batcher::Item;
+use crate::error::{ErrorCode, Refusal};
+use crate::ingest::idempotency::{Idempotency, Key};
+use crate::proto;
+
+/// Where JetStream stored an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub stream: Arc<str>,
+    pub seq: u64,
+    /// The batch's `Nats-Msg-Id`.
+    pub batch: Arc<str>,
+    /// Index of the event within the batch.
+    pub index: u32,
+    /// This answer repeats an earlier one (idempotency-key retry).
+    pub duplicate: bool,
+}
+
+/// What the edge is told about one event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// Durable in JetStream.
+    Stored(Stored),
+    /// Queued in the relay (ack mode `accepted`).
+    Queued,
+}
+
+pub type Outcome = Result<Ack, Refusal>;
+
+/// An event in a queue or batch, with the means to answer it.
+#[derive(Debug)]
+pub struct Pending {
+    pub event: proto::Event,
+    /// Encoded size of the event inside a `Batch`.
+    pub size: usize,
+    /// When it was enqueued.
+    pub enqueued: Instant,
+    pub reply: Reply,
+}
+
+/// Answers one event: to the waiting request (if any) and to the idempotency cache (if the
+/// event carried a key).
+#[derive(Debug, Default)]
+pub struct Reply {
+    tx: Option<oneshot::Sender<Outcome>>,
+    key: Option<(Arc<Idempotency>, Key)>,
+}
+
+impl Reply {
+    pub fn new(tx: Option<oneshot::Sender<Outcome>>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
+        Self { tx, key }
+    }
+
+    /// Sends the outcome. The request may have gone away (client disconnected); the
+    /// idempotency cache still learns the result.
+    pub fn send(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some((cache, key)) = self.key.take() {
+            cache.complete(&key, &outcome);
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.tx.is_some() || self.key.is_some() {
+            self.finish(Err(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "the relay stopped before the event was acknowledged",
+            )));
+        }
+    }
+}
+
+impl Item for Pending {
+    fn subject(&self) -> &str {
+        &self.event.subject
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+}

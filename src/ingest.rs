@@ -1,0 +1,216 @@
+//! Ingest: taking events in from the edge. The protocol front-ends ([`https`], and later QUIC
+//! and HTTP/3) only decode requests into [`EventIn`]s and encode answers; everything else —
+//! authentication, authorization, validation, idempotency, enqueueing and waiting for the
+//! answer — is [`Ingest`], one code path for every protocol.
+
+pub mod https;
+pub mod idempotency;
+pub mod json;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::oneshot;
+
+use crate::auth::{Auth, Credentials, Identity};
+use crate::batch::queue::{PushError, Queues};
+use crate::config::{AckMode, Config};
+use crate::error::{ErrorCode, Refusal};
+use crate::event::{Ack, Outcome, Pending, Reply};
+use crate::proto;
+use crate::sink::Sink;
+use crate::subject::{self, Pattern};
+use idempotency::{Claim, Idempotency};
+
+/// Most headers one event may carry.
+pub const MAX_EVENT_HEADERS: usize = 32;
+/// Longest idempotency key, bytes.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// One event as a front-end decoded it, not yet checked.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventIn {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: HashMap<String, String>,
+    /// Idempotency key; empty for none.
+    pub id: String,
+    /// Unix milliseconds, 0 when the edge did not say.
+    pub edge_time_unix_ms: u64,
+}
+
+/// The shared ingest stage.
+#[derive(Debug)]
+pub struct Ingest {
+    auth: Auth,
+    queues: Arc<Queues>,
+    sink: Arc<Sink>,
+    idempotency: Arc<Idempotency>,
+    stream_subjects: Vec<Pattern>,
+    ack_mode: AckMode,
+    max_subject_bytes: usize,
+    max_event_bytes: usize,
+    max_events_per_request: usize,
+}
+
+/// The answer to one submitted event: known now, or to come.
+enum Ticket {
+    Now(Outcome),
+    Later(oneshot::Receiver<Outcome>),
+}
+
+impl Ingest {
+    pub fn new(cfg: &Config, queues: Arc<Queues>, sink: Arc<Sink>) -> Self {
+        Self {
+            auth: Auth::new(&cfg.auth),
+            queues,
+            sink,
+            idempotency: Arc::new(Idempotency::new(
+                crate::config::ms(cfg.idempotency.window_ms),
+                cfg.idempotency.max_keys,
+            )),
+            stream_subjects: cfg.stream.subjects.iter().filter_map(|s| Pattern::parse(s).ok()).collect(),
+            ack_mode: cfg.relay.ack_mode,
+            max_subject_bytes: cfg.relay.max_subject_bytes,
+            max_event_bytes: cfg.https.max_event_bytes,
+            max_events_per_request: cfg.https.max_events_per_request,
+        }
+    }
+
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
+        self.auth.authenticate(creds).await
+    }
+
+    /// Checks that `identity` may publish on `subject`: well-formed (400), captured by the
+    /// stream (403) and allowed by the identity's rules (403).
+    pub fn check_subject(&self, identity: &Identity, subject: &str) -> Result<(), Refusal> {
+        subject::validate(subject, self.max_subject_bytes)
+            .map_err(|e| Refusal::new(ErrorCode::BadSubject, format!("invalid subject: {e}")))?;
+        if !self.stream_subjects.iter().any(|p| p.matches(subject)) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "subject is outside the subjects this relay publishes to",
+            ));
+        }
+        self.auth.authorize(identity, subject)
+    }
+
+    /// Largest single event payload.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
+    /// Most events in one request.
+    pub fn max_events_per_request(&self) -> usize {
+        self.max_events_per_request
+    }
+
+    /// Refuses the whole request before decoding its body when nothing could be taken in.
+    pub fn refuse_early(&self) -> Option<Refusal> {
+        if self.queues.is_closed() {
+            return Some(Refusal::new(ErrorCode::ShuttingDown, "the relay is shutting down"));
+        }
+        self.sink.unavailable()
+    }
+
+    /// Publishes one event and waits for its outcome (per the ack mode).
+    pub async fn publish(&self, identity: &Identity, event: EventIn) -> Outcome {
+        resolve(self.submit(identity, event)).await
+    }
+
+    /// Publishes many events: all are queued first, then their outcomes awaited together.
+    pub async fn publish_all(&self, identity: &Identity, events: Vec<EventIn>) -> Vec<Outcome> {
+        let tickets: Vec<Ticket> = events.into_iter().map(|e| self.submit(identity, e)).collect();
+        futures::future::join_all(tickets.into_iter().map(resolve)).await
+    }
+
+    fn submit(&self, identity: &Identity, ev: EventIn) -> Ticket {
+        if let Err(r) = self.check(identity, &ev) {
+            return Ticket::Now(Err(r));
+        }
+        if let Some(r) = self.refuse_early() {
+            return Ticket::Now(Err(r));
+        }
+        let key = (!ev.id.is_empty()).then(|| (identity.name.clone(), ev.id.clone()));
+        if let Some(key) = &key {
+            match self.idempotency.claim(key, Instant::now()) {
+                Claim::New => {}
+                Claim::Done(stored) => return Ticket::Now(Ok(Ack::Stored(stored))),
+                Claim::Wait(rx) => return Ticket::Later(rx),
+            }
+        }
+        let event = proto::Event {
+            subject: ev.subject,
+            payload: ev.payload,
+            headers: ev.headers,
+            id: ev.id,
+            edge_time_unix_ms: ev.edge_time_unix_ms,
+            ingest_time_unix_us: unix_micros(),
+            publisher: identity.name.to_string(),
+        };
+        let len = event.encoded_len();
+        let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        let key = key.map(|k| (self.idempotency.clone(), k));
+        let (tx, ticket) = match self.ack_mode {
+            AckMode::Durable => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Ticket::Later(rx))
+            }
+            AckMode::Accepted => (None, Ticket::Now(Ok(Ack::Queued))),
+        };
+        let pending = Pending { event, size, enqueued: Instant::now(), reply: Reply::new(tx, key) };
+        match self.queues.push(pending) {
+            Ok(()) => ticket,
+            Err(PushError::Full(p)) => refuse(p, ErrorCode::QueueFull, "the relay's queues are full"),
+            Err(PushError::Closed(p)) => refuse(p, ErrorCode::ShuttingDown, "the relay is shutting down"),
+        }
+    }
+
+    fn check(&self, identity: &Identity, ev: &EventIn) -> Result<(), Refusal> {
+        self.check_subject(identity, &ev.subject)?;
+        let header_bytes: usize = ev.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if ev.payload.len() + header_bytes > self.max_event_bytes {
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!("event is larger than {} bytes", self.max_event_bytes),
+            ));
+        }
+        if ev.headers.len() > MAX_EVENT_HEADERS {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("more than {MAX_EVENT_HEADERS} event headers"),
+            ));
+        }
+        if ev.id.len() > MAX_KEY_BYTES || !ev.id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("idempotency key must be at most {MAX_KEY_BYTES} printable ASCII characters"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Answers a pending event that could not be queued (so its idempotency key is released) and
+/// returns the same refusal for the request.
+fn refuse(p: Pending, code: ErrorCode, message: &'static str) -> Ticket {
+    let refusal = Refusal::new(code, message);
+    p.reply.send(Err(refusal.clone()));
+    Ticket::Now(Err(refusal))
+}
+
+async fn resolve(ticket: Ticket) -> Outcome {
+    match ticket {
+        Ticket::Now(o) => o,
+        Ticket::Later(rx) => rx.await.unwrap_or_else(|_| {
+            Err(Refusal::new(ErrorCode::ShuttingDown, "the relay stopped before answering"))
+        }),
+    }
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,175 @@
+//! The `edgerelay` binary: parses the command line, loads the config, starts logging and
+//! hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edgerelay::config::Config;
+
+/// sysexits: bad usage and bad configuration.
+const EX_USAGE: u8 = 64;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "edgerelay", version, about = "Relay edge events over HTTPS into NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Run {
+        #[arg(long, short, default_value = "/etc/edgerelay/edgerelay.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and report every problem; exit 78 if there is one.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/edgerelay/edgerelay.toml")]
+        config: PathBuf,
+    },
+    /// Print the events the relay published, one JSON line each.
+    Tail {
+        /// NATS server URL.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Subject filter (NATS wildcards allowed).
+        #[arg(long, default_value = ">")]
+        subject: String,
+        /// Read this JetStream stream (from --from-seq) instead of live traffic.
+        #[arg(long)]
+        stream: Option<String>,
+        /// First stream sequence to read with --stream.
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit when no message arrived for this many milliseconds.
+        #[arg(long)]
+        idle_timeout_ms: Option<u64>,
+    },
+    /// Write a development CA and server certificate (ca.pem, cert.pem, key.pem).
+    DevCerts {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names and IP addresses of the server certificate.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGERELAY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    edgerelay::tls::install_default_provider();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            runtime().block_on(async {
+                match edgerelay::run(config, shutdown_signal()).await {
+                    Ok(d) if d.complete => ExitCode::SUCCESS,
+                    Ok(_) => {
+                        eprintln!("edgerelay: grace period ended before every event was acknowledged");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("edgerelay: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Tail { nats_url, subject, stream, from_seq, count, idle_timeout_ms } => {
+            let opts = edgerelay::tail::TailOptions {
+                nats_url,
+                subject,
+                stream,
+                from_seq,
+                count,
+                idle_timeout: idle_timeout_ms.map(Duration::from_millis),
+            };
+            let mut out = std::io::stdout();
+            match runtime().block_on(edgerelay::tail::run(opts, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgerelay tail: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DevCerts { out, names } => {
+            match edgerelay::tls::generate_dev_certs(&names).and_then(|c| c.write(&out)) {
+                Ok(()) => {
+                    println!("wrote {}/{{ca,cert,key}}.pem", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgerelay dev-certs: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn config_error(e: &edgerelay::config::ConfigError) -> ExitCode {
+    eprintln!("edgerelay: invalid configuration:\n{e}");
+    ExitCode::from(EX_CONFIG)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgerelay: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}
