@@ -1,1 +1,11 @@
+//! Integration tests: the real relay against a real nats-server with JetStream, real TLS and
+//! real HTTP/1.1 and HTTP/2 clients. Each test starts its own nats-server on a free port.
+//! One test binary keeps link time down on small CI machines.
 
+mod support;
+
+mod bad_input;
+mod binary;
+mod dedup;
+mod nats_faults;
+mod publish;

@@ -1,0 +1,110 @@
+//! The `edgerelay` binary: config checking with exit codes, and SIGTERM drain under load.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgerelay");
+
+#[test]
+fn check_config_reports_every_problem_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[relay]\nid = \"a.b\"\n[batch]\nmax_events = 0\n[stream]\nreplicas = 2\n").unwrap();
+    for sub in ["check-config", "run"] {
+        let out = Command::new(BIN).args([sub, "--config"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(78), "{sub}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for needle in ["relay.id", "batch.max_events", "stream.replicas", "https.tls_cert"] {
+            assert!(err.contains(needle), "{sub}: missing {needle} in {err}");
+        }
+    }
+    std::fs::write(&path, "[batch]\nmax_evnts = 3\n").unwrap();
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+    let out = Command::new(BIN).args(["run", "--no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[relay]\nid = \"sigterm\"\nshutdown_grace_ms = 8000\n\
+         [https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [batch]\nlinger_ms = 20\n\
+         [nats]\nurls = [\"{}\"]\n{}",
+        setup.config.https.tls_cert.display(),
+        setup.config.https.tls_key.display(),
+        nats.url(),
+        token_toml(),
+    );
+    let path = setup.dir.path().join("relay.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let plain = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !matches!(plain.get(&ready).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "relay never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 8 clients publishing in a loop; SIGTERM after 600 ms.
+    let url = format!("https://127.0.0.1:{port}/v1/publish/edge.drain");
+    let load = (0..8).map(|c| {
+        let client = client(&setup.certs, c % 2 == 0);
+        let url = url.clone();
+        async move {
+            let mut acked = Vec::new();
+            let mut refused = 0;
+            for i in 0.. {
+                let body = format!("c{c}-{i}");
+                match client.post(&url).bearer_auth(TOKEN).body(body.clone()).send().await {
+                    Ok(r) if r.status() == 202 => acked.push((body, r.json::<Accepted>().await.unwrap())),
+                    Ok(r) => {
+                        assert!(matches!(r.status().as_u16(), 503), "{}", r.status());
+                        refused += 1;
+                        break;
+                    }
+                    Err(_) => break, // connection closed by the drain
+                }
+            }
+            (acked, refused)
+        }
+    });
+    let pid = child.id();
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    };
+    let (results, ()) = tokio::join!(futures::future::join_all(load), term);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(12), "relay did not exit within its grace period");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+
+    let stored = read_stream(&nats.url()).await;
+    let acked: Vec<_> = results.into_iter().flat_map(|(a, _)| a).collect();
+    assert!(acked.len() > 10, "load too small to mean anything: {}", acked.len());
+    for (body, a) in &acked {
+        let msg = stored.iter().find(|m| m.seq == a.seq).unwrap_or_else(|| panic!("{body}: seq {} missing", a.seq));
+        assert_eq!(msg.batch.events[a.index as usize].payload, body.as_bytes(), "{body}");
+    }
+}

@@ -1,0 +1,76 @@
+//! Duplicate suppression: client retries with an Idempotency-Key, and batches the relay
+//! retries after a lost ack.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() {
+    let nats = NatsServer::start();
+    let relay = Setup::new(&nats.url()).start().await;
+    let send = |client: &reqwest::Client| {
+        relay.publish(client, "edge.idem", "once").header("Idempotency-Key", "order-42").send()
+    };
+    let first: Accepted = send(&relay.h1).await.unwrap().json().await.unwrap();
+    assert!(!first.duplicate);
+    let again = send(&relay.h2).await.unwrap();
+    assert_eq!(again.status(), 202);
+    let again: Accepted = again.json().await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!((again.seq, again.batch.as_str(), again.index), (first.seq, first.batch.as_str(), first.index));
+
+    // Concurrent retries of a new key: one is published, the others wait for its answer.
+    let sends = (0..5).map(|_| async {
+        let resp = relay
+            .publish(&relay.h2, "edge.idem", "race")
+            .header("Idempotency-Key", "order-43")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        resp.json::<Accepted>().await.unwrap()
+    });
+    let answers = futures::future::join_all(sends).await;
+    assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(answers.iter().all(|a| a.seq == answers[0].seq));
+
+    let stored = read_stream(&nats.url()).await;
+    let events: Vec<_> = stored.iter().flat_map(|m| &m.batch.events).collect();
+    assert_eq!(events.len(), 2, "each key stored once: {events:?}");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_retried_after_a_lost_ack_is_stored_once() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.nats.ack_timeout_ms = 200;
+    setup.config.nats.publish_deadline_ms = 8_000;
+    let relay = setup.start().await;
+    // Warm up so the stream exists and the connection is idle.
+    assert_eq!(relay.publish(&relay.h2, "edge.retry", "warm").send().await.unwrap().status(), 202);
+
+    // Freeze the server: the publish sits in its socket, the ack does not come, and the relay
+    // publishes the batch again (same Msg-Id) every few hundred milliseconds.
+    nats.freeze(true);
+    let req = relay.publish(&relay.h2, "edge.retry", "retried").send();
+    let thaw = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        nats.freeze(false);
+    };
+    let (resp, ()) = tokio::join!(req, thaw);
+    let resp = resp.unwrap();
+    assert_eq!(resp.status(), 202);
+    let ok: Accepted = resp.json().await.unwrap();
+
+    let stored = read_stream(&nats.url()).await;
+    let copies = stored
+        .iter()
+        .flat_map(|m| m.batch.events.iter().map(move |e| (m, e)))
+        .filter(|(_, e)| &e.payload[..] == b"retried")
+        .count();
+    assert_eq!(copies, 1, "the retried batch must be stored once");
+    assert!(stored.iter().any(|m| m.seq == ok.seq && m.msg_id == ok.batch));
+    relay.shutdown().await;
+}

@@ -1,0 +1,286 @@
+//! Test support: a real nats-server per test (killed on drop), a relay started in-process on
+//! `127.0.0.1:0` with freshly generated certificates, HTTP/1.1 and HTTP/2 clients that trust
+//! them, and an independent reader of the stream.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgerelay::config::{Config, StaticToken};
+use edgerelay::proto;
+use edgerelay::tls::DevCerts;
+use edgerelay::Relay;
+use prost::Message;
+
+/// May publish on `edge.>` except `edge.secret.>`.
+pub const TOKEN: &str = "test-token-edge-0001";
+/// May publish on `edge.other.>` only.
+pub const OTHER_TOKEN: &str = "test-token-other-001";
+pub const STREAM: &str = "EDGE";
+
+/// A nats-server with JetStream on a free loopback port, with its own store directory.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let mut s = Self { child: None, port: free_port(), store: tempfile::tempdir().unwrap() };
+        s.spawn();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its sockets but answers
+    /// nothing, like a server that lost its network for a while.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A frozen server ignores SIGKILL only until it is continued; be sure.
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+        self.stop();
+    }
+}
+
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");
+    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Certificates and a config pointing at `nats_url`, listening on ephemeral loopback ports.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub certs: DevCerts,
+    pub config: Config,
+}
+
+impl Setup {
+    pub fn new(nats_url: &str) -> Self {
+        edgerelay::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        certs.write(dir.path()).unwrap();
+        let mut config = Config::default();
+        config.relay.id = "test-relay".into();
+        config.relay.shutdown_grace_ms = 5_000;
+        config.https.listen = "127.0.0.1:0".parse().unwrap();
+        config.https.tls_cert = dir.path().join("cert.pem");
+        config.https.tls_key = dir.path().join("key.pem");
+        config.https.max_event_bytes = 4096;
+        config.https.max_body_bytes = 64 << 10;
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
+        config.nats.urls = vec![nats_url.to_owned()];
+        config.nats.connect_timeout_ms = 2_000;
+        config.batch.shards = 2;
+        config.batch.linger_ms = 5;
+        config.auth.static_tokens = vec![
+            StaticToken {
+                name: "edge-test".into(),
+                token: TOKEN.into(),
+                allow: vec!["edge.>".into()],
+                deny: vec!["edge.secret.>".into()],
+            },
+            StaticToken {
+                name: "other".into(),
+                token: OTHER_TOKEN.into(),
+                allow: vec!["edge.other.>".into()],
+                deny: vec![],
+            },
+        ];
+        Self { dir, certs, config }
+    }
+
+    /// Starts the relay in-process.
+    pub async fn start(&self) -> TestRelay {
+        self.config.validate().expect("test config is valid");
+        let relay = Relay::start(self.config.clone()).await.expect("relay starts");
+        TestRelay::new(relay, &self.certs)
+    }
+}
+
+/// A relay running in this process, with clients for it.
+pub struct TestRelay {
+    relay: Option<Relay>,
+    pub h1: reqwest::Client,
+    pub h2: reqwest::Client,
+}
+
+impl TestRelay {
+    pub fn new(relay: Relay, certs: &DevCerts) -> Self {
+        Self { relay: Some(relay), h1: client(certs, false), h2: client(certs, true) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.relay.as_ref().unwrap().https_addr()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.addr().port())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.relay.as_ref().unwrap().admin_addr())
+    }
+
+    /// `POST /v1/publish/{subject}` with the test token.
+    pub fn publish(&self, client: &reqwest::Client, subject: &str, body: &'static str) -> reqwest::RequestBuilder {
+        client
+            .post(self.url(&format!("/v1/publish/{subject}")))
+            .bearer_auth(TOKEN)
+            .body(body)
+    }
+
+    pub async fn shutdown(mut self) -> edgerelay::Drained {
+        self.relay.take().unwrap().shutdown().await
+    }
+}
+
+/// A reqwest client trusting the dev CA, speaking HTTP/2 (ALPN h2) or HTTP/1.1.
+pub fn client(certs: &DevCerts, h2: bool) -> reqwest::Client {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(certs.ca_cert.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(edgerelay::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    let builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(20));
+    let builder = if h2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
+    builder.build().unwrap()
+}
+
+/// One stored NATS message: its stream sequence, headers and decoded batch.
+#[derive(Debug)]
+pub struct StoredMsg {
+    pub seq: u64,
+    pub subject: String,
+    pub msg_id: String,
+    pub content_type: String,
+    pub events_header: String,
+    pub batch: proto::Batch,
+}
+
+/// Reads every message of the stream back through JetStream's own API (not the relay).
+pub async fn read_stream(nats_url: &str) -> Vec<StoredMsg> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = stream.get_raw_message(seq).await else { continue };
+        let header = |name: &str| {
+            m.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default()
+        };
+        out.push(StoredMsg {
+            seq,
+            subject: m.subject.to_string(),
+            msg_id: header("Nats-Msg-Id"),
+            content_type: header("Content-Type"),
+            events_header: header("Edgerelay-Events"),
+            batch: proto::Batch::decode(m.payload.clone()).expect("stored message is a Batch"),
+        });
+    }
+    out
+}
+
+/// Number of messages in the stream (0 if it does not exist).
+pub async fn stream_messages(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream(STREAM).await {
+        Ok(mut s) => s.info().await.unwrap().state.messages,
+        Err(_) => 0,
+    }
+}
+
+/// Parses a 202 body.
+#[derive(Debug, serde::Deserialize)]
+pub struct Accepted {
+    pub stream: String,
+    pub seq: u64,
+    pub batch: String,
+    pub index: u32,
+    pub duplicate: bool,
+}
+
+/// The error code of a refusal body.
+pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// Keeps the shared test token list in one place for tests that write config files.
+pub fn token_toml() -> String {
+    format!(
+        "[[auth.static_tokens]]\nname = \"edge-test\"\ntoken = \"{TOKEN}\"\nallow = [\"edge.>\"]\n"
+    )
+}
+
