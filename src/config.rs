@@ -399,7 +399,10 @@ impl Config {
                 b.max_bytes, h.max_event_bytes
             ),
         );
-        bad(b.max_bytes > 8 << 20, "batch.max_bytes must be at most 8 MiB (NATS max_payload)".into());
+        bad(
+            b.max_bytes > 8 << 20,
+            "batch.max_bytes must be at most 8 MiB (NATS max_payload)".into(),
+        );
         bad(b.queue_capacity == 0, "batch.queue_capacity must be > 0".into());
         bad(b.shards > 1024, "batch.shards must be at most 1024".into());
 
@@ -411,7 +414,10 @@ impl Config {
                 format!("nats.urls: {u:?} is not a NATS URL"),
             );
         }
-        bad(n.user.is_some() != n.password.is_some(), "nats.user and nats.password go together".into());
+        bad(
+            n.user.is_some() != n.password.is_some(),
+            "nats.user and nats.password go together".into(),
+        );
         let methods = [n.creds_file.is_some(), n.user.is_some(), n.token.is_some()];
         bad(
             methods.iter().filter(|m| **m).count() > 1,
@@ -466,7 +472,11 @@ impl Config {
                 format!("auth.static_tokens[{i}]: token is used twice"),
             );
         }
-        bad(self.auth.static_tokens.is_empty(), "auth: no identity configured (auth.static_tokens is empty): nothing could publish".into());
+        bad(
+            self.auth.static_tokens.is_empty(),
+            "auth: no identity configured (auth.static_tokens is empty): nothing could publish"
+                .into(),
+        );
 
         bad(self.idempotency.max_keys == 0, "idempotency.max_keys must be > 0".into());
 
@@ -529,6 +539,14 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_but_for_its_certificate_paths() {
+        let text = include_str!("../config/edgerelay.example.toml");
+        let cfg = Config::parse(text).unwrap();
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else { panic!("cert paths missing") };
+        assert!(errs.iter().all(|e| e.starts_with("https.tls_")), "{errs:?}");
     }
 
     #[test]

@@ -72,7 +72,12 @@ impl Ingest {
                 crate::config::ms(cfg.idempotency.window_ms),
                 cfg.idempotency.max_keys,
             )),
-            stream_subjects: cfg.stream.subjects.iter().filter_map(|s| Pattern::parse(s).ok()).collect(),
+            stream_subjects: cfg
+                .stream
+                .subjects
+                .iter()
+                .filter_map(|s| Pattern::parse(s).ok())
+                .collect(),
             ack_mode: cfg.relay.ack_mode,
             max_subject_bytes: cfg.relay.max_subject_bytes,
             max_event_bytes: cfg.https.max_event_bytes,
@@ -164,8 +169,12 @@ impl Ingest {
         let pending = Pending { event, size, enqueued: Instant::now(), reply: Reply::new(tx, key) };
         match self.queues.push(pending) {
             Ok(()) => ticket,
-            Err(PushError::Full(p)) => refuse(p, ErrorCode::QueueFull, "the relay's queues are full"),
-            Err(PushError::Closed(p)) => refuse(p, ErrorCode::ShuttingDown, "the relay is shutting down"),
+            Err(PushError::Full(p)) => {
+                refuse(p, ErrorCode::QueueFull, "the relay's queues are full")
+            }
+            Err(PushError::Closed(p)) => {
+                refuse(p, ErrorCode::ShuttingDown, "the relay is shutting down")
+            }
         }
     }
 
@@ -187,7 +196,9 @@ impl Ingest {
         if ev.id.len() > MAX_KEY_BYTES || !ev.id.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
-                format!("idempotency key must be at most {MAX_KEY_BYTES} printable ASCII characters"),
+                format!(
+                    "idempotency key must be at most {MAX_KEY_BYTES} printable ASCII characters"
+                ),
             ));
         }
         Ok(())

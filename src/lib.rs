@@ -120,7 +120,11 @@ impl Relay {
         let health = Arc::new(Health::new(sink.clone()));
         let (stop, stop_rx) = watch::channel(false);
 
-        let tls = tls::server_config(&config.https.tls_cert, &config.https.tls_key, &ingest::https::ALPN)?;
+        let tls = tls::server_config(
+            &config.https.tls_cert,
+            &config.https.tls_key,
+            &ingest::https::ALPN,
+        )?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
         let https = ingest::https::Server::bind(&config.https, tls, ingest)
             .await
@@ -137,7 +141,13 @@ impl Relay {
         };
         let drivers = (0..queues.shard_count())
             .map(|i| {
-                tokio::spawn(batch::driver::run(queues.clone(), i, limits, sink.clone(), stop_rx.clone()))
+                tokio::spawn(batch::driver::run(
+                    queues.clone(),
+                    i,
+                    limits,
+                    sink.clone(),
+                    stop_rx.clone(),
+                ))
             })
             .collect();
         let admin = tokio::spawn(admin::serve(admin_listener, health.clone(), stop_rx.clone()));
@@ -199,15 +209,21 @@ impl Relay {
         if complete {
             tracing::info!("drained");
         } else {
-            tracing::warn!(queued = self.queues.depth(), in_flight = self.sink.in_flight(),
-                "grace period over before everything was acknowledged");
+            tracing::warn!(
+                queued = self.queues.depth(),
+                in_flight = self.sink.in_flight(),
+                "grace period over before everything was acknowledged"
+            );
         }
         Drained { complete }
     }
 }
 
 /// Runs the relay until `shutdown` resolves, then drains it.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Drained, StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Drained, StartError> {
     let mut relay = Relay::start(config).await?;
     tokio::select! {
         _ = shutdown => Ok(relay.shutdown().await),

@@ -100,7 +100,9 @@ fn main() -> ExitCode {
                 match edgerelay::run(config, shutdown_signal()).await {
                     Ok(d) if d.complete => ExitCode::SUCCESS,
                     Ok(_) => {
-                        eprintln!("edgerelay: grace period ended before every event was acknowledged");
+                        eprintln!(
+                            "edgerelay: grace period ended before every event was acknowledged"
+                        );
                         ExitCode::FAILURE
                     }
                     Err(e) => {

@@ -65,7 +65,12 @@ pub enum TailError {
 }
 
 /// Decodes one NATS message body into printable lines.
-pub fn decode(subject: &str, stream_seq: u64, msg_id: &str, body: &[u8]) -> Result<Vec<Line>, TailError> {
+pub fn decode(
+    subject: &str,
+    stream_seq: u64,
+    msg_id: &str,
+    body: &[u8],
+) -> Result<Vec<Line>, TailError> {
     let batch = proto::Batch::decode(body).map_err(|e| TailError::Decode {
         subject: subject.to_owned(),
         seq: stream_seq,
@@ -78,7 +83,9 @@ pub fn decode(subject: &str, stream_seq: u64, msg_id: &str, body: &[u8]) -> Resu
         .map(|(index, e)| {
             let (payload, payload_base64) = match String::from_utf8(e.payload.to_vec()) {
                 Ok(s) => (Some(s), None),
-                Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(&e.payload))),
+                Err(_) => {
+                    (None, Some(base64::engine::general_purpose::STANDARD.encode(&e.payload)))
+                }
             };
             Line {
                 stream_seq,
@@ -99,9 +106,8 @@ pub fn decode(subject: &str, stream_seq: u64, msg_id: &str, body: &[u8]) -> Resu
 
 /// Runs `tail`, writing lines to `out`.
 pub async fn run(opts: TailOptions, out: &mut (impl Write + Send)) -> Result<(), TailError> {
-    let client = async_nats::connect(&opts.nats_url)
-        .await
-        .map_err(|e| TailError::Connect(e.to_string()))?;
+    let client =
+        async_nats::connect(&opts.nats_url).await.map_err(|e| TailError::Connect(e.to_string()))?;
     let mut printed = 0u64;
     let idle = opts.idle_timeout.unwrap_or(Duration::MAX);
     let mut emit = |lines: Vec<Line>| -> bool {
@@ -161,8 +167,5 @@ pub async fn run(opts: TailOptions, out: &mut (impl Write + Send)) -> Result<(),
 }
 
 fn msg_id(headers: Option<&async_nats::HeaderMap>) -> String {
-    headers
-        .and_then(|h| h.get("Nats-Msg-Id"))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default()
+    headers.and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned()).unwrap_or_default()
 }

@@ -70,7 +70,9 @@ pub fn server_config(
 
 /// Generates a CA and a server certificate for `names` (DNS names or IP addresses).
 pub fn generate_dev_certs(names: &[String]) -> Result<DevCerts, TlsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -83,7 +85,11 @@ pub fn generate_dev_certs(names: &[String]) -> Result<DevCerts, TlsError> {
     let mut params = CertificateParams::new(names.to_vec())?;
     params.distinguished_name.push(DnType::CommonName, "edgerelay dev server");
     let cert = params.signed_by(&key, &issuer)?;
-    Ok(DevCerts { ca_cert: ca_cert.pem(), server_cert: cert.pem(), server_key: key.serialize_pem() })
+    Ok(DevCerts {
+        ca_cert: ca_cert.pem(),
+        server_cert: cert.pem(),
+        server_key: key.serialize_pem(),
+    })
 }
 
 impl DevCerts {

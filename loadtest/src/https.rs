@@ -238,10 +238,7 @@ impl Target {
             .await
             .with_context(|| format!("connecting to {:?}", self.addrs))?;
         tcp.set_nodelay(true)?;
-        self.tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .context("TLS handshake")
+        self.tls.connect(self.server_name.clone(), tcp).await.context("TLS handshake")
     }
 
     async fn connect_h1(&self) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
@@ -252,9 +249,8 @@ impl Target {
             "server negotiated {:?} instead of http/1.1",
             alpn.map(String::from_utf8_lossy)
         );
-        let (sender, conn) = http1::handshake(TokioIo::new(tls))
-            .await
-            .context("HTTP/1.1 handshake")?;
+        let (sender, conn) =
+            http1::handshake(TokioIo::new(tls)).await.context("HTTP/1.1 handshake")?;
         // Errors surface to the worker as failed requests.
         tokio::spawn(async move {
             let _ = conn.await;
@@ -270,11 +266,8 @@ impl Target {
             "server did not negotiate h2 via ALPN (got {:?}); try --http 1",
             alpn.map(String::from_utf8_lossy)
         );
-        let (sender, conn) = self
-            .h2
-            .handshake(TokioIo::new(tls))
-            .await
-            .context("HTTP/2 handshake")?;
+        let (sender, conn) =
+            self.h2.handshake(TokioIo::new(tls)).await.context("HTTP/2 handshake")?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -291,12 +284,7 @@ impl Target {
 
 impl Requests {
     fn new(args: &Args) -> anyhow::Result<Self> {
-        let authority = args
-            .url
-            .authority()
-            .context("--url needs a host")?
-            .as_str()
-            .to_owned();
+        let authority = args.url.authority().context("--url needs a host")?.as_str().to_owned();
         let base = args.url.path().trim_end_matches('/');
         let uris = (0..args.subjects)
             .map(|n| {
@@ -305,8 +293,7 @@ impl Requests {
                     HttpVersion::Http1 => path,
                     HttpVersion::Http2 => format!("https://{authority}{path}"),
                 };
-                uri.parse::<Uri>()
-                    .with_context(|| format!("invalid request URI `{uri}`"))
+                uri.parse::<Uri>().with_context(|| format!("invalid request URI `{uri}`"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let host = match args.http {
@@ -343,9 +330,8 @@ impl Requests {
         if let Ok(key) = HeaderValue::try_from(key) {
             headers.insert(IDEMPOTENCY_KEY, key);
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         headers.insert(EDGE_TIMESTAMP, HeaderValue::from(now_ms));
         req
     }
@@ -486,9 +472,7 @@ impl Worker for H2Worker {
     async fn send(&mut self, seq: u64) -> Result<(), Failure> {
         let deadline = Instant::now() + self.timeout;
         // Dropping a timed-out HTTP/2 request resets just its stream.
-        timeout_at(deadline, self.attempt(seq))
-            .await
-            .unwrap_or(Err(Failure::Timeout))
+        timeout_at(deadline, self.attempt(seq)).await.unwrap_or(Err(Failure::Timeout))
     }
 }
 
@@ -561,7 +545,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 })
                 .collect();
             let info = run_info(args.http, n, n);
-            (info, schedule::run(schedule, timeout, workers, stop).await?)
+            (info, schedule::run(schedule, &args.run, workers, stop).await?)
         }
         HttpVersion::Http2 => {
             let connections = connections.min(concurrency);
@@ -573,10 +557,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 slots: senders
                     .into_iter()
                     .map(|sender| {
-                        Mutex::new(H2Slot {
-                            sender: Some(sender),
-                            backoff: Backoff::default(),
-                        })
+                        Mutex::new(H2Slot { sender: Some(sender), backoff: Backoff::default() })
                     })
                     .collect(),
             });
@@ -590,19 +571,14 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 })
                 .collect();
             let info = run_info(args.http, connections, concurrency);
-            (info, schedule::run(schedule, timeout, workers, stop).await?)
+            (info, schedule::run(schedule, &args.run, workers, stop).await?)
         }
     };
     report::emit(&args.report, &info, &schedule, &measured)
 }
 
 fn run_info(http: HttpVersion, connections: usize, concurrency: usize) -> RunInfo {
-    RunInfo {
-        mode: "https",
-        http: Some(http.name()),
-        connections,
-        concurrency,
-    }
+    RunInfo { mode: "https", http: Some(http.name()), connections, concurrency }
 }
 
 /// Sends one request and reads the whole answer; success is `202 Accepted`. Transport errors
@@ -610,9 +586,7 @@ fn run_info(http: HttpVersion, connections: usize, concurrency: usize) -> RunInf
 async fn exchange(
     response: impl std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>,
 ) -> Result<(), (Failure, Option<hyper::Error>)> {
-    let response = response
-        .await
-        .map_err(|e| (Failure::Transport, Some(e)))?;
+    let response = response.await.map_err(|e| (Failure::Transport, Some(e)))?;
     let status = response.status();
     Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
         .collect()
@@ -637,7 +611,11 @@ fn url_host(url: &Uri) -> anyhow::Result<&str> {
 }
 
 /// rustls client config on the ring provider, with the ALPN of `http`.
-fn tls_config(ca: Option<&Path>, insecure: bool, http: HttpVersion) -> anyhow::Result<ClientConfig> {
+fn tls_config(
+    ca: Option<&Path>,
+    insecure: bool,
+    http: HttpVersion,
+) -> anyhow::Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -651,9 +629,7 @@ fn tls_config(ca: Option<&Path>, insecure: bool, http: HttpVersion) -> anyhow::R
             .with_no_client_auth()
     } else {
         let path = ca.context("--ca FILE is required unless --insecure")?;
-        builder
-            .with_root_certificates(load_roots(path)?)
-            .with_no_client_auth()
+        builder.with_root_certificates(load_roots(path)?).with_no_client_auth()
     };
     config.alpn_protocols = vec![http.alpn().to_vec()];
     Ok(config)
@@ -665,15 +641,9 @@ fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
-        roots
-            .add(cert)
-            .with_context(|| format!("bad CA certificate in {}", path.display()))?;
+        roots.add(cert).with_context(|| format!("bad CA certificate in {}", path.display()))?;
     }
-    ensure!(
-        !roots.is_empty(),
-        "{} contains no PEM certificate",
-        path.display()
-    );
+    ensure!(!roots.is_empty(), "{} contains no PEM certificate", path.display());
     Ok(roots)
 }
 
@@ -690,9 +660,7 @@ mod tests {
 
     fn parse(extra: &[&str]) -> Args {
         let base = ["loadtest", "--insecure", "--token", "t", "--rate", "100"];
-        Cli::try_parse_from(base.iter().chain(extra))
-            .unwrap()
-            .args
+        Cli::try_parse_from(base.iter().chain(extra)).unwrap().args
     }
 
     #[test]
@@ -726,10 +694,7 @@ mod tests {
         assert!(key.starts_with("lt-") && key.ends_with("-4"), "{key}");
         let ts: u64 = req.headers()[EDGE_TIMESTAMP].to_str().unwrap().parse().unwrap();
         assert!(ts > 1_600_000_000_000);
-        assert_ne!(
-            requests.build(5).headers()[IDEMPOTENCY_KEY],
-            req.headers()[IDEMPOTENCY_KEY]
-        );
+        assert_ne!(requests.build(5).headers()[IDEMPOTENCY_KEY], req.headers()[IDEMPOTENCY_KEY]);
     }
 
     #[test]

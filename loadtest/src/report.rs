@@ -108,7 +108,8 @@ impl Summary {
     ) -> Self {
         let window = measured.window.as_secs_f64();
         let achieved_rate = if window > 0.0 {
-            measured.measured.ok as f64 / window
+            // Two decimals are plenty and keep the JSON readable.
+            (measured.measured.ok as f64 / window * 100.0).round() / 100.0
         } else {
             0.0
         };
@@ -121,7 +122,7 @@ impl Summary {
             offered_rate: schedule.rate(),
             warmup_s: schedule.warmup().as_secs_f64(),
             duration_s: schedule.duration().as_secs_f64(),
-            measured_s: window,
+            measured_s: measured.window.as_millis() as f64 / 1000.0,
             achieved_rate,
             offered: schedule.measured_requests(),
             ok: measured.measured.ok,
@@ -138,10 +139,7 @@ impl Summary {
     /// The human-readable end-of-run table.
     pub fn table(&self, schedule: &Schedule) -> String {
         let mut out = String::new();
-        let http = self
-            .http
-            .map(|version| format!("  http={version}"))
-            .unwrap_or_default();
+        let http = self.http.map(|version| format!("  http={version}")).unwrap_or_default();
         let _ = writeln!(
             out,
             "loadtest {}  label={}{http}  connections={}  concurrency={}  offered={}/s  \
@@ -169,11 +167,7 @@ impl Summary {
             self.achieved_rate, self.ok, self.error_total
         );
         if self.interrupted {
-            let _ = writeln!(
-                out,
-                "interrupted after {:.1}s of measurement",
-                self.measured_s
-            );
+            let _ = writeln!(out, "interrupted after {:.1}s of measurement", self.measured_s);
         }
         if let Some(unsent) = self.errors.get(&Failure::Unsent.to_string()) {
             let _ = writeln!(
@@ -221,7 +215,8 @@ impl Percentiles {
             p99: millis(hist.value_at_quantile(0.99)),
             p999: millis(hist.value_at_quantile(0.999)),
             max: millis(hist.max()),
-            mean: hist.mean() / MICROS_PER_MS,
+            // Whole microseconds, like every other value.
+            mean: hist.mean().round() / MICROS_PER_MS,
         }
     }
 }
@@ -275,11 +270,8 @@ pub fn hgrm(hist: &Histogram<u64>) -> String {
         let value = millis(step.value_iterated_to());
         let q = step.quantile_iterated_to();
         if q < 1.0 {
-            let _ = writeln!(
-                out,
-                "{value:12.digits$} {q:2.12} {total:10} {:14.2}",
-                1.0 / (1.0 - q)
-            );
+            let _ =
+                writeln!(out, "{value:12.digits$} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
         } else {
             let _ = writeln!(out, "{value:12.digits$} {q:2.12} {total:10}");
         }
@@ -287,21 +279,10 @@ pub fn hgrm(hist: &Histogram<u64>) -> String {
     let (mean, stdev, max) = if hist.is_empty() {
         (0.0, 0.0, 0.0)
     } else {
-        (
-            hist.mean() / MICROS_PER_MS,
-            hist.stdev() / MICROS_PER_MS,
-            millis(hist.max()),
-        )
+        (hist.mean() / MICROS_PER_MS, hist.stdev() / MICROS_PER_MS, millis(hist.max()))
     };
-    let _ = writeln!(
-        out,
-        "#[Mean    = {mean:12.digits$}, StdDeviation   = {stdev:12.digits$}]"
-    );
-    let _ = writeln!(
-        out,
-        "#[Max     = {max:12.digits$}, Total count    = {:12}]",
-        hist.len()
-    );
+    let _ = writeln!(out, "#[Mean    = {mean:12.digits$}, StdDeviation   = {stdev:12.digits$}]");
+    let _ = writeln!(out, "#[Max     = {max:12.digits$}, Total count    = {:12}]", hist.len());
     let _ = writeln!(
         out,
         "#[Buckets = {:12}, SubBuckets     = {:12}]",
@@ -337,10 +318,7 @@ pub fn format_duration(d: Duration) -> String {
 
 /// Failure counts keyed by their report name.
 fn failure_map(failed: &BTreeMap<Failure, u64>) -> BTreeMap<String, u64> {
-    failed
-        .iter()
-        .map(|(failure, n)| (failure.to_string(), *n))
-        .collect()
+    failed.iter().map(|(failure, n)| (failure.to_string(), *n)).collect()
 }
 
 #[cfg(test)]
@@ -359,10 +337,7 @@ mod tests {
     fn hgrm_has_the_classic_shape() {
         let text = hgrm(&sample());
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            lines[0],
-            "       Value     Percentile TotalCount 1/(1-Percentile)"
-        );
+        assert_eq!(lines[0], "       Value     Percentile TotalCount 1/(1-Percentile)");
         assert_eq!(lines[1], "");
 
         let rows: Vec<Vec<&str>> = lines[2..]
@@ -381,11 +356,8 @@ mod tests {
         assert_eq!(rows[0][0], "0.010");
         let mut previous = (0.0, 0.0, 0u64);
         for r in &rows {
-            let row: (f64, f64, u64) = (
-                r[0].parse().unwrap(),
-                r[1].parse().unwrap(),
-                r[2].parse().unwrap(),
-            );
+            let row: (f64, f64, u64) =
+                (r[0].parse().unwrap(), r[1].parse().unwrap(), r[2].parse().unwrap());
             assert!(row.0 >= previous.0 && row.1 >= previous.1 && row.2 >= previous.2);
             previous = row;
         }

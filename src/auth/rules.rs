@@ -11,13 +11,15 @@ pub struct Rules {
 
 impl Rules {
     pub fn parse(allow: &[String], deny: &[String]) -> Result<Self, SubjectError> {
-        let parse = |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+        let parse =
+            |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
         Ok(Self { allow: parse(allow)?, deny: parse(deny)? })
     }
 
     /// Whether a valid, wildcard-free subject may be published on.
     pub fn permits(&self, subject: &str) -> bool {
-        !self.deny.iter().any(|p| p.matches(subject)) && self.allow.iter().any(|p| p.matches(subject))
+        !self.deny.iter().any(|p| p.matches(subject))
+            && self.allow.iter().any(|p| p.matches(subject))
     }
 }
 

@@ -227,7 +227,10 @@ mod tests {
         assert!(out.is_empty());
         b.push(Ev("a", 40, 2), t0, &mut out); // 120 > 100: the first two go out alone
         assert_eq!(out.len(), 1);
-        assert_eq!((ids(&out[0]), out[0].bytes, out[0].reason), (vec![0, 1], 80, FlushReason::Bytes));
+        assert_eq!(
+            (ids(&out[0]), out[0].bytes, out[0].reason),
+            (vec![0, 1], 80, FlushReason::Bytes)
+        );
         b.push(Ev("a", 60, 3), t0, &mut out); // exactly 100: flushed at once
         assert_eq!(out.len(), 2);
         assert_eq!(ids(&out[1]), [2, 3]);
@@ -289,8 +292,7 @@ mod tests {
         b.drain(&mut out);
         assert!(b.is_empty());
         for s in subjects {
-            let seen: Vec<u32> =
-                out.iter().filter(|r| r.subject == s).flat_map(ids).collect();
+            let seen: Vec<u32> = out.iter().filter(|r| r.subject == s).flat_map(ids).collect();
             let mut sorted = seen.clone();
             sorted.sort();
             assert_eq!(seen, sorted, "subject {s}");

@@ -133,7 +133,8 @@ impl Server {
             match accepted {
                 Ok((tcp, _peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    let (acceptor, ctx, stop) = (self.acceptor.clone(), self.ctx.clone(), stop.clone());
+                    let (acceptor, ctx, stop) =
+                        (self.acceptor.clone(), self.ctx.clone(), stop.clone());
                     tokio::spawn(connection(tcp, acceptor, ctx, stop, permit));
                 }
                 Err(e) => {
@@ -229,7 +230,10 @@ async fn handle(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
     } else if path == "/v1/publish" {
         None
     } else {
-        return refusal(&Refusal::new(ErrorCode::NotFound, "no such route; POST /v1/publish/{subject}"));
+        return refusal(&Refusal::new(
+            ErrorCode::NotFound,
+            "no such route; POST /v1/publish/{subject}",
+        ));
     };
     if req.method() != Method::POST {
         let mut resp = refusal(&Refusal::new(ErrorCode::MethodNotAllowed, "use POST"));
@@ -318,7 +322,10 @@ async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full
     }
     let max = ctx.ingest.max_events_per_request();
     if events.len() > max {
-        return Err(Refusal::new(ErrorCode::TooLarge, format!("more than {max} events in one request")));
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("more than {max} events in one request"),
+        ));
     }
     let outcomes = ctx.ingest.publish_all(&identity, events).await;
     // 202 only when every event was taken; otherwise the first refusal's status, so a client
@@ -378,7 +385,8 @@ fn decode_protobuf(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
-    let too_large = || Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"));
+    let too_large =
+        || Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"));
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -60,7 +60,9 @@ impl Idempotency {
         let mut inner = self.lock();
         inner.expire(now, self.window, self.max_keys);
         match inner.entries.get_mut(key) {
-            Some(Entry::Done(stored, _)) => Claim::Done(Stored { duplicate: true, ..stored.clone() }),
+            Some(Entry::Done(stored, _)) => {
+                Claim::Done(Stored { duplicate: true, ..stored.clone() })
+            }
             Some(Entry::InFlight(waiters)) => {
                 let (tx, rx) = oneshot::channel();
                 waiters.push(tx);

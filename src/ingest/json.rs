@@ -45,19 +45,9 @@ struct JsonEvent {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Answer<'a> {
-    Stored {
-        stream: &'a str,
-        seq: u64,
-        batch: &'a str,
-        index: u32,
-        duplicate: bool,
-    },
-    Queued {
-        queued: bool,
-    },
-    Refused {
-        error: ErrorBody<'a>,
-    },
+    Stored { stream: &'a str, seq: u64, batch: &'a str, index: u32, duplicate: bool },
+    Queued { queued: bool },
+    Refused { error: ErrorBody<'a> },
 }
 
 #[derive(Debug, Serialize)]
@@ -85,7 +75,10 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
                     .decode(b64.as_bytes())
                     .map(Bytes::from)
                     .map_err(|err| {
-                        Refusal::new(ErrorCode::BadRequest, format!("events[{i}].data_base64: {err}"))
+                        Refusal::new(
+                            ErrorCode::BadRequest,
+                            format!("events[{i}].data_base64: {err}"),
+                        )
                     })?,
                 _ => {
                     return Err(Refusal::new(

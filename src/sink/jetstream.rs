@@ -262,9 +262,7 @@ impl Sink {
     /// Waits until every published batch is answered, or `timeout` passes. Returns whether
     /// everything was answered.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.window.acquire_many(self.window_size))
-            .await
-            .is_ok()
+        tokio::time::timeout(timeout, self.window.acquire_many(self.window_size)).await.is_ok()
     }
 
     /// Batches published and not yet answered.
@@ -360,7 +358,8 @@ fn permanent(err: &PublishError) -> Option<Refusal> {
             "the batch exceeds the NATS server's max_payload; lower batch.max_bytes",
         )),
         PublishErrorKind::Other => {
-            let js = std::error::Error::source(err)?.downcast_ref::<async_nats::jetstream::Error>()?;
+            let js =
+                std::error::Error::source(err)?.downcast_ref::<async_nats::jetstream::Error>()?;
             // 503s from JetStream (no quorum, leader election) are worth retrying.
             (js.code() != 503).then(|| {
                 Refusal::new(ErrorCode::Rejected, format!("JetStream refused the batch: {js}"))

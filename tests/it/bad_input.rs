@@ -10,27 +10,153 @@ async fn bad_requests_are_refused_with_clear_codes_and_nothing_is_published() {
     let big = "x".repeat(5000);
     let url = |p: &str| relay.url(p);
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        ("wildcard *", c.post(url("/v1/publish/edge.*")).bearer_auth(TOKEN).body("x"), 400, "bad_subject"),
-        ("wildcard >", c.post(url("/v1/publish/edge.>")).bearer_auth(TOKEN).body("x"), 400, "bad_subject"),
-        ("empty token", c.post(url("/v1/publish/edge..x")).bearer_auth(TOKEN).body("x"), 400, "bad_subject"),
-        ("bad char", c.post(url("/v1/publish/edge.a%20b")).bearer_auth(TOKEN).body("x"), 400, "bad_subject"),
-        ("too long", c.post(url(&format!("/v1/publish/edge.{}", "a".repeat(300)))).bearer_auth(TOKEN).body("x"), 400, "bad_subject"),
-        ("oversize", c.post(url("/v1/publish/edge.big")).bearer_auth(TOKEN).body(big.clone()), 413, "too_large"),
+        (
+            "wildcard *",
+            c.post(url("/v1/publish/edge.*")).bearer_auth(TOKEN).body("x"),
+            400,
+            "bad_subject",
+        ),
+        (
+            "wildcard >",
+            c.post(url("/v1/publish/edge.>")).bearer_auth(TOKEN).body("x"),
+            400,
+            "bad_subject",
+        ),
+        (
+            "empty token",
+            c.post(url("/v1/publish/edge..x")).bearer_auth(TOKEN).body("x"),
+            400,
+            "bad_subject",
+        ),
+        (
+            "bad char",
+            c.post(url("/v1/publish/edge.a%20b")).bearer_auth(TOKEN).body("x"),
+            400,
+            "bad_subject",
+        ),
+        (
+            "too long",
+            c.post(url(&format!("/v1/publish/edge.{}", "a".repeat(300))))
+                .bearer_auth(TOKEN)
+                .body("x"),
+            400,
+            "bad_subject",
+        ),
+        (
+            "oversize",
+            c.post(url("/v1/publish/edge.big")).bearer_auth(TOKEN).body(big.clone()),
+            413,
+            "too_large",
+        ),
         ("no token", c.post(url("/v1/publish/edge.x")).body("x"), 401, "unauthorized"),
-        ("unknown token", c.post(url("/v1/publish/edge.x")).bearer_auth("nope-nope-nope-nope").body("x"), 401, "unauthorized"),
-        ("basic auth", c.post(url("/v1/publish/edge.x")).basic_auth("a", Some("b")).body("x"), 401, "unauthorized"),
-        ("denied subject", c.post(url("/v1/publish/edge.secret.x")).bearer_auth(TOKEN).body("x"), 403, "forbidden"),
-        ("outside rules", c.post(url("/v1/publish/edge.x")).bearer_auth(OTHER_TOKEN).body("x"), 403, "forbidden"),
-        ("outside stream", c.post(url("/v1/publish/other.x")).bearer_auth(TOKEN).body("x"), 403, "forbidden"),
-        ("bad edge ts", c.post(url("/v1/publish/edge.x")).bearer_auth(TOKEN).header("Edge-Timestamp", "yesterday").body("x"), 400, "bad_request"),
-        ("bad key", c.post(url("/v1/publish/edge.x")).bearer_auth(TOKEN).header("Idempotency-Key", "has space").body("x"), 400, "bad_request"),
-        ("wrong content type", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "text/plain").body("x"), 415, "unsupported_media_type"),
-        ("no content type", c.post(url("/v1/publish")).bearer_auth(TOKEN).body("x"), 415, "unsupported_media_type"),
-        ("bad protobuf", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "application/x-protobuf").body(vec![0xff, 0xff, 0xff, 0x0f]), 400, "bad_request"),
-        ("bad json", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "application/json").body("{\"events\":[{"), 400, "bad_request"),
-        ("json wrong shape", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "application/json").body("{\"events\":[{\"subject\":\"edge.x\"}]}"), 400, "bad_request"),
-        ("empty batch", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "application/json").body("{\"events\":[]}"), 400, "bad_request"),
-        ("oversize body", c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", "application/json").body("x".repeat(70_000)), 413, "too_large"),
+        (
+            "unknown token",
+            c.post(url("/v1/publish/edge.x")).bearer_auth("nope-nope-nope-nope").body("x"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "basic auth",
+            c.post(url("/v1/publish/edge.x")).basic_auth("a", Some("b")).body("x"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "denied subject",
+            c.post(url("/v1/publish/edge.secret.x")).bearer_auth(TOKEN).body("x"),
+            403,
+            "forbidden",
+        ),
+        (
+            "outside rules",
+            c.post(url("/v1/publish/edge.x")).bearer_auth(OTHER_TOKEN).body("x"),
+            403,
+            "forbidden",
+        ),
+        (
+            "outside stream",
+            c.post(url("/v1/publish/other.x")).bearer_auth(TOKEN).body("x"),
+            403,
+            "forbidden",
+        ),
+        (
+            "bad edge ts",
+            c.post(url("/v1/publish/edge.x"))
+                .bearer_auth(TOKEN)
+                .header("Edge-Timestamp", "yesterday")
+                .body("x"),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad key",
+            c.post(url("/v1/publish/edge.x"))
+                .bearer_auth(TOKEN)
+                .header("Idempotency-Key", "has space")
+                .body("x"),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong content type",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "text/plain")
+                .body("x"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            c.post(url("/v1/publish")).bearer_auth(TOKEN).body("x"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "bad protobuf",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/x-protobuf")
+                .body(vec![0xff, 0xff, 0xff, 0x0f]),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad json",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/json")
+                .body("{\"events\":[{"),
+            400,
+            "bad_request",
+        ),
+        (
+            "json wrong shape",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/json")
+                .body("{\"events\":[{\"subject\":\"edge.x\"}]}"),
+            400,
+            "bad_request",
+        ),
+        (
+            "empty batch",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/json")
+                .body("{\"events\":[]}"),
+            400,
+            "bad_request",
+        ),
+        (
+            "oversize body",
+            c.post(url("/v1/publish"))
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/json")
+                .body("x".repeat(70_000)),
+            413,
+            "too_large",
+        ),
         ("GET", c.get(url("/v1/publish/edge.x")).bearer_auth(TOKEN), 405, "method_not_allowed"),
         ("unknown path", c.post(url("/v2/things")).bearer_auth(TOKEN).body("x"), 404, "not_found"),
     ];
@@ -45,7 +171,14 @@ async fn bad_requests_are_refused_with_clear_codes_and_nothing_is_published() {
     }
     // The same over HTTP/1.1, for a couple of them (connection must stay usable).
     for _ in 0..2 {
-        let resp = relay.h1.post(url("/v1/publish/edge.*")).bearer_auth(TOKEN).body("x").send().await.unwrap();
+        let resp = relay
+            .h1
+            .post(url("/v1/publish/edge.*"))
+            .bearer_auth(TOKEN)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(error_code(resp).await, (400, "bad_subject".into()));
     }
     relay.shutdown().await;

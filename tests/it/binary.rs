@@ -11,7 +11,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgerelay");
 fn check_config_reports_every_problem_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[relay]\nid = \"a.b\"\n[batch]\nmax_events = 0\n[stream]\nreplicas = 2\n").unwrap();
+    std::fs::write(
+        &path,
+        "[relay]\nid = \"a.b\"\n[batch]\nmax_events = 0\n[stream]\nreplicas = 2\n",
+    )
+    .unwrap();
     for sub in ["check-config", "run"] {
         let out = Command::new(BIN).args([sub, "--config"]).arg(&path).output().unwrap();
         assert_eq!(out.status.code(), Some(78), "{sub}");
@@ -72,7 +76,9 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
             for i in 0.. {
                 let body = format!("c{c}-{i}");
                 match client.post(&url).bearer_auth(TOKEN).body(body.clone()).send().await {
-                    Ok(r) if r.status() == 202 => acked.push((body, r.json::<Accepted>().await.unwrap())),
+                    Ok(r) if r.status() == 202 => {
+                        acked.push((body, r.json::<Accepted>().await.unwrap()))
+                    }
                     Ok(r) => {
                         assert!(matches!(r.status().as_u16(), 503), "{}", r.status());
                         refused += 1;
@@ -95,7 +101,10 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(12), "relay did not exit within its grace period");
+        assert!(
+            start.elapsed() < Duration::from_secs(12),
+            "relay did not exit within its grace period"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
@@ -104,7 +113,10 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     let acked: Vec<_> = results.into_iter().flat_map(|(a, _)| a).collect();
     assert!(acked.len() > 10, "load too small to mean anything: {}", acked.len());
     for (body, a) in &acked {
-        let msg = stored.iter().find(|m| m.seq == a.seq).unwrap_or_else(|| panic!("{body}: seq {} missing", a.seq));
+        let msg = stored
+            .iter()
+            .find(|m| m.seq == a.seq)
+            .unwrap_or_else(|| panic!("{body}: seq {} missing", a.seq));
         assert_eq!(msg.batch.events[a.index as usize].payload, body.as_bytes(), "{body}");
     }
 }

@@ -18,7 +18,10 @@ async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() 
     assert_eq!(again.status(), 202);
     let again: Accepted = again.json().await.unwrap();
     assert!(again.duplicate);
-    assert_eq!((again.seq, again.batch.as_str(), again.index), (first.seq, first.batch.as_str(), first.index));
+    assert_eq!(
+        (again.seq, again.batch.as_str(), again.index),
+        (first.seq, first.batch.as_str(), first.index)
+    );
 
     // Concurrent retries of a new key: one is published, the others wait for its answer.
     let sends = (0..5).map(|_| async {

@@ -50,12 +50,19 @@ async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
     setup.config.nats.ack_timeout_ms = 300;
     setup.config.nats.publish_deadline_ms = 1_500;
     let relay = setup.start().await;
-    assert_eq!(relay.publish(&relay.h1, "edge.faults", "first").send().await.unwrap().status(), 202);
+    assert_eq!(
+        relay.publish(&relay.h1, "edge.faults", "first").send().await.unwrap().status(),
+        202
+    );
 
     // Requests in flight while the server dies.
     let mut acked = Vec::new();
     let sends = (0..20).map(|i| {
-        let req = relay.h2.post(relay.url("/v1/publish/edge.faults")).bearer_auth(TOKEN).body(format!("during-{i}"));
+        let req = relay
+            .h2
+            .post(relay.url("/v1/publish/edge.faults"))
+            .bearer_auth(TOKEN)
+            .body(format!("during-{i}"));
         async move { (i, req.send().await) }
     });
     let kill = async {

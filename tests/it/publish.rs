@@ -94,7 +94,14 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
         {"subject": "edge.multi.a", "data": "one", "id": "m-1"},
         {"subject": "edge.multi.b", "data_base64": "AAEC", "headers": {"k": "v"}},
     ]});
-    let resp = relay.h2.post(relay.url("/v1/publish")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+    let resp = relay
+        .h2
+        .post(relay.url("/v1/publish"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 202);
     let v: serde_json::Value = resp.json().await.unwrap();
     let results = v["results"].as_array().unwrap();
@@ -106,7 +113,14 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
         {"subject": "edge.multi.a", "data": "fine"},
         {"subject": "edge.secret.x", "data": "nope"},
     ]});
-    let resp = relay.h1.post(relay.url("/v1/publish")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+    let resp = relay
+        .h1
+        .post(relay.url("/v1/publish"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["results"][0]["stream"], STREAM);
@@ -114,8 +128,17 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
 
     let req = proto::PublishRequest {
         events: vec![
-            proto::Event { subject: "edge.proto.a".into(), payload: b"p1".to_vec().into(), id: "pk-1".into(), ..Default::default() },
-            proto::Event { subject: "edge..bad".into(), payload: b"p2".to_vec().into(), ..Default::default() },
+            proto::Event {
+                subject: "edge.proto.a".into(),
+                payload: b"p1".to_vec().into(),
+                id: "pk-1".into(),
+                ..Default::default()
+            },
+            proto::Event {
+                subject: "edge..bad".into(),
+                payload: b"p2".to_vec().into(),
+                ..Default::default()
+            },
         ],
     };
     let resp = relay
@@ -186,7 +209,9 @@ async fn health_readiness_and_tail() {
         String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let payloads: Vec<&str> = lines.iter().map(|l| l["payload"].as_str().unwrap()).collect();
     assert_eq!(payloads, ["a", "b", "c"]);
-    assert!(lines.iter().all(|l| l["publisher"] == "edge-test" && l["stream_seq"].as_u64().unwrap() > 0));
+    assert!(lines
+        .iter()
+        .all(|l| l["publisher"] == "edge-test" && l["stream_seq"].as_u64().unwrap() > 0));
     relay.shutdown().await;
 }
 

@@ -115,8 +115,8 @@ impl Setup {
     pub fn new(nats_url: &str) -> Self {
         edgerelay::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
-        let certs = edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
+        let certs =
+            edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         certs.write(dir.path()).unwrap();
         let mut config = Config::default();
         config.relay.id = "test-relay".into();
@@ -181,11 +181,13 @@ impl TestRelay {
     }
 
     /// `POST /v1/publish/{subject}` with the test token.
-    pub fn publish(&self, client: &reqwest::Client, subject: &str, body: &'static str) -> reqwest::RequestBuilder {
-        client
-            .post(self.url(&format!("/v1/publish/{subject}")))
-            .bearer_auth(TOKEN)
-            .body(body)
+    pub fn publish(
+        &self,
+        client: &reqwest::Client,
+        subject: &str,
+        body: &'static str,
+    ) -> reqwest::RequestBuilder {
+        client.post(self.url(&format!("/v1/publish/{subject}"))).bearer_auth(TOKEN).body(body)
     }
 
     pub async fn shutdown(mut self) -> edgerelay::Drained {
@@ -205,9 +207,8 @@ pub fn client(certs: &DevCerts, h2: bool) -> reqwest::Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-    let builder = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(20));
+    let builder =
+        reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(20));
     let builder = if h2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
     builder.build().unwrap()
 }
@@ -235,9 +236,8 @@ pub async fn read_stream(nats_url: &str) -> Vec<StoredMsg> {
     }
     for seq in state.first_sequence..=state.last_sequence {
         let Ok(m) = stream.get_raw_message(seq).await else { continue };
-        let header = |name: &str| {
-            m.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default()
-        };
+        let header =
+            |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
         out.push(StoredMsg {
             seq,
             subject: m.subject.to_string(),
@@ -283,4 +283,3 @@ pub fn token_toml() -> String {
         "[[auth.static_tokens]]\nname = \"edge-test\"\ntoken = \"{TOKEN}\"\nallow = [\"edge.>\"]\n"
     )
 }
-
