@@ -147,8 +147,6 @@ pub struct NatsConfig {
     pub publish_deadline_ms: u64,
     /// First pause before a retry, milliseconds; doubles up to 1 s.
     pub retry_backoff_ms: u64,
-    /// Size of the client's write buffer, bytes (larger buffers publish faster).
-    pub write_buffer_bytes: usize,
 }
 
 /// JetStream storage backend.
@@ -297,7 +295,6 @@ impl Default for NatsConfig {
             ack_timeout_ms: 1_000,
             publish_deadline_ms: 5_000,
             retry_backoff_ms: 50,
-            write_buffer_bytes: 256 << 10,
         }
     }
 }

@@ -225,3 +225,42 @@ async fn resolve(ticket: Ticket) -> Outcome {
 fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
+
+/// One event's outcome as a protobuf result (shared by every protobuf front-end).
+pub fn to_proto(outcome: &Outcome) -> proto::EventResult {
+    use proto::event_result::Outcome as O;
+    let outcome = match outcome {
+        Ok(Ack::Stored(s)) => O::Accepted(proto::Accepted {
+            stream: s.stream.to_string(),
+            seq: s.seq,
+            batch: s.batch.to_string(),
+            index: s.index,
+            duplicate: s.duplicate,
+        }),
+        Ok(Ack::Queued) => O::Queued(proto::Queued {}),
+        Err(r) => O::Refused(proto::Refused {
+            code: r.code.as_str().to_owned(),
+            message: r.message.to_string(),
+            retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
+        }),
+    };
+    proto::EventResult { outcome: Some(outcome) }
+}
+
+/// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events. The relay's own
+/// fields (`ingest_time_unix_us`, `publisher`) are ignored: the relay sets them.
+pub fn decode_publish_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
+    let req = proto::PublishRequest::decode(body)
+        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
+    Ok(req
+        .events
+        .into_iter()
+        .map(|e| EventIn {
+            subject: e.subject,
+            payload: e.payload,
+            headers: e.headers,
+            id: e.id,
+            edge_time_unix_ms: e.edge_time_unix_ms,
+        })
+        .collect())
+}

@@ -31,7 +31,6 @@ use super::{EventIn, Ingest};
 use crate::auth::{bearer_token, Credentials, Identity};
 use crate::config::{ms, HttpsConfig};
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Outcome};
 use crate::proto;
 
 /// ALPN protocols offered, in order of preference.
@@ -73,7 +72,7 @@ trait Graceful: Future<Output = hyper::Result<()>> {
 }
 
 impl Server {
-    /// Binds the listener and loads the certificate.
+    /// Binds the listener; `tls` must offer [`ALPN`].
     pub async fn bind(
         cfg: &HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
@@ -316,7 +315,8 @@ async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full
         return Err(r);
     }
     let body = read_body(req, ctx.max_body_bytes).await?;
-    let events = if protobuf { decode_protobuf(&body)? } else { json::decode_request(&body)? };
+    let events =
+        if protobuf { super::decode_publish_request(&body)? } else { json::decode_request(&body)? };
     if events.is_empty() {
         return Err(Refusal::new(ErrorCode::BadRequest, "no events in the request"));
     }
@@ -333,7 +333,8 @@ async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full
     let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());
     let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
     let mut resp = if protobuf {
-        let body = proto::PublishResponse { results: outcomes.iter().map(to_proto).collect() };
+        let body =
+            proto::PublishResponse { results: outcomes.iter().map(super::to_proto).collect() };
         let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
         resp
@@ -345,43 +346,6 @@ async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full
         set_retry_after(&mut resp, r.code);
     }
     Ok(resp)
-}
-
-/// One event's outcome as a protobuf result (shared by every protobuf front-end).
-pub fn to_proto(outcome: &Outcome) -> proto::EventResult {
-    use proto::event_result::Outcome as O;
-    let outcome = match outcome {
-        Ok(Ack::Stored(s)) => O::Accepted(proto::Accepted {
-            stream: s.stream.to_string(),
-            seq: s.seq,
-            batch: s.batch.to_string(),
-            index: s.index,
-            duplicate: s.duplicate,
-        }),
-        Ok(Ack::Queued) => O::Queued(proto::Queued {}),
-        Err(r) => O::Refused(proto::Refused {
-            code: r.code.as_str().to_owned(),
-            message: r.message.to_string(),
-            retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
-        }),
-    };
-    proto::EventResult { outcome: Some(outcome) }
-}
-
-fn decode_protobuf(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
-    let req = proto::PublishRequest::decode(body)
-        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
-    Ok(req
-        .events
-        .into_iter()
-        .map(|e| EventIn {
-            subject: e.subject,
-            payload: e.payload,
-            headers: e.headers,
-            id: e.id,
-            edge_time_unix_ms: e.edge_time_unix_ms,
-        })
-        .collect())
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {

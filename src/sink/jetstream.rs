@@ -61,7 +61,6 @@ pub struct Sink {
     next_seq: AtomicU64,
     window: Arc<Semaphore>,
     window_size: u32,
-    ack_timeout: Duration,
     deadline: Duration,
     backoff: Duration,
     /// The stream was found or created and matches the config.
@@ -134,7 +133,6 @@ impl Sink {
             next_seq: AtomicU64::new(1),
             window: Arc::new(Semaphore::new(window)),
             window_size: u32::try_from(window).unwrap_or(u32::MAX),
-            ack_timeout: ms(nats.ack_timeout_ms),
             deadline: ms(nats.publish_deadline_ms),
             backoff: ms(nats.retry_backoff_ms),
             stream_ok: AtomicBool::new(false),
@@ -342,11 +340,6 @@ impl Sink {
             tries += 1;
             attempt = self.send(&f).await;
         }
-    }
-
-    /// How long one PubAck is awaited before the batch is sent again.
-    pub fn ack_timeout(&self) -> Duration {
-        self.ack_timeout
     }
 }
 
