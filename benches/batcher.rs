@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgerelay::batch::batcher::{Batcher, Item, Limits};
+use edgerelay::batch::batcher::{Batcher, FlushReason, Item, Limits};
 use edgerelay::proto;
 use prost::Message;
 
@@ -53,7 +53,7 @@ fn batch_and_encode(c: &mut Criterion) {
                 for i in 0..EVENTS {
                     batcher.push(Ev(event(i, &payload)), now, &mut ready);
                 }
-                batcher.drain(&mut ready);
+                batcher.flush_all(FlushReason::Drain, &mut ready);
                 for (seq, r) in ready.drain(..).enumerate() {
                     let batch = proto::Batch {
                         relay_id: "bench".into(),

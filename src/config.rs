@@ -109,6 +109,10 @@ pub struct BatchConfig {
     /// Flush a batch this long after its first event arrived, milliseconds, even if not full.
     /// The main latency/throughput knob.
     pub linger_ms: u64,
+    /// Publish at once when no batch is waiting for its PubAck, and linger only while acks are
+    /// outstanding: unbatched latency at low rates, full batches under load (the ack clock
+    /// sets the batch size). Off: every batch waits `linger_ms` unless it fills up.
+    pub flush_when_idle: bool,
     /// Number of queue shards (each with its own batcher task). 0 = number of CPUs. Events of
     /// one subject always go to the same shard, so their order is kept.
     pub shards: usize,
@@ -274,6 +278,7 @@ impl Default for BatchConfig {
             max_events: 256,
             max_bytes: 512 << 10,
             linger_ms: 2,
+            flush_when_idle: true,
             shards: 0,
             queue_capacity: 16_384,
         }

@@ -139,12 +139,14 @@ impl Relay {
             max_bytes: config.batch.max_bytes,
             linger: ms(config.batch.linger_ms),
         };
+        let flush_when_idle = config.batch.flush_when_idle;
         let drivers = (0..queues.shard_count())
             .map(|i| {
                 tokio::spawn(batch::driver::run(
                     queues.clone(),
                     i,
                     limits,
+                    flush_when_idle,
                     sink.clone(),
                     stop_rx.clone(),
                 ))

@@ -34,7 +34,10 @@ pub enum FlushReason {
     Bytes,
     /// Its linger time passed.
     Linger,
-    /// [`Batcher::drain`] was called (shutdown).
+    /// Nothing was waiting for an acknowledgement, so there was no reason to wait
+    /// ([`Batcher::flush_all`] with this reason).
+    Idle,
+    /// Shutdown ([`Batcher::flush_all`] with this reason).
     Drain,
 }
 
@@ -146,11 +149,11 @@ impl<T: Item> Batcher<T> {
         self.deadlines.front().map(|(d, _, _)| *d)
     }
 
-    /// Flushes every open batch, oldest first (for shutdown).
-    pub fn drain(&mut self, out: &mut Vec<Ready<T>>) {
+    /// Flushes every open batch, oldest first.
+    pub fn flush_all(&mut self, reason: FlushReason, out: &mut Vec<Ready<T>>) {
         while let Some((_, subject, generation)) = self.deadlines.pop_front() {
             if self.open.get(&subject).is_some_and(|o| o.generation == generation) {
-                self.flush(&subject, FlushReason::Drain, out);
+                self.flush(&subject, reason, out);
             }
         }
     }
@@ -289,7 +292,7 @@ mod tests {
         for i in 0..30u32 {
             b.push(Ev(subjects[(i % 3) as usize], 1, i), t0, &mut out);
         }
-        b.drain(&mut out);
+        b.flush_all(FlushReason::Drain, &mut out);
         assert!(b.is_empty());
         for s in subjects {
             let seen: Vec<u32> = out.iter().filter(|r| r.subject == s).flat_map(ids).collect();
@@ -298,6 +301,22 @@ mod tests {
             assert_eq!(seen, sorted, "subject {s}");
             assert_eq!(seen.len(), 10);
         }
+    }
+
+    #[test]
+    fn flush_all_empties_every_batch_oldest_first() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(10, 10_000, 5));
+        let mut out = Vec::new();
+        b.push(Ev("y", 1, 0), t0, &mut out);
+        b.push(Ev("x", 1, 1), t0, &mut out);
+        b.push(Ev("y", 1, 2), t0, &mut out);
+        b.flush_all(FlushReason::Idle, &mut out);
+        let got: Vec<(&str, Vec<u32>)> = out.iter().map(|r| (r.subject.as_str(), ids(r))).collect();
+        assert_eq!(got, [("y", vec![0, 2]), ("x", vec![1])]);
+        assert!(out.iter().all(|r| r.reason == FlushReason::Idle));
+        assert!(b.is_empty());
+        assert_eq!(b.next_deadline(), None);
     }
 
     #[test]

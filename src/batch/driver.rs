@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::batcher::{Batcher, Limits};
+use super::batcher::{Batcher, FlushReason, Limits};
 use super::queue::Queues;
 use crate::sink::Sink;
 
@@ -20,6 +20,7 @@ pub async fn run(
     queues: Arc<Queues>,
     index: usize,
     limits: Limits,
+    flush_when_idle: bool,
     sink: Arc<Sink>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -36,9 +37,12 @@ pub async fn run(
             popped += 1;
         }
         if closing {
-            batcher.drain(&mut ready);
+            batcher.flush_all(FlushReason::Drain, &mut ready);
         } else {
             batcher.poll_flush(now, &mut ready);
+            if flush_when_idle && sink.in_flight() == 0 {
+                batcher.flush_all(FlushReason::Idle, &mut ready);
+            }
         }
         for batch in ready.drain(..) {
             sink.publish(batch).await;
@@ -54,6 +58,8 @@ pub async fn run(
         tokio::select! {
             _ = shard.notified() => {}
             _ = sleep_until(deadline), if deadline.is_some() => {}
+            // A missed wake-up here costs at most the linger time.
+            _ = sink.idle(), if flush_when_idle && deadline.is_some() => {}
             _ = stop.changed(), if !closing => closing = true,
         }
         closing |= queues.is_closed();

@@ -123,11 +123,12 @@ impl Server {
             }
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => continue,
+                // Changed (to true) or the relay was dropped: stop either way.
+                _ = stop.changed() => break,
             };
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
-                _ = stop.changed() => continue,
+                _ = stop.changed() => break,
             };
             match accepted {
                 Ok((tcp, _peer)) => {

@@ -67,6 +67,8 @@ pub struct Sink {
     stream_ok: AtomicBool,
     /// Asks the stream keeper to check the stream again (e.g. after "no stream found").
     recheck: Notify,
+    /// Signalled when the last batch in flight was answered.
+    idle: Notify,
 }
 
 /// One batch on its way to JetStream.
@@ -137,6 +139,7 @@ impl Sink {
             backoff: ms(nats.retry_backoff_ms),
             stream_ok: AtomicBool::new(false),
             recheck: Notify::new(),
+            idle: Notify::new(),
         }))
     }
 
@@ -254,6 +257,9 @@ impl Sink {
         tokio::spawn(async move {
             sink.complete(flight, first).await;
             drop(permit);
+            if sink.in_flight() == 0 {
+                sink.idle.notify_waiters();
+            }
         });
     }
 
@@ -261,6 +267,11 @@ impl Sink {
     /// everything was answered.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.window.acquire_many(self.window_size)).await.is_ok()
+    }
+
+    /// Resolves the next time the last batch in flight is answered.
+    pub async fn idle(&self) {
+        self.idle.notified().await
     }
 
     /// Batches published and not yet answered.
