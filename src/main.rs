@@ -122,8 +122,14 @@ fn main() -> ExitCode {
                 idle_timeout: idle_timeout_ms.map(Duration::from_millis),
             };
             let mut out = std::io::stdout();
+            let wanted = opts.count;
             match runtime().block_on(edgerelay::tail::run(opts, &mut out)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(n) => {
+                    if wanted.is_some_and(|c| n < c) {
+                        eprintln!("edgerelay tail: stopped after {n} events: nothing more arrived");
+                    }
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("edgerelay tail: {e}");
                     ExitCode::FAILURE

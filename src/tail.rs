@@ -104,8 +104,8 @@ pub fn decode(
         .collect())
 }
 
-/// Runs `tail`, writing lines to `out`.
-pub async fn run(opts: TailOptions, out: &mut (impl Write + Send)) -> Result<(), TailError> {
+/// Runs `tail`, writing lines to `out`; returns how many events it printed.
+pub async fn run(opts: TailOptions, out: &mut (impl Write + Send)) -> Result<u64, TailError> {
     let client =
         async_nats::connect(&opts.nats_url).await.map_err(|e| TailError::Connect(e.to_string()))?;
     let mut printed = 0u64;
@@ -163,7 +163,7 @@ pub async fn run(opts: TailOptions, out: &mut (impl Write + Send)) -> Result<(),
         }
     }
     let _ = out.flush();
-    Ok(())
+    Ok(printed)
 }
 
 fn msg_id(headers: Option<&async_nats::HeaderMap>) -> String {

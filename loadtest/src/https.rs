@@ -637,9 +637,10 @@ fn tls_config(
 
 /// The certificates of a PEM file as trust anchors.
 fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
         roots.add(cert).with_context(|| format!("bad CA certificate in {}", path.display()))?;
     }

@@ -7,5 +7,6 @@ mod support;
 mod bad_input;
 mod binary;
 mod dedup;
+mod limits;
 mod nats_faults;
 mod publish;

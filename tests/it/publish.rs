@@ -206,7 +206,7 @@ async fn health_readiness_and_tail() {
         count: Some(3),
         idle_timeout: Some(std::time::Duration::from_secs(5)),
     };
-    edgerelay::tail::run(opts, &mut out).await.unwrap();
+    assert_eq!(edgerelay::tail::run(opts, &mut out).await.unwrap(), 3);
     let lines: Vec<serde_json::Value> =
         String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let payloads: Vec<&str> = lines.iter().map(|l| l["payload"].as_str().unwrap()).collect();

@@ -1,0 +1,96 @@
+//! Connection limits: idle connections and slow headers are closed, and connections beyond
+//! `https.max_connections` wait until one closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::*;
+
+/// A raw TLS connection speaking HTTP/1.1 (ALPN), so the test controls every byte.
+async fn tls_connect(setup: &Setup, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca =
+        rustls::pki_types::CertificateDer::from_pem_slice(setup.certs.ca_cert.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(edgerelay::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
+}
+
+/// Waits for the server to close the connection; true if it did within `within`.
+async fn closed_within(conn: &mut TlsStream<TcpStream>, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // e.g. a 408 before the close
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.is_ok()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.https.idle_timeout_ms = 300;
+    let relay = setup.start().await;
+    let mut idle = tls_connect(&setup, relay.addr()).await.unwrap();
+    let req = format!(
+        "POST /v1/publish/edge.limits HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 2\r\n\r\nhi"
+    );
+    idle.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await, "idle connection kept open");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.https.header_read_timeout_ms = 300;
+    setup.config.https.idle_timeout_ms = 600_000; // so only the header timeout can close it
+    let relay = setup.start().await;
+    // Half a request line, then nothing (slowloris).
+    let mut slow = tls_connect(&setup, relay.addr()).await.unwrap();
+    slow.write_all(b"POST /v1/publish/edge.limits HTTP/1.1\r\nHost: loc").await.unwrap();
+    assert!(closed_within(&mut slow, Duration::from_secs(5)).await, "slow headers kept open");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.https.max_connections = 1;
+    let relay = setup.start().await;
+
+    let first = tls_connect(&setup, relay.addr()).await.unwrap();
+    let second = tls_connect(&setup, relay.addr());
+    tokio::pin!(second);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut second).await.is_err(),
+        "a second connection was served past max_connections = 1"
+    );
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(5), second).await;
+    assert!(matches!(second, Ok(Ok(_))), "the waiting connection was never served");
+    relay.shutdown().await;
+}
