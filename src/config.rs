@@ -20,6 +20,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The HTTPS (HTTP/1.1 + HTTP/2) listener.
     pub https: HttpsConfig,
+    /// The QUIC listener (native `edgerelay/1` protocol); off unless `quic.listen` is set.
+    pub quic: QuicConfig,
     /// How events are coalesced into batches.
     pub batch: BatchConfig,
     /// The NATS cluster the relay publishes to.
@@ -96,6 +98,34 @@ pub struct HttpsConfig {
     /// HTTP/2: streams this side may reset because of client errors before the connection is
     /// closed (error-reset flood guard).
     pub h2_max_local_error_reset_streams: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// UDP address for QUIC, e.g. `0.0.0.0:8443`. Unset: no QUIC listener. Uses the
+    /// certificate of `https.tls_cert` / `https.tls_key`.
+    pub listen: Option<SocketAddr>,
+    /// QUIC connections open at once; more are refused.
+    pub max_connections: usize,
+    /// QUIC connections open at once from one source address.
+    pub max_connections_per_ip: usize,
+    /// Bidirectional streams a client may have open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Flow-control window of one stream, bytes: what a stream may have in flight unread.
+    pub stream_window_bytes: u32,
+    /// Flow-control window of a whole connection, bytes (quinn's default is unbounded).
+    pub connection_window_bytes: u32,
+    /// Longest frame (one `PublishRequest`), bytes; refused from its length prefix.
+    pub max_frame_bytes: usize,
+    /// Requests a stream may have waiting for their answers; beyond it the relay stops reading
+    /// the stream and flow control pushes back on the client.
+    pub max_requests_in_flight_per_stream: usize,
+    /// A connection with no traffic for this long is closed, milliseconds.
+    pub idle_timeout_ms: u64,
+    /// With more handshakes than this under way, new clients must first prove their address
+    /// (QUIC Retry), which costs them a round trip and an attacker its spoofed addresses.
+    pub retry_above_handshakes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -272,6 +302,23 @@ impl Default for HttpsConfig {
     }
 }
 
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_streams_per_connection: 64,
+            stream_window_bytes: 256 << 10,
+            connection_window_bytes: 1 << 20,
+            max_frame_bytes: 1 << 20,
+            max_requests_in_flight_per_stream: 32,
+            idle_timeout_ms: 30_000,
+            retry_above_handshakes: 256,
+        }
+    }
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
@@ -391,6 +438,32 @@ impl Config {
             h.listen.port() != 0 && h.listen == self.admin.listen,
             "https.listen and admin.listen are the same address".into(),
         );
+
+        let q = &self.quic;
+        bad(
+            q.listen.is_some_and(|a| a.port() != 0 && a == self.admin.listen),
+            "quic.listen and admin.listen are the same address".into(),
+        );
+        bad(q.max_connections == 0, "quic.max_connections must be > 0".into());
+        bad(q.max_connections_per_ip == 0, "quic.max_connections_per_ip must be > 0".into());
+        bad(
+            q.max_streams_per_connection == 0,
+            "quic.max_streams_per_connection must be > 0".into(),
+        );
+        bad(q.stream_window_bytes < 1024, "quic.stream_window_bytes must be at least 1024".into());
+        bad(
+            q.connection_window_bytes < q.stream_window_bytes,
+            "quic.connection_window_bytes must be >= quic.stream_window_bytes".into(),
+        );
+        bad(
+            q.max_frame_bytes < h.max_event_bytes + 1024,
+            "quic.max_frame_bytes must exceed https.max_event_bytes by at least 1 KiB".into(),
+        );
+        bad(
+            q.max_requests_in_flight_per_stream == 0,
+            "quic.max_requests_in_flight_per_stream must be > 0".into(),
+        );
+        bad(q.idle_timeout_ms == 0, "quic.idle_timeout_ms must be > 0".into());
 
         let b = &self.batch;
         bad(b.max_events == 0, "batch.max_events must be > 0 (1 turns batching off)".into());

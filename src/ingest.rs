@@ -3,9 +3,11 @@
 //! authentication, authorization, validation, idempotency, enqueueing and waiting for the
 //! answer — is [`Ingest`], one code path for every protocol.
 
+pub mod framing;
 pub mod https;
 pub mod idempotency;
 pub mod json;
+pub mod quic;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -252,8 +254,12 @@ pub fn to_proto(outcome: &Outcome) -> proto::EventResult {
 pub fn decode_publish_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
     let req = proto::PublishRequest::decode(body)
         .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
-    Ok(req
-        .events
+    Ok(events_of(req))
+}
+
+/// The events of a decoded `PublishRequest`.
+pub fn events_of(req: proto::PublishRequest) -> Vec<EventIn> {
+    req.events
         .into_iter()
         .map(|e| EventIn {
             subject: e.subject,
@@ -262,5 +268,5 @@ pub fn decode_publish_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
             id: e.id,
             edge_time_unix_ms: e.edge_time_unix_ms,
         })
-        .collect())
+        .collect()
 }

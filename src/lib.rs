@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod auth;
 pub mod batch;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -63,6 +64,9 @@ pub enum StartError {
     /// Certificate or key unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Quic(#[from] ingest::quic::QuicError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
@@ -74,12 +78,14 @@ pub enum StartError {
 /// A running relay.
 pub struct Relay {
     https_addr: SocketAddr,
+    quic_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     health: Arc<Health>,
-    https: JoinHandle<()>,
+    /// Front-ends: they finish answering during a drain.
+    servers: Vec<JoinHandle<()>>,
     drivers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     fatal: mpsc::Receiver<SinkError>,
@@ -126,9 +132,24 @@ impl Relay {
             &ingest::https::ALPN,
         )?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
-        let https = ingest::https::Server::bind(&config.https, tls, ingest)
+        let https = ingest::https::Server::bind(&config.https, tls, ingest.clone())
             .await
             .map_err(bind_err(config.https.listen))?;
+        let quic = match config.quic.listen {
+            Some(listen) => {
+                let tls = tls::server_config(
+                    &config.https.tls_cert,
+                    &config.https.tls_key,
+                    &[ingest::quic::ALPN_EDGERELAY],
+                )?;
+                Some(ingest::quic::Server::bind(&config.quic, listen, tls, ingest)?)
+            }
+            None => None,
+        };
+        let quic_addr = match &quic {
+            Some(q) => Some(q.local_addr().map_err(bind_err(config.https.listen))?),
+            None => None,
+        };
         let https_addr = https.local_addr().map_err(bind_err(config.https.listen))?;
         let admin_listener =
             admin::bind(config.admin.listen).await.map_err(bind_err(config.admin.listen))?;
@@ -153,18 +174,22 @@ impl Relay {
             })
             .collect();
         let admin = tokio::spawn(admin::serve(admin_listener, health.clone(), stop_rx.clone()));
-        let https = tokio::spawn(https.serve(stop_rx));
+        let mut servers = vec![tokio::spawn(https.serve(stop_rx.clone()))];
+        if let Some(q) = quic {
+            servers.push(tokio::spawn(q.serve(stop_rx)));
+        }
         health.listening.store(true, Ordering::Relaxed);
-        tracing::info!(%https_addr, %admin_addr, relay = %config.relay.id, boot = %boot_id,
+        tracing::info!(%https_addr, ?quic_addr, %admin_addr, relay = %config.relay.id, boot = %boot_id,
             ack_mode = ?config.relay.ack_mode, "edgerelay serving");
         Ok(Self {
             https_addr,
+            quic_addr,
             admin_addr,
             stop,
             queues,
             sink,
             health,
-            https,
+            servers,
             drivers,
             background: vec![keeper, admin],
             fatal,
@@ -174,6 +199,11 @@ impl Relay {
 
     pub fn https_addr(&self) -> SocketAddr {
         self.https_addr
+    }
+
+    /// The QUIC (UDP) address, when `quic.listen` is set.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -204,7 +234,11 @@ impl Relay {
         }
         complete &= self.sink.wait_idle(left()).await;
         // Connections finish writing their answers; an idle one closes at once.
-        let _ = tokio::time::timeout(left().max(Duration::from_millis(200)), self.https).await;
+        let _ = tokio::time::timeout(
+            left().max(Duration::from_millis(200)),
+            futures::future::join_all(self.servers),
+        )
+        .await;
         for t in self.background {
             t.abort();
         }

@@ -334,8 +334,10 @@ async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full
     let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());
     let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
     let mut resp = if protobuf {
-        let body =
-            proto::PublishResponse { results: outcomes.iter().map(super::to_proto).collect() };
+        let body = proto::PublishResponse {
+            results: outcomes.iter().map(super::to_proto).collect(),
+            error: None,
+        };
         let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
         resp

@@ -10,3 +10,4 @@ mod dedup;
 mod limits;
 mod nats_faults;
 mod publish;
+mod quic;

@@ -142,6 +142,7 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
                 ..Default::default()
             },
         ],
+        token: String::new(),
     };
     let resp = relay
         .h2

@@ -127,6 +127,7 @@ impl Setup {
         config.https.max_event_bytes = 4096;
         config.https.max_body_bytes = 64 << 10;
         config.admin.listen = "127.0.0.1:0".parse().unwrap();
+        config.quic.listen = Some("127.0.0.1:0".parse().unwrap());
         config.nats.urls = vec![nats_url.to_owned()];
         config.nats.connect_timeout_ms = 2_000;
         config.batch.shards = 2;
@@ -146,6 +147,18 @@ impl Setup {
             },
         ];
         Self { dir, certs, config }
+    }
+
+    /// A native-protocol client of `relay` with `token`.
+    pub async fn quic_client(&self, relay: &TestRelay, token: &str) -> edgerelay::client::Client {
+        edgerelay::client::Client::connect(edgerelay::client::ClientConfig {
+            server: relay.quic_addr(),
+            server_name: "localhost".into(),
+            ca_pem: Some(self.certs.ca_cert.clone()),
+            token: token.into(),
+        })
+        .await
+        .expect("QUIC connect")
     }
 
     /// Starts the relay in-process.
@@ -170,6 +183,10 @@ impl TestRelay {
 
     pub fn addr(&self) -> SocketAddr {
         self.relay.as_ref().unwrap().https_addr()
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.relay.as_ref().unwrap().quic_addr().expect("quic.listen is set")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,212 @@
+//! A Rust client for the native QUIC protocol (`edgerelay/1`), for edge collectors, the load
+//! generator and tests.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), edgerelay::client::ClientError> {
+//! use edgerelay::client::{Client, ClientConfig};
+//! let client = Client::connect(ClientConfig {
+//!     server: "127.0.0.1:8443".parse().unwrap(),
+//!     server_name: "localhost".into(),
+//!     ca_pem: std::fs::read_to_string("ca.pem").ok(),
+//!     token: "secret-token".into(),
+//! })
+//! .await?;
+//! // One request on its own stream...
+//! let answer = client.publish(vec![edgerelay::client::event("edge.demo", "hello")]).await?;
+//! // ...or many pipelined on one stream, answers in order.
+//! let mut stream = client.stream().await?;
+//! for i in 0..10 {
+//!     stream.send(vec![edgerelay::client::event("edge.demo", format!("e{i}"))]).await?;
+//! }
+//! for _ in 0..10 {
+//!     let answer = stream.recv().await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A lost connection is re-established by the next [`Client::stream`] or [`Client::publish`];
+//! requests that were in flight on it are not retried (their answers never came: retry them
+//! with the same event ids, and the relay's idempotency answers the duplicates).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use prost::Message;
+use tokio::sync::Mutex;
+
+use crate::ingest::framing::{self, FrameDecoder};
+use crate::ingest::quic::ALPN_EDGERELAY;
+use crate::proto;
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub server: SocketAddr,
+    /// Name the server certificate must carry.
+    pub server_name: String,
+    /// PEM CA(s) to trust. With `None` no server certificate verifies: set it.
+    pub ca_pem: Option<String>,
+    /// Bearer token sent on the first request of every stream.
+    pub token: String,
+}
+
+/// Client errors: transport problems (retry helps) or a broken answer stream (a bug on one
+/// side; retry on a new stream).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// TLS or local socket setup failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// The connection could not be made or was lost.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The stream ended or was reset before an answer arrived.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// An answer did not decode.
+    #[error("bad answer: {0}")]
+    Decode(String),
+}
+
+/// A connection to one relay, re-established on demand.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    config: ClientConfig,
+    connection: Mutex<Option<quinn::Connection>>,
+}
+
+/// One bidirectional stream: requests go out pipelined, answers come back in order.
+pub struct PublishStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+    token: Option<String>,
+}
+
+/// Longest answer the client accepts.
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+impl Client {
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(pem) = &config.ca_pem {
+            use rustls::pki_types::pem::PemObject;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| ClientError::Setup(format!("CA: {e}")))?;
+                roots.add(cert).map_err(|e| ClientError::Setup(format!("CA: {e}")))?;
+            }
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN_EDGERELAY.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let bind: SocketAddr = if config.server.is_ipv6() {
+            "[::]:0".parse().map_err(|_| ClientError::Setup("bind address".into()))?
+        } else {
+            "0.0.0.0:0".parse().map_err(|_| ClientError::Setup("bind address".into()))?
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(e.to_string()))?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let client = Self { endpoint, config, connection: Mutex::new(None) };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// Opens a new stream (reconnecting first if the connection was lost).
+    pub async fn stream(&self) -> Result<PublishStream, ClientError> {
+        let conn = self.connection().await?;
+        let (send, recv) =
+            conn.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        Ok(PublishStream {
+            send,
+            recv,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(MAX_ANSWER_BYTES),
+            token: Some(self.config.token.clone()),
+        })
+    }
+
+    /// Publishes `events` as one request on a fresh stream and returns the answer.
+    pub async fn publish(
+        &self,
+        events: Vec<proto::Event>,
+    ) -> Result<proto::PublishResponse, ClientError> {
+        let mut stream = self.stream().await?;
+        stream.send(events).await?;
+        let answer = stream.recv().await?;
+        stream.finish();
+        Ok(answer)
+    }
+
+    /// The live connection, or a new one.
+    pub async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut guard = self.connection.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let conn = self
+            .endpoint
+            .connect(self.config.server, &self.config.server_name)
+            .map_err(|e| ClientError::Connection(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"bye");
+    }
+}
+
+impl PublishStream {
+    /// Sends one request (the first one on the stream carries the token).
+    pub async fn send(&mut self, events: Vec<proto::Event>) -> Result<(), ClientError> {
+        let req = proto::PublishRequest { events, token: self.token.take().unwrap_or_default() };
+        self.send_raw(&framing::frame(&req)).await
+    }
+
+    /// Sends raw bytes (for tests of malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send.write_all(bytes).await.map_err(|e| ClientError::Stream(e.to_string()))
+    }
+
+    /// Reads the next answer.
+    pub async fn recv(&mut self) -> Result<proto::PublishResponse, ClientError> {
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    return proto::PublishResponse::decode(frame)
+                        .map_err(|e| ClientError::Decode(e.to_string()))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Decode(e.to_string())),
+            }
+            match self.recv.read_chunk(64 << 10, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    return Err(ClientError::Stream("the relay finished the stream".into()))
+                }
+                Err(e) => return Err(ClientError::Stream(e.to_string())),
+            }
+        }
+    }
+
+    /// Says no more requests will come on this stream.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+/// An event with a subject and payload (the other fields default).
+pub fn event(subject: &str, payload: impl Into<bytes::Bytes>) -> proto::Event {
+    proto::Event { subject: subject.to_owned(), payload: payload.into(), ..Default::default() }
+}

@@ -1,0 +1,339 @@
+//! The QUIC front-end: the native `edgerelay/1` protocol on a UDP port (quinn + rustls).
+//!
+//! On each bidirectional stream the client writes varint-length-delimited `PublishRequest`
+//! frames ([`super::framing`]) and reads `PublishResponse` frames back in the same order; many
+//! requests may be in flight per stream and many streams per connection. Everything after
+//! decoding is the shared [`Ingest`] stage.
+//!
+//! Limits, all sized so memory stays bounded: connections in total and per source address,
+//! concurrent streams per connection, per-stream and per-connection flow-control windows
+//! (quinn's connection window is unbounded by default), requests in flight per stream (beyond
+//! it the relay stops reading, so flow control pushes back), the frame length (checked from
+//! the prefix, before any of the body is buffered), the idle timeout, and address validation
+//! (Retry) once many handshakes are under way. 0-RTT is off: a replayed publish would be
+//! stored twice.
+//!
+//! A stream whose framing is broken (a length over the limit, a malformed prefix) gets a
+//! `PublishResponse` whose `error` says why, after the answers to its earlier requests; then the
+//! relay finishes its side and stops the client's side with STOP_SENDING and the code
+//! [`STREAM_FRAME_TOO_LARGE`] or [`STREAM_MALFORMED`]. The connection and its other streams go
+//! on. A request that decodes but is wrong (bad protobuf, no token) is answered with an error
+//! and the stream goes on.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use futures::stream::{FuturesOrdered, StreamExt};
+use prost::Message;
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::framing::{self, FrameDecoder, FrameError};
+use super::{events_of, to_proto, Ingest};
+use crate::auth::{Credentials, Identity};
+use crate::config::{ms, QuicConfig};
+use crate::error::{ErrorCode, Refusal};
+use crate::proto;
+
+/// ALPN of the native protocol.
+pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
+/// STOP_SENDING / RESET code: a frame's length prefix exceeded the limit.
+pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
+/// STOP_SENDING / RESET code: a frame's length prefix was malformed.
+pub const STREAM_MALFORMED: u32 = 0x11;
+/// CONNECTION_CLOSE code when the relay shuts down.
+pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
+/// Bytes read from a stream at once.
+const READ_CHUNK: usize = 64 << 10;
+
+/// A bound QUIC endpoint, ready to serve.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    ingest: Arc<Ingest>,
+    decoder: FrameDecoder,
+    max_in_flight: usize,
+    max_connections: usize,
+    max_per_ip: usize,
+    retry_above: usize,
+    handshaking: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Releases a source address's connection slot when its connection ends.
+struct IpSlot {
+    ctx: Arc<Ctx>,
+    ip: IpAddr,
+}
+
+/// Errors binding the QUIC endpoint. The operator's side.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// The certificate cannot be used for QUIC (needs TLS 1.3).
+    #[error("QUIC TLS config: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on udp {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+impl Server {
+    pub fn bind(
+        cfg: &QuicConfig,
+        listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        ingest: Arc<Ingest>,
+    ) -> Result<Self, QuicError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport(cfg)));
+        server.max_incoming(cfg.max_connections.max(1) * 2);
+        let endpoint = quinn::Endpoint::server(server, listen)
+            .map_err(|source| QuicError::Bind { addr: listen, source })?;
+        Ok(Self {
+            endpoint,
+            ctx: Arc::new(Ctx {
+                ingest,
+                decoder: FrameDecoder::new(cfg.max_frame_bytes),
+                max_in_flight: cfg.max_requests_in_flight_per_stream,
+                max_connections: cfg.max_connections,
+                max_per_ip: cfg.max_connections_per_ip,
+                retry_above: cfg.retry_above_handshakes,
+                handshaking: AtomicUsize::new(0),
+                per_ip: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accepts connections until `stop` turns true; then lets every connection finish the
+    /// streams it has, closes it, and returns.
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+        let mut connections = JoinSet::new();
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+                _ = stop.changed() => break,
+            };
+            while connections.try_join_next().is_some() {}
+            let ip = incoming.remote_address().ip();
+            if self.endpoint.open_connections() >= self.ctx.max_connections {
+                incoming.refuse();
+                continue;
+            }
+            if !incoming.remote_address_validated()
+                && self.ctx.handshaking.load(Ordering::Relaxed) >= self.ctx.retry_above
+                && incoming.may_retry()
+            {
+                // Many handshakes at once: make clients prove their address first.
+                let _ = incoming.retry();
+                continue;
+            }
+            let Some(slot) = IpSlot::take(&self.ctx, ip) else {
+                incoming.refuse();
+                continue;
+            };
+            let (ctx, stop) = (self.ctx.clone(), stop.clone());
+            connections.spawn(async move {
+                ctx.handshaking.fetch_add(1, Ordering::Relaxed);
+                let conn = match incoming.accept() {
+                    Ok(connecting) => connecting.await,
+                    Err(e) => Err(e),
+                };
+                ctx.handshaking.fetch_sub(1, Ordering::Relaxed);
+                match conn {
+                    Ok(conn) => connection(conn, ctx, stop).await,
+                    Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
+                }
+                drop(slot);
+            });
+        }
+        self.endpoint.set_server_config(None);
+        while connections.join_next().await.is_some() {}
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Flow control and stream limits from the config.
+fn transport(cfg: &QuicConfig) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams_per_connection))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(cfg.stream_window_bytes))
+        .receive_window(VarInt::from_u32(cfg.connection_window_bytes))
+        .send_window(u64::from(cfg.connection_window_bytes))
+        .max_idle_timeout(IdleTimeout::try_from(ms(cfg.idle_timeout_ms)).ok());
+    t
+}
+
+async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(send, recv, ctx.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "QUIC connection ended");
+                    break;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+        while streams.try_join_next().is_some() {}
+    }
+    while streams.join_next().await.is_some() {}
+    conn.close(VarInt::from_u32(CONNECTION_SHUTTING_DOWN), b"shutting down");
+}
+
+/// Serves one stream: reads frames, answers each request in order.
+async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: Arc<Ctx>) {
+    let mut buf = BytesMut::new();
+    let mut identity: Option<Identity> = None;
+    let mut answers = FuturesOrdered::new();
+    let mut reading = true;
+    let mut broken: Option<(FrameError, u32)> = None;
+    loop {
+        tokio::select! {
+            Some(answer) = answers.next(), if !answers.is_empty() => {
+                if send.write_all(&framing::frame(&answer)).await.is_err() {
+                    return; // the client went away; what it was answered stays answered
+                }
+            }
+            chunk = recv.read_chunk(READ_CHUNK, true), if reading && answers.len() < ctx.max_in_flight => {
+                match chunk {
+                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                    Ok(None) => reading = false,
+                    Err(_) => return, // reset by the client or the connection is gone
+                }
+                loop {
+                    match ctx.decoder.decode(&mut buf) {
+                        Ok(Some(frame)) => {
+                            let answer = request(&frame, &mut identity, &ctx).await;
+                            answers.push_back(answer);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let code = match e {
+                                FrameError::TooLong { .. } => STREAM_FRAME_TOO_LARGE,
+                                FrameError::BadLength => STREAM_MALFORMED,
+                            };
+                            broken = Some((e, code));
+                            reading = false;
+                            buf.clear();
+                            break;
+                        }
+                    }
+                }
+            }
+            else => break,
+        }
+    }
+    if let Some((e, code)) = broken {
+        let code_str = match e {
+            FrameError::TooLong { .. } => ErrorCode::TooLarge,
+            FrameError::BadLength => ErrorCode::BadRequest,
+        };
+        let answer = refused(Refusal::new(code_str, e.to_string()));
+        let _ = send.write_all(&framing::frame(&answer)).await;
+        let _ = recv.stop(VarInt::from_u32(code));
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+/// One request frame: authenticate (a token on the frame replaces the stream's identity),
+/// decode, and return the future of its answer.
+async fn request(
+    frame: &[u8],
+    identity: &mut Option<Identity>,
+    ctx: &Arc<Ctx>,
+) -> futures::future::BoxFuture<'static, proto::PublishResponse> {
+    let ready = |r: Refusal| -> futures::future::BoxFuture<'static, proto::PublishResponse> {
+        Box::pin(std::future::ready(refused(r)))
+    };
+    let req = match proto::PublishRequest::decode(frame) {
+        Ok(req) => req,
+        Err(e) => {
+            return ready(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("invalid PublishRequest: {e}"),
+            ))
+        }
+    };
+    if !req.token.is_empty() {
+        match ctx.ingest.authenticate(Credentials { bearer: Some(&req.token) }).await {
+            Ok(id) => *identity = Some(id),
+            Err(r) => {
+                *identity = None;
+                return ready(r);
+            }
+        }
+    }
+    let Some(id) = identity.clone() else {
+        return ready(Refusal::new(
+            ErrorCode::Unauthorized,
+            "missing credentials: the first request of a stream must carry a token",
+        ));
+    };
+    let events = events_of(req);
+    let max = ctx.ingest.max_events_per_request();
+    if events.len() > max {
+        return ready(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("more than {max} events in one request"),
+        ));
+    }
+    let ingest = ctx.ingest.clone();
+    Box::pin(async move {
+        let outcomes = ingest.publish_all(&id, events).await;
+        proto::PublishResponse { results: outcomes.iter().map(to_proto).collect(), error: None }
+    })
+}
+
+fn refused(r: Refusal) -> proto::PublishResponse {
+    proto::PublishResponse {
+        results: Vec::new(),
+        error: Some(proto::Refused {
+            code: r.code.as_str().to_owned(),
+            message: r.message.into_owned(),
+            retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
+        }),
+    }
+}
+
+impl IpSlot {
+    fn take(ctx: &Arc<Ctx>, ip: IpAddr) -> Option<Self> {
+        let mut map = ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= ctx.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self { ctx: ctx.clone(), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The native QUIC protocol (`edgerelay/1`) with the Rust client against a real nats-server.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use edgerelay::client::event;
+use edgerelay::ingest::framing;
+use edgerelay::proto::{self, event_result::Outcome};
+
+use crate::support::*;
+
+fn accepted(r: &proto::EventResult) -> &proto::Accepted {
+    match &r.outcome {
+        Some(Outcome::Accepted(a)) => a,
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_on_many_streams_and_connections_are_all_stored() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let relay = setup.start().await;
+    const CONNS: usize = 2;
+    const STREAMS: usize = 3;
+    const REQUESTS: usize = 10;
+    const EVENTS: usize = 4;
+    let mut tasks = Vec::new();
+    for c in 0..CONNS {
+        let client = std::sync::Arc::new(setup.quic_client(&relay, TOKEN).await);
+        for s in 0..STREAMS {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut stream = client.stream().await.unwrap();
+                // All requests go out before any answer is read.
+                for r in 0..REQUESTS {
+                    let events = (0..EVENTS)
+                        .map(|e| event(&format!("edge.quic.{c}"), format!("c{c}-s{s}-r{r}-e{e}")))
+                        .collect();
+                    stream.send(events).await.unwrap();
+                }
+                let mut answers = Vec::new();
+                for r in 0..REQUESTS {
+                    let resp = stream.recv().await.unwrap();
+                    assert!(resp.error.is_none(), "{resp:?}");
+                    assert_eq!(resp.results.len(), EVENTS);
+                    for (e, result) in resp.results.iter().enumerate() {
+                        let a = accepted(result);
+                        answers.push((format!("c{c}-s{s}-r{r}-e{e}"), a.seq, a.index));
+                    }
+                }
+                stream.finish();
+                answers
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.unwrap());
+    }
+    assert_eq!(answers.len(), CONNS * STREAMS * REQUESTS * EVENTS);
+    let stored = read_stream(&nats.url()).await;
+    let by_seq: HashMap<u64, &StoredMsg> = stored.iter().map(|m| (m.seq, m)).collect();
+    for (payload, seq, index) in &answers {
+        let ev = &by_seq[seq].batch.events[*index as usize];
+        assert_eq!(ev.payload, payload.as_bytes(), "answer points at the wrong event");
+        assert_eq!(ev.publisher, "edge-test");
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_answered_and_the_stream_goes_on() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+
+    // No token on the stream's first request.
+    let conn = client.connection().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = proto::PublishRequest { events: vec![event("edge.q", "x")], token: String::new() };
+    send.write_all(&framing::frame(&req)).await.unwrap();
+    send.finish().unwrap();
+    let body = recv.read_to_end(1 << 20).await.unwrap();
+    let resp = decode_one(&body);
+    assert_eq!(resp.error.unwrap().code, "unauthorized");
+
+    // Malformed protobuf, wrong token, then a good request: answered in order, stream alive.
+    let mut stream = client.stream().await.unwrap();
+    stream.send(vec![event("edge.q", "first")]).await.unwrap();
+    let mut garbage = bytes::BytesMut::new();
+    framing::put_len(4, &mut garbage);
+    garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0x0f]);
+    stream.send_raw(&garbage).await.unwrap();
+    stream.send(vec![event("edge.secret.x", "denied"), event("edge.q..bad", "bad")]).await.unwrap();
+    stream.send(vec![event("edge.q", "last")]).await.unwrap();
+    assert!(accepted(&stream.recv().await.unwrap().results[0]).seq > 0);
+    assert_eq!(stream.recv().await.unwrap().error.unwrap().code, "bad_request");
+    let mixed = stream.recv().await.unwrap();
+    let codes: Vec<&str> = mixed
+        .results
+        .iter()
+        .map(|r| match &r.outcome {
+            Some(Outcome::Refused(x)) => x.code.as_str(),
+            _ => "accepted",
+        })
+        .collect();
+    assert_eq!(codes, ["forbidden", "bad_subject"]);
+    assert!(accepted(&stream.recv().await.unwrap().results[0]).seq > 0);
+
+    let wrong = setup.quic_client(&relay, "not-a-valid-token-at-all").await;
+    let resp = wrong.publish(vec![event("edge.q", "x")]).await.unwrap();
+    assert_eq!(resp.error.unwrap().code, "unauthorized");
+    relay.shutdown().await;
+    let payloads: Vec<String> = read_stream(&nats.url())
+        .await
+        .iter()
+        .flat_map(|m| &m.batch.events)
+        .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, ["first", "last"]);
+}
+
+#[tokio::test]
+async fn an_oversize_frame_is_refused_from_its_prefix_and_the_connection_goes_on() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.quic.max_frame_bytes = 8 << 10;
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+
+    let mut stream = client.stream().await.unwrap();
+    stream.send(vec![event("edge.q", "before")]).await.unwrap();
+    // Announce 1 GiB and send a little: the relay must refuse without waiting for the rest.
+    let mut huge = bytes::BytesMut::new();
+    framing::put_len(1 << 30, &mut huge);
+    huge.extend_from_slice(&[0u8; 100]);
+    stream.send_raw(&huge).await.unwrap();
+    assert!(accepted(&stream.recv().await.unwrap().results[0]).seq > 0);
+    let refusal =
+        tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap();
+    assert_eq!(refusal.error.unwrap().code, "too_large");
+    assert!(stream.recv().await.is_err(), "the relay ends the stream after a framing error");
+
+    // Same connection, new stream: fine.
+    let resp = client.publish(vec![event("edge.q", "after")]).await.unwrap();
+    assert!(accepted(&resp.results[0]).seq > 0);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_beyond_the_limit_wait_and_idle_connections_close() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.quic.max_streams_per_connection = 2;
+    setup.config.quic.idle_timeout_ms = 500;
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let conn = client.connection().await.unwrap();
+    let (mut s1, _r1) = conn.open_bi().await.unwrap();
+    let (mut s2, _r2) = conn.open_bi().await.unwrap();
+    // Streams only count once they carry data.
+    s1.write_all(&[0]).await.unwrap();
+    s2.write_all(&[0]).await.unwrap();
+    let third = tokio::time::timeout(Duration::from_millis(500), async {
+        let (mut s3, _r3) = conn.open_bi().await.unwrap();
+        s3.write_all(&[0]).await
+    })
+    .await;
+    assert!(third.is_err(), "a third stream was allowed past max_streams_per_connection = 2");
+
+    let idle = setup.quic_client(&relay, TOKEN).await;
+    let idle_conn = idle.connection().await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), idle_conn.closed()).await;
+    assert!(reason.is_ok(), "idle connection was not closed");
+    relay.shutdown().await;
+}
+
+fn decode_one(body: &[u8]) -> proto::PublishResponse {
+    let mut buf = bytes::BytesMut::from(body);
+    let frame = framing::FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+    prost::Message::decode(frame).unwrap()
+}
