@@ -31,7 +31,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tokio::sync::Mutex;
 
@@ -90,30 +90,7 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(pem) = &config.ca_pem {
-            use rustls::pki_types::pem::PemObject;
-            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| ClientError::Setup(format!("CA: {e}")))?;
-                roots.add(cert).map_err(|e| ClientError::Setup(format!("CA: {e}")))?;
-            }
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Setup(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN_EDGERELAY.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| ClientError::Setup(e.to_string()))?;
-        let bind: SocketAddr = if config.server.is_ipv6() {
-            "[::]:0".parse().map_err(|_| ClientError::Setup("bind address".into()))?
-        } else {
-            "0.0.0.0:0".parse().map_err(|_| ClientError::Setup("bind address".into()))?
-        };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(e.to_string()))?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let endpoint = endpoint(&config, ALPN_EDGERELAY)?;
         let client = Self { endpoint, config, connection: Mutex::new(None) };
         client.connection().await?;
         Ok(client)
@@ -203,6 +180,96 @@ impl PublishStream {
     /// Says no more requests will come on this stream.
     pub fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+}
+
+/// A client endpoint whose connections offer `alpn` and trust `config.ca_pem`.
+fn endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoint, ClientError> {
+    let setup = |e: &dyn std::fmt::Display| ClientError::Setup(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = &config.ca_pem {
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.map_err(|e| setup(&e))?).map_err(|e| setup(&e))?;
+        }
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| setup(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let bind = if config.server.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(&e))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    Ok(endpoint)
+}
+
+/// A minimal HTTP/3 client of the relay's HTTP API (for tests and the load generator).
+pub struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    config: ClientConfig,
+    _endpoint: quinn::Endpoint,
+}
+
+impl H3Client {
+    /// Connects with ALPN `h3`; `config.token` goes in `Authorization` unless a request
+    /// overrides it.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let endpoint = endpoint(&config, crate::ingest::h3::ALPN_H3)?;
+        let conn = endpoint
+            .connect(config.server, &config.server_name)
+            .map_err(|e| ClientError::Connection(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(Self { send, config, _endpoint: endpoint })
+    }
+
+    /// `POST path` with `body`; returns the status, the content type and the body.
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {
+        let stream_err = |e: &dyn std::fmt::Display| ClientError::Stream(e.to_string());
+        let uri = format!("https://{}{path}", self.config.server_name);
+        let mut req = http::Request::post(uri)
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.config.token));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(()).map_err(|e| stream_err(&e))?;
+        let mut send = self.send.clone();
+        let mut stream = send.send_request(req).await.map_err(|e| stream_err(&e))?;
+        if !body.is_empty() {
+            stream.send_data(body).await.map_err(|e| stream_err(&e))?;
+        }
+        stream.finish().await.map_err(|e| stream_err(&e))?;
+        let resp = stream.recv_response().await.map_err(|e| stream_err(&e))?;
+        let mut out = BytesMut::new();
+        while let Some(mut chunk) = stream.recv_data().await.map_err(|e| stream_err(&e))? {
+            use bytes::Buf;
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                out.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        let (parts, ()) = resp.into_parts();
+        Ok((parts.status, parts.headers, out.freeze()))
     }
 }
 

@@ -132,7 +132,9 @@ impl Relay {
             &ingest::https::ALPN,
         )?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
-        let https = ingest::https::Server::bind(&config.https, tls, ingest.clone())
+        let api =
+            Arc::new(ingest::http_api::HttpApi::new(ingest.clone(), config.https.max_body_bytes));
+        let https = ingest::https::Server::bind(&config.https, tls, api.clone())
             .await
             .map_err(bind_err(config.https.listen))?;
         let quic = match config.quic.listen {
@@ -140,9 +142,9 @@ impl Relay {
                 let tls = tls::server_config(
                     &config.https.tls_cert,
                     &config.https.tls_key,
-                    &[ingest::quic::ALPN_EDGERELAY],
+                    &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
                 )?;
-                Some(ingest::quic::Server::bind(&config.quic, listen, tls, ingest)?)
+                Some(ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?)
             }
             None => None,
         };

@@ -1,9 +1,6 @@
 //! The HTTPS front-end: TLS (rustls) with HTTP/1.1 and HTTP/2 chosen by ALPN, served by hyper.
-//! It decodes requests into [`EventIn`]s, hands them to [`Ingest`], and encodes the answers;
-//! limits on connections, handshake and header time, idleness and body size live here.
-//!
-//! Routes: `POST /v1/publish/{subject}` (body = one event's payload) and `POST /v1/publish`
-//! (many events, `application/json` or `application/x-protobuf`).
+//! The routes themselves are [`HttpApi`] (shared with HTTP/3); limits on connections,
+//! handshake and header time and idleness live here.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,30 +10,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::json::{self, Answer};
-use super::{EventIn, Ingest};
-use crate::auth::{bearer_token, Credentials, Identity};
+use super::http_api::HttpApi;
 use crate::config::{ms, HttpsConfig};
-use crate::error::{ErrorCode, Refusal};
-use crate::proto;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
-const PROTOBUF: &str = "application/x-protobuf";
-const JSON: &str = "application/json";
 
 /// A bound HTTPS listener, ready to serve.
 pub struct Server {
@@ -48,12 +34,11 @@ pub struct Server {
 
 /// What every connection shares.
 struct Ctx {
-    ingest: Arc<Ingest>,
+    api: Arc<HttpApi>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
-    max_body_bytes: usize,
 }
 
 /// When a connection last finished a request, and how many it has in flight.
@@ -76,7 +61,7 @@ impl Server {
     pub async fn bind(
         cfg: &HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
-        ingest: Arc<Ingest>,
+        api: Arc<HttpApi>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let mut h1 = http1::Builder::new();
@@ -98,12 +83,11 @@ impl Server {
             listener,
             acceptor: TlsAcceptor::from(tls),
             ctx: Arc::new(Ctx {
-                ingest,
+                api,
                 h1,
                 h2,
                 handshake_timeout: ms(cfg.tls_handshake_timeout_ms),
                 idle_timeout: ms(cfg.idle_timeout_ms),
-                max_body_bytes: cfg.max_body_bytes,
             }),
             max_connections: cfg.max_connections,
         })
@@ -173,7 +157,7 @@ async fn connection(
             let ctx = ctx.clone();
             let guard = InFlight::start(activity.clone());
             async move {
-                let resp = handle(req, &ctx).await;
+                let resp = ctx.api.handle(req).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }
@@ -220,179 +204,6 @@ async fn drive(
                 }
             }
         }
-    }
-}
-
-async fn handle(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    let route = if let Some(subject) = path.strip_prefix("/v1/publish/") {
-        Some(subject.to_owned())
-    } else if path == "/v1/publish" {
-        None
-    } else {
-        return refusal(&Refusal::new(
-            ErrorCode::NotFound,
-            "no such route; POST /v1/publish/{subject}",
-        ));
-    };
-    if req.method() != Method::POST {
-        let mut resp = refusal(&Refusal::new(ErrorCode::MethodNotAllowed, "use POST"));
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return resp;
-    }
-    let result = match route {
-        Some(subject) => publish_one(req, subject, ctx).await,
-        None => publish_many(req, ctx).await,
-    };
-    result.unwrap_or_else(|r| refusal(&r))
-}
-
-async fn authenticate(req: &Request<Incoming>, ctx: &Ctx) -> Result<Identity, Refusal> {
-    let bearer = match req.headers().get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => Some(v.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-            Refusal::new(ErrorCode::Unauthorized, "Authorization must be: Bearer <token>")
-        })?),
-    };
-    ctx.ingest.authenticate(Credentials { bearer }).await
-}
-
-async fn publish_one(
-    req: Request<Incoming>,
-    subject: String,
-    ctx: &Ctx,
-) -> Result<Response<Full<Bytes>>, Refusal> {
-    let identity = authenticate(&req, ctx).await?;
-    ctx.ingest.check_subject(&identity, &subject)?;
-    if let Some(r) = ctx.ingest.refuse_early() {
-        return Err(r);
-    }
-    let headers = req.headers();
-    let id = match headers.get("idempotency-key") {
-        Some(v) => v
-            .to_str()
-            .map_err(|_| Refusal::new(ErrorCode::BadRequest, "Idempotency-Key must be ASCII"))?
-            .to_owned(),
-        None => String::new(),
-    };
-    let edge_time_unix_ms = match headers.get("edge-timestamp") {
-        Some(v) => v.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
-            Refusal::new(ErrorCode::BadRequest, "Edge-Timestamp must be unix milliseconds")
-        })?,
-        None => 0,
-    };
-    let mut event_headers = std::collections::HashMap::new();
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        event_headers.insert("content-type".to_owned(), ct.to_owned());
-    }
-    let payload = read_body(req, ctx.ingest.max_event_bytes()).await?;
-    let event = EventIn { subject, payload, headers: event_headers, id, edge_time_unix_ms };
-    let outcome = ctx.ingest.publish(&identity, event).await;
-    Ok(match &outcome {
-        Ok(_) => json_response(StatusCode::ACCEPTED, json::encode(&Answer::of(&outcome))),
-        Err(r) => refusal(r),
-    })
-}
-
-async fn publish_many(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Full<Bytes>>, Refusal> {
-    let identity = authenticate(&req, ctx).await?;
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let protobuf = match content_type.as_str() {
-        PROTOBUF | "application/protobuf" => true,
-        JSON => false,
-        _ => {
-            return Err(Refusal::new(
-                ErrorCode::UnsupportedMediaType,
-                "POST /v1/publish takes application/json or application/x-protobuf",
-            ))
-        }
-    };
-    if let Some(r) = ctx.ingest.refuse_early() {
-        return Err(r);
-    }
-    let body = read_body(req, ctx.max_body_bytes).await?;
-    let events =
-        if protobuf { super::decode_publish_request(&body)? } else { json::decode_request(&body)? };
-    if events.is_empty() {
-        return Err(Refusal::new(ErrorCode::BadRequest, "no events in the request"));
-    }
-    let max = ctx.ingest.max_events_per_request();
-    if events.len() > max {
-        return Err(Refusal::new(
-            ErrorCode::TooLarge,
-            format!("more than {max} events in one request"),
-        ));
-    }
-    let outcomes = ctx.ingest.publish_all(&identity, events).await;
-    // 202 only when every event was taken; otherwise the first refusal's status, so a client
-    // that looks only at the status never takes an unacknowledged event for stored.
-    let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());
-    let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
-    let mut resp = if protobuf {
-        let body = proto::PublishResponse {
-            results: outcomes.iter().map(super::to_proto).collect(),
-            error: None,
-        };
-        let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
-        resp
-    } else {
-        json_response(StatusCode::OK, json::encode_many(&outcomes))
-    };
-    *resp.status_mut() = status;
-    if let Some(r) = first_refusal {
-        set_retry_after(&mut resp, r.code);
-    }
-    Ok(resp)
-}
-
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
-    let too_large =
-        || Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"));
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Refusal::new(ErrorCode::BadRequest, format!("reading the body failed: {e}"))),
-    }
-}
-
-fn status_of(code: ErrorCode) -> StatusCode {
-    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
-    resp
-}
-
-fn refusal(r: &Refusal) -> Response<Full<Bytes>> {
-    let mut resp = json_response(status_of(r.code), json::encode(&Answer::refused(r)));
-    set_retry_after(&mut resp, r.code);
-    if r.code == ErrorCode::Unauthorized {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    resp
-}
-
-fn set_retry_after(resp: &mut Response<Full<Bytes>>, code: ErrorCode) {
-    if let Some(after) = code.retry_after() {
-        let secs = after.as_millis().div_ceil(1000).max(1) as u64;
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
 }
 

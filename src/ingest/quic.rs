@@ -1,4 +1,5 @@
-//! The QUIC front-end: the native `edgerelay/1` protocol on a UDP port (quinn + rustls).
+//! The QUIC front-end: the native `edgerelay/1` protocol on a UDP port (quinn + rustls), and
+//! HTTP/3 (ALPN `h3`, [`super::h3`]) on the same port, picked per connection by ALPN.
 //!
 //! On each bidirectional stream the client writes varint-length-delimited `PublishRequest`
 //! frames ([`super::framing`]) and reads `PublishResponse` frames back in the same order; many
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::framing::{self, FrameDecoder, FrameError};
+use super::http_api::HttpApi;
 use super::{events_of, to_proto, Ingest};
 use crate::auth::{Credentials, Identity};
 use crate::config::{ms, QuicConfig};
@@ -58,6 +60,7 @@ pub struct Server {
 
 struct Ctx {
     ingest: Arc<Ingest>,
+    api: Arc<HttpApi>,
     decoder: FrameDecoder,
     max_in_flight: usize,
     max_connections: usize,
@@ -90,6 +93,7 @@ impl Server {
         listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
         ingest: Arc<Ingest>,
+        api: Arc<HttpApi>,
     ) -> Result<Self, QuicError> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| QuicError::Tls(e.to_string()))?;
@@ -102,6 +106,7 @@ impl Server {
             endpoint,
             ctx: Arc::new(Ctx {
                 ingest,
+                api,
                 decoder: FrameDecoder::new(cfg.max_frame_bytes),
                 max_in_flight: cfg.max_requests_in_flight_per_stream,
                 max_connections: cfg.max_connections,
@@ -153,6 +158,9 @@ impl Server {
                 };
                 ctx.handshaking.fetch_sub(1, Ordering::Relaxed);
                 match conn {
+                    Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN_H3) => {
+                        super::h3::connection(conn, ctx.api.clone(), stop).await
+                    }
                     Ok(conn) => connection(conn, ctx, stop).await,
                     Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
                 }
@@ -169,7 +177,8 @@ impl Server {
 fn transport(cfg: &QuicConfig) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams_per_connection))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // HTTP/3 clients open three: control, QPACK encoder and decoder.
+        .max_concurrent_uni_streams(VarInt::from_u32(3))
         .stream_receive_window(VarInt::from_u32(cfg.stream_window_bytes))
         .receive_window(VarInt::from_u32(cfg.connection_window_bytes))
         .send_window(u64::from(cfg.connection_window_bytes))
@@ -301,6 +310,11 @@ async fn request(
         let outcomes = ingest.publish_all(&id, events).await;
         proto::PublishResponse { results: outcomes.iter().map(to_proto).collect(), error: None }
     })
+}
+
+/// The protocol the handshake agreed on.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
 fn refused(r: Refusal) -> proto::PublishResponse {

@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod binary;
 mod dedup;
+mod h3;
 mod limits;
 mod nats_faults;
 mod publish;
