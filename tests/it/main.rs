@@ -8,6 +8,7 @@ mod bad_input;
 mod binary;
 mod dedup;
 mod h3;
+mod interop;
 mod limits;
 mod nats_faults;
 mod publish;

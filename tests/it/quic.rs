@@ -182,3 +182,41 @@ fn decode_one(body: &[u8]) -> proto::PublishResponse {
     let frame = framing::FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
     prost::Message::decode(frame).unwrap()
 }
+
+#[tokio::test]
+async fn a_corpus_of_malformed_frames_never_hurts_the_connection() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.quic.max_frame_bytes = 8 << 10;
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let conn = client.connection().await.unwrap();
+    let prefix = |n: u64| {
+        let mut b = bytes::BytesMut::new();
+        framing::put_len(n, &mut b);
+        b.to_vec()
+    };
+    let corpus: Vec<(&str, Vec<u8>)> = vec![
+        ("11-byte varint", vec![0xff; 11]),
+        ("truncated varint then FIN", vec![0x80, 0x80]),
+        ("prefix longer than the data then FIN", [prefix(50), vec![1, 2, 3]].concat()),
+        ("empty frame", prefix(0)),
+        ("garbage protobuf", [prefix(4), vec![0xff, 0xff, 0xff, 0x0f]].concat()),
+        ("wrong wire type", [prefix(2), vec![0x0d, 0x00]].concat()),
+        ("nested length past the end", [prefix(3), vec![0x0a, 0x7f, 0x00]].concat()),
+        ("prefix at the limit + 1", prefix((8 << 10) + 1)),
+        ("max u64 prefix", prefix(u64::MAX)),
+    ];
+    for (name, bytes) in &corpus {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        let _ = send.finish();
+        // Whatever the relay does with the stream (answer, stop, finish), it must end it.
+        let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20)).await;
+        assert!(read.is_ok(), "{name}: the relay left the stream hanging");
+    }
+    assert!(conn.close_reason().is_none(), "the connection died");
+    let resp = client.publish(vec![event("edge.q", "still fine")]).await.unwrap();
+    assert!(accepted(&resp.results[0]).seq > 0);
+    relay.shutdown().await;
+}
