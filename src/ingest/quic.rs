@@ -47,6 +47,8 @@ pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
 pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
 /// STOP_SENDING / RESET code: a frame's length prefix was malformed.
 pub const STREAM_MALFORMED: u32 = 0x11;
+/// STOP_SENDING code: the relay is draining and reads no more requests on this stream.
+pub const STREAM_SHUTTING_DOWN: u32 = 0x12;
 /// CONNECTION_CLOSE code when the relay shuts down.
 pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
 /// Bytes read from a stream at once.
@@ -192,7 +194,7 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Rec
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(stream(send, recv, ctx.clone()));
+                    streams.spawn(stream(send, recv, ctx.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC connection ended");
@@ -207,12 +209,18 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Rec
     conn.close(VarInt::from_u32(CONNECTION_SHUTTING_DOWN), b"shutting down");
 }
 
-/// Serves one stream: reads frames, answers each request in order.
-async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: Arc<Ctx>) {
+/// Serves one stream: reads frames, answers each request in order. On shutdown it stops
+/// reading (STOP_SENDING [`STREAM_SHUTTING_DOWN`]) and answers what it has read.
+async fn stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut buf = BytesMut::new();
     let mut identity: Option<Identity> = None;
     let mut answers = FuturesOrdered::new();
-    let mut reading = true;
+    let mut reading = !*stop.borrow();
     let mut broken: Option<(FrameError, u32)> = None;
     loop {
         tokio::select! {
@@ -246,6 +254,10 @@ async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: A
                         }
                     }
                 }
+            }
+            _ = stop.changed(), if reading => {
+                reading = false;
+                let _ = recv.stop(VarInt::from_u32(STREAM_SHUTTING_DOWN));
             }
             else => break,
         }

@@ -220,3 +220,41 @@ async fn a_corpus_of_malformed_frames_never_hurts_the_connection() {
     assert!(accepted(&resp.results[0]).seq > 0);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_dropped_connection_loses_nothing_answered_and_a_drain_ends_open_streams() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let mut stream = client.stream().await.unwrap();
+    for i in 0..5 {
+        stream.send(vec![event("edge.q.drop", format!("d{i}"))]).await.unwrap();
+    }
+    let mut answered = Vec::new();
+    for i in 0..3 {
+        answered.push((format!("d{i}"), accepted(&stream.recv().await.unwrap().results[0]).seq));
+    }
+    // The client vanishes mid-stream with answers outstanding.
+    client.connection().await.unwrap().close(0u32.into(), b"gone");
+    let again = setup.quic_client(&relay, TOKEN).await;
+    let resp = again.publish(vec![event("edge.q.drop", "after")]).await.unwrap();
+    assert!(accepted(&resp.results[0]).seq > 0);
+
+    // A stream left open does not hold the drain for its grace period.
+    let mut open = again.stream().await.unwrap();
+    open.send(vec![event("edge.q.drop", "open")]).await.unwrap();
+    assert!(accepted(&open.recv().await.unwrap().results[0]).seq > 0);
+    let started = std::time::Instant::now();
+    assert!(relay.shutdown().await.complete);
+    assert!(started.elapsed() < Duration::from_secs(4), "drain waited for the idle stream");
+
+    let stored = read_stream(&nats.url()).await;
+    for (payload, seq) in answered {
+        let msg = stored.iter().find(|m| m.seq == seq).expect("answered seq stored");
+        assert!(
+            msg.batch.events.iter().any(|e| e.payload == payload.as_bytes()),
+            "{payload} missing"
+        );
+    }
+}
