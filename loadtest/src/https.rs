@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
@@ -25,12 +25,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::backoff::Backoff;
+use crate::events::{self, EventArgs, Events};
 use crate::report::{self, ReportArgs, RunInfo};
-use crate::schedule::{self, Failure, RunArgs, Schedule, Worker};
+use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
 /// Largest response body read; the relay's answers are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -41,11 +43,8 @@ const H2_STREAM_WINDOW: u32 = 1 << 20;
 /// HTTP/2 per-connection receive window.
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
-/// First reconnect delay after a failed connect; doubles per failure up to [`BACKOFF_MAX`].
-const BACKOFF_BASE: Duration = Duration::from_millis(10);
-
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
+const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const EDGE_TIMESTAMP: HeaderName = HeaderName::from_static("edge-timestamp");
@@ -88,17 +87,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     concurrency: u32,
 
-    /// Number of distinct subjects, used round robin.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    subjects: u32,
-
-    /// Subjects are `{prefix}.0` .. `{prefix}.{N-1}`.
-    #[arg(long, value_name = "PREFIX", default_value = "edge.load")]
-    subject_prefix: String,
-
-    /// Size of each event payload in bytes.
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    payload_bytes: usize,
+    #[command(flatten)]
+    events: EventArgs,
 
     #[command(flatten)]
     run: RunArgs,
@@ -128,24 +118,15 @@ struct Target {
     reported_transport_error: AtomicBool,
 }
 
-/// Everything needed to build request `seq`; shared by all workers.
+/// Everything needed to build request `seq` (one event: event `seq`); shared by all workers.
 struct Requests {
+    events: Events,
     /// One URI per subject: origin-form for HTTP/1.1, absolute for HTTP/2.
     uris: Vec<Uri>,
     /// `Host` header, HTTP/1.1 only (HTTP/2 carries the authority in the URI).
     host: Option<HeaderValue>,
     authorization: HeaderValue,
     content_type: HeaderValue,
-    payload: Bytes,
-    /// Makes idempotency keys unique across runs: `lt-{run_id}-{seq}`.
-    run_id: String,
-}
-
-/// Reconnect pacing after failed connects.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-    not_before: Option<Instant>,
 }
 
 /// An HTTP/1.1 worker: owns one connection and uses it for one request at a time.
@@ -286,9 +267,12 @@ impl Requests {
     fn new(args: &Args) -> anyhow::Result<Self> {
         let authority = args.url.authority().context("--url needs a host")?.as_str().to_owned();
         let base = args.url.path().trim_end_matches('/');
-        let uris = (0..args.subjects)
-            .map(|n| {
-                let path = format!("{base}/v1/publish/{}.{n}", args.subject_prefix);
+        let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?;
+        let uris = events
+            .subjects()
+            .iter()
+            .map(|subject| {
+                let path = format!("{base}/v1/publish/{subject}");
                 let uri = match args.http {
                     HttpVersion::Http1 => path,
                     HttpVersion::Http2 => format!("https://{authority}{path}"),
@@ -303,63 +287,31 @@ impl Requests {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", args.token))
             .context("--token contains characters not allowed in a header")?;
         authorization.set_sensitive(true);
-        let started = SystemTime::now().duration_since(UNIX_EPOCH)?;
         Ok(Self {
+            events,
             uris,
             host,
             authorization,
             content_type: HeaderValue::from_static("application/octet-stream"),
-            payload: Bytes::from(vec![b'x'; args.payload_bytes]),
-            run_id: format!("{:x}{:04x}", started.as_millis(), std::process::id() & 0xffff),
         })
     }
 
     /// Request number `seq`: subject `seq mod N`, a unique idempotency key, the current time.
     fn build(&self, seq: u64) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(self.payload.clone()));
+        let mut req = Request::new(Full::new(self.events.payload()));
         *req.method_mut() = Method::POST;
-        // `uris` is never empty: --subjects is at least 1.
-        *req.uri_mut() = self.uris[(seq % self.uris.len() as u64) as usize].clone();
+        *req.uri_mut() = self.uris[self.events.subject_index(seq)].clone();
         let headers = req.headers_mut();
         if let Some(host) = &self.host {
             headers.insert(HOST, host.clone());
         }
         headers.insert(AUTHORIZATION, self.authorization.clone());
         headers.insert(CONTENT_TYPE, self.content_type.clone());
-        let key = format!("lt-{}-{seq}", self.run_id);
-        if let Ok(key) = HeaderValue::try_from(key) {
+        if let Ok(key) = HeaderValue::try_from(self.events.key(seq)) {
             headers.insert(IDEMPOTENCY_KEY, key);
         }
-        let now_ms =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        headers.insert(EDGE_TIMESTAMP, HeaderValue::from(now_ms));
+        headers.insert(EDGE_TIMESTAMP, HeaderValue::from(events::now_unix_ms()));
         req
-    }
-}
-
-impl Backoff {
-    /// Delay before the next attempt after `failures` consecutive failures.
-    fn delay(failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(16);
-        (BACKOFF_BASE * 2u32.pow(doublings)).min(BACKOFF_MAX)
-    }
-
-    /// Waits until the next connect attempt is allowed.
-    async fn wait(&self) {
-        if let Some(at) = self.not_before {
-            sleep_until(at).await;
-        }
-    }
-
-    /// Records a failed connect at `now`; returns true on the first failure of a streak.
-    fn failed(&mut self, now: Instant) -> bool {
-        self.failures += 1;
-        self.not_before = Some(now + Self::delay(self.failures));
-        self.failures == 1
-    }
-
-    fn succeeded(&mut self) {
-        *self = Self::default();
     }
 }
 
@@ -454,25 +406,25 @@ impl H2Worker {
 }
 
 impl Worker for H1Worker {
-    async fn send(&mut self, seq: u64) -> Result<(), Failure> {
+    async fn send(&mut self, seq: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
         match timeout_at(deadline, self.attempt(seq)).await {
-            Ok(result) => result,
+            Ok(result) => result.into(),
             Err(_) => {
                 // The answer may still arrive on this connection; it cannot carry another
                 // request until then, so start over on a fresh one.
                 self.conn = None;
-                Err(Failure::Timeout)
+                Outcome::Failed(Failure::Timeout)
             }
         }
     }
 }
 
 impl Worker for H2Worker {
-    async fn send(&mut self, seq: u64) -> Result<(), Failure> {
+    async fn send(&mut self, seq: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
         // Dropping a timed-out HTTP/2 request resets just its stream.
-        timeout_at(deadline, self.attempt(seq)).await.unwrap_or(Err(Failure::Timeout))
+        timeout_at(deadline, self.attempt(seq)).await.unwrap_or(Err(Failure::Timeout)).into()
     }
 }
 
@@ -514,7 +466,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 /// Runs `loadtest https`.
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::new(args.run.rate, args.run.warmup, args.run.duration)?;
+    let schedule = Schedule::from_args(&args.run, 1)?;
     let target = Arc::new(Target::new(&args).await?);
     let requests = Arc::new(Requests::new(&args)?);
     let timeout = args.run.timeout;
@@ -578,7 +530,14 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
 }
 
 fn run_info(http: HttpVersion, connections: usize, concurrency: usize) -> RunInfo {
-    RunInfo { mode: "https", http: Some(http.name()), connections, concurrency }
+    RunInfo {
+        mode: "https",
+        http: Some(http.name()),
+        connections,
+        concurrency,
+        answer: "202",
+        detail: None,
+    }
 }
 
 /// Sends one request and reads the whole answer; success is `202 Accepted`. Transport errors
@@ -662,23 +621,6 @@ mod tests {
     fn parse(extra: &[&str]) -> Args {
         let base = ["loadtest", "--insecure", "--token", "t", "--rate", "100"];
         Cli::try_parse_from(base.iter().chain(extra)).unwrap().args
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_a_cap() {
-        assert_eq!(Backoff::delay(1), Duration::from_millis(10));
-        assert_eq!(Backoff::delay(2), Duration::from_millis(20));
-        assert_eq!(Backoff::delay(4), Duration::from_millis(80));
-        assert_eq!(Backoff::delay(8), Duration::from_secs(1));
-        assert_eq!(Backoff::delay(u32::MAX), Duration::from_secs(1));
-
-        let now = Instant::now();
-        let mut b = Backoff::default();
-        assert!(b.failed(now));
-        assert!(!b.failed(now));
-        assert_eq!(b.not_before, Some(now + Duration::from_millis(20)));
-        b.succeeded();
-        assert_eq!(b.not_before, None);
     }
 
     #[test]

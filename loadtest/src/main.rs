@@ -3,21 +3,31 @@
 //! # Layout
 //!
 //! - `schedule`: the constant-rate driver every mode shares. It decides when each request is
-//!   due, runs the workers and measures latency from the intended send time.
+//!   due, runs the workers and measures latency from the intended send time; `--rate 0` turns
+//!   it into a closed loop that measures the maximum rate.
 //! - `report`: the end-of-run table, `--json` summary and `--hgrm` distribution.
+//! - `events`: the subjects, payload and idempotency keys of the generated events.
+//! - `backoff`: reconnect pacing.
 //! - one module per mode that only knows how to send a request: `https` (HTTP/1.1 and HTTP/2
-//!   over TLS).
+//!   over TLS), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
+//!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
+//!   event).
 
 #![forbid(unsafe_code)]
 
+mod backoff;
+mod direct_js;
+mod events;
 mod https;
+mod quic;
 mod report;
 mod schedule;
 
 use clap::{Parser, Subcommand};
 
 /// Open-loop load generator for the edgerelay API: offers a constant event rate and reports
-/// coordinated-omission-corrected latency (from each request's intended send time).
+/// coordinated-omission-corrected latency (from each request's intended send time). `--rate 0`
+/// runs a closed loop instead, to measure the maximum rate.
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version)]
 struct Cli {
@@ -29,6 +39,11 @@ struct Cli {
 enum Mode {
     /// POST /v1/publish/{subject} over HTTPS, HTTP/1.1 or HTTP/2.
     Https(Box<https::Args>),
+    /// The native QUIC protocol (edgerelay/1): requests of one or more events, pipelined on
+    /// several streams per connection.
+    Quic(Box<quic::Args>),
+    /// The baseline without the relay: one JetStream publish per event, straight to NATS.
+    DirectJs(Box<direct_js::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +53,8 @@ fn main() -> anyhow::Result<()> {
         let stop = schedule::stop_on_ctrl_c();
         match cli.mode {
             Mode::Https(args) => https::run(*args, stop).await,
+            Mode::Quic(args) => quic::run(*args, stop).await,
+            Mode::DirectJs(args) => direct_js::run(*args, stop).await,
         }
     })
 }

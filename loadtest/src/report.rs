@@ -1,7 +1,8 @@
 //! Turns [`Measurements`] into the end-of-run table (stdout), a JSON summary and an HdrHistogram
 //! `.hgrm` percentile distribution, the same for every mode.
 //!
-//! Latencies are recorded in microseconds and reported in milliseconds.
+//! Latencies are recorded in microseconds and reported in milliseconds. Counts and rates are in
+//! events; latency is per request (a request may carry several events).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -51,6 +52,10 @@ pub struct RunInfo {
     pub connections: usize,
     /// Requests in flight at most.
     pub concurrency: usize,
+    /// What counts as the answer to a request, for the latency heading (`202`, `PubAck`).
+    pub answer: &'static str,
+    /// Mode-specific settings worth showing, e.g. `streams=4 in_flight=8`.
+    pub detail: Option<String>,
 }
 
 /// The JSON summary; also the source of the printed table.
@@ -63,24 +68,34 @@ pub struct Summary {
     pub http: Option<&'static str>,
     pub connections: usize,
     pub concurrency: usize,
-    /// Offered events per second.
-    pub offered_rate: f64,
+    /// Mode-specific settings, e.g. `streams=4 in_flight=8`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Events in each request.
+    pub events_per_request: u32,
+    /// `--rate 0`: as fast as answers come back; latency is from the actual send time.
+    pub closed_loop: bool,
+    /// Offered events per second; `null` in a closed loop.
+    pub offered_rate: Option<f64>,
     pub warmup_s: f64,
     pub duration_s: f64,
     /// Window the achieved rate is computed over (see `schedule::measured_window`).
     pub measured_s: f64,
-    /// Successful events per second over `measured_s`.
+    /// Accepted events per second over `measured_s`.
     pub achieved_rate: f64,
-    /// Requests offered in the measurement window.
-    pub offered: u64,
+    /// Events offered in the measurement window; `null` in a closed loop.
+    pub offered: Option<u64>,
+    /// Events accepted.
     pub ok: u64,
-    /// Failures by kind: HTTP status code, `timeout`, `connect`, `transport`, `unsent`.
+    /// Events not accepted, by why: HTTP status code, refusal code (`queue_full`, ...),
+    /// `timeout`, `connect`, `transport`, `protocol`, `unsent`.
     pub errors: BTreeMap<String, u64>,
     pub error_total: u64,
     pub warmup_ok: u64,
     pub warmup_errors: u64,
     pub interrupted: bool,
-    /// Intended send time -> success, coordinated-omission-corrected.
+    /// Per request whose events were all accepted: intended send time -> answer,
+    /// coordinated-omission-corrected; in a closed loop actual send time -> answer.
     pub latency_ms: Percentiles,
     /// Intended -> actual send time: waiting for a free worker inside the generator.
     pub queueing_ms: Percentiles,
@@ -119,12 +134,17 @@ impl Summary {
             http: info.http,
             connections: info.connections,
             concurrency: info.concurrency,
+            detail: info.detail.clone(),
+            events_per_request: schedule.events_per_request(),
+            closed_loop: schedule.is_closed_loop(),
             offered_rate: schedule.rate(),
             warmup_s: schedule.warmup().as_secs_f64(),
             duration_s: schedule.duration().as_secs_f64(),
             measured_s: measured.window.as_millis() as f64 / 1000.0,
             achieved_rate,
-            offered: schedule.measured_requests(),
+            offered: schedule
+                .measured_requests()
+                .map(|n| n * u64::from(schedule.events_per_request())),
             ok: measured.measured.ok,
             errors: failure_map(&measured.measured.failed),
             error_total: measured.measured.failures(),
@@ -136,19 +156,28 @@ impl Summary {
         }
     }
 
-    /// The human-readable end-of-run table.
-    pub fn table(&self, schedule: &Schedule) -> String {
+    /// The human-readable end-of-run table; `answer` names what ends a request.
+    pub fn table(&self, schedule: &Schedule, answer: &str) -> String {
         let mut out = String::new();
         let http = self.http.map(|version| format!("  http={version}")).unwrap_or_default();
+        let detail = self.detail.as_ref().map(|d| format!("  {d}")).unwrap_or_default();
+        let per_request = if self.events_per_request == 1 {
+            String::new()
+        } else {
+            format!("  events/request={}", self.events_per_request)
+        };
+        let offered = match self.offered_rate {
+            Some(rate) => format!("{rate}/s"),
+            None => "max (closed loop)".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "loadtest {}  label={}{http}  connections={}  concurrency={}  offered={}/s  \
-             duration={}  warmup={}",
+            "loadtest {}  label={}{http}  connections={}  concurrency={}{detail}{per_request}  \
+             offered={offered}  duration={}  warmup={}",
             self.mode,
             self.label,
             self.connections,
             self.concurrency,
-            self.offered_rate,
             format_duration(schedule.duration()),
             format_duration(schedule.warmup()),
         );
@@ -163,7 +192,7 @@ impl Summary {
         };
         let _ = writeln!(
             out,
-            "achieved  {:.1}/s   ok {}   errors {}   (status: {statuses})",
+            "achieved  {:.1} events/s   ok {}   errors {}   (status: {statuses})",
             self.achieved_rate, self.ok, self.error_total
         );
         if self.interrupted {
@@ -172,11 +201,20 @@ impl Summary {
         if let Some(unsent) = self.errors.get(&Failure::Unsent.to_string()) {
             let _ = writeln!(
                 out,
-                "{unsent} requests were never sent: every worker was still busy when the run \
-                 ended (raise --connections/--concurrency or lower --rate)"
+                "{unsent} events were never sent: every worker was still busy when the run \
+                 ended (raise the concurrency or lower --rate)"
             );
         }
-        let _ = writeln!(out, "latency send->202 (ms, CO-corrected)");
+        let requests = if self.events_per_request == 1 { "" } else { ", per request" };
+        if self.closed_loop {
+            let _ = writeln!(
+                out,
+                "latency send->{answer} (ms{requests}, closed loop: from the actual send time, \
+                 NOT CO-corrected)"
+            );
+        } else {
+            let _ = writeln!(out, "latency send->{answer} (ms{requests}, CO-corrected)");
+        }
         let l = &self.latency_ms;
         if l.count == 0 {
             let _ = writeln!(out, "  (no successful requests)");
@@ -191,12 +229,15 @@ impl Summary {
             ] {
                 let _ = writeln!(out, "  {name:<6}{value:>8.2}");
             }
-            let q = &self.queueing_ms;
-            let _ = writeln!(
-                out,
-                "generator queueing (ms, waiting for a free worker)  p50 {:.2}  p99 {:.2}  max {:.2}",
-                q.p50, q.p99, q.max
-            );
+            if !self.closed_loop {
+                let q = &self.queueing_ms;
+                let _ = writeln!(
+                    out,
+                    "generator queueing (ms, waiting for a free worker)  p50 {:.2}  p99 {:.2}  \
+                     max {:.2}",
+                    q.p50, q.p99, q.max
+                );
+            }
         }
         out
     }
@@ -240,7 +281,7 @@ pub fn emit(
 ) -> anyhow::Result<()> {
     let label = args.label.clone().unwrap_or_else(|| info.mode.to_owned());
     let summary = Summary::new(label, info, schedule, measured);
-    print!("{}", summary.table(schedule));
+    print!("{}", summary.table(schedule, info.answer));
     if let Some(path) = &args.json {
         let mut json = serde_json::to_string_pretty(&summary)?;
         json.push('\n');
@@ -388,6 +429,67 @@ mod tests {
         assert!((p.p99 - 9.9).abs() < 0.01, "{p:?}");
         assert!((p.max - 10.0).abs() < 0.01, "{p:?}");
         assert_eq!(Percentiles::of(&histogram()), Percentiles::default());
+    }
+
+    fn measurements(ok: u64, window: Duration) -> Measurements {
+        Measurements {
+            latency: sample(),
+            queueing: histogram(),
+            measured: crate::schedule::Tally { ok, failed: BTreeMap::new() },
+            warmup: crate::schedule::Tally::default(),
+            window,
+            interrupted: false,
+        }
+    }
+
+    fn info() -> RunInfo {
+        RunInfo {
+            mode: "quic",
+            http: None,
+            connections: 4,
+            concurrency: 128,
+            answer: "answer",
+            detail: Some("streams=4 in_flight=8".into()),
+        }
+    }
+
+    #[test]
+    fn achieved_rate_counts_accepted_events_over_the_window() {
+        // 100 requests/s of 16 events for 10 s, answered within 12.5 s: 1600 offered events/s.
+        let s =
+            Schedule::open(1600.0, 16, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
+        let m = measurements(15_000, Duration::from_millis(12_500));
+        let summary = Summary::new("q".into(), &info(), &s, &m);
+        assert_eq!(summary.offered, Some(16_000));
+        assert_eq!(summary.offered_rate, Some(1600.0));
+        assert_eq!(summary.achieved_rate, 1200.0);
+        assert_eq!(summary.events_per_request, 16);
+        assert!(!summary.closed_loop);
+        let table = summary.table(&s, "answer");
+        assert!(table.contains("events/request=16"), "{table}");
+        assert!(table.contains("streams=4 in_flight=8"), "{table}");
+        assert!(table.contains("achieved  1200.0 events/s"), "{table}");
+        assert!(table.contains("CO-corrected"), "{table}");
+
+        let empty = Summary::new("q".into(), &info(), &s, &measurements(0, Duration::ZERO));
+        assert_eq!(empty.achieved_rate, 0.0);
+    }
+
+    #[test]
+    fn a_closed_loop_says_so() {
+        let s = Schedule::closed(1, Duration::from_secs(1), Duration::from_secs(4)).unwrap();
+        let summary =
+            Summary::new("q".into(), &info(), &s, &measurements(1000, Duration::from_secs(4)));
+        assert_eq!(summary.offered, None);
+        assert_eq!(summary.offered_rate, None);
+        assert_eq!(summary.achieved_rate, 250.0);
+        let table = summary.table(&s, "answer");
+        assert!(table.contains("offered=max (closed loop)"), "{table}");
+        assert!(table.contains("NOT CO-corrected"), "{table}");
+        assert!(!table.contains("generator queueing"), "{table}");
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["closed_loop"], true);
+        assert!(json["offered_rate"].is_null());
     }
 
     #[test]

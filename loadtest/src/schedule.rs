@@ -6,6 +6,16 @@
 //! *intended* time to completion (like wrk2): when every worker is busy, permits pile up and
 //! the wait shows up as latency instead of silently lowering the offered load.
 //!
+//! Rates are in events per second; a mode that packs `E` events into one request runs the
+//! schedule at `rate / E` requests per second. Outcomes are counted per event (a request may
+//! have some events accepted and others refused), latency once per request whose events were
+//! all accepted.
+//!
+//! `--rate 0` runs a *closed loop* instead, to find the maximum throughput: every worker sends
+//! its next request as soon as the previous one is answered, for the warm-up and the
+//! measurement window (a request belongs to the phase in which it was sent). Latency is then
+//! measured from the actual send time, so it is not coordinated-omission-corrected.
+//!
 //! The pacer is an OS thread rather than a tokio timer because tokio rounds every deadline up
 //! to the next whole millisecond, which would add up to 1 ms of the generator's own lateness to
 //! every sub-millisecond latency. It sleeps until shortly before each due time and spins the
@@ -37,7 +47,9 @@ const PACER_MAX_SLEEP: Duration = Duration::from_millis(20);
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
     /// Offered load in events per second: open loop, constant rate, independent of how fast the
-    /// server answers.
+    /// server answers. 0 = closed loop: every worker sends again as soon as it is answered, to
+    /// measure the maximum rate (latency then counts from the actual send time and is not
+    /// coordinated-omission-corrected).
     #[arg(long, value_name = "EVENTS_PER_SEC", value_parser = parse_rate)]
     pub rate: f64,
 
@@ -62,14 +74,23 @@ pub struct RunArgs {
     pub pacer_spin: Duration,
 }
 
-/// The fixed timetable of a run: which request is sent when, and which ones are measured.
+/// The timetable of a run: which request is sent when, and which ones are measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Schedule {
-    rate: f64,
+    pacing: Pacing,
+    events_per_request: u32,
     warmup: Duration,
     duration: Duration,
-    warmup_requests: u64,
-    total_requests: u64,
+}
+
+/// Open loop at a fixed request rate, or closed loop.
+#[derive(Clone, Copy, Debug)]
+enum Pacing {
+    /// Request `i` is due at `i / request_rate`; requests before `warmup_requests` are the
+    /// warm-up, the run ends at `total_requests`.
+    Open { request_rate: f64, warmup_requests: u64, total_requests: u64 },
+    /// Each worker sends as soon as its previous request is answered, until the time is up.
+    Closed,
 }
 
 /// Whether a request belongs to the warm-up (sent, not recorded) or to the measurement.
@@ -79,11 +100,15 @@ pub enum Phase {
     Measured,
 }
 
-/// Why a request did not end in success.
+/// Why a request (or one event of it) did not end in success.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
 pub enum Failure {
     /// The server answered with this status instead of the success status.
     Status(u16),
+    /// The server refused the event or the request with this code (`queue_full`, ...).
+    Refused(&'static str),
+    /// The answer did not fit the request (wrong number of results, no outcome).
+    Protocol,
     /// No complete answer within `--timeout`.
     Timeout,
     /// No connection could be established (TCP, TLS or protocol handshake).
@@ -95,10 +120,23 @@ pub enum Failure {
     Unsent,
 }
 
-/// Outcome counts of one phase.
+/// What became of one request.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Outcome {
+    /// Answered, and every event of it accepted.
+    Accepted,
+    /// Failed as a whole: each of its events counts as this failure.
+    Failed(Failure),
+    /// Answered, with these of its events refused (one entry each); the others were accepted.
+    Partial(Vec<Failure>),
+}
+
+/// Outcome counts of one phase, in events.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct Tally {
+    /// Events accepted.
     pub ok: u64,
+    /// Events not accepted, by why.
     pub failed: BTreeMap<Failure, u64>,
 }
 
@@ -106,20 +144,21 @@ pub struct Tally {
 pub trait Worker: Send + 'static {
     /// Sends request number `seq` and waits until it is answered, failed or timed out. Must
     /// return within about `--timeout`; the driver does not cancel it.
-    fn send(&mut self, seq: u64) -> impl Future<Output = Result<(), Failure>> + Send;
+    fn send(&mut self, seq: u64) -> impl Future<Output = Outcome> + Send;
 }
 
 /// Everything a run measured.
 #[derive(Debug)]
 pub struct Measurements {
-    /// Intended send time -> success, in microseconds, measured requests only.
+    /// Intended send time (open loop) or actual send time (closed loop) -> success, in
+    /// microseconds, measured requests whose events were all accepted.
     pub latency: Histogram<u64>,
     /// Intended send time -> actual send time, in microseconds, measured successes only: time
     /// spent waiting for a free worker (the generator's own queueing).
     pub queueing: Histogram<u64>,
-    /// Outcomes of measured requests.
+    /// Outcomes of the events of measured requests.
     pub measured: Tally,
-    /// Outcomes of warm-up requests.
+    /// Outcomes of the events of warm-up requests.
     pub warmup: Tally,
     /// Length of the measurement window used for the achieved rate.
     pub window: Duration,
@@ -148,27 +187,79 @@ struct Shared {
     due: Semaphore,
     /// Next request index to claim.
     next: AtomicU64,
+    /// Requests sent.
     sent: AtomicU64,
+    /// Events accepted.
     ok: AtomicU64,
+    /// Events not accepted.
     failed: AtomicU64,
 }
 
 impl Schedule {
-    /// A constant `rate` (events/s) for `warmup` then `duration`.
-    pub fn new(rate: f64, warmup: Duration, duration: Duration) -> anyhow::Result<Self> {
+    /// The schedule `args` ask for, for requests of `events_per_request` events: open loop at
+    /// `--rate`, or closed loop for `--rate 0`.
+    pub fn from_args(args: &RunArgs, events_per_request: u32) -> anyhow::Result<Self> {
+        if args.rate == 0.0 {
+            Self::closed(events_per_request, args.warmup, args.duration)
+        } else {
+            Self::open(args.rate, events_per_request, args.warmup, args.duration)
+        }
+    }
+
+    /// A constant `rate` (events/s) in requests of `events_per_request` events, for `warmup`
+    /// then `duration`.
+    pub fn open(
+        rate: f64,
+        events_per_request: u32,
+        warmup: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
         ensure!(rate.is_finite() && rate > 0.0, "rate must be a positive number");
-        let warmup_requests = count_before(warmup, rate);
-        let total_requests = count_before(warmup + duration, rate);
+        ensure!(events_per_request > 0, "a request must carry at least one event");
+        let request_rate = rate / f64::from(events_per_request);
+        let warmup_requests = count_before(warmup, request_rate);
+        let total_requests = count_before(warmup + duration, request_rate);
         ensure!(
             total_requests > warmup_requests,
             "--rate × --duration must cover at least one request"
         );
-        Ok(Self { rate, warmup, duration, warmup_requests, total_requests })
+        Ok(Self {
+            pacing: Pacing::Open { request_rate, warmup_requests, total_requests },
+            events_per_request,
+            warmup,
+            duration,
+        })
     }
 
-    /// Offered rate in events per second.
-    pub fn rate(&self) -> f64 {
-        self.rate
+    /// A closed loop in requests of `events_per_request` events, for `warmup` then `duration`.
+    pub fn closed(
+        events_per_request: u32,
+        warmup: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
+        ensure!(events_per_request > 0, "a request must carry at least one event");
+        ensure!(!duration.is_zero(), "--duration must be positive");
+        Ok(Self { pacing: Pacing::Closed, events_per_request, warmup, duration })
+    }
+
+    /// Offered rate in events per second; `None` in a closed loop.
+    pub fn rate(&self) -> Option<f64> {
+        match self.pacing {
+            Pacing::Open { request_rate, .. } => {
+                Some(request_rate * f64::from(self.events_per_request))
+            }
+            Pacing::Closed => None,
+        }
+    }
+
+    /// True for a closed loop (`--rate 0`).
+    pub fn is_closed_loop(&self) -> bool {
+        matches!(self.pacing, Pacing::Closed)
+    }
+
+    /// Events in each request.
+    pub fn events_per_request(&self) -> u32 {
+        self.events_per_request
     }
 
     /// Length of the warm-up.
@@ -181,27 +272,61 @@ impl Schedule {
         self.duration
     }
 
-    /// Number of requests offered during the measurement window.
-    pub fn measured_requests(&self) -> u64 {
-        self.total_requests - self.warmup_requests
+    /// Number of requests offered during the measurement window; `None` in a closed loop.
+    pub fn measured_requests(&self) -> Option<u64> {
+        match self.pacing {
+            Pacing::Open { warmup_requests, total_requests, .. } => {
+                Some(total_requests - warmup_requests)
+            }
+            Pacing::Closed => None,
+        }
     }
 
-    /// Number of requests in the whole run, warm-up included.
-    pub fn total_requests(&self) -> u64 {
-        self.total_requests
+    /// Number of requests in the whole run, warm-up included; `None` in a closed loop.
+    pub fn total_requests(&self) -> Option<u64> {
+        match self.pacing {
+            Pacing::Open { total_requests, .. } => Some(total_requests),
+            Pacing::Closed => None,
+        }
     }
 
-    /// Intended send time of request `i`, relative to the start of the run.
+    /// Intended send time of request `i`, relative to the start of the run; zero in a closed
+    /// loop (where requests have no intended time).
     pub fn offset(&self, i: u64) -> Duration {
-        // Computed from `i` directly, not by adding intervals, so rounding does not accumulate.
-        Duration::from_nanos((i as f64 * 1e9 / self.rate).round() as u64)
+        match self.pacing {
+            // Computed from `i` directly, not by adding intervals, so rounding does not
+            // accumulate.
+            Pacing::Open { request_rate, .. } => {
+                Duration::from_nanos((i as f64 * 1e9 / request_rate).round() as u64)
+            }
+            Pacing::Closed => Duration::ZERO,
+        }
     }
 
-    /// The phase request `i` belongs to, or `None` once the run is over.
+    /// Open loop: the phase request `i` belongs to, or `None` once the run is over. A closed
+    /// loop has no end by index ([`Schedule::phase_at`] decides), so this is the warm-up for
+    /// every `i`.
     pub fn phase(&self, i: u64) -> Option<Phase> {
-        if i < self.warmup_requests {
+        match self.pacing {
+            Pacing::Open { warmup_requests, total_requests, .. } => {
+                if i < warmup_requests {
+                    Some(Phase::Warmup)
+                } else if i < total_requests {
+                    Some(Phase::Measured)
+                } else {
+                    None
+                }
+            }
+            Pacing::Closed => Some(Phase::Warmup),
+        }
+    }
+
+    /// Closed loop: the phase of a request sent `elapsed` after the start, or `None` once the
+    /// run is over.
+    pub fn phase_at(&self, elapsed: Duration) -> Option<Phase> {
+        if elapsed < self.warmup {
             Some(Phase::Warmup)
-        } else if i < self.total_requests {
+        } else if elapsed < self.warmup + self.duration {
             Some(Phase::Measured)
         } else {
             None
@@ -209,12 +334,54 @@ impl Schedule {
     }
 }
 
+impl Outcome {
+    /// Events of a `events`-event request that were accepted.
+    pub fn accepted(&self, events: u32) -> u64 {
+        match self {
+            Outcome::Accepted => u64::from(events),
+            Outcome::Failed(_) => 0,
+            Outcome::Partial(refused) => u64::from(events).saturating_sub(refused.len() as u64),
+        }
+    }
+
+    /// True when every event was accepted: the request counts for latency.
+    pub fn is_accepted(&self) -> bool {
+        matches!(self, Outcome::Accepted)
+    }
+
+    /// `Accepted` when nothing was refused, else `Partial`.
+    pub fn from_refusals(refused: Vec<Failure>) -> Self {
+        if refused.is_empty() {
+            Outcome::Accepted
+        } else {
+            Outcome::Partial(refused)
+        }
+    }
+}
+
+impl From<Result<(), Failure>> for Outcome {
+    fn from(result: Result<(), Failure>) -> Self {
+        match result {
+            Ok(()) => Outcome::Accepted,
+            Err(failure) => Outcome::Failed(failure),
+        }
+    }
+}
+
 impl Tally {
-    /// Counts one outcome.
-    pub fn record(&mut self, outcome: Result<(), Failure>) {
+    /// Counts the events of one request of `events` events.
+    pub fn record(&mut self, outcome: &Outcome, events: u32) {
         match outcome {
-            Ok(()) => self.ok += 1,
-            Err(failure) => *self.failed.entry(failure).or_default() += 1,
+            Outcome::Accepted => self.ok += u64::from(events),
+            Outcome::Failed(failure) => {
+                *self.failed.entry(*failure).or_default() += u64::from(events);
+            }
+            Outcome::Partial(refused) => {
+                self.ok += outcome.accepted(events);
+                for failure in refused {
+                    *self.failed.entry(*failure).or_default() += 1;
+                }
+            }
         }
     }
 
@@ -259,6 +426,8 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Status(code) => write!(f, "{code}"),
+            Failure::Refused(code) => f.write_str(code),
+            Failure::Protocol => f.write_str("protocol"),
             Failure::Timeout => f.write_str("timeout"),
             Failure::Connect => f.write_str("connect"),
             Failure::Transport => f.write_str("transport"),
@@ -267,7 +436,8 @@ impl fmt::Display for Failure {
     }
 }
 
-/// Runs `schedule` over `workers` until every request has been sent or `stop` turns true.
+/// Runs `schedule` over `workers` until every request has been sent (closed loop: until the
+/// time is up) or `stop` turns true.
 ///
 /// Requests still waiting for a worker `--timeout` after the measurement window ends are
 /// counted as [`Failure::Unsent`] instead of being sent. Prints a progress line to stderr every
@@ -348,10 +518,21 @@ pub async fn run<W: Worker>(
 /// Releases a permit for each request as its intended time comes, then one end-of-run permit
 /// per worker, then waits for the run to end. On `stop` it closes the semaphore, which ends
 /// every worker once its request in flight is done; `run` closes it when the workers are done.
+/// In a closed loop it only watches `stop`.
 fn pace(shared: &Shared, workers: usize, spin: Duration, stop: &watch::Receiver<bool>) {
     let schedule = &shared.schedule;
     let start = shared.start.into_std();
-    let total = schedule.total_requests();
+    let Some(total) = schedule.total_requests() else {
+        loop {
+            if *stop.borrow() {
+                shared.due.close();
+            }
+            if shared.due.is_closed() {
+                return;
+            }
+            std::thread::sleep(PACER_MAX_SLEEP);
+        }
+    };
     let mut released = 0;
     loop {
         if *stop.borrow() {
@@ -390,57 +571,70 @@ fn pace(shared: &Shared, workers: usize, spin: Duration, stop: &watch::Receiver<
     }
 }
 
-/// One worker task: take a permit, claim the next index, send, record.
+/// One worker task. Open loop: take a permit, claim the next index, send, record. Closed
+/// loop: claim the next index and send at once, until the time is up.
 async fn drive<W: Worker>(
     mut worker: W,
     shared: Arc<Shared>,
     recent: Arc<Mutex<Histogram<u64>>>,
 ) -> WorkerMeasurements {
+    let schedule = shared.schedule;
+    let events = schedule.events_per_request();
+    let closed_loop = schedule.is_closed_loop();
     let mut m = WorkerMeasurements::new();
     loop {
-        match shared.due.acquire().await {
-            Ok(permit) => permit.forget(),
-            Err(_closed) => {
+        let (i, phase, intended, sent_at) = if closed_loop {
+            if shared.due.is_closed() {
                 m.interrupted = true;
                 break;
             }
-        }
-        // Permits are released in index order, so the claimed request is already due.
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        let Some(phase) = shared.schedule.phase(i) else {
-            break;
-        };
-        let intended = shared.start + shared.schedule.offset(i);
-
-        let sent_at = Instant::now();
-        if sent_at >= shared.hard_stop {
-            if phase == Phase::Measured {
-                m.measured.record(Err(Failure::Unsent));
+            let now = Instant::now();
+            let Some(phase) = schedule.phase_at(now.duration_since(shared.start)) else {
+                break;
+            };
+            (shared.next.fetch_add(1, Ordering::Relaxed), phase, now, now)
+        } else {
+            match shared.due.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_closed) => {
+                    m.interrupted = true;
+                    break;
+                }
             }
-            continue;
-        }
+            // Permits are released in index order, so the claimed request is already due.
+            let i = shared.next.fetch_add(1, Ordering::Relaxed);
+            let Some(phase) = schedule.phase(i) else {
+                break;
+            };
+            let sent_at = Instant::now();
+            if sent_at >= shared.hard_stop {
+                if phase == Phase::Measured {
+                    m.measured.record(&Outcome::Failed(Failure::Unsent), events);
+                }
+                continue;
+            }
+            (i, phase, shared.start + schedule.offset(i), sent_at)
+        };
+
         shared.sent.fetch_add(1, Ordering::Relaxed);
         let outcome = worker.send(i).await;
         let done = Instant::now();
 
-        match outcome {
-            Ok(()) => {
-                shared.ok.fetch_add(1, Ordering::Relaxed);
-                recent
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .saturating_record(micros(latency(intended, done)));
-            }
-            Err(_) => {
-                shared.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        let accepted = outcome.accepted(events);
+        shared.ok.fetch_add(accepted, Ordering::Relaxed);
+        shared.failed.fetch_add(u64::from(events) - accepted, Ordering::Relaxed);
+        if outcome.is_accepted() {
+            recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .saturating_record(micros(latency(intended, done)));
         }
         match phase {
-            Phase::Warmup => m.warmup.record(outcome),
+            Phase::Warmup => m.warmup.record(&outcome, events),
             Phase::Measured => {
-                m.measured.record(outcome);
+                m.measured.record(&outcome, events);
                 m.last_completion = m.last_completion.max(Some(done));
-                if outcome.is_ok() {
+                if outcome.is_accepted() {
                     m.latency.saturating_record(micros(latency(intended, done)));
                     m.queueing.saturating_record(micros(latency(intended, sent_at)));
                 }
@@ -450,7 +644,8 @@ async fn drive<W: Worker>(
     m
 }
 
-/// Prints one line per second to stderr: phase, send rate, totals and the last second's p99.
+/// Prints one line per second to stderr: phase, send rate (events/s), event totals and the
+/// last second's p99.
 async fn print_progress(shared: Arc<Shared>, live: Vec<Arc<Mutex<Histogram<u64>>>>) {
     let mut tick =
         tokio::time::interval_at(shared.start + Duration::from_secs(1), Duration::from_secs(1));
@@ -469,7 +664,8 @@ async fn print_progress(shared: Arc<Shared>, live: Vec<Arc<Mutex<Histogram<u64>>
         }
         let sent = shared.sent.load(Ordering::Relaxed);
         let elapsed = now.duration_since(shared.start);
-        let rate = (sent - last_sent) as f64 / now.duration_since(last_tick).as_secs_f64();
+        let rate = (sent - last_sent) as f64 * f64::from(shared.schedule.events_per_request)
+            / now.duration_since(last_tick).as_secs_f64();
         // The phase the past second started in.
         let since = last_tick.duration_since(shared.start);
         let phase = if since < shared.schedule.warmup {
@@ -484,10 +680,13 @@ async fn print_progress(shared: Arc<Shared>, live: Vec<Arc<Mutex<Histogram<u64>>
         } else {
             format!("{:.2}ms", report::millis(second.value_at_quantile(0.99)))
         };
+        let offered = match shared.schedule.rate() {
+            Some(rate) => format!("{rate}/s"),
+            None => "max".to_owned(),
+        };
         eprintln!(
-            "[{:>4}s] {phase:<6} offered {}/s  sent {rate:.0}/s  ok {}  failed {}  p99(1s) {p99}",
+            "[{:>4}s] {phase:<6} offered {offered}  sent {rate:.0}/s  ok {}  failed {}  p99(1s) {p99}",
             elapsed.as_secs(),
-            shared.schedule.rate,
             shared.ok.load(Ordering::Relaxed),
             shared.failed.load(Ordering::Relaxed),
         );
@@ -532,11 +731,13 @@ fn count_before(t: Duration, rate: f64) -> u64 {
     }
 }
 
-/// Parses `--rate`: a positive, finite number of events per second.
+/// Parses `--rate`: a positive, finite number of events per second, or 0 for a closed loop.
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!("`{s}` is not a positive number of events per second")),
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!(
+            "`{s}` is not a number of events per second (0 = closed loop, as fast as answered)"
+        )),
     }
 }
 
@@ -610,12 +811,12 @@ mod tests {
 
     #[test]
     fn intended_times_follow_the_rate() {
-        let s = Schedule::new(1000.0, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
+        let s = Schedule::open(1000.0, 1, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
         assert_eq!(s.offset(0), Duration::ZERO);
         assert_eq!(s.offset(1), Duration::from_millis(1));
         assert_eq!(s.offset(2500), Duration::from_millis(2500));
 
-        let s = Schedule::new(3.0, Duration::ZERO, Duration::from_secs(1)).unwrap();
+        let s = Schedule::open(3.0, 1, Duration::ZERO, Duration::from_secs(1)).unwrap();
         assert_eq!(s.offset(1), Duration::from_nanos(333_333_333));
         assert_eq!(s.offset(2), Duration::from_nanos(666_666_667));
         assert_eq!(s.offset(3_000_000), Duration::from_secs(1_000_000));
@@ -623,16 +824,16 @@ mod tests {
 
     #[test]
     fn phases_split_warmup_and_measurement() {
-        let s = Schedule::new(1000.0, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
+        let s = Schedule::open(1000.0, 1, Duration::from_secs(2), Duration::from_secs(10)).unwrap();
         assert_eq!(s.phase(0), Some(Phase::Warmup));
         assert_eq!(s.phase(1999), Some(Phase::Warmup));
         assert_eq!(s.phase(2000), Some(Phase::Measured));
         assert_eq!(s.phase(11_999), Some(Phase::Measured));
         assert_eq!(s.phase(12_000), None);
-        assert_eq!(s.measured_requests(), 10_000);
+        assert_eq!(s.measured_requests(), Some(10_000));
 
         // 0.5/s: requests at 0s, 2s, 4s, ...; warm-up [0, 1s) holds one, [1s, 5s) holds two.
-        let s = Schedule::new(0.5, Duration::from_secs(1), Duration::from_secs(4)).unwrap();
+        let s = Schedule::open(0.5, 1, Duration::from_secs(1), Duration::from_secs(4)).unwrap();
         assert_eq!(s.phase(0), Some(Phase::Warmup));
         assert_eq!(s.phase(1), Some(Phase::Measured));
         assert_eq!(s.phase(2), Some(Phase::Measured));
@@ -641,15 +842,18 @@ mod tests {
 
     #[test]
     fn rejects_empty_schedules() {
-        assert!(Schedule::new(0.0, Duration::ZERO, Duration::from_secs(1)).is_err());
-        assert!(Schedule::new(f64::NAN, Duration::ZERO, Duration::from_secs(1)).is_err());
-        assert!(Schedule::new(1.0, Duration::ZERO, Duration::ZERO).is_err());
+        let second = Duration::from_secs(1);
+        assert!(Schedule::open(0.0, 1, Duration::ZERO, second).is_err());
+        assert!(Schedule::open(f64::NAN, 1, Duration::ZERO, second).is_err());
+        assert!(Schedule::open(1.0, 1, Duration::ZERO, Duration::ZERO).is_err());
+        assert!(Schedule::open(1.0, 0, Duration::ZERO, second).is_err());
+        assert!(Schedule::closed(1, second, Duration::ZERO).is_err());
     }
 
     #[test]
     fn latency_counts_from_the_intended_time() {
         let start = Instant::now();
-        let s = Schedule::new(100.0, Duration::ZERO, Duration::from_secs(1)).unwrap();
+        let s = Schedule::open(100.0, 1, Duration::ZERO, Duration::from_secs(1)).unwrap();
         let intended = start + s.offset(10); // 100ms
                                              // Sent 400ms late because every worker was busy, answered 5ms after sending.
         let sent = intended + Duration::from_millis(400);
@@ -675,13 +879,71 @@ mod tests {
     #[test]
     fn tally_counts_failures_by_kind() {
         let mut t = Tally::default();
-        t.record(Ok(()));
-        t.record(Err(Failure::Status(503)));
-        t.record(Err(Failure::Status(503)));
-        t.record(Err(Failure::Timeout));
+        t.record(&Outcome::Accepted, 1);
+        t.record(&Outcome::Failed(Failure::Status(503)), 1);
+        t.record(&Outcome::Failed(Failure::Status(503)), 1);
+        t.record(&Outcome::Failed(Failure::Timeout), 1);
         assert_eq!(t.ok, 1);
         assert_eq!(t.failures(), 3);
         assert_eq!(t.failed[&Failure::Status(503)], 2);
         assert_eq!(Failure::Status(503).to_string(), "503");
+        assert_eq!(Failure::Refused("queue_full").to_string(), "queue_full");
+    }
+
+    #[test]
+    fn tally_counts_events_not_requests() {
+        let mut t = Tally::default();
+        // Three requests of 16 events: all accepted, 2 refused, all timed out.
+        t.record(&Outcome::Accepted, 16);
+        let partial = Outcome::from_refusals(vec![
+            Failure::Refused("queue_full"),
+            Failure::Refused("forbidden"),
+        ]);
+        assert_eq!(partial.accepted(16), 14);
+        assert!(!partial.is_accepted());
+        t.record(&partial, 16);
+        t.record(&Outcome::Failed(Failure::Timeout), 16);
+        assert_eq!(t.ok, 30);
+        assert_eq!(t.failures(), 18);
+        assert_eq!(t.failed[&Failure::Timeout], 16);
+        assert_eq!(t.failed[&Failure::Refused("queue_full")], 1);
+        // Nothing refused is a plain success.
+        assert_eq!(Outcome::from_refusals(Vec::new()), Outcome::Accepted);
+        assert_eq!(Outcome::from(Err(Failure::Connect)), Outcome::Failed(Failure::Connect));
+    }
+
+    #[test]
+    fn requests_carry_several_events_at_the_event_rate() {
+        // 1600 events/s in requests of 16: 100 requests/s, 10 ms apart.
+        let s = Schedule::open(1600.0, 16, Duration::from_secs(1), Duration::from_secs(2)).unwrap();
+        assert_eq!(s.rate(), Some(1600.0));
+        assert_eq!(s.offset(3), Duration::from_millis(30));
+        assert_eq!(s.measured_requests(), Some(200));
+        assert_eq!(s.phase(99), Some(Phase::Warmup));
+        assert_eq!(s.phase(100), Some(Phase::Measured));
+        assert_eq!(s.phase(300), None);
+    }
+
+    #[test]
+    fn a_closed_loop_is_phased_by_the_clock() {
+        let args = RunArgs {
+            rate: 0.0,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+            pacer_spin: Duration::ZERO,
+        };
+        let s = Schedule::from_args(&args, 4).unwrap();
+        assert!(s.is_closed_loop());
+        assert_eq!(s.rate(), None);
+        assert_eq!(s.measured_requests(), None);
+        assert_eq!(s.events_per_request(), 4);
+        assert_eq!(s.phase_at(Duration::from_millis(1999)), Some(Phase::Warmup));
+        assert_eq!(s.phase_at(Duration::from_secs(2)), Some(Phase::Measured));
+        assert_eq!(s.phase_at(Duration::from_millis(11_999)), Some(Phase::Measured));
+        assert_eq!(s.phase_at(Duration::from_secs(12)), None);
+        assert_eq!(parse_rate("0"), Ok(0.0));
+        assert!(parse_rate("-1").is_err());
+        assert!(!Schedule::from_args(&RunArgs { rate: 5.0, ..args }, 1).unwrap().is_closed_loop());
     }
 }
