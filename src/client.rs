@@ -90,7 +90,7 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = endpoint(&config, ALPN_EDGERELAY)?;
+        let endpoint = quic_endpoint(&config, ALPN_EDGERELAY)?;
         let client = Self { endpoint, config, connection: Mutex::new(None) };
         client.connection().await?;
         Ok(client)
@@ -183,8 +183,9 @@ impl PublishStream {
     }
 }
 
-/// A client endpoint whose connections offer `alpn` and trust `config.ca_pem`.
-fn endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoint, ClientError> {
+/// A client endpoint whose connections offer `alpn` and trust `config.ca_pem` (for callers
+/// that manage connections themselves, like the load generator).
+pub fn quic_endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoint, ClientError> {
     let setup = |e: &dyn std::fmt::Display| ClientError::Setup(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = &config.ca_pem {
@@ -221,7 +222,7 @@ impl H3Client {
     /// Connects with ALPN `h3`; `config.token` goes in `Authorization` unless a request
     /// overrides it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = endpoint(&config, crate::ingest::h3::ALPN_H3)?;
+        let endpoint = quic_endpoint(&config, crate::ingest::h3::ALPN_H3)?;
         let conn = endpoint
             .connect(config.server, &config.server_name)
             .map_err(|e| ClientError::Connection(e.to_string()))?

@@ -11,7 +11,7 @@
 //! - one module per mode that only knows how to send a request: `https` (HTTP/1.1 and HTTP/2
 //!   over TLS), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
 //!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
-//!   event).
+//!   event); `quic_idle` holds idle connections open to measure the relay's memory.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +20,7 @@ mod direct_js;
 mod events;
 mod https;
 mod quic;
+mod quic_idle;
 mod report;
 mod schedule;
 
@@ -44,6 +45,8 @@ enum Mode {
     Quic(Box<quic::Args>),
     /// The baseline without the relay: one JetStream publish per event, straight to NATS.
     DirectJs(Box<direct_js::Args>),
+    /// Open many idle QUIC connections and hold them (the relay's memory per connection).
+    QuicIdle(Box<quic_idle::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Https(args) => https::run(*args, stop).await,
             Mode::Quic(args) => quic::run(*args, stop).await,
             Mode::DirectJs(args) => direct_js::run(*args, stop).await,
+            Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,
         }
     })
 }
