@@ -53,11 +53,14 @@ pub struct Pending {
 #[derive(Debug, Default)]
 pub struct Reply {
     tx: Option<oneshot::Sender<Outcome>>,
-    key: Option<(Arc<Idempotency>, Key)>,
+    key: Option<(Arc<Idempotency>, Arc<Key>)>,
 }
 
 impl Reply {
-    pub fn new(tx: Option<oneshot::Sender<Outcome>>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
+    pub fn new(
+        tx: Option<oneshot::Sender<Outcome>>,
+        key: Option<(Arc<Idempotency>, Arc<Key>)>,
+    ) -> Self {
         Self { tx, key }
     }
 

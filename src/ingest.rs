@@ -27,7 +27,7 @@ use crate::event::{Ack, Outcome, Pending, Reply};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
-use idempotency::{Claim, Idempotency};
+use idempotency::{Claim, Idempotency, Key};
 
 /// Most headers one event may carry.
 pub const MAX_EVENT_HEADERS: usize = 32;
@@ -143,7 +143,7 @@ impl Ingest {
         if let Some(r) = self.refuse_early() {
             return Ticket::Now(Err(r));
         }
-        let key = (!ev.id.is_empty()).then(|| (identity.name.clone(), ev.id.clone()));
+        let key = (!ev.id.is_empty()).then(|| Key::new(identity.name.clone(), ev.id.clone()));
         if let Some(key) = &key {
             match self.idempotency.claim(key, Instant::now()) {
                 Claim::New => {}
@@ -253,7 +253,9 @@ pub fn to_proto(outcome: &Outcome) -> proto::EventResult {
 
 /// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events. The relay's own
 /// fields (`ingest_time_unix_us`, `publisher`) are ignored: the relay sets them.
-pub fn decode_publish_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
+///
+/// Decoding from `Bytes` keeps payloads as slices of the request, without a copy.
+pub fn decode_publish_request(body: Bytes) -> Result<Vec<EventIn>, Refusal> {
     let req = proto::PublishRequest::decode(body)
         .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
     Ok(events_of(req))

@@ -8,6 +8,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use edgerelay::config::Config;
 
+/// The relay allocates a few small objects per event (answer channel, idempotency key,
+/// strings) from two runtime threads; mimalloc's thread-local free lists beat glibc's arenas
+/// there (measured in BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// sysexits: bad usage and bad configuration.
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;

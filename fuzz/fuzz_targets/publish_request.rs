@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(events) = edgerelay::ingest::decode_publish_request(data) {
+    if let Ok(events) = edgerelay::ingest::decode_publish_request(bytes::Bytes::copy_from_slice(data)) {
         let total: usize = events.iter().map(|e| e.payload.len() + e.subject.len()).sum();
         assert!(total <= data.len());
     }

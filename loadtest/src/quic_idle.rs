@@ -47,7 +47,8 @@ pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<
         ca_pem: Some(ca_pem),
         token: String::new(),
     };
-    let endpoint = edgerelay::client::quic_endpoint(&config, edgerelay::ingest::quic::ALPN_EDGERELAY)?;
+    let endpoint =
+        edgerelay::client::quic_endpoint(&config, edgerelay::ingest::quic::ALPN_EDGERELAY)?;
     let started = Instant::now();
     let results: Vec<_> = stream::iter(0..args.connections)
         .map(|_| {

@@ -150,7 +150,7 @@ impl HttpApi {
         }
         let body = read_body(req, self.max_body_bytes).await?;
         let events = if protobuf {
-            super::decode_publish_request(&body)?
+            super::decode_publish_request(body.clone())?
         } else {
             json::decode_request(&body)?
         };

@@ -8,6 +8,7 @@
 //! event (`Event.id`), so consumers can de-duplicate.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,22 +16,32 @@ use tokio::sync::oneshot;
 
 use crate::event::{Ack, Outcome, Stored};
 
-/// (identity, client key).
-pub type Key = (Arc<str>, String);
+/// Independently locked parts of the cache, so concurrent requests rarely wait on each other.
+const SHARDS: usize = 16;
+
+/// An idempotency key as scoped by the relay: (identity, client key). Shared (`Arc`) between
+/// the cache, its expiry queue and the event's reply, so it is allocated once.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub identity: Arc<str>,
+    pub key: String,
+}
 
 /// The cache of recent keys.
 #[derive(Debug)]
 pub struct Idempotency {
-    inner: Mutex<Inner>,
+    shards: Box<[Mutex<Inner>]>,
+    /// Picks a key's shard; randomly seeded, so clients cannot aim at one shard.
+    hasher: RandomState,
     window: Duration,
-    max_keys: usize,
+    max_keys_per_shard: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    entries: HashMap<Key, Entry>,
+    entries: HashMap<Arc<Key>, Entry>,
     /// Completed keys in completion order, for expiry and eviction.
-    done: VecDeque<(Instant, Key)>,
+    done: VecDeque<(Instant, Arc<Key>)>,
 }
 
 #[derive(Debug)]
@@ -51,15 +62,22 @@ pub enum Claim {
 }
 
 impl Idempotency {
+    /// Remembers keys for `window`, at most `max_keys` of them (oldest forgotten first): at
+    /// high rates the effective window is `max_keys / rate`.
     pub fn new(window: Duration, max_keys: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), window, max_keys }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Inner::default())).collect(),
+            hasher: RandomState::new(),
+            window,
+            max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
+        }
     }
 
     /// Claims `key` at `now`.
-    pub fn claim(&self, key: &Key, now: Instant) -> Claim {
-        let mut inner = self.lock();
-        inner.expire(now, self.window, self.max_keys);
-        match inner.entries.get_mut(key) {
+    pub fn claim(&self, key: &Arc<Key>, now: Instant) -> Claim {
+        let mut inner = self.lock(key);
+        inner.expire(now, self.window, self.max_keys_per_shard);
+        match inner.entries.get_mut(key.as_ref()) {
             Some(Entry::Done(stored, _)) => {
                 Claim::Done(Stored { duplicate: true, ..stored.clone() })
             }
@@ -77,18 +95,12 @@ impl Idempotency {
 
     /// Records the outcome of a claimed key: a stored event is remembered; a refused one
     /// forgets the key so a retry publishes again. Waiting retries get the outcome.
-    pub fn complete(&self, key: &Key, outcome: &Outcome) {
+    pub fn complete(&self, key: &Arc<Key>, outcome: &Outcome) {
         let now = Instant::now();
-        let mut inner = self.lock();
-        let waiters = match inner.entries.remove(key) {
-            Some(Entry::InFlight(w)) => w,
-            other => {
-                // Not claimed (or already completed): put back whatever was there.
-                if let Some(e) = other {
-                    inner.entries.insert(key.clone(), e);
-                }
-                return;
-            }
+        let mut inner = self.lock(key);
+        let waiters = match inner.entries.get_mut(key.as_ref()) {
+            Some(Entry::InFlight(w)) => std::mem::take(w),
+            _ => return, // not claimed, or already completed
         };
         let answer = match outcome {
             Ok(Ack::Stored(stored)) => {
@@ -96,7 +108,10 @@ impl Idempotency {
                 inner.done.push_back((now, key.clone()));
                 Ok(Ack::Stored(Stored { duplicate: true, ..stored.clone() }))
             }
-            other => other.clone(),
+            other => {
+                inner.entries.remove(key.as_ref());
+                other.clone()
+            }
         };
         drop(inner);
         for w in waiters {
@@ -106,18 +121,23 @@ impl Idempotency {
 
     /// Keys remembered (completed or in flight).
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.shards.iter().map(|s| lock(s).entries.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps inconsistent in a way that
-        // matters more than refusing all keyed events, so recover the guard.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, key: &Key) -> std::sync::MutexGuard<'_, Inner> {
+        let shard = self.hasher.hash_one(key) as usize % self.shards.len();
+        lock(&self.shards[shard])
     }
+}
+
+/// A panic while holding a shard cannot leave it in a state worse than refusing keyed
+/// events, so recover the guard.
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inner {
@@ -129,10 +149,16 @@ impl Inner {
             }
             let Some((at, key)) = self.done.pop_front() else { break };
             // Only remove the entry this queue slot refers to (not a newer claim of the key).
-            if matches!(self.entries.get(&key), Some(Entry::Done(_, t)) if *t == at) {
-                self.entries.remove(&key);
+            if matches!(self.entries.get(key.as_ref()), Some(Entry::Done(_, t)) if *t == at) {
+                self.entries.remove(key.as_ref());
             }
         }
+    }
+}
+
+impl Key {
+    pub fn new(identity: Arc<str>, key: String) -> Arc<Self> {
+        Arc::new(Self { identity, key })
     }
 }
 
@@ -141,8 +167,8 @@ mod tests {
     use super::*;
     use crate::error::{ErrorCode, Refusal};
 
-    fn key(k: &str) -> Key {
-        (Arc::from("edge"), k.to_owned())
+    fn key(k: &str) -> Arc<Key> {
+        Key::new(Arc::from("edge"), k.to_owned())
     }
 
     fn stored(seq: u64) -> Stored {
@@ -189,14 +215,14 @@ mod tests {
 
     #[test]
     fn the_cache_is_bounded() {
-        let c = Idempotency::new(Duration::from_secs(10), 3);
+        let c = Idempotency::new(Duration::from_secs(10), 3 * SHARDS);
         let t0 = Instant::now();
-        for i in 0..10 {
+        for i in 0..1000 {
             let k = key(&i.to_string());
             assert!(matches!(c.claim(&k, t0), Claim::New));
             c.complete(&k, &Ok(Ack::Stored(stored(i))));
         }
-        assert!(c.len() <= 4, "{}", c.len());
+        assert!(c.len() <= 4 * SHARDS, "{}", c.len());
     }
 
     #[test]
@@ -205,6 +231,6 @@ mod tests {
         let t0 = Instant::now();
         assert!(matches!(c.claim(&key("a"), t0), Claim::New));
         c.complete(&key("a"), &Ok(Ack::Stored(stored(1))));
-        assert!(matches!(c.claim(&(Arc::from("other"), "a".into()), t0), Claim::New));
+        assert!(matches!(c.claim(&Key::new(Arc::from("other"), "a".into()), t0), Claim::New));
     }
 }

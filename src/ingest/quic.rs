@@ -238,7 +238,7 @@ async fn stream(
                 loop {
                     match ctx.decoder.decode(&mut buf) {
                         Ok(Some(frame)) => {
-                            let answer = request(&frame, &mut identity, &ctx).await;
+                            let answer = request(frame, &mut identity, &ctx).await;
                             answers.push_back(answer);
                         }
                         Ok(None) => break,
@@ -278,7 +278,7 @@ async fn stream(
 /// One request frame: authenticate (a token on the frame replaces the stream's identity),
 /// decode, and return the future of its answer.
 async fn request(
-    frame: &[u8],
+    frame: bytes::Bytes,
     identity: &mut Option<Identity>,
     ctx: &Arc<Ctx>,
 ) -> futures::future::BoxFuture<'static, proto::PublishResponse> {
