@@ -223,38 +223,38 @@ async fn stream(
     let mut reading = !*stop.borrow();
     let mut broken: Option<(FrameError, u32)> = None;
     loop {
+        // Take in the buffered frames, up to the in-flight limit: a chunk full of tiny frames
+        // must not queue more answers than that.
+        while broken.is_none() && answers.len() < ctx.max_in_flight {
+            match ctx.decoder.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    let answer = request(frame, &mut identity, &ctx).await;
+                    answers.push_back(answer);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let code = match e {
+                        FrameError::TooLong { .. } => STREAM_FRAME_TOO_LARGE,
+                        FrameError::BadLength => STREAM_MALFORMED,
+                    };
+                    broken = Some((e, code));
+                    reading = false;
+                    buf.clear();
+                }
+            }
+        }
+        let can_read = reading && answers.len() < ctx.max_in_flight;
         tokio::select! {
             Some(answer) = answers.next(), if !answers.is_empty() => {
                 if send.write_all(&framing::frame(&answer)).await.is_err() {
                     return; // the client went away; what it was answered stays answered
                 }
             }
-            chunk = recv.read_chunk(READ_CHUNK, true), if reading && answers.len() < ctx.max_in_flight => {
-                match chunk {
-                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                    Ok(None) => reading = false,
-                    Err(_) => return, // reset by the client or the connection is gone
-                }
-                loop {
-                    match ctx.decoder.decode(&mut buf) {
-                        Ok(Some(frame)) => {
-                            let answer = request(frame, &mut identity, &ctx).await;
-                            answers.push_back(answer);
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            let code = match e {
-                                FrameError::TooLong { .. } => STREAM_FRAME_TOO_LARGE,
-                                FrameError::BadLength => STREAM_MALFORMED,
-                            };
-                            broken = Some((e, code));
-                            reading = false;
-                            buf.clear();
-                            break;
-                        }
-                    }
-                }
-            }
+            chunk = recv.read_chunk(READ_CHUNK, true), if can_read => match chunk {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => reading = false,
+                Err(_) => return, // reset by the client or the connection is gone
+            },
             _ = stop.changed(), if reading => {
                 reading = false;
                 let _ = recv.stop(VarInt::from_u32(STREAM_SHUTTING_DOWN));
@@ -310,6 +310,9 @@ async fn request(
         ));
     };
     let events = events_of(req);
+    if events.is_empty() {
+        return ready(Refusal::new(ErrorCode::BadRequest, "no events in the request"));
+    }
     let max = ctx.ingest.max_events_per_request();
     if events.len() > max {
         return ready(Refusal::new(

@@ -258,3 +258,23 @@ async fn a_dropped_connection_loses_nothing_answered_and_a_drain_ends_open_strea
         );
     }
 }
+
+#[tokio::test]
+async fn thousands_of_tiny_frames_in_one_chunk_are_all_answered_in_order() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.quic.max_requests_in_flight_per_stream = 4;
+    let relay = setup.start().await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let mut stream = client.stream().await.unwrap();
+    // One real request, then 3,000 empty frames (each an empty PublishRequest) in one write.
+    stream.send(vec![event("edge.q.tiny", "real")]).await.unwrap();
+    stream.send_raw(&vec![0u8; 3000]).await.unwrap();
+    stream.finish();
+    assert!(accepted(&stream.recv().await.unwrap().results[0]).seq > 0);
+    for i in 0..3000 {
+        let resp = stream.recv().await.unwrap_or_else(|e| panic!("answer {i}: {e}"));
+        assert_eq!(resp.error.map(|e| e.code).as_deref(), Some("bad_request"), "answer {i}");
+    }
+    relay.shutdown().await;
+}
