@@ -62,6 +62,30 @@ pub struct Refusal {
 }
 
 impl ErrorCode {
+    /// Every code, for clients and dashboards that enumerate them.
+    pub const ALL: [ErrorCode; 15] = [
+        Self::BadSubject,
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::TooLarge,
+        Self::UnsupportedMediaType,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::RateLimited,
+        Self::QueueFull,
+        Self::NatsUnavailable,
+        Self::AckTimeout,
+        Self::Rejected,
+        Self::ShuttingDown,
+        Self::Internal,
+    ];
+
+    /// The code with this stable string, if there is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// The stable string used in JSON bodies, protobuf results and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -147,6 +171,14 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_parses_back_from_its_string() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("nope"), None);
+    }
 
     #[test]
     fn retryable_codes_carry_retry_after_and_edge_faults_do_not() {

@@ -43,25 +43,6 @@ const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 /// How long the stream drivers get to finish their streams once the run is over.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// Every refusal code the relay sends; a code not in here is counted as `unknown_code`.
-const CODES: [ErrorCode; 15] = [
-    ErrorCode::BadSubject,
-    ErrorCode::BadRequest,
-    ErrorCode::Unauthorized,
-    ErrorCode::Forbidden,
-    ErrorCode::TooLarge,
-    ErrorCode::UnsupportedMediaType,
-    ErrorCode::NotFound,
-    ErrorCode::MethodNotAllowed,
-    ErrorCode::RateLimited,
-    ErrorCode::QueueFull,
-    ErrorCode::NatsUnavailable,
-    ErrorCode::AckTimeout,
-    ErrorCode::Rejected,
-    ErrorCode::ShuttingDown,
-    ErrorCode::Internal,
-];
-
 /// Flags of `loadtest quic`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
@@ -436,7 +417,7 @@ fn outcome(response: &proto::PublishResponse, events: usize) -> Outcome {
 
 /// The relay's refusal code as a static string for the error counts.
 fn code(code: &str) -> &'static str {
-    CODES.iter().map(|c| c.as_str()).find(|known| *known == code).unwrap_or("unknown_code")
+    ErrorCode::parse(code).map_or("unknown_code", ErrorCode::as_str)
 }
 
 /// The host part of `HOST:PORT` (without IPv6 brackets), for the default server name.
