@@ -85,6 +85,10 @@ pub struct PublishStream {
     token: Option<String>,
 }
 
+/// A handshake that has not finished by then fails (instead of waiting for QUIC's idle
+/// timeout while every stream of the client waits behind it).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Longest answer the client accepts.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 
@@ -128,11 +132,13 @@ impl Client {
         if let Some(c) = guard.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
-        let conn = self
+        let connecting = self
             .endpoint
             .connect(self.config.server, &self.config.server_name)
-            .map_err(|e| ClientError::Connection(e.to_string()))?
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| ClientError::Connection("handshake timed out".into()))?
             .map_err(|e| ClientError::Connection(e.to_string()))?;
         *guard = Some(conn.clone());
         Ok(conn)
@@ -223,10 +229,12 @@ impl H3Client {
     /// overrides it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let endpoint = quic_endpoint(&config, crate::ingest::h3::ALPN_H3)?;
-        let conn = endpoint
+        let connecting = endpoint
             .connect(config.server, &config.server_name)
-            .map_err(|e| ClientError::Connection(e.to_string()))?
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| ClientError::Connection("handshake timed out".into()))?
             .map_err(|e| ClientError::Connection(e.to_string()))?;
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
             .await
