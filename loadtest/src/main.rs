@@ -9,7 +9,7 @@
 //! - `events`: the subjects, payload and idempotency keys of the generated events.
 //! - `backoff`: reconnect pacing.
 //! - one module per mode that only knows how to send a request: `https` (HTTP/1.1 and HTTP/2
-//!   over TLS), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
+//!   over TLS), `h3` (the same over HTTP/3), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
 //!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
 //!   event); `quic_idle` holds idle connections open to measure the relay's memory.
 
@@ -18,6 +18,7 @@
 mod backoff;
 mod direct_js;
 mod events;
+mod h3;
 mod https;
 mod quic;
 mod quic_idle;
@@ -40,6 +41,8 @@ struct Cli {
 enum Mode {
     /// POST /v1/publish/{subject} over HTTPS, HTTP/1.1 or HTTP/2.
     Https(Box<https::Args>),
+    /// POST /v1/publish/{subject} over HTTP/3 on the relay's QUIC port.
+    H3(Box<h3::Args>),
     /// The native QUIC protocol (edgerelay/1): requests of one or more events, pipelined on
     /// several streams per connection.
     Quic(Box<quic::Args>),
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         let stop = schedule::stop_on_ctrl_c();
         match cli.mode {
             Mode::Https(args) => https::run(*args, stop).await,
+            Mode::H3(args) => h3::run(*args, stop).await,
             Mode::Quic(args) => quic::run(*args, stop).await,
             Mode::DirectJs(args) => direct_js::run(*args, stop).await,
             Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,

@@ -421,7 +421,7 @@ fn code(code: &str) -> &'static str {
 }
 
 /// The host part of `HOST:PORT` (without IPv6 brackets), for the default server name.
-fn addr_host(addr: &str) -> &str {
+pub(crate) fn addr_host(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _port)| host);
     host.trim_start_matches('[').trim_end_matches(']')
 }

@@ -1,0 +1,126 @@
+//! `loadtest h3`: `POST /v1/publish/{subject}` over HTTP/3 on the relay's QUIC port (ALPN
+//! `h3`), one event per request, requests multiplexed over a few connections. The answers
+//! and statuses are those of `loadtest https`; only the transport differs.
+//!
+//! A connection that fails is not re-established: its workers count `transport` errors for
+//! the rest of the run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use edgerelay::client::{ClientConfig, H3Client};
+use futures::future::try_join_all;
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+use crate::events::{self, EventArgs, Events};
+use crate::report::{self, ReportArgs, RunInfo};
+use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
+
+/// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
+const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
+
+/// Flags of `loadtest h3`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// UDP address of the relay's QUIC listener.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
+    addr: String,
+
+    /// TLS server name [default: the host of --addr]
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+
+    /// PEM file with the CA certificate(s) to trust.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+
+    /// Bearer token sent as `Authorization: Bearer <TOKEN>`.
+    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
+    token: String,
+
+    /// HTTP/3 connections to open.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: u32,
+
+    /// Requests in flight at most, in total, spread evenly over the connections.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: u32,
+
+    #[command(flatten)]
+    events: EventArgs,
+
+    #[command(flatten)]
+    run: RunArgs,
+
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+struct H3Worker {
+    client: Arc<H3Client>,
+    events: Arc<Events>,
+    timeout: Duration,
+}
+
+impl Worker for H3Worker {
+    async fn send(&mut self, seq: u64) -> Outcome {
+        let path = format!("/v1/publish/{}", self.events.subject(seq));
+        let key = self.events.key(seq);
+        let edge_time = events::now_unix_ms().to_string();
+        let headers = [
+            ("idempotency-key", key.as_str()),
+            ("edge-timestamp", edge_time.as_str()),
+            ("content-type", "application/octet-stream"),
+        ];
+        match timeout(self.timeout, self.client.post(&path, &headers, self.events.payload())).await
+        {
+            Err(_) => Outcome::Failed(Failure::Timeout),
+            Ok(Err(_)) => Outcome::Failed(Failure::Transport),
+            Ok(Ok((status, _, _))) if status == 202 => Outcome::Accepted,
+            Ok(Ok((status, _, _))) => Outcome::Failed(Failure::Status(status.as_u16())),
+        }
+    }
+}
+
+/// Runs `loadtest h3`.
+pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
+    let schedule = Schedule::from_args(&args.run, 1)?;
+    let events = Arc::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?);
+    let server = tokio::net::lookup_host(&args.addr)
+        .await
+        .with_context(|| format!("resolving --addr {}", args.addr))?
+        .next()
+        .with_context(|| format!("--addr {} resolves to no address", args.addr))?;
+    let server_name = match &args.server_name {
+        Some(name) => name.clone(),
+        None => crate::quic::addr_host(&args.addr).to_owned(),
+    };
+    let ca_pem = std::fs::read_to_string(&args.ca)
+        .with_context(|| format!("reading {}", args.ca.display()))?;
+    let config = ClientConfig { server, server_name, ca_pem: Some(ca_pem), token: args.token };
+    let clients = try_join_all((0..args.connections).map(|_| H3Client::connect(config.clone())))
+        .await
+        .with_context(|| format!("connecting to {server} over HTTP/3"))?;
+    let clients: Vec<Arc<H3Client>> = clients.into_iter().map(Arc::new).collect();
+    let workers: Vec<H3Worker> = (0..args.concurrency as usize)
+        .map(|w| H3Worker {
+            client: Arc::clone(&clients[w % clients.len()]),
+            events: Arc::clone(&events),
+            timeout: args.run.timeout,
+        })
+        .collect();
+    let info = RunInfo {
+        mode: "h3",
+        http: Some("3"),
+        connections: clients.len(),
+        concurrency: workers.len(),
+        answer: "202",
+        detail: None,
+    };
+    let measured = schedule::run(schedule, &args.run, workers, stop).await?;
+    report::emit(&args.report, &info, &schedule, &measured)
+}
