@@ -112,9 +112,16 @@ impl Ingest {
         self.max_event_bytes
     }
 
-    /// Most events in one request.
-    pub fn max_events_per_request(&self) -> usize {
-        self.max_events_per_request
+    /// Refuses a multi-event request as a whole: no events, or more than the limit.
+    pub fn check_request(&self, events: &[EventIn]) -> Result<(), Refusal> {
+        let max = self.max_events_per_request;
+        if events.is_empty() {
+            Err(Refusal::new(ErrorCode::BadRequest, "no events in the request"))
+        } else if events.len() > max {
+            Err(Refusal::new(ErrorCode::TooLarge, format!("more than {max} events in one request")))
+        } else {
+            Ok(())
+        }
     }
 
     /// Refuses the whole request before decoding its body when nothing could be taken in.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use edgerelay::client::{ClientConfig, H3Client};
+use edgerelay::client::H3Client;
 use futures::future::try_join_all;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -90,18 +90,10 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
     let schedule = Schedule::from_args(&args.run, 1)?;
     let events = Arc::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?);
-    let server = tokio::net::lookup_host(&args.addr)
-        .await
-        .with_context(|| format!("resolving --addr {}", args.addr))?
-        .next()
-        .with_context(|| format!("--addr {} resolves to no address", args.addr))?;
-    let server_name = match &args.server_name {
-        Some(name) => name.clone(),
-        None => crate::quic::addr_host(&args.addr).to_owned(),
-    };
-    let ca_pem = std::fs::read_to_string(&args.ca)
-        .with_context(|| format!("reading {}", args.ca.display()))?;
-    let config = ClientConfig { server, server_name, ca_pem: Some(ca_pem), token: args.token };
+    let config =
+        crate::quic::client_config(&args.addr, args.server_name.as_deref(), &args.ca, args.token)
+            .await?;
+    let server = config.server;
     let clients = try_join_all((0..args.connections).map(|_| H3Client::connect(config.clone())))
         .await
         .with_context(|| format!("connecting to {server} over HTTP/3"))?;

@@ -308,18 +308,9 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?,
         per_request: args.events_per_request,
     });
-    let server = tokio::net::lookup_host(&args.addr)
-        .await
-        .with_context(|| format!("resolving --addr {}", args.addr))?
-        .next()
-        .with_context(|| format!("--addr {} resolves to no address", args.addr))?;
-    let server_name = match &args.server_name {
-        Some(name) => name.clone(),
-        None => addr_host(&args.addr).to_owned(),
-    };
-    let ca_pem = std::fs::read_to_string(&args.ca)
-        .with_context(|| format!("reading {}", args.ca.display()))?;
-    let config = ClientConfig { server, server_name, ca_pem: Some(ca_pem), token: args.token };
+    let config =
+        client_config(&args.addr, args.server_name.as_deref(), &args.ca, args.token).await?;
+    let server = config.server;
     let connect = try_join_all((0..args.connections).map(|_| Client::connect(config.clone())));
     let clients = timeout(args.run.timeout, connect)
         .await
@@ -421,7 +412,26 @@ fn code(code: &str) -> &'static str {
 }
 
 /// The host part of `HOST:PORT` (without IPv6 brackets), for the default server name.
-pub(crate) fn addr_host(addr: &str) -> &str {
+/// The client config for `--addr`, `--server-name` (default: the host of `--addr`), `--ca` and
+/// the token; shared by the QUIC and HTTP/3 modes.
+pub(crate) async fn client_config(
+    addr: &str,
+    server_name: Option<&str>,
+    ca: &std::path::Path,
+    token: String,
+) -> anyhow::Result<ClientConfig> {
+    let server = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving --addr {addr}"))?
+        .next()
+        .with_context(|| format!("--addr {addr} resolves to no address"))?;
+    let server_name = server_name.unwrap_or_else(|| addr_host(addr)).to_owned();
+    let ca_pem =
+        std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+    Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token })
+}
+
+fn addr_host(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _port)| host);
     host.trim_start_matches('[').trim_end_matches(']')
 }

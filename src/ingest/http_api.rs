@@ -150,20 +150,11 @@ impl HttpApi {
         }
         let body = read_body(req, self.max_body_bytes).await?;
         let events = if protobuf {
-            super::decode_publish_request(body.clone())?
+            super::decode_publish_request(body)?
         } else {
             json::decode_request(&body)?
         };
-        if events.is_empty() {
-            return Err(Refusal::new(ErrorCode::BadRequest, "no events in the request"));
-        }
-        let max = self.ingest.max_events_per_request();
-        if events.len() > max {
-            return Err(Refusal::new(
-                ErrorCode::TooLarge,
-                format!("more than {max} events in one request"),
-            ));
-        }
+        self.ingest.check_request(&events)?;
         let outcomes = self.ingest.publish_all(&identity, events).await;
         // 202 only when every event was taken; otherwise the first refusal's status, so a client
         // that looks only at the status never takes an unacknowledged event for stored.

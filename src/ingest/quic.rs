@@ -310,15 +310,8 @@ async fn request(
         ));
     };
     let events = events_of(req);
-    if events.is_empty() {
-        return ready(Refusal::new(ErrorCode::BadRequest, "no events in the request"));
-    }
-    let max = ctx.ingest.max_events_per_request();
-    if events.len() > max {
-        return ready(Refusal::new(
-            ErrorCode::TooLarge,
-            format!("more than {max} events in one request"),
-        ));
+    if let Err(r) = ctx.ingest.check_request(&events) {
+        return ready(r);
     }
     let ingest = ctx.ingest.clone();
     Box::pin(async move {

@@ -13,17 +13,7 @@ use crate::support::*;
 
 /// A raw TLS connection speaking HTTP/1.1 (ALPN), so the test controls every byte.
 async fn tls_connect(setup: &Setup, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let ca =
-        rustls::pki_types::CertificateDer::from_pem_slice(setup.certs.ca_cert.as_bytes()).unwrap();
-    roots.add(ca).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(edgerelay::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = tls_client_config(&setup.certs, b"http/1.1");
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await

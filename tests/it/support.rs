@@ -212,8 +212,8 @@ impl TestRelay {
     }
 }
 
-/// A reqwest client trusting the dev CA, speaking HTTP/2 (ALPN h2) or HTTP/1.1.
-pub fn client(certs: &DevCerts, h2: bool) -> reqwest::Client {
+/// A TLS client config trusting the dev CA and offering `alpn`.
+pub fn tls_client_config(certs: &DevCerts, alpn: &[u8]) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let ca = rustls::pki_types::CertificateDer::from_pem_slice(certs.ca_cert.as_bytes()).unwrap();
@@ -223,7 +223,13 @@ pub fn client(certs: &DevCerts, h2: bool) -> reqwest::Client {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls
+}
+
+/// A reqwest client trusting the dev CA, speaking HTTP/2 (ALPN h2) or HTTP/1.1.
+pub fn client(certs: &DevCerts, h2: bool) -> reqwest::Client {
+    let tls = tls_client_config(certs, if h2 { b"h2" } else { b"http/1.1" });
     let builder =
         reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(20));
     let builder = if h2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
