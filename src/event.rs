@@ -53,14 +53,11 @@ pub struct Pending {
 #[derive(Debug, Default)]
 pub struct Reply {
     tx: Option<oneshot::Sender<Outcome>>,
-    key: Option<(Arc<Idempotency>, Arc<Key>)>,
+    key: Option<(Arc<Idempotency>, Key)>,
 }
 
 impl Reply {
-    pub fn new(
-        tx: Option<oneshot::Sender<Outcome>>,
-        key: Option<(Arc<Idempotency>, Arc<Key>)>,
-    ) -> Self {
+    pub fn new(tx: Option<oneshot::Sender<Outcome>>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
         Self { tx, key }
     }
 
@@ -72,7 +69,7 @@ impl Reply {
 
     fn finish(&mut self, outcome: Outcome) {
         if let Some((cache, key)) = self.key.take() {
-            cache.complete(&key, &outcome);
+            cache.complete(key, &outcome, Instant::now());
         }
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(outcome);

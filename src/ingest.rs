@@ -27,7 +27,7 @@ use crate::event::{Ack, Outcome, Pending, Reply};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
-use idempotency::{Claim, Idempotency, Key};
+use idempotency::{Claim, Idempotency};
 
 /// Most headers one event may carry.
 pub const MAX_EVENT_HEADERS: usize = 32;
@@ -134,25 +134,27 @@ impl Ingest {
 
     /// Publishes one event and waits for its outcome (per the ack mode).
     pub async fn publish(&self, identity: &Identity, event: EventIn) -> Outcome {
-        resolve(self.submit(identity, event)).await
+        resolve(self.submit(identity, event, Arrival::now())).await
     }
 
     /// Publishes many events: all are queued first, then their outcomes awaited together.
     pub async fn publish_all(&self, identity: &Identity, events: Vec<EventIn>) -> Vec<Outcome> {
-        let tickets: Vec<Ticket> = events.into_iter().map(|e| self.submit(identity, e)).collect();
+        let at = Arrival::now();
+        let tickets: Vec<Ticket> =
+            events.into_iter().map(|e| self.submit(identity, e, at)).collect();
         futures::future::join_all(tickets.into_iter().map(resolve)).await
     }
 
-    fn submit(&self, identity: &Identity, ev: EventIn) -> Ticket {
+    fn submit(&self, identity: &Identity, ev: EventIn, at: Arrival) -> Ticket {
         if let Err(r) = self.check(identity, &ev) {
             return Ticket::Now(Err(r));
         }
         if let Some(r) = self.refuse_early() {
             return Ticket::Now(Err(r));
         }
-        let key = (!ev.id.is_empty()).then(|| Key::new(identity.name.clone(), ev.id.clone()));
-        if let Some(key) = &key {
-            match self.idempotency.claim(key, Instant::now()) {
+        let key = (!ev.id.is_empty()).then(|| self.idempotency.key(&identity.name, &ev.id));
+        if let Some(key) = key {
+            match self.idempotency.claim(key, at.instant) {
                 Claim::New => {}
                 Claim::Done(stored) => return Ticket::Now(Ok(Ack::Stored(stored))),
                 Claim::Wait(rx) => return Ticket::Later(rx),
@@ -164,7 +166,7 @@ impl Ingest {
             headers: ev.headers,
             id: ev.id,
             edge_time_unix_ms: ev.edge_time_unix_ms,
-            ingest_time_unix_us: unix_micros(),
+            ingest_time_unix_us: at.unix_us,
             publisher: identity.name.to_string(),
         };
         let len = event.encoded_len();
@@ -177,7 +179,7 @@ impl Ingest {
             }
             AckMode::Accepted => (None, Ticket::Now(Ok(Ack::Queued))),
         };
-        let pending = Pending { event, size, enqueued: Instant::now(), reply: Reply::new(tx, key) };
+        let pending = Pending { event, size, enqueued: at.instant, reply: Reply::new(tx, key) };
         match self.queues.push(pending) {
             Ok(()) => ticket,
             Err(PushError::Full(p)) => {
@@ -233,8 +235,18 @@ async fn resolve(ticket: Ticket) -> Outcome {
     }
 }
 
-fn unix_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+/// When a request's events arrived: read once per request, not per event.
+#[derive(Clone, Copy)]
+struct Arrival {
+    instant: Instant,
+    unix_us: u64,
+}
+
+impl Arrival {
+    fn now() -> Self {
+        let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        Self { instant: Instant::now(), unix_us: unix_us as u64 }
+    }
 }
 
 /// One event's outcome as a protobuf result (shared by every protobuf front-end).

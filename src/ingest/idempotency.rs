@@ -6,10 +6,17 @@
 //! How far this holds: one relay process, keys remembered for `idempotency.window_ms` and at
 //! most `idempotency.max_keys` of them. Across relays or restarts the key still travels in the
 //! event (`Event.id`), so consumers can de-duplicate.
+//!
+//! Almost every key is new, and at high rates the cache is far larger than the CPU's caches,
+//! so the layout is chosen to touch main memory once per key: keys in flight sit in a small
+//! table; completed keys go into the current of two *generations* (a table plus a Bloom
+//! filter); a new key is recognised as new by the filters alone. A generation is dropped
+//! whole, never key by key: when the current one is full (half of a shard's keys) or older
+//! than the window, it becomes the previous one and the previous one is dropped.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -19,35 +26,68 @@ use crate::event::{Ack, Outcome, Stored};
 /// Independently locked parts of the cache, so concurrent requests rarely wait on each other.
 const SHARDS: usize = 16;
 
-/// An idempotency key as scoped by the relay: (identity, client key). Shared (`Arc`) between
-/// the cache, its expiry queue and the event's reply, so it is allocated once.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub identity: Arc<str>,
-    pub key: String,
+/// An idempotency key as scoped by the relay: a 128-bit fingerprint of (identity, client
+/// key) under two randomly seeded SipHash keys, made by [`Idempotency::key`]. The cache keeps
+/// fingerprints rather than strings: hashed once per event, 16 bytes per entry, no allocation.
+/// Two distinct keys share a fingerprint with probability about 2^-128 per pair, and since
+/// the seeds are secret, clients cannot search for a collision offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key(u128);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: its low half is the table's hash, its high half picks the shard.
+        state.write_u64(self.0 as u64);
+    }
+}
+
+/// Passes a [`Key`]'s own bits through as the table hash.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The cache of recent keys.
 #[derive(Debug)]
 pub struct Idempotency {
     shards: Box<[Mutex<Inner>]>,
-    /// Picks a key's shard; randomly seeded, so clients cannot aim at one shard.
-    hasher: RandomState,
+    /// Seeds of the two halves of a key's fingerprint: random, so clients cannot aim at one
+    /// shard or bucket, nor find colliding keys.
+    seeds: [RandomState; 2],
     window: Duration,
-    max_keys_per_shard: usize,
+    /// Keys per generation and shard: two generations hold at most `max_keys` in all.
+    generation_keys: usize,
 }
 
-#[derive(Debug, Default)]
+type Table<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
+
+#[derive(Debug)]
 struct Inner {
-    entries: HashMap<Arc<Key>, Entry>,
-    /// Completed keys in completion order, for expiry and eviction.
-    done: VecDeque<(Instant, Arc<Key>)>,
+    /// Claimed keys whose event is not answered yet, with the retries waiting for it.
+    in_flight: Table<Vec<oneshot::Sender<Outcome>>>,
+    /// Completed keys: the current generation (taking new keys) and the previous one.
+    current: Generation,
+    previous: Generation,
 }
 
 #[derive(Debug)]
-enum Entry {
-    InFlight(Vec<oneshot::Sender<Outcome>>),
-    Done(Stored, Instant),
+struct Generation {
+    /// When its first key was stored.
+    started: Option<Instant>,
+    stored: Table<(Stored, Instant)>,
+    filter: Filter,
 }
 
 /// What [`Idempotency::claim`] found.
@@ -62,75 +102,82 @@ pub enum Claim {
 }
 
 impl Idempotency {
-    /// Remembers keys for `window`, at most `max_keys` of them (oldest forgotten first): at
-    /// high rates the effective window is `max_keys / rate`.
+    /// Remembers keys for `window`, at most `max_keys` of them; the newest `max_keys / 2` are
+    /// always kept, so at high rates the effective window is between `max_keys / (2 · rate)`
+    /// and `max_keys / rate`.
     pub fn new(window: Duration, max_keys: usize) -> Self {
+        let generation_keys = (max_keys / 2).div_ceil(SHARDS).max(1);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Inner::default())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Inner::new(generation_keys))).collect(),
+            seeds: [RandomState::new(), RandomState::new()],
             window,
-            max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            generation_keys,
         }
+    }
+
+    /// The key `key` of `identity`.
+    pub fn key(&self, identity: &str, key: &str) -> Key {
+        let half = |seed: &RandomState| seed.hash_one((identity, key));
+        Key(u128::from(half(&self.seeds[0])) << 64 | u128::from(half(&self.seeds[1])))
     }
 
     /// Claims `key` at `now`.
-    pub fn claim(&self, key: &Arc<Key>, now: Instant) -> Claim {
+    pub fn claim(&self, key: Key, now: Instant) -> Claim {
         let mut inner = self.lock(key);
-        inner.expire(now, self.window, self.max_keys_per_shard);
-        match inner.entries.get_mut(key.as_ref()) {
-            Some(Entry::Done(stored, _)) => {
-                Claim::Done(Stored { duplicate: true, ..stored.clone() })
-            }
-            Some(Entry::InFlight(waiters)) => {
-                let (tx, rx) = oneshot::channel();
-                waiters.push(tx);
-                Claim::Wait(rx)
-            }
-            None => {
-                inner.entries.insert(key.clone(), Entry::InFlight(Vec::new()));
-                Claim::New
-            }
+        if let Some(waiters) = inner.in_flight.get_mut(&key) {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(tx);
+            return Claim::Wait(rx);
         }
+        if let Some(stored) = inner.stored(key, now, self.window) {
+            return Claim::Done(Stored { duplicate: true, ..stored.clone() });
+        }
+        inner.in_flight.insert(key, Vec::new());
+        Claim::New
     }
 
-    /// Records the outcome of a claimed key: a stored event is remembered; a refused one
-    /// forgets the key so a retry publishes again. Waiting retries get the outcome.
-    pub fn complete(&self, key: &Arc<Key>, outcome: &Outcome) {
-        let now = Instant::now();
+    /// Records the outcome of a claimed key at `now`: a stored event is remembered; a refused
+    /// one forgets the key so a retry publishes again. Waiting retries get the outcome.
+    pub fn complete(&self, key: Key, outcome: &Outcome, now: Instant) {
         let mut inner = self.lock(key);
-        let waiters = match inner.entries.get_mut(key.as_ref()) {
-            Some(Entry::InFlight(w)) => std::mem::take(w),
-            _ => return, // not claimed, or already completed
+        let Some(waiters) = inner.in_flight.remove(&key) else {
+            return; // not claimed, or already completed
         };
+        let mut dropped = None;
+        if let Ok(Ack::Stored(stored)) = outcome {
+            dropped = inner.rotate(now, self.window, self.generation_keys);
+            inner.current.insert(key, stored.clone(), now);
+        }
+        drop(inner);
+        // Freed outside the shard's lock: a generation can hold tens of thousands of keys.
+        drop(dropped);
+        if waiters.is_empty() {
+            return;
+        }
         let answer = match outcome {
             Ok(Ack::Stored(stored)) => {
-                inner.entries.insert(key.clone(), Entry::Done(stored.clone(), now));
-                inner.done.push_back((now, key.clone()));
                 Ok(Ack::Stored(Stored { duplicate: true, ..stored.clone() }))
             }
-            other => {
-                inner.entries.remove(key.as_ref());
-                other.clone()
-            }
+            other => other.clone(),
         };
-        drop(inner);
         for w in waiters {
             let _ = w.send(answer.clone());
         }
     }
 
-    /// Keys remembered (completed or in flight).
+    /// Keys remembered (completed or in flight), including expired ones not yet dropped.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).entries.len()).sum()
+        let count =
+            |i: &Inner| i.in_flight.len() + i.current.stored.len() + i.previous.stored.len();
+        self.shards.iter().map(|s| count(&lock(s))).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self, key: &Key) -> std::sync::MutexGuard<'_, Inner> {
-        let shard = self.hasher.hash_one(key) as usize % self.shards.len();
-        lock(&self.shards[shard])
+    fn lock(&self, key: Key) -> std::sync::MutexGuard<'_, Inner> {
+        lock(&self.shards[(key.0 >> 64) as usize % self.shards.len()])
     }
 }
 
@@ -141,24 +188,95 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 impl Inner {
-    fn expire(&mut self, now: Instant, window: Duration, max_keys: usize) {
-        while let Some((at, _)) = self.done.front() {
-            let expired = now.saturating_duration_since(*at) >= window;
-            if !expired && self.entries.len() < max_keys {
-                break;
-            }
-            let Some((at, key)) = self.done.pop_front() else { break };
-            // Only remove the entry this queue slot refers to (not a newer claim of the key).
-            if matches!(self.entries.get(key.as_ref()), Some(Entry::Done(_, t)) if *t == at) {
-                self.entries.remove(key.as_ref());
-            }
+    fn new(generation_keys: usize) -> Self {
+        Self {
+            in_flight: Table::default(),
+            current: Generation::new(generation_keys),
+            previous: Generation::new(generation_keys),
         }
+    }
+
+    /// The stored result of `key`, if it was completed less than `window` before `now`.
+    fn stored(&self, key: Key, now: Instant, window: Duration) -> Option<&Stored> {
+        [&self.current, &self.previous].into_iter().find_map(|g| {
+            let (stored, at) = g.get(key)?;
+            (now.saturating_duration_since(*at) < window).then_some(stored)
+        })
+    }
+
+    /// Starts a new current generation if the current one is full or older than `window`
+    /// (so everything in the previous one has expired); returns the dropped generation.
+    fn rotate(&mut self, now: Instant, window: Duration, keys: usize) -> Option<Generation> {
+        let old = self.current.started.is_some_and(|t| now.saturating_duration_since(t) >= window);
+        if self.current.stored.len() < keys && !old {
+            return None;
+        }
+        let mut fresh = Generation::new(keys);
+        // Sized like the one it follows: the rate rarely changes much in a window.
+        fresh.stored.reserve(self.current.stored.len());
+        Some(std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, fresh)))
     }
 }
 
-impl Key {
-    pub fn new(identity: Arc<str>, key: String) -> Arc<Self> {
-        Arc::new(Self { identity, key })
+impl Generation {
+    fn new(keys: usize) -> Self {
+        Self { started: None, stored: Table::default(), filter: Filter::new(keys) }
+    }
+
+    fn get(&self, key: Key) -> Option<&(Stored, Instant)> {
+        // The filter answers "not here" for almost every new key without touching the table.
+        if !self.filter.may_contain(key) {
+            return None;
+        }
+        self.stored.get(&key)
+    }
+
+    fn insert(&mut self, key: Key, stored: Stored, now: Instant) {
+        self.started.get_or_insert(now);
+        self.filter.insert(key);
+        self.stored.insert(key, (stored, now));
+    }
+}
+
+/// A blocked Bloom filter over fingerprints: each key sets [`Filter::BITS`] bits within one
+/// 64-byte block, so a lookup reads one cache line. Sized at 12–24 bits per key, it answers
+/// "maybe" for a key it never saw well under 1% of the time; it never misses a key it holds.
+#[derive(Debug)]
+struct Filter {
+    blocks: Box<[[u64; 8]]>,
+}
+
+impl Filter {
+    /// Bits set per key.
+    const BITS: u32 = 6;
+
+    fn new(keys: usize) -> Self {
+        let blocks = (keys * 12).div_ceil(512).next_power_of_two();
+        Self { blocks: vec![[0; 8]; blocks].into_boxed_slice() }
+    }
+
+    /// The block and the bits of `key`: the fingerprint is already random, so its bits are
+    /// used directly (the high half's low bits pick the shard, so the block comes from above).
+    fn bits(&self, key: Key) -> (usize, impl Iterator<Item = (usize, u64)>) {
+        let block = ((key.0 >> 72) as usize) & (self.blocks.len() - 1);
+        let low = key.0 as u64;
+        let bits = (0..Self::BITS).map(move |i| {
+            let bit = (low >> (9 * i)) & 511;
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        });
+        (block, bits)
+    }
+
+    fn insert(&mut self, key: Key) {
+        let (block, bits) = self.bits(key);
+        for (word, mask) in bits {
+            self.blocks[block][word] |= mask;
+        }
+    }
+
+    fn may_contain(&self, key: Key) -> bool {
+        let (block, mut bits) = self.bits(key);
+        bits.all(|(word, mask)| self.blocks[block][word] & mask != 0)
     }
 }
 
@@ -167,8 +285,8 @@ mod tests {
     use super::*;
     use crate::error::{ErrorCode, Refusal};
 
-    fn key(k: &str) -> Arc<Key> {
-        Key::new(Arc::from("edge"), k.to_owned())
+    fn key(c: &Idempotency, k: &str) -> Key {
+        c.key("edge", k)
     }
 
     fn stored(seq: u64) -> Stored {
@@ -179,36 +297,36 @@ mod tests {
     fn a_stored_key_is_answered_as_duplicate_within_the_window() {
         let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(&key("a"), t0), Claim::New));
-        c.complete(&key("a"), &Ok(Ack::Stored(stored(7))));
-        match c.claim(&key("a"), t0) {
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(7))), t0);
+        match c.claim(key(&c, "a"), t0) {
             Claim::Done(s) => assert_eq!((s.seq, s.duplicate), (7, true)),
             other => panic!("{other:?}"),
         }
         // After the window the key is forgotten.
         let later = Instant::now() + Duration::from_secs(11);
-        assert!(matches!(c.claim(&key("a"), later), Claim::New));
+        assert!(matches!(c.claim(key(&c, "a"), later), Claim::New));
     }
 
     #[test]
     fn a_refused_key_can_be_retried_and_waiters_get_the_refusal() {
         let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(&key("a"), t0), Claim::New));
-        let Claim::Wait(mut rx) = c.claim(&key("a"), t0) else { panic!() };
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
         let refusal = Refusal::new(ErrorCode::AckTimeout, "x");
-        c.complete(&key("a"), &Err(refusal.clone()));
+        c.complete(key(&c, "a"), &Err(refusal.clone()), t0);
         assert_eq!(rx.try_recv().unwrap(), Err(refusal));
-        assert!(matches!(c.claim(&key("a"), t0), Claim::New));
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
     }
 
     #[test]
     fn waiters_get_the_stored_result_marked_duplicate() {
         let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(&key("a"), t0), Claim::New));
-        let Claim::Wait(mut rx) = c.claim(&key("a"), t0) else { panic!() };
-        c.complete(&key("a"), &Ok(Ack::Stored(stored(3))));
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
+        c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(3))), t0);
         let Ok(Ack::Stored(s)) = rx.try_recv().unwrap() else { panic!() };
         assert!(s.duplicate);
     }
@@ -218,9 +336,9 @@ mod tests {
         let c = Idempotency::new(Duration::from_secs(10), 3 * SHARDS);
         let t0 = Instant::now();
         for i in 0..1000 {
-            let k = key(&i.to_string());
-            assert!(matches!(c.claim(&k, t0), Claim::New));
-            c.complete(&k, &Ok(Ack::Stored(stored(i))));
+            let k = key(&c, &i.to_string());
+            assert!(matches!(c.claim(k, t0), Claim::New));
+            c.complete(k, &Ok(Ack::Stored(stored(i))), t0);
         }
         assert!(c.len() <= 4 * SHARDS, "{}", c.len());
     }
@@ -229,8 +347,63 @@ mod tests {
     fn keys_are_scoped_by_identity() {
         let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(&key("a"), t0), Claim::New));
-        c.complete(&key("a"), &Ok(Ack::Stored(stored(1))));
-        assert!(matches!(c.claim(&Key::new(Arc::from("other"), "a".into()), t0), Claim::New));
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(1))), t0);
+        assert!(matches!(c.claim(c.key("other", "a"), t0), Claim::New));
+    }
+
+    #[test]
+    fn identity_and_key_do_not_run_together() {
+        let c = Idempotency::new(Duration::from_secs(10), 100);
+        assert_ne!(c.key("ab", "c"), c.key("a", "bc"));
+        assert_eq!(c.key("a", "bc"), c.key("a", "bc"));
+    }
+
+    #[test]
+    fn a_full_generation_becomes_the_previous_and_the_one_before_is_dropped() {
+        let c = Idempotency::new(Duration::from_secs(10), 100);
+        let mut inner = Inner::new(2);
+        let t0 = Instant::now();
+        let window = Duration::from_secs(10);
+        let keys: Vec<Key> = (0..5).map(|i| key(&c, &i.to_string())).collect();
+        for (i, k) in keys.iter().enumerate() {
+            drop(inner.rotate(t0, window, 2));
+            inner.current.insert(*k, stored(i as u64), t0);
+        }
+        // Generations of 2: {4} current, {2, 3} previous, {0, 1} dropped.
+        let seqs: Vec<Option<u64>> =
+            keys.iter().map(|k| inner.stored(*k, t0, window).map(|s| s.seq)).collect();
+        assert_eq!(seqs, [None, None, Some(2), Some(3), Some(4)]);
+    }
+
+    #[test]
+    fn a_generation_older_than_the_window_is_dropped_with_the_next_one() {
+        let c = Idempotency::new(Duration::from_secs(10), 100);
+        let window = Duration::from_secs(10);
+        let mut inner = Inner::new(1_000);
+        let t0 = Instant::now();
+        let (a, b) = (key(&c, "a"), key(&c, "b"));
+        inner.current.insert(a, stored(1), t0);
+        assert!(inner.rotate(t0 + Duration::from_secs(9), window, 1_000).is_none());
+        // Older than the window: it becomes the previous generation...
+        assert!(inner.rotate(t0 + Duration::from_secs(10), window, 1_000).is_some());
+        inner.current.insert(b, stored(2), t0 + Duration::from_secs(10));
+        assert!(inner.previous.get(a).is_some());
+        // ...and is dropped with the next rotation, one window later.
+        let dropped = inner.rotate(t0 + Duration::from_secs(20), window, 1_000);
+        assert!(dropped.is_some_and(|g| g.get(a).is_some()));
+        assert!(inner.previous.get(b).is_some() && inner.previous.get(a).is_none());
+    }
+
+    #[test]
+    fn the_filter_never_misses_a_key_it_holds_and_rarely_claims_one_it_does_not() {
+        let c = Idempotency::new(Duration::from_secs(10), 100);
+        let mut filter = Filter::new(10_000);
+        let held: Vec<Key> = (0..10_000).map(|i| key(&c, &format!("in-{i}"))).collect();
+        held.iter().for_each(|k| filter.insert(*k));
+        assert!(held.iter().all(|k| filter.may_contain(*k)));
+        let false_hits = (0..10_000).filter(|i| filter.may_contain(key(&c, &format!("out-{i}"))));
+        // About 0.3% expected at this size; the bound leaves a wide margin for chance.
+        assert!(false_hits.count() < 200);
     }
 }
