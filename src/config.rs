@@ -243,7 +243,8 @@ pub struct IdempotencyConfig {
     /// How long the result for an `Idempotency-Key` is remembered, milliseconds. A retry with
     /// the same key (by the same identity) within it is answered with the first result.
     pub window_ms: u64,
-    /// Most keys remembered; the oldest are forgotten first.
+    /// Most keys remembered. The newest half are always kept; older keys are forgotten half
+    /// the cache at a time (see `ingest::idempotency`).
     pub max_keys: usize,
 }
 
