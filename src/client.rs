@@ -89,6 +89,10 @@ pub struct PublishStream {
 /// timeout while every stream of the client waits behind it).
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Kernel buffers of a client's UDP socket, as the relay's default `quic.socket_buffer_bytes`:
+/// a busy client (the load generator) drops answers with the kernel's ~200 KiB default.
+const CLIENT_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
 /// Longest answer the client accepts.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 
@@ -212,7 +216,9 @@ pub fn quic_endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoi
     } else {
         SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(&e))?;
+    let socket =
+        crate::ingest::quic::udp_socket(bind, CLIENT_SOCKET_BUFFER_BYTES).map_err(|e| setup(&e))?;
+    let mut endpoint = crate::ingest::quic::endpoint(socket, None).map_err(|e| setup(&e))?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     Ok(endpoint)
 }

@@ -126,6 +126,11 @@ pub struct QuicConfig {
     /// With more handshakes than this under way, new clients must first prove their address
     /// (QUIC Retry), which costs them a round trip and an attacker its spoofed addresses.
     pub retry_above_handshakes: usize,
+    /// Kernel send and receive buffer of the UDP socket, bytes (0: the kernel's default).
+    /// Every connection shares the one socket: at the default ~200 KiB, a few milliseconds'
+    /// stall of the relay under load overflows it and QUIC has to recover the lost packets.
+    /// Capped by the `net.core.rmem_max` / `wmem_max` sysctls; the relay warns if it gets less.
+    pub socket_buffer_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -316,6 +321,7 @@ impl Default for QuicConfig {
             max_requests_in_flight_per_stream: 32,
             idle_timeout_ms: 30_000,
             retry_above_handshakes: 256,
+            socket_buffer_bytes: 4 << 20,
         }
     }
 }

@@ -22,7 +22,7 @@
 //! and the stream goes on.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -89,6 +89,42 @@ pub enum QuicError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
+/// A UDP socket bound to `addr` with kernel send and receive buffers of `buffer_bytes` (0:
+/// the kernel's default); an IPv6 wildcard address also takes IPv4. Warns when the kernel
+/// caps the buffers lower (`net.core.rmem_max` / `wmem_max`).
+pub(crate) fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Not every host allows dual-stack sockets; IPv6 alone still works then.
+        let _ = socket.set_only_v6(false);
+    }
+    if buffer_bytes > 0 {
+        socket.set_recv_buffer_size(buffer_bytes)?;
+        socket.set_send_buffer_size(buffer_bytes)?;
+        let got = socket.recv_buffer_size()?.min(socket.send_buffer_size()?);
+        if got < buffer_bytes {
+            tracing::warn!(
+                wanted = buffer_bytes,
+                got,
+                "UDP socket buffers are smaller than quic.socket_buffer_bytes: raise the \
+                 net.core.rmem_max and net.core.wmem_max sysctls, or bursts will drop packets"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A quinn endpoint on `socket` on the current tokio runtime; a server if `server` is given.
+pub(crate) fn endpoint(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
 impl Server {
     pub fn bind(
         cfg: &QuicConfig,
@@ -102,8 +138,9 @@ impl Server {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(cfg)));
         server.max_incoming(cfg.max_connections.max(1) * 2);
-        let endpoint = quinn::Endpoint::server(server, listen)
-            .map_err(|source| QuicError::Bind { addr: listen, source })?;
+        let bind_error = |source| QuicError::Bind { addr: listen, source };
+        let socket = udp_socket(listen, cfg.socket_buffer_bytes).map_err(bind_error)?;
+        let endpoint = endpoint(socket, Some(server)).map_err(bind_error)?;
         Ok(Self {
             endpoint,
             ctx: Arc::new(Ctx {
