@@ -13,17 +13,39 @@ use crate::error::{ErrorCode, Refusal};
 use crate::ingest::idempotency::{Idempotency, Key};
 use crate::proto;
 
-/// Where JetStream stored an event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where JetStream stored an event. Plain numbers (`Copy`, no shared strings): one is made,
+/// copied and cached per event on several threads; [`Names`] spells out the stream and batch
+/// when an answer is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stored {
-    pub stream: Arc<str>,
+    /// The batch's sequence in the stream.
     pub seq: u64,
-    /// The batch's `Nats-Msg-Id`.
-    pub batch: Arc<str>,
+    /// The batch's number in this relay process ([`Names::batch`] is its `Nats-Msg-Id`).
+    pub batch: u64,
     /// Index of the event within the batch.
     pub index: u32,
     /// This answer repeats an earlier one (idempotency-key retry).
     pub duplicate: bool,
+}
+
+/// The names answers give: the stream, and the batches' `Nats-Msg-Id`s
+/// (`{relay.id}.{boot id}.{batch}`), the same for every event of one relay process.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub stream: String,
+    /// `{relay.id}.{boot id}`.
+    batch_prefix: String,
+}
+
+impl Names {
+    pub fn new(stream: &str, relay_id: &str, boot_id: &str) -> Self {
+        Self { stream: stream.to_owned(), batch_prefix: format!("{relay_id}.{boot_id}") }
+    }
+
+    /// The `Nats-Msg-Id` of batch number `batch`.
+    pub fn batch(&self, batch: u64) -> String {
+        format!("{}.{batch}", self.batch_prefix)
+    }
 }
 
 /// What the edge is told about one event.

@@ -23,7 +23,7 @@ use crate::auth::{Auth, Credentials, Identity};
 use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Outcome, Pending, Reply};
+use crate::event::{Ack, Names, Outcome, Pending, Reply};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
@@ -105,6 +105,16 @@ impl Ingest {
             ));
         }
         self.auth.authorize(identity, subject)
+    }
+
+    /// What answers call the stream and the batches.
+    pub fn names(&self) -> &Names {
+        self.sink.names()
+    }
+
+    /// One event's outcome as a protobuf result (shared by every protobuf front-end).
+    pub fn to_proto(&self, outcome: &Outcome) -> proto::EventResult {
+        to_proto(outcome, self.names())
     }
 
     /// Largest single event payload.
@@ -250,13 +260,13 @@ impl Arrival {
 }
 
 /// One event's outcome as a protobuf result (shared by every protobuf front-end).
-pub fn to_proto(outcome: &Outcome) -> proto::EventResult {
+fn to_proto(outcome: &Outcome, names: &Names) -> proto::EventResult {
     use proto::event_result::Outcome as O;
     let outcome = match outcome {
         Ok(Ack::Stored(s)) => O::Accepted(proto::Accepted {
-            stream: s.stream.to_string(),
+            stream: names.stream.clone(),
             seq: s.seq,
-            batch: s.batch.to_string(),
+            batch: names.batch(s.batch),
             index: s.index,
             duplicate: s.duplicate,
         }),

@@ -117,7 +117,10 @@ impl HttpApi {
         let event = EventIn { subject, payload, headers: event_headers, id, edge_time_unix_ms };
         let outcome = self.ingest.publish(&identity, event).await;
         Ok(match &outcome {
-            Ok(_) => json_response(StatusCode::ACCEPTED, json::encode(&Answer::of(&outcome))),
+            Ok(_) => json_response(
+                StatusCode::ACCEPTED,
+                json::encode(&Answer::of(&outcome, self.ingest.names())),
+            ),
             Err(r) => refusal(r),
         })
     }
@@ -162,14 +165,14 @@ impl HttpApi {
         let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
         let mut resp = if protobuf {
             let body = proto::PublishResponse {
-                results: outcomes.iter().map(super::to_proto).collect(),
+                results: outcomes.iter().map(|o| self.ingest.to_proto(o)).collect(),
                 error: None,
             };
             let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
             resp
         } else {
-            json_response(StatusCode::OK, json::encode_many(&outcomes))
+            json_response(StatusCode::OK, json::encode_many(&outcomes, self.ingest.names()))
         };
         *resp.status_mut() = status;
         if let Some(r) = first_refusal {

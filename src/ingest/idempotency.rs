@@ -130,7 +130,7 @@ impl Idempotency {
             return Claim::Wait(rx);
         }
         if let Some(stored) = inner.stored(key, now, self.window) {
-            return Claim::Done(Stored { duplicate: true, ..stored.clone() });
+            return Claim::Done(Stored { duplicate: true, ..*stored });
         }
         inner.in_flight.insert(key, Vec::new());
         Claim::New
@@ -146,7 +146,7 @@ impl Idempotency {
         let mut dropped = None;
         if let Ok(Ack::Stored(stored)) = outcome {
             dropped = inner.rotate(now, self.window, self.generation_keys);
-            inner.current.insert(key, stored.clone(), now);
+            inner.current.insert(key, *stored, now);
         }
         drop(inner);
         // Freed outside the shard's lock: a generation can hold tens of thousands of keys.
@@ -155,9 +155,7 @@ impl Idempotency {
             return;
         }
         let answer = match outcome {
-            Ok(Ack::Stored(stored)) => {
-                Ok(Ack::Stored(Stored { duplicate: true, ..stored.clone() }))
-            }
+            Ok(Ack::Stored(stored)) => Ok(Ack::Stored(Stored { duplicate: true, ..*stored })),
             other => other.clone(),
         };
         for w in waiters {
@@ -290,7 +288,7 @@ mod tests {
     }
 
     fn stored(seq: u64) -> Stored {
-        Stored { stream: "S".into(), seq, batch: "b".into(), index: 0, duplicate: false }
+        Stored { seq, batch: 1, index: 0, duplicate: false }
     }
 
     #[test]

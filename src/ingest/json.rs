@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::EventIn;
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Outcome};
+use crate::event::{Ack, Names, Outcome};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +45,7 @@ struct JsonEvent {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Answer<'a> {
-    Stored { stream: &'a str, seq: u64, batch: &'a str, index: u32, duplicate: bool },
+    Stored { stream: &'a str, seq: u64, batch: String, index: u32, duplicate: bool },
     Queued { queued: bool },
     Refused { error: ErrorBody<'a> },
 }
@@ -99,12 +99,12 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
 }
 
 impl<'a> Answer<'a> {
-    pub fn of(outcome: &'a Outcome) -> Self {
+    pub fn of(outcome: &'a Outcome, names: &'a Names) -> Self {
         match outcome {
             Ok(Ack::Stored(s)) => Answer::Stored {
-                stream: &s.stream,
+                stream: &names.stream,
                 seq: s.seq,
-                batch: &s.batch,
+                batch: names.batch(s.batch),
                 index: s.index,
                 duplicate: s.duplicate,
             },
@@ -124,9 +124,9 @@ pub fn encode(answer: &Answer<'_>) -> Vec<u8> {
 }
 
 /// Encodes the answers of a multi-event request.
-pub fn encode_many(outcomes: &[Outcome]) -> Vec<u8> {
-    serde_json::to_vec(&Many { results: outcomes.iter().map(Answer::of).collect() })
-        .unwrap_or_default()
+pub fn encode_many(outcomes: &[Outcome], names: &Names) -> Vec<u8> {
+    let results = outcomes.iter().map(|o| Answer::of(o, names)).collect();
+    serde_json::to_vec(&Many { results }).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -162,20 +162,17 @@ mod tests {
 
     #[test]
     fn answers_have_the_documented_shape() {
-        let ok: Outcome = Ok(Ack::Stored(Stored {
-            stream: "EDGE".into(),
-            seq: 4,
-            batch: "r.b.1".into(),
-            index: 2,
-            duplicate: false,
-        }));
-        let v: serde_json::Value = serde_json::from_slice(&encode(&Answer::of(&ok))).unwrap();
+        let names = Names::new("EDGE", "r", "b");
+        let ok: Outcome = Ok(Ack::Stored(Stored { seq: 4, batch: 1, index: 2, duplicate: false }));
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode(&Answer::of(&ok, &names))).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"stream":"EDGE","seq":4,"batch":"r.b.1","index":2,"duplicate":false})
         );
         let err: Outcome = Err(Refusal::new(ErrorCode::Forbidden, "no"));
-        let v: serde_json::Value = serde_json::from_slice(&encode(&Answer::of(&err))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode(&Answer::of(&err, &names))).unwrap();
         assert_eq!(v, serde_json::json!({"error":{"code":"forbidden","message":"no"}}));
     }
 }

@@ -22,7 +22,7 @@ use super::stream;
 use crate::batch::Ready;
 use crate::config::{ms, NatsConfig, StreamConfig};
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Pending, Reply, Stored};
+use crate::event::{Ack, Names, Pending, Reply, Stored};
 use crate::proto;
 
 /// Header carrying the number of events in a batch.
@@ -58,6 +58,7 @@ pub struct Sink {
     stream: StreamConfig,
     relay_id: String,
     boot_id: String,
+    names: Names,
     next_seq: AtomicU64,
     window: Arc<Semaphore>,
     window_size: u32,
@@ -74,7 +75,9 @@ pub struct Sink {
 /// One batch on its way to JetStream.
 struct Flight {
     subject: String,
-    msg_id: Arc<str>,
+    /// The batch's number ([`Stored::batch`]) and its `Nats-Msg-Id`.
+    seq: u64,
+    msg_id: String,
     payload: Bytes,
     events: usize,
     replies: Vec<Reply>,
@@ -132,6 +135,7 @@ impl Sink {
             stream: stream.clone(),
             relay_id: relay_id.to_owned(),
             boot_id: boot_id.to_owned(),
+            names: Names::new(&stream.name, relay_id, boot_id),
             next_seq: AtomicU64::new(1),
             window: Arc::new(Semaphore::new(window)),
             window_size: u32::try_from(window).unwrap_or(u32::MAX),
@@ -230,7 +234,7 @@ impl Sink {
     pub async fn publish(self: &Arc<Self>, batch: Ready<Pending>) {
         let Ok(permit) = self.window.clone().acquire_owned().await else { return };
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let msg_id: Arc<str> = format!("{}.{}.{}", self.relay_id, self.boot_id, seq).into();
+        let msg_id = self.names.batch(seq);
         let mut events = Vec::with_capacity(batch.items.len());
         let mut replies = Vec::with_capacity(batch.items.len());
         for p in batch.items {
@@ -246,6 +250,7 @@ impl Sink {
         .encode_to_vec();
         let flight = Flight {
             subject: batch.subject,
+            seq,
             msg_id,
             payload: Bytes::from(payload),
             events: replies.len(),
@@ -275,6 +280,11 @@ impl Sink {
     }
 
     /// Batches published and not yet answered.
+    /// What answers call the stream and the batches.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     pub fn in_flight(&self) -> usize {
         self.window_size as usize - self.window.available_permits()
     }
@@ -307,12 +317,12 @@ impl Sink {
                     if ack.duplicate {
                         tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
                     }
-                    let stream: Arc<str> = ack.stream.into();
+                    // The stream is the configured one: JetStream lets only one stream
+                    // capture a subject, and the relay checked that this one does.
                     for (index, reply) in f.replies.into_iter().enumerate() {
                         reply.send(Ok(Ack::Stored(Stored {
-                            stream: stream.clone(),
                             seq: ack.sequence,
-                            batch: f.msg_id.clone(),
+                            batch: f.seq,
                             index: index as u32,
                             duplicate: false,
                         })));
