@@ -88,9 +88,11 @@ impl Publishes {
     /// Subject and message of event `seq`: its own `Nats-Msg-Id`.
     fn build(&self, seq: u64) -> (Subject, PublishMessage) {
         let subject = self.subjects[self.events.subject_index(seq)].clone();
-        let publish =
-            PublishMessage::build().payload(self.events.payload()).message_id(self.events.key(seq));
-        (subject, publish)
+        let publish = PublishMessage::build().payload(self.events.payload());
+        match self.events.key(seq) {
+            Some(key) => (subject, publish.message_id(key)),
+            None => (subject, publish),
+        }
     }
 
     /// Prints the first publish error of the run; later ones are only counted.

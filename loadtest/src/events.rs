@@ -24,6 +24,11 @@ pub struct EventArgs {
     /// Size of each event payload in bytes.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub payload_bytes: usize,
+
+    /// Send events without idempotency keys (direct-js: without `Nats-Msg-Id`), so neither
+    /// the relay nor JetStream checks them for duplicates: what those checks cost.
+    #[arg(long)]
+    pub no_keys: bool,
 }
 
 /// Everything needed to build event `n`; shared by all workers of a run.
@@ -35,6 +40,8 @@ pub struct Events {
     payload: Bytes,
     /// Makes idempotency keys unique across runs: `lt-{run_id}-{n}`.
     run_id: String,
+    /// Whether events carry keys (not `--no-keys`).
+    keyed: bool,
 }
 
 impl Events {
@@ -53,6 +60,7 @@ impl Events {
             subjects,
             payload: Bytes::from(vec![b'x'; args.payload_bytes]),
             run_id: format!("{:x}{:04x}", started.as_millis(), std::process::id() & 0xffff),
+            keyed: !args.no_keys,
         })
     }
 
@@ -82,9 +90,10 @@ impl Events {
         self.payload.clone()
     }
 
-    /// Idempotency key of event `n`, unique across runs: ≤ 40 printable ASCII characters.
-    pub fn key(&self, n: u64) -> String {
-        format!("lt-{}-{n}", self.run_id)
+    /// Idempotency key of event `n`, unique across runs: ≤ 40 printable ASCII characters;
+    /// none with `--no-keys`.
+    pub fn key(&self, n: u64) -> Option<String> {
+        self.keyed.then(|| format!("lt-{}-{n}", self.run_id))
     }
 }
 
@@ -99,7 +108,12 @@ mod tests {
     use super::*;
 
     fn args(subjects: u32, prefix: Option<&str>) -> EventArgs {
-        EventArgs { subjects, subject_prefix: prefix.map(str::to_owned), payload_bytes: 8 }
+        EventArgs {
+            subjects,
+            subject_prefix: prefix.map(str::to_owned),
+            payload_bytes: 8,
+            no_keys: false,
+        }
     }
 
     #[test]
@@ -124,9 +138,15 @@ mod tests {
     #[test]
     fn keys_are_unique_and_printable() {
         let events = Events::new(&args(1, None), "edge.load").unwrap();
-        let (a, b) = (events.key(41), events.key(42));
+        let (a, b) = (events.key(41).unwrap(), events.key(42).unwrap());
         assert_ne!(a, b);
         assert!(a.starts_with("lt-") && a.ends_with("-41"), "{a}");
         assert!(a.len() <= 40 && a.bytes().all(|c| c.is_ascii_graphic()), "{a}");
+    }
+
+    #[test]
+    fn no_keys_means_no_keys() {
+        let args = EventArgs { no_keys: true, ..args(1, None) };
+        assert_eq!(Events::new(&args, "edge.load").unwrap().key(7), None);
     }
 }

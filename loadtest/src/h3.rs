@@ -70,11 +70,13 @@ impl Worker for H3Worker {
         let path = format!("/v1/publish/{}", self.events.subject(seq));
         let key = self.events.key(seq);
         let edge_time = events::now_unix_ms().to_string();
-        let headers = [
-            ("idempotency-key", key.as_str()),
+        let mut headers = vec![
             ("edge-timestamp", edge_time.as_str()),
             ("content-type", "application/octet-stream"),
         ];
+        if let Some(key) = &key {
+            headers.push(("idempotency-key", key.as_str()));
+        }
         match timeout(self.timeout, self.client.post(&path, &headers, self.events.payload())).await
         {
             Err(_) => Outcome::Failed(Failure::Timeout),

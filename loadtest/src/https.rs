@@ -307,7 +307,7 @@ impl Requests {
         }
         headers.insert(AUTHORIZATION, self.authorization.clone());
         headers.insert(CONTENT_TYPE, self.content_type.clone());
-        if let Ok(key) = HeaderValue::try_from(self.events.key(seq)) {
+        if let Some(Ok(key)) = self.events.key(seq).map(HeaderValue::try_from) {
             headers.insert(IDEMPOTENCY_KEY, key);
         }
         headers.insert(EDGE_TIMESTAMP, HeaderValue::from(events::now_unix_ms()));

@@ -149,7 +149,7 @@ impl Requests {
         (first..first.saturating_add(per_request))
             .map(|n| {
                 let mut event = client::event(self.events.subject(n), self.events.payload());
-                event.id = self.events.key(n);
+                event.id = self.events.key(n).unwrap_or_default();
                 event.edge_time_unix_ms = now_ms;
                 event
             })
