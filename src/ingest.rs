@@ -112,11 +112,6 @@ impl Ingest {
         self.sink.names()
     }
 
-    /// One event's outcome as a protobuf result (shared by every protobuf front-end).
-    pub fn to_proto(&self, outcome: &Outcome) -> proto::EventResult {
-        to_proto(outcome, self.names())
-    }
-
     /// Largest single event payload.
     pub fn max_event_bytes(&self) -> usize {
         self.max_event_bytes
@@ -260,7 +255,7 @@ impl Arrival {
 }
 
 /// One event's outcome as a protobuf result (shared by every protobuf front-end).
-fn to_proto(outcome: &Outcome, names: &Names) -> proto::EventResult {
+pub fn to_proto(outcome: &Outcome, names: &Names) -> proto::EventResult {
     use proto::event_result::Outcome as O;
     let outcome = match outcome {
         Ok(Ack::Stored(s)) => O::Accepted(proto::Accepted {

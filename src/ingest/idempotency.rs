@@ -149,7 +149,7 @@ impl Idempotency {
             inner.current.insert(key, *stored, now);
         }
         drop(inner);
-        // Freed outside the shard's lock: a generation can hold tens of thousands of keys.
+        // Freed outside the shard's lock: a generation's table can be megabytes.
         drop(dropped);
         if waiters.is_empty() {
             return;
