@@ -254,17 +254,24 @@ impl Arrival {
     }
 }
 
-/// One event's outcome as a protobuf result (shared by every protobuf front-end).
-pub fn to_proto(outcome: &Outcome, names: &Names) -> proto::EventResult {
+/// A request's outcomes as protobuf results (shared by every protobuf front-end). The events
+/// of one request share a few batches, so each batch's id is spelled out once.
+pub fn results_of(outcomes: &[Outcome], names: &Names) -> Vec<proto::EventResult> {
     use proto::event_result::Outcome as O;
-    let outcome = match outcome {
-        Ok(Ack::Stored(s)) => O::Accepted(proto::Accepted {
-            stream: names.stream.clone(),
-            seq: s.seq,
-            batch: names.batch(s.batch),
-            index: s.index,
-            duplicate: s.duplicate,
-        }),
+    let mut batch_id = (u64::MAX, String::new());
+    let result = |outcome: &Outcome| match outcome {
+        Ok(Ack::Stored(s)) => {
+            if batch_id.0 != s.batch {
+                batch_id = (s.batch, names.batch(s.batch));
+            }
+            O::Accepted(proto::Accepted {
+                stream: names.stream.clone(),
+                seq: s.seq,
+                batch: batch_id.1.clone(),
+                index: s.index,
+                duplicate: s.duplicate,
+            })
+        }
         Ok(Ack::Queued) => O::Queued(proto::Queued {}),
         Err(r) => O::Refused(proto::Refused {
             code: r.code.as_str().to_owned(),
@@ -272,7 +279,7 @@ pub fn to_proto(outcome: &Outcome, names: &Names) -> proto::EventResult {
             retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
         }),
     };
-    proto::EventResult { outcome: Some(outcome) }
+    outcomes.iter().map(result).map(|o| proto::EventResult { outcome: Some(o) }).collect()
 }
 
 /// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events. The relay's own
@@ -297,4 +304,28 @@ pub fn events_of(req: proto::PublishRequest) -> Vec<EventIn> {
             edge_time_unix_ms: e.edge_time_unix_ms,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Stored;
+    use proto::event_result::Outcome as O;
+
+    #[test]
+    fn results_name_each_event_s_own_batch() {
+        let names = Names::new("EDGE", "r", "b");
+        let stored = |batch| Ok(Ack::Stored(Stored { seq: 9, batch, index: 0, duplicate: false }));
+        let refused = Err(Refusal::new(ErrorCode::QueueFull, "full"));
+        let outcomes = [stored(1), stored(1), refused, stored(2), stored(1)];
+        let batches: Vec<String> = results_of(&outcomes, &names)
+            .into_iter()
+            .map(|r| match r.outcome {
+                Some(O::Accepted(a)) => format!("{}/{}", a.stream, a.batch),
+                Some(O::Refused(r)) => r.code,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(batches, ["EDGE/r.b.1", "EDGE/r.b.1", "queue_full", "EDGE/r.b.2", "EDGE/r.b.1"]);
+    }
 }

@@ -165,7 +165,7 @@ impl HttpApi {
         let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
         let mut resp = if protobuf {
             let body = proto::PublishResponse {
-                results: outcomes.iter().map(|o| super::to_proto(o, self.ingest.names())).collect(),
+                results: super::results_of(&outcomes, self.ingest.names()),
                 error: None,
             };
             let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));

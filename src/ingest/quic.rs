@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 
 use super::framing::{self, FrameDecoder, FrameError};
 use super::http_api::HttpApi;
-use super::{events_of, to_proto, Ingest};
+use super::{events_of, results_of, Ingest};
 use crate::auth::{Credentials, Identity};
 use crate::config::{ms, QuicConfig};
 use crate::error::{ErrorCode, Refusal};
@@ -353,8 +353,7 @@ async fn request(
     let ingest = ctx.ingest.clone();
     Box::pin(async move {
         let outcomes = ingest.publish_all(&id, events).await;
-        let results = outcomes.iter().map(|o| to_proto(o, ingest.names())).collect();
-        proto::PublishResponse { results, error: None }
+        proto::PublishResponse { results: results_of(&outcomes, ingest.names()), error: None }
     })
 }
 
