@@ -3,10 +3,12 @@
 //! failure, or with `shutting_down` if it is dropped unanswered — so no edge request waits
 //! forever and no idempotency key stays claimed.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
-use tokio::sync::oneshot;
+use futures::task::AtomicWaker;
 
 use crate::batch::batcher::Item;
 use crate::error::{ErrorCode, Refusal};
@@ -70,17 +72,72 @@ pub struct Pending {
     pub reply: Reply,
 }
 
+/// The outcomes of one request's events, filled in by whoever answers each (the sink, a
+/// refusal, a dropped [`Reply`]) and awaited together: one allocation and one wake-up per
+/// request, where a channel per event would wake the request for every batch it touches.
+#[derive(Debug)]
+pub struct Answers {
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+    missing: AtomicUsize,
+    waker: AtomicWaker,
+}
+
+/// Event `.1` of the request `.0`.
+pub type Slot = (Arc<Answers>, usize);
+
+impl Answers {
+    pub fn new(events: usize) -> Arc<Self> {
+        Arc::new(Self {
+            outcomes: Mutex::new((0..events).map(|_| None).collect()),
+            missing: AtomicUsize::new(events),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    /// Records event `index`'s outcome; each event is answered once.
+    pub fn set(&self, index: usize, outcome: Outcome) {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        match outcomes.get_mut(index) {
+            Some(slot @ None) => *slot = Some(outcome),
+            _ => return,
+        }
+        drop(outcomes);
+        if self.missing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.waker.wake();
+        }
+    }
+
+    /// Every event's outcome, in order, once all are in.
+    pub async fn all(&self) -> Vec<Outcome> {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.missing.load(Ordering::Acquire) > 0 {
+                return Poll::Pending;
+            }
+            let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+            let unanswered = || Err(Refusal::new(ErrorCode::Internal, "event left unanswered"));
+            Poll::Ready(outcomes.drain(..).map(|o| o.unwrap_or_else(unanswered)).collect())
+        })
+        .await
+    }
+}
+
 /// Answers one event: to the waiting request (if any) and to the idempotency cache (if the
 /// event carried a key).
 #[derive(Debug, Default)]
 pub struct Reply {
-    tx: Option<oneshot::Sender<Outcome>>,
+    request: Option<Slot>,
     key: Option<(Arc<Idempotency>, Key)>,
 }
 
 impl Reply {
-    pub fn new(tx: Option<oneshot::Sender<Outcome>>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
-        Self { tx, key }
+    pub fn new(request: Option<Slot>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
+        Self { request, key }
+    }
+
+    /// Whether this reply answers a request (ack mode `durable`), not only the cache.
+    pub fn answers_request(&self) -> bool {
+        self.request.is_some()
     }
 
     /// Sends the outcome. The request may have gone away (client disconnected); the
@@ -93,15 +150,15 @@ impl Reply {
         if let Some((cache, key)) = self.key.take() {
             cache.complete(key, &outcome, Instant::now());
         }
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome);
+        if let Some((answers, index)) = self.request.take() {
+            answers.set(index, outcome);
         }
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if self.tx.is_some() || self.key.is_some() {
+        if self.request.is_some() || self.key.is_some() {
             self.finish(Err(Refusal::new(
                 ErrorCode::ShuttingDown,
                 "the relay stopped before the event was acknowledged",
@@ -117,5 +174,34 @@ impl Item for Pending {
 
     fn size(&self) -> usize {
         self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(seq: u64) -> Outcome {
+        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, duplicate: false }))
+    }
+
+    #[tokio::test]
+    async fn answers_come_back_in_order_once_all_are_in() {
+        let answers = Answers::new(3);
+        let waiter = tokio::spawn({
+            let answers = answers.clone();
+            async move { answers.all().await }
+        });
+        answers.set(2, stored(3));
+        answers.set(0, stored(1));
+        // A second answer for an event changes nothing.
+        answers.set(0, stored(9));
+        assert!(!waiter.is_finished());
+        // A reply dropped unanswered still answers.
+        drop(Reply::new(Some((answers.clone(), 1)), None));
+        let outcomes = waiter.await.unwrap();
+        assert_eq!(outcomes[0], stored(1));
+        assert_eq!(outcomes[1].as_ref().unwrap_err().code, ErrorCode::ShuttingDown);
+        assert_eq!(outcomes[2], stored(3));
     }
 }

@@ -23,7 +23,7 @@ use crate::auth::{Auth, Credentials, Identity};
 use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Names, Outcome, Pending, Reply};
+use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
@@ -60,10 +60,12 @@ pub struct Ingest {
     max_events_per_request: usize,
 }
 
-/// The answer to one submitted event: known now, or to come.
+/// The answer to one submitted event: known now, to come through its [`Slot`], or to come
+/// from an earlier event with the same idempotency key.
 enum Ticket {
     Now(Outcome),
-    Later(oneshot::Receiver<Outcome>),
+    InSlot,
+    Waiting(oneshot::Receiver<Outcome>),
 }
 
 impl Ingest {
@@ -139,18 +141,33 @@ impl Ingest {
 
     /// Publishes one event and waits for its outcome (per the ack mode).
     pub async fn publish(&self, identity: &Identity, event: EventIn) -> Outcome {
-        resolve(self.submit(identity, event, Arrival::now())).await
+        let outcome = self.publish_all(identity, vec![event]).await.pop();
+        outcome.unwrap_or_else(|| Err(Refusal::new(ErrorCode::Internal, "no answer")))
     }
 
     /// Publishes many events: all are queued first, then their outcomes awaited together.
     pub async fn publish_all(&self, identity: &Identity, events: Vec<EventIn>) -> Vec<Outcome> {
         let at = Arrival::now();
-        let tickets: Vec<Ticket> =
-            events.into_iter().map(|e| self.submit(identity, e, at)).collect();
-        futures::future::join_all(tickets.into_iter().map(resolve)).await
+        let answers = Answers::new(events.len());
+        let mut waiting = Vec::new();
+        for (index, ev) in events.into_iter().enumerate() {
+            match self.submit(identity, ev, at, (answers.clone(), index)) {
+                Ticket::Now(outcome) => answers.set(index, outcome),
+                Ticket::InSlot => {}
+                Ticket::Waiting(rx) => waiting.push((index, rx)),
+            }
+        }
+        // Retries of keys in flight (rare) get the first event's answer.
+        for (index, rx) in waiting {
+            let outcome = rx.await.unwrap_or_else(|_| {
+                Err(Refusal::new(ErrorCode::ShuttingDown, "the relay stopped before answering"))
+            });
+            answers.set(index, outcome);
+        }
+        answers.all().await
     }
 
-    fn submit(&self, identity: &Identity, ev: EventIn, at: Arrival) -> Ticket {
+    fn submit(&self, identity: &Identity, ev: EventIn, at: Arrival, slot: Slot) -> Ticket {
         if let Err(r) = self.check(identity, &ev) {
             return Ticket::Now(Err(r));
         }
@@ -162,7 +179,7 @@ impl Ingest {
             match self.idempotency.claim(key, at.instant) {
                 Claim::New => {}
                 Claim::Done(stored) => return Ticket::Now(Ok(Ack::Stored(stored))),
-                Claim::Wait(rx) => return Ticket::Later(rx),
+                Claim::Wait(rx) => return Ticket::Waiting(rx),
             }
         }
         let event = proto::Event {
@@ -177,14 +194,12 @@ impl Ingest {
         let len = event.encoded_len();
         let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
         let key = key.map(|k| (self.idempotency.clone(), k));
-        let (tx, ticket) = match self.ack_mode {
-            AckMode::Durable => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Ticket::Later(rx))
-            }
+        let (request, ticket) = match self.ack_mode {
+            AckMode::Durable => (Some(slot), Ticket::InSlot),
             AckMode::Accepted => (None, Ticket::Now(Ok(Ack::Queued))),
         };
-        let pending = Pending { event, size, enqueued: at.instant, reply: Reply::new(tx, key) };
+        let reply = Reply::new(request, key);
+        let pending = Pending { event, size, enqueued: at.instant, reply };
         match self.queues.push(pending) {
             Ok(()) => ticket,
             Err(PushError::Full(p)) => {
@@ -223,20 +238,16 @@ impl Ingest {
     }
 }
 
-/// Answers a pending event that could not be queued (so its idempotency key is released) and
-/// returns the same refusal for the request.
+/// Answers a pending event that could not be queued (so its idempotency key is released),
+/// and the request with the same refusal unless the reply already did.
 fn refuse(p: Pending, code: ErrorCode, message: &'static str) -> Ticket {
     let refusal = Refusal::new(code, message);
+    let answered = p.reply.answers_request();
     p.reply.send(Err(refusal.clone()));
-    Ticket::Now(Err(refusal))
-}
-
-async fn resolve(ticket: Ticket) -> Outcome {
-    match ticket {
-        Ticket::Now(o) => o,
-        Ticket::Later(rx) => rx.await.unwrap_or_else(|_| {
-            Err(Refusal::new(ErrorCode::ShuttingDown, "the relay stopped before answering"))
-        }),
+    if answered {
+        Ticket::InSlot
+    } else {
+        Ticket::Now(Err(refusal))
     }
 }
 
