@@ -5,7 +5,6 @@
 //! A connection that fails is not re-established: its workers count `transport` errors for
 //! the rest of the run.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::events::{self, EventArgs, Events};
+use crate::quic::Target;
 use crate::report::{self, ReportArgs, RunInfo};
 use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
@@ -25,21 +25,8 @@ const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 /// Flags of `loadtest h3`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// UDP address of the relay's QUIC listener.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
-    addr: String,
-
-    /// TLS server name [default: the host of --addr]
-    #[arg(long, value_name = "NAME")]
-    server_name: Option<String>,
-
-    /// PEM file with the CA certificate(s) to trust.
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
-
-    /// Bearer token sent as `Authorization: Bearer <TOKEN>`.
-    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    target: Target,
 
     /// HTTP/3 connections to open.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
@@ -92,9 +79,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
     let schedule = Schedule::from_args(&args.run, 1)?;
     let events = Arc::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?);
-    let config =
-        crate::quic::client_config(&args.addr, args.server_name.as_deref(), &args.ca, args.token)
-            .await?;
+    let config = args.target.client_config().await?;
     let server = config.server;
     let clients = try_join_all((0..args.connections).map(|_| H3Client::connect(config.clone())))
         .await

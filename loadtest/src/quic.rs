@@ -46,22 +46,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Flags of `loadtest quic`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
-    /// UDP address of the relay's QUIC listener.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
-    addr: String,
-
-    /// TLS server name for SNI and certificate verification [default: the host of --addr; an
-    /// IP address is verified as an IP]
-    #[arg(long, value_name = "NAME")]
-    server_name: Option<String>,
-
-    /// PEM file with the CA certificate(s) to trust.
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
-
-    /// Bearer token, sent on the first request of every stream.
-    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    target: Target,
 
     /// Number of QUIC connections to open, each from its own UDP socket.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
@@ -308,8 +294,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?,
         per_request: args.events_per_request,
     });
-    let config =
-        client_config(&args.addr, args.server_name.as_deref(), &args.ca, args.token).await?;
+    let config = args.target.client_config().await?;
     let server = config.server;
     let connect = try_join_all((0..args.connections).map(|_| Client::connect(config.clone())));
     let clients = timeout(args.run.timeout, connect)
@@ -411,26 +396,45 @@ fn code(code: &str) -> &'static str {
     ErrorCode::parse(code).map_or("unknown_code", ErrorCode::as_str)
 }
 
-/// The host part of `HOST:PORT` (without IPv6 brackets), for the default server name.
-/// The client config for `--addr`, `--server-name` (default: the host of `--addr`), `--ca` and
-/// the token; shared by the QUIC and HTTP/3 modes.
-pub(crate) async fn client_config(
-    addr: &str,
-    server_name: Option<&str>,
-    ca: &std::path::Path,
+/// The relay's QUIC port and how to reach it: flags shared by `loadtest quic` and `loadtest h3`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// UDP address of the relay's QUIC listener.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
+    addr: String,
+
+    /// TLS server name for SNI and certificate verification [default: the host of --addr; an
+    /// IP address is verified as an IP]
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+
+    /// PEM file with the CA certificate(s) to trust.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+
+    /// Bearer token: on the first request of every stream (quic), in `Authorization` (h3).
+    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
     token: String,
-) -> anyhow::Result<ClientConfig> {
-    let server = tokio::net::lookup_host(addr)
-        .await
-        .with_context(|| format!("resolving --addr {addr}"))?
-        .next()
-        .with_context(|| format!("--addr {addr} resolves to no address"))?;
-    let server_name = server_name.unwrap_or_else(|| addr_host(addr)).to_owned();
-    let ca_pem =
-        std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
-    Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token })
 }
 
+impl Target {
+    /// The client config: `--addr` resolved, `--server-name` or the host of `--addr`, the CA
+    /// read from `--ca`, and the token.
+    pub(crate) async fn client_config(self) -> anyhow::Result<ClientConfig> {
+        let addr = &self.addr;
+        let server = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("resolving --addr {addr}"))?
+            .next()
+            .with_context(|| format!("--addr {addr} resolves to no address"))?;
+        let server_name = self.server_name.unwrap_or_else(|| addr_host(addr).to_owned());
+        let ca_pem = std::fs::read_to_string(&self.ca)
+            .with_context(|| format!("reading {}", self.ca.display()))?;
+        Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token: self.token })
+    }
+}
+
+/// The host part of `HOST:PORT` (without IPv6 brackets), for the default server name.
 fn addr_host(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _port)| host);
     host.trim_start_matches('[').trim_end_matches(']')
@@ -540,7 +544,7 @@ mod tests {
     #[test]
     fn defaults_and_server_names() {
         let args = parse(&[]);
-        assert_eq!(args.addr, "127.0.0.1:8443");
+        assert_eq!(args.target.addr, "127.0.0.1:8443");
         assert_eq!((args.connections, args.streams, args.in_flight), (4, 4, 8));
         assert_eq!(args.events_per_request, 1);
         assert!(Cli::try_parse_from(["loadtest", "--token", "t", "--rate", "1"]).is_err());
