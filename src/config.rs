@@ -249,9 +249,8 @@ pub struct IdempotencyConfig {
     /// the same key (by the same identity) within it is answered with the first result.
     pub window_ms: u64,
     /// Most keys remembered. The newest half are always kept; older keys are forgotten half
-    /// the cache at a time (see `ingest::idempotency`). Memory: about 140 bytes a key, half of it
-    /// allocated at start-up so the cache never grows under load (default: ~70 MB at start,
-    /// ~140 MB once full).
+    /// the cache at a time (see `ingest::idempotency`). Memory: about 140 bytes a key (~140 MB at the
+    /// default), allocated at start-up so that nothing is allocated or grown under load.
     pub max_keys: usize,
 }
 
