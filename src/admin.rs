@@ -1,7 +1,7 @@
 //! The admin listener (plain HTTP/1.1, keep it off the public network): `/healthz` answers
 //! while the process runs; `/readyz` answers 200 only when the listeners are bound and
-//! JetStream is reachable with the stream in place, so a load balancer sends no traffic to a
-//! relay that could only refuse it.
+//! JetStream is reachable with the stream in place (and, with JWTs, the identity provider's
+//! keys are loaded), so a load balancer sends no traffic to a relay that could only refuse it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::idp::KeyStore;
 use crate::sink::Sink;
 
 /// What readiness depends on.
@@ -27,11 +28,13 @@ pub struct Health {
     /// Set once shutdown began: not ready any more.
     pub draining: AtomicBool,
     pub sink: Arc<Sink>,
+    /// The identity provider's keys, when JWTs are configured.
+    pub keys: Option<Arc<KeyStore>>,
 }
 
 impl Health {
-    pub fn new(sink: Arc<Sink>) -> Self {
-        Self { listening: AtomicBool::new(false), draining: AtomicBool::new(false), sink }
+    pub fn new(sink: Arc<Sink>, keys: Option<Arc<KeyStore>>) -> Self {
+        Self { listening: AtomicBool::new(false), draining: AtomicBool::new(false), sink, keys }
     }
 
     /// `None` when ready, else why not.
@@ -40,6 +43,8 @@ impl Health {
             Some("draining".into())
         } else if !self.listening.load(Ordering::Relaxed) {
             Some("listeners not bound yet".into())
+        } else if self.keys.as_ref().is_some_and(|k| !k.is_usable()) {
+            Some("the identity provider's keys are not loaded, or older than max_stale_secs".into())
         } else {
             self.sink.unavailable().map(|r| r.message.into_owned())
         }

@@ -2,13 +2,23 @@
 //! protocol it came in on. It turns credentials into an [`Identity`], and an identity plus a
 //! subject into yes or no. Publishing is the only thing the edge can ever be allowed to do.
 //!
+//! - [`jwt`]: OIDC / JWT bearer tokens: header, signature and claims (sans-IO), and the cache
+//!   of validated tokens.
+//! - [`jwks`]: the provider's keys by `kid`, with refresh, cooldown and grace rules (sans-IO).
+//! - [`idp`]: fetching the keys (URL, OIDC discovery or file) and keeping them current.
+//! - [`rbac`]: roles mapping claims to subject patterns, with claim templating (sans-IO).
 //! - [`rules`]: allow/deny subject patterns (sans-IO).
 //! - [`static_tokens`]: bearer tokens from the config (development and tests).
 
+pub mod idp;
+pub mod jwks;
+pub mod jwt;
+pub mod rbac;
 pub mod rules;
 pub mod static_tokens;
 
 use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
 
@@ -28,31 +38,86 @@ pub struct Identity {
     /// Recorded as `publisher` on each event.
     pub name: Arc<str>,
     pub rules: Arc<Rules>,
+    /// When the credentials stop being valid, unix seconds (a JWT's `exp` plus the leeway);
+    /// `None` for credentials that do not expire (static tokens).
+    pub expires: Option<u64>,
+}
+
+impl Identity {
+    /// Refuses an identity whose credentials expired since they were checked: a QUIC stream
+    /// keeps its identity across requests, but not past its token's `exp`.
+    pub fn check_current(&self) -> Result<(), Refusal> {
+        match self.expires {
+            Some(exp) if unix_now() >= exp => Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                "the token of this stream has expired: send a fresh one",
+            )
+            .because("token_expired")),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The authentication and authorization stage.
 #[derive(Debug)]
 pub struct Auth {
     static_tokens: static_tokens::StaticTokens,
+    jwt: Option<Jwt>,
+}
+
+/// The JWT path: the validator and the provider's keys.
+#[derive(Debug)]
+struct Jwt {
+    validator: jwt::Validator,
+    keys: Arc<idp::KeyStore>,
+}
+
+/// Why the stage could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth.roles: {0}")]
+    Roles(#[from] rbac::RoleError),
+    #[error("auth.jwt: {0}")]
+    Keys(#[from] idp::FetchError),
 }
 
 impl Auth {
-    /// Builds the stage from (validated) configuration.
-    pub fn new(cfg: &AuthConfig) -> Self {
-        Self { static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens) }
+    /// Builds the stage from (validated) configuration. The provider's keys are fetched by
+    /// [`Auth::key_store`]'s refresh task and on demand.
+    pub fn new(cfg: &AuthConfig) -> Result<Self, AuthError> {
+        let jwt = match &cfg.jwt {
+            Some(j) => {
+                let validator = jwt::Validator::new(j, rbac::Roles::parse(&cfg.roles)?);
+                let keys = Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec())?);
+                Some(Jwt { validator, keys })
+            }
+            None => None,
+        };
+        Ok(Self { static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens), jwt })
     }
 
-    /// Checks the credentials. Asynchronous because identity providers may need a key fetch.
+    /// The provider's key set, when JWTs are configured: its `refresh` task keeps it current.
+    pub fn key_store(&self) -> Option<Arc<idp::KeyStore>> {
+        self.jwt.as_ref().map(|j| j.keys.clone())
+    }
+
+    /// Checks the credentials. Asynchronous because a token may name a key not fetched yet.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
         let Some(token) = creds.bearer else {
             return Err(Refusal::new(
                 ErrorCode::Unauthorized,
                 "missing credentials: send Authorization: Bearer <token>",
-            ));
+            )
+            .because("missing_token"));
         };
-        self.static_tokens
-            .identify(token)
-            .ok_or_else(|| Refusal::new(ErrorCode::Unauthorized, "unknown or expired token"))
+        if let Some(id) = self.static_tokens.identify(token) {
+            return Ok(id);
+        }
+        match &self.jwt {
+            Some(jwt) => jwt.authenticate(token).await,
+            None => Err(Refusal::new(ErrorCode::Unauthorized, "unknown or expired token")
+                .because("unknown_token")),
+        }
     }
 
     /// May `identity` publish on `subject` (an already valid subject)?
@@ -63,9 +128,64 @@ impl Auth {
             Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("{} may not publish on this subject", identity.name),
-            ))
+            )
+            .because("no_rule_allows"))
         }
     }
+}
+
+impl Jwt {
+    async fn authenticate(&self, token: &str) -> Result<Identity, Refusal> {
+        let now = unix_now();
+        let digest = jwt::digest(token);
+        if let Some(valid) = self.validator.cached(&digest, self.keys.generation(), now) {
+            return Ok(valid.identity);
+        }
+        let header = self.validator.header(token)?;
+        let generation = self.keys.generation();
+        let at = Instant::now();
+        let (key, grace_ends) = match self.keys.lookup(header.kid.as_deref(), at).await {
+            jwks::Lookup::Found(key, grace_ends) => (key, grace_ends),
+            jwks::Lookup::Refused(missing) => return Err(missing_key(missing)),
+            jwks::Lookup::Fetch => return Err(missing_key(jwks::Missing::NoKeys)),
+        };
+        let valid = self.validator.verify(token, &header, &key, now)?;
+        // A rotated-out key's tokens are remembered only until its grace ends.
+        let until = grace_ends.map_or(valid.expires, |end| {
+            valid.expires.min(now + end.saturating_duration_since(at).as_secs())
+        });
+        self.validator.remember(digest, valid.clone(), generation, until, now);
+        Ok(valid.identity)
+    }
+}
+
+fn missing_key(m: jwks::Missing) -> Refusal {
+    use jwks::Missing;
+    let unauthorized =
+        |reason, message| Refusal::new(ErrorCode::Unauthorized, message).because(reason);
+    match m {
+        Missing::UnknownKid => unauthorized(
+            "unknown_key",
+            "token is signed by a key the identity provider does not publish",
+        ),
+        Missing::NoKid => unauthorized(
+            "missing_kid",
+            "token names no key (kid) and the identity provider has several",
+        ),
+        Missing::BadKid => unauthorized("malformed_token", "token kid is too long"),
+        Missing::Retired => {
+            unauthorized("retired_key", "token is signed by a key the identity provider retired")
+        }
+        Missing::NoKeys => Refusal::new(
+            ErrorCode::AuthUnavailable,
+            "the identity provider's keys are not available: cannot check tokens",
+        ),
+    }
+}
+
+/// Seconds since the unix epoch (JWT times).
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Extracts the token of an `Authorization` header value (`Bearer <token>`, case-insensitive

@@ -224,8 +224,75 @@ pub struct StreamConfig {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Static bearer tokens, for development and tests; production uses OIDC (later version).
+    /// Static bearer tokens, for development and tests; production uses `auth.jwt`.
     pub static_tokens: Vec<StaticToken>,
+    /// OIDC / JWT bearer tokens from the company's identity provider.
+    pub jwt: Option<JwtConfig>,
+    /// What JWT claims grant: each role that applies to a token adds its patterns.
+    pub roles: Vec<RoleConfig>,
+}
+
+/// Validation of JWT bearer tokens against the identity provider's published keys (JWKS).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The expected `iss` claim, exactly. With `discovery`, also where
+    /// `/.well-known/openid-configuration` is fetched from.
+    pub issuer: String,
+    /// Accepted `aud` values: a token must name at least one.
+    pub audiences: Vec<String>,
+    /// Where the keys come from — exactly one of `jwks_url`, `discovery` or `jwks_file`.
+    /// `https://` (or `http://` on a loopback address, for the dev IdP).
+    pub jwks_url: Option<String>,
+    /// Find the JWKS through the issuer's OIDC discovery document.
+    pub discovery: bool,
+    /// A local JWKS file, read again at every refresh.
+    pub jwks_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for the identity provider's TLS, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Signature algorithms accepted: any of RS256, RS384, RS512, PS256, PS384, PS512, ES256,
+    /// ES384, EdDSA. `none` and HMAC (HS*) cannot be configured.
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, seconds.
+    pub leeway_secs: u64,
+    /// Longest token lifetime accepted (`exp - iat`, or `exp - now` without `iat`), seconds:
+    /// a leaked long-lived token is useless.
+    pub max_token_lifetime_secs: u64,
+    /// The claim naming the publisher (recorded on every event and in the audit stream).
+    pub identity_claim: String,
+    /// How often the key set is fetched again, seconds.
+    pub refresh_secs: u64,
+    /// Fewest seconds between two fetches, and how long a `kid` found missing stays missing:
+    /// a flood of tokens with random `kid`s costs at most one fetch per cooldown.
+    pub fetch_cooldown_secs: u64,
+    /// One fetch's timeout, milliseconds.
+    pub fetch_timeout_ms: u64,
+    /// How long the last good key set keeps serving while the IdP is unreachable, seconds;
+    /// beyond it every token is refused (503 `auth_unavailable`).
+    pub max_stale_secs: u64,
+    /// How long a key that left the key set (rotated out) still verifies tokens, seconds.
+    pub key_grace_secs: u64,
+    /// Validated tokens remembered (by SHA-256), so a reused token costs no signature check;
+    /// never past the token's `exp`.
+    pub token_cache_entries: usize,
+}
+
+/// One role: which claims it requires, and the subjects it grants.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoleConfig {
+    /// Name, for logs and audit records.
+    pub name: String,
+    /// Claims the token must carry for the role to apply, `claim = "value"`: a string claim
+    /// equal to the value or listing it among space-separated words (`scope`), or an array
+    /// claim holding it. Nested claims by path (`"org.tier"`). Empty: applies to every token.
+    pub require: std::collections::BTreeMap<String, String>,
+    /// Subject patterns granted; `{claims.<name>}` is filled in from the token (a claim that
+    /// is not one subject token drops the pattern).
+    pub allow: Vec<String>,
+    /// Subject patterns refused even when allowed; deny wins. A placeholder that cannot be
+    /// filled in denies everything.
+    pub deny: Vec<String>,
 }
 
 /// One static bearer token and what its holder may publish.
@@ -555,9 +622,30 @@ impl Config {
                 format!("auth.static_tokens[{i}]: token is used twice"),
             );
         }
+        if let Some(jwt) = &self.auth.jwt {
+            for e in jwt.problems() {
+                bad(true, format!("auth.jwt: {e}"));
+            }
+        }
+        for (i, role) in self.auth.roles.iter().enumerate() {
+            let at = format!("auth.roles[{i}] ({:?})", role.name);
+            bad(role.name.is_empty(), format!("{at}: name is required"));
+            bad(
+                role.allow.is_empty() && role.deny.is_empty(),
+                format!("{at}: allow or deny must list at least one pattern"),
+            );
+            if let Err(e) = crate::auth::rbac::Roles::parse(std::slice::from_ref(role)) {
+                bad(true, format!("{at}: {e}"));
+            }
+        }
         bad(
-            self.auth.static_tokens.is_empty(),
-            "auth: no identity configured (auth.static_tokens is empty): nothing could publish"
+            !self.auth.roles.is_empty() && self.auth.jwt.is_none(),
+            "auth.roles apply to JWT claims: configure auth.jwt".into(),
+        );
+        bad(
+            self.auth.static_tokens.is_empty() && self.auth.jwt.is_none(),
+            "auth: no identity configured (neither auth.static_tokens nor auth.jwt): nothing \
+             could publish"
                 .into(),
         );
 
@@ -579,6 +667,78 @@ impl Config {
     }
 }
 
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audiences: Vec::new(),
+            jwks_url: None,
+            discovery: false,
+            jwks_file: None,
+            ca_file: None,
+            algorithms: ["RS256", "PS256", "ES256", "EdDSA"].map(String::from).to_vec(),
+            leeway_secs: 30,
+            max_token_lifetime_secs: 3_600,
+            identity_claim: "sub".into(),
+            refresh_secs: 300,
+            fetch_cooldown_secs: 10,
+            fetch_timeout_ms: 5_000,
+            max_stale_secs: 86_400,
+            key_grace_secs: 600,
+            token_cache_entries: 10_000,
+        }
+    }
+}
+
+impl JwtConfig {
+    /// Everything wrong with this section.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut bad = |cond: bool, msg: String| {
+            if cond {
+                out.push(msg);
+            }
+        };
+        bad(self.issuer.is_empty(), "issuer is required".into());
+        bad(self.audiences.is_empty(), "audiences must list at least one audience".into());
+        let sources = [self.jwks_url.is_some(), self.discovery, self.jwks_file.is_some()];
+        bad(
+            sources.iter().filter(|s| **s).count() != 1,
+            "exactly one of jwks_url, discovery or jwks_file is required".into(),
+        );
+        if let Some(url) = &self.jwks_url {
+            if let Err(e) = crate::auth::idp::check_url(url) {
+                bad(true, format!("jwks_url: {e}"));
+            }
+        }
+        if self.discovery {
+            if let Err(e) = crate::auth::idp::check_url(&self.issuer) {
+                bad(true, format!("issuer (for discovery): {e}"));
+            }
+        }
+        bad(self.algorithms.is_empty(), "algorithms must list at least one algorithm".into());
+        for a in &self.algorithms {
+            bad(
+                crate::auth::jwt::algorithm(a).is_none(),
+                format!(
+                    "algorithm {a:?} is not accepted (one of RS256, RS384, RS512, PS256, PS384, \
+                     PS512, ES256, ES384, EdDSA; never none or HMAC)"
+                ),
+            );
+        }
+        bad(self.identity_claim.is_empty(), "identity_claim is required".into());
+        bad(self.max_token_lifetime_secs == 0, "max_token_lifetime_secs must be > 0".into());
+        bad(self.refresh_secs == 0, "refresh_secs must be > 0".into());
+        bad(self.fetch_timeout_ms == 0, "fetch_timeout_ms must be > 0".into());
+        bad(
+            self.max_stale_secs < self.refresh_secs,
+            "max_stale_secs must be >= refresh_secs".into(),
+        );
+        bad(self.token_cache_entries == 0, "token_cache_entries must be > 0".into());
+        out
+    }
+}
+
 /// Milliseconds from config as a `Duration`.
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -592,6 +752,52 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = Config::parse("[batch]\nmax_event = 3\n").unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn jwt_settings_are_checked() {
+        let text = r#"
+            [auth.jwt]
+            issuer = "http://idp.example.com"
+            discovery = true
+            jwks_file = "/etc/keys.json"
+            algorithms = ["RS256", "HS256", "none"]
+            max_stale_secs = 10
+            [[auth.roles]]
+            name = "r"
+            allow = ["edge.{tenant}.>"]
+        "#;
+        let cfg = Config::parse(text).unwrap();
+        let ConfigError::Invalid(errs) = cfg.validate().unwrap_err() else { panic!() };
+        let all = errs.join("\n");
+        for needle in [
+            "audiences must list",
+            "exactly one of jwks_url, discovery or jwks_file",
+            "plain http is only allowed on loopback",
+            "algorithm \"HS256\" is not accepted",
+            "algorithm \"none\" is not accepted",
+            "max_stale_secs must be >= refresh_secs",
+            "auth.roles[0] (\"r\"): placeholder \"tenant\" must be {claims.<name>}",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let ok = r#"
+            [auth.jwt]
+            issuer = "https://idp.example.com"
+            audiences = ["edgerelay"]
+            discovery = true
+            [[auth.roles]]
+            name = "r"
+            require = { scope = "edge:publish" }
+            allow = ["edge.{claims.tenant}.>"]
+        "#;
+        let cfg = Config::parse(ok).unwrap();
+        let errs = match cfg.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(e)) => e,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!errs.iter().any(|e| e.contains("auth")), "{errs:?}");
     }
 
     #[test]

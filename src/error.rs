@@ -49,6 +49,9 @@ pub enum ErrorCode {
     Rejected,
     /// The relay is draining for shutdown.
     ShuttingDown,
+    /// The identity provider's keys are not available (never fetched, or older than
+    /// `auth.jwt.max_stale_secs`), so no token can be checked.
+    AuthUnavailable,
     /// A bug in the relay.
     Internal,
 }
@@ -58,12 +61,18 @@ pub enum ErrorCode {
 #[error("{code}: {message}")]
 pub struct Refusal {
     pub code: ErrorCode,
+    /// Finer than the code, for logs, audit records and the `reason` metric label: a fixed
+    /// string such as `token_expired` or `no_rule_allows`. The code's own string by default.
+    pub reason: &'static str,
     pub message: Cow<'static, str>,
+    /// How long to wait before retrying; `None` when a retry will not help. The code's
+    /// default unless the refusal knows better (a rate limit knows when tokens come back).
+    pub retry_after: Option<Duration>,
 }
 
 impl ErrorCode {
     /// Every code, for clients and dashboards that enumerate them.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::BadSubject,
         Self::BadRequest,
         Self::Unauthorized,
@@ -78,6 +87,7 @@ impl ErrorCode {
         Self::AckTimeout,
         Self::Rejected,
         Self::ShuttingDown,
+        Self::AuthUnavailable,
         Self::Internal,
     ];
 
@@ -103,6 +113,7 @@ impl ErrorCode {
             Self::AckTimeout => "ack_timeout",
             Self::Rejected => "rejected",
             Self::ShuttingDown => "shutting_down",
+            Self::AuthUnavailable => "auth_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -119,7 +130,11 @@ impl ErrorCode {
             Self::UnsupportedMediaType => 415,
             Self::RateLimited => 429,
             Self::Internal => 500,
-            Self::QueueFull | Self::NatsUnavailable | Self::Rejected | Self::ShuttingDown => 503,
+            Self::QueueFull
+            | Self::NatsUnavailable
+            | Self::Rejected
+            | Self::ShuttingDown
+            | Self::AuthUnavailable => 503,
             Self::AckTimeout => 504,
         }
     }
@@ -136,7 +151,9 @@ impl ErrorCode {
             | Self::NotFound
             | Self::MethodNotAllowed
             | Self::RateLimited => Side::Edge,
-            Self::NatsUnavailable | Self::AckTimeout | Self::Rejected => Side::Upstream,
+            Self::NatsUnavailable | Self::AckTimeout | Self::Rejected | Self::AuthUnavailable => {
+                Side::Upstream
+            }
             Self::QueueFull | Self::ShuttingDown | Self::Internal => Side::Internal,
         }
     }
@@ -150,7 +167,7 @@ impl ErrorCode {
                 Some(Duration::from_secs(2))
             }
             Self::AckTimeout => Some(Duration::from_secs(1)),
-            Self::Internal => Some(Duration::from_secs(5)),
+            Self::Internal | Self::AuthUnavailable => Some(Duration::from_secs(5)),
             _ => None,
         }
     }
@@ -164,7 +181,29 @@ impl fmt::Display for ErrorCode {
 
 impl Refusal {
     pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            reason: code.as_str(),
+            message: message.into(),
+            retry_after: code.retry_after(),
+        }
+    }
+
+    /// The same refusal with a finer reason.
+    pub fn because(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    /// The same refusal with its own retry delay.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// `Retry-After` in whole seconds (at least 1), when a retry helps.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after.map(|d| (d.as_millis().div_ceil(1000) as u64).max(1))
     }
 }
 

@@ -49,7 +49,7 @@ pub struct EventIn {
 /// The shared ingest stage.
 #[derive(Debug)]
 pub struct Ingest {
-    auth: Auth,
+    auth: Arc<Auth>,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     idempotency: Arc<Idempotency>,
@@ -69,9 +69,9 @@ enum Ticket {
 }
 
 impl Ingest {
-    pub fn new(cfg: &Config, queues: Arc<Queues>, sink: Arc<Sink>) -> Self {
+    pub fn new(cfg: &Config, auth: Arc<Auth>, queues: Arc<Queues>, sink: Arc<Sink>) -> Self {
         Self {
-            auth: Auth::new(&cfg.auth),
+            auth,
             queues,
             sink,
             idempotency: Arc::new(Idempotency::new(
@@ -284,13 +284,19 @@ pub fn results_of(outcomes: &[Outcome], names: &Names) -> Vec<proto::EventResult
             })
         }
         Ok(Ack::Queued) => O::Queued(proto::Queued {}),
-        Err(r) => O::Refused(proto::Refused {
-            code: r.code.as_str().to_owned(),
-            message: r.message.to_string(),
-            retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
-        }),
+        Err(r) => O::Refused(proto_refusal(r)),
     };
     outcomes.iter().map(result).map(|o| proto::EventResult { outcome: Some(o) }).collect()
+}
+
+/// A refusal as protobuf (shared by every protobuf front-end).
+pub fn proto_refusal(r: &Refusal) -> proto::Refused {
+    proto::Refused {
+        code: r.code.as_str().to_owned(),
+        message: r.message.to_string(),
+        retry_after_ms: r.retry_after.map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32),
+        reason: r.reason.to_owned(),
+    }
 }
 
 /// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events. The relay's own

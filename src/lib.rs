@@ -29,6 +29,7 @@ pub mod auth;
 pub mod batch;
 pub mod client;
 pub mod config;
+pub mod dev_idp;
 pub mod error;
 pub mod event;
 pub mod ingest;
@@ -53,6 +54,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Health;
+use crate::auth::Auth;
 use crate::batch::queue::Queues;
 use crate::config::{ms, Config};
 use crate::ingest::Ingest;
@@ -73,6 +75,9 @@ pub enum StartError {
     /// NATS options or the stream are wrong.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The authentication stage could not be set up.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// A running relay.
@@ -122,9 +127,18 @@ impl Relay {
         };
 
         let queues = Arc::new(Queues::new(config.shards(), config.batch.queue_capacity));
-        let ingest = Arc::new(Ingest::new(&config, queues.clone(), sink.clone()));
-        let health = Arc::new(Health::new(sink.clone()));
+        let auth = Arc::new(Auth::new(&config.auth)?);
+        let ingest = Arc::new(Ingest::new(&config, auth.clone(), queues.clone(), sink.clone()));
+        let key_store = auth.key_store();
+        let health = Arc::new(Health::new(sink.clone(), key_store.clone()));
         let (stop, stop_rx) = watch::channel(false);
+        let mut background = vec![keeper];
+        if let Some(keys) = key_store {
+            if let Err(e) = keys.load().await {
+                tracing::warn!(error = %e, "identity provider keys not loaded: refusing tokens (503) until they are");
+            }
+            background.push(tokio::spawn(keys.refresh(stop_rx.clone())));
+        }
 
         let tls = tls::server_config(
             &config.https.tls_cert,
@@ -193,7 +207,10 @@ impl Relay {
             health,
             servers,
             drivers,
-            background: vec![keeper, admin],
+            background: {
+                background.push(admin);
+                background
+            },
             fatal,
             grace: ms(config.relay.shutdown_grace_ms),
         })

@@ -67,6 +67,16 @@ enum Command {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
     },
+    /// Serve a development identity provider (OIDC discovery, JWKS, token minting) on a
+    /// loopback address until SIGTERM/SIGINT. Never for production.
+    DevIdp {
+        /// Loopback address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        listen: std::net::SocketAddr,
+        /// Signing algorithms (one key each): ES256, RS256, PS256, EdDSA.
+        #[arg(long = "alg", default_values_t = ["ES256".to_string(), "RS256".to_string()])]
+        algs: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -138,6 +148,16 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("edgerelay tail: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DevIdp { listen, algs } => {
+            let algs: Vec<&str> = algs.iter().map(String::as_str).collect();
+            match runtime().block_on(edgerelay::dev_idp::run(listen, &algs, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgerelay dev-idp: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -80,6 +80,11 @@ impl Pattern {
         Ok(Self(s.to_owned()))
     }
 
+    /// `>`: every subject.
+    pub fn everything() -> Self {
+        Self(">".to_owned())
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.0

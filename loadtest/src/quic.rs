@@ -470,7 +470,7 @@ mod tests {
     }
 
     fn refused(code: &str) -> proto::Refused {
-        proto::Refused { code: code.into(), message: "no".into(), retry_after_ms: 0 }
+        proto::Refused { code: code.into(), message: "no".into(), ..Default::default() }
     }
 
     #[test]

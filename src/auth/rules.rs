@@ -10,6 +10,10 @@ pub struct Rules {
 }
 
 impl Rules {
+    pub fn new(allow: Vec<Pattern>, deny: Vec<Pattern>) -> Self {
+        Self { allow, deny }
+    }
+
     pub fn parse(allow: &[String], deny: &[String]) -> Result<Self, SubjectError> {
         let parse =
             |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();

@@ -20,7 +20,11 @@ impl StaticTokens {
             .iter()
             .map(|t| {
                 let rules = Rules::parse(&t.allow, &t.deny).unwrap_or_default();
-                let identity = Identity { name: t.name.as_str().into(), rules: Arc::new(rules) };
+                let identity = Identity {
+                    name: t.name.as_str().into(),
+                    rules: Arc::new(rules),
+                    expires: None,
+                };
                 (digest(&t.token), identity)
             })
             .collect();

@@ -176,7 +176,7 @@ impl HttpApi {
         };
         *resp.status_mut() = status;
         if let Some(r) = first_refusal {
-            set_retry_after(&mut resp, r.code);
+            set_retry_after(&mut resp, r);
         }
         Ok(resp)
     }
@@ -219,16 +219,15 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 /// The answer to a refused request: status, JSON error body, `Retry-After` when it helps.
 pub fn refusal(r: &Refusal) -> Response<Full<Bytes>> {
     let mut resp = json_response(status_of(r.code), json::encode(&Answer::refused(r)));
-    set_retry_after(&mut resp, r.code);
+    set_retry_after(&mut resp, r);
     if r.code == ErrorCode::Unauthorized {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     resp
 }
 
-fn set_retry_after(resp: &mut Response<Full<Bytes>>, code: ErrorCode) {
-    if let Some(after) = code.retry_after() {
-        let secs = after.as_millis().div_ceil(1000).max(1) as u64;
+fn set_retry_after(resp: &mut Response<Full<Bytes>>, r: &Refusal) {
+    if let Some(secs) = r.retry_after_secs() {
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
 }

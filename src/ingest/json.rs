@@ -53,6 +53,7 @@ pub enum Answer<'a> {
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
     pub code: &'static str,
+    pub reason: &'static str,
     pub message: &'a str,
 }
 
@@ -114,7 +115,9 @@ impl<'a> Answer<'a> {
     }
 
     pub fn refused(r: &'a Refusal) -> Self {
-        Answer::Refused { error: ErrorBody { code: r.code.as_str(), message: &r.message } }
+        Answer::Refused {
+            error: ErrorBody { code: r.code.as_str(), reason: r.reason, message: &r.message },
+        }
     }
 }
 
@@ -170,9 +173,12 @@ mod tests {
             v,
             serde_json::json!({"stream":"EDGE","seq":4,"batch":"r.b.1","index":2,"duplicate":false})
         );
-        let err: Outcome = Err(Refusal::new(ErrorCode::Forbidden, "no"));
+        let err: Outcome = Err(Refusal::new(ErrorCode::Forbidden, "no").because("no_rule_allows"));
         let v: serde_json::Value =
             serde_json::from_slice(&encode(&Answer::of(&err, &names))).unwrap();
-        assert_eq!(v, serde_json::json!({"error":{"code":"forbidden","message":"no"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"error":{"code":"forbidden","reason":"no_rule_allows","message":"no"}})
+        );
     }
 }

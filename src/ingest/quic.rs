@@ -341,11 +341,18 @@ async fn request(
         }
     }
     let Some(id) = identity.clone() else {
-        return ready(Refusal::new(
-            ErrorCode::Unauthorized,
-            "missing credentials: the first request of a stream must carry a token",
-        ));
+        return ready(
+            Refusal::new(
+                ErrorCode::Unauthorized,
+                "missing credentials: the first request of a stream must carry a token",
+            )
+            .because("missing_token"),
+        );
     };
+    if let Err(r) = id.check_current() {
+        *identity = None;
+        return ready(r);
+    }
     let events = events_of(req);
     if let Err(r) = ctx.ingest.check_request(&events) {
         return ready(r);
@@ -363,14 +370,7 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 fn refused(r: Refusal) -> proto::PublishResponse {
-    proto::PublishResponse {
-        results: Vec::new(),
-        error: Some(proto::Refused {
-            code: r.code.as_str().to_owned(),
-            message: r.message.into_owned(),
-            retry_after_ms: r.code.retry_after().map_or(0, |d| d.as_millis() as u32),
-        }),
-    }
+    proto::PublishResponse { results: Vec::new(), error: Some(super::proto_refusal(&r)) }
 }
 
 impl IpSlot {

@@ -9,6 +9,7 @@ mod binary;
 mod dedup;
 mod h3;
 mod interop;
+mod jwt;
 mod limits;
 mod nats_faults;
 mod publish;

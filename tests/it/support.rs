@@ -306,3 +306,70 @@ pub fn token_toml() -> String {
         "[[auth.static_tokens]]\nname = \"edge-test\"\ntoken = \"{TOKEN}\"\nallow = [\"edge.>\"]\n"
     )
 }
+
+/// A dev identity provider served in-process on a loopback port.
+pub struct TestIdp {
+    pub idp: std::sync::Arc<edgerelay::dev_idp::DevIdp>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestIdp {
+    /// Starts one with ES256 and RS256 keys.
+    pub async fn start() -> Self {
+        let listener = edgerelay::dev_idp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let idp = std::sync::Arc::new(
+            edgerelay::dev_idp::DevIdp::new(&issuer, &["ES256", "RS256"]).unwrap(),
+        );
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(edgerelay::dev_idp::serve(idp.clone(), listener, stop_rx));
+        Self { idp, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn issuer(&self) -> &str {
+        self.idp.issuer()
+    }
+
+    /// A token with these claims (over the defaults: iss, aud `edgerelay`, sub, iat, exp).
+    pub fn token(&self, claims: serde_json::Value) -> String {
+        self.idp
+            .mint(&edgerelay::dev_idp::MintRequest {
+                claims: claims.as_object().cloned().unwrap_or_default(),
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
+    /// Stops serving (the IdP is "down"); its keys stay usable for minting.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Setup {
+    /// Accept JWTs from `idp` (found through OIDC discovery) with the tenant roles: scope
+    /// `edge:publish` may publish on `edge.{tenant}.>` except `edge.{tenant}.admin.>`.
+    pub fn with_jwt(&mut self, idp: &TestIdp) -> &mut edgerelay::config::JwtConfig {
+        self.config.auth.roles = vec![edgerelay::config::RoleConfig {
+            name: "tenant".into(),
+            require: [("scope".to_string(), "edge:publish".to_string())].into(),
+            allow: vec!["edge.{claims.tenant}.>".into()],
+            deny: vec!["edge.{claims.tenant}.admin.>".into()],
+        }];
+        self.config.auth.jwt = Some(edgerelay::config::JwtConfig {
+            issuer: idp.issuer().into(),
+            audiences: vec!["edgerelay".into()],
+            discovery: true,
+            max_token_lifetime_secs: 900,
+            fetch_cooldown_secs: 1,
+            ..Default::default()
+        });
+        self.config.auth.jwt.as_mut().unwrap()
+    }
+}

@@ -1,0 +1,429 @@
+//! OIDC / JWT bearer tokens and RBAC: a real identity provider (the dev IdP, over HTTP on
+//! loopback), the real relay, and hostile tokens over HTTPS, HTTP/3 and the native protocol.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use edgerelay::client::{ClientConfig, H3Client};
+use edgerelay::dev_idp::{encode_part, SigningKey};
+use edgerelay::error::ErrorCode;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Claims of a good token of tenant `acme`.
+fn good_claims(idp: &TestIdp) -> Value {
+    let now = now();
+    json!({
+        "iss": idp.issuer(), "aud": "edgerelay", "sub": "edge-fn-acme", "iat": now,
+        "exp": now + 300, "scope": "openid edge:publish", "tenant": "acme",
+    })
+}
+
+/// `good_claims` with `changes` applied (`null` removes a claim).
+fn claims_with(idp: &TestIdp, changes: Value) -> Value {
+    let mut c = good_claims(idp);
+    for (k, v) in changes.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+/// A token signed by the IdP's current ES256 key.
+fn signed(idp: &TestIdp, claims: &Value) -> String {
+    let key = idp.idp.key("ES256").unwrap();
+    key.sign(&json!({"alg": "ES256", "typ": "JWT", "kid": key.kid}), claims).unwrap()
+}
+
+/// One hostile token and the refusal it must get.
+struct Case {
+    name: &'static str,
+    token: String,
+    code: ErrorCode,
+    reason: &'static str,
+}
+
+fn hostile_cases(idp: &TestIdp) -> Vec<Case> {
+    let now = now();
+    let good = good_claims(idp);
+    let es = idp.idp.key("ES256").unwrap();
+    let rs = idp.idp.key("RS256").unwrap();
+    let stranger = SigningKey::generate("stranger", "ES256").unwrap();
+    let by_stranger = |kid: &str| {
+        stranger.sign(&json!({"alg": "ES256", "typ": "JWT", "kid": kid}), &good).unwrap()
+    };
+    let hs256_with_public_key = {
+        use aws_lc_rs::hmac;
+        let input = format!(
+            "{}.{}",
+            encode_part(&json!({"alg": "HS256", "typ": "JWT", "kid": rs.kid})),
+            encode_part(&good)
+        );
+        let tag =
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &rs.public_bytes()), input.as_bytes());
+        use base64::Engine;
+        format!("{input}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag))
+    };
+    let unauthorized =
+        |name, token, reason| Case { name, token, code: ErrorCode::Unauthorized, reason };
+    vec![
+        unauthorized(
+            "alg none",
+            format!(
+                "{}.{}.",
+                encode_part(&json!({"alg": "none", "typ": "JWT"})),
+                encode_part(&good)
+            ),
+            "algorithm_not_allowed",
+        ),
+        unauthorized(
+            "HS256 signed with the RSA public key",
+            hs256_with_public_key,
+            "algorithm_not_allowed",
+        ),
+        unauthorized("unknown kid", by_stranger("stranger"), "unknown_key"),
+        unauthorized("kid with a path", by_stranger("../../../etc/passwd"), "unknown_key"),
+        unauthorized(
+            "kid with SQL",
+            by_stranger("' OR '1'='1'; DROP TABLE keys; --"),
+            "unknown_key",
+        ),
+        unauthorized("known kid, wrong key", by_stranger(&es.kid), "bad_signature"),
+        unauthorized(
+            "no kid with several keys",
+            es.sign(&json!({"alg": "ES256", "typ": "JWT"}), &good).unwrap(),
+            "missing_kid",
+        ),
+        unauthorized(
+            "expired",
+            signed(idp, &claims_with(idp, json!({"iat": now - 600, "exp": now - 300}))),
+            "token_expired",
+        ),
+        unauthorized(
+            "not yet valid (nbf)",
+            signed(idp, &claims_with(idp, json!({"nbf": now + 600}))),
+            "token_not_yet_valid",
+        ),
+        unauthorized(
+            "issued in the future (iat)",
+            signed(idp, &claims_with(idp, json!({"iat": now + 600, "exp": now + 700}))),
+            "token_not_yet_valid",
+        ),
+        unauthorized(
+            "wrong iss",
+            signed(idp, &claims_with(idp, json!({"iss": "https://evil.example"}))),
+            "wrong_issuer",
+        ),
+        unauthorized(
+            "wrong aud",
+            signed(idp, &claims_with(idp, json!({"aud": "other"}))),
+            "wrong_audience",
+        ),
+        unauthorized(
+            "missing exp",
+            signed(idp, &claims_with(idp, json!({"exp": null}))),
+            "missing_claim",
+        ),
+        unauthorized(
+            "exp as a string",
+            signed(idp, &claims_with(idp, json!({"exp": (now + 300).to_string()}))),
+            "bad_claim_type",
+        ),
+        unauthorized(
+            "iat as a string",
+            signed(idp, &claims_with(idp, json!({"iat": now.to_string()}))),
+            "bad_claim_type",
+        ),
+        unauthorized(
+            "lifetime longer than allowed",
+            signed(idp, &claims_with(idp, json!({"iat": now, "exp": now + 3_600}))),
+            "lifetime_too_long",
+        ),
+        unauthorized(
+            "no iat and exp too far",
+            signed(idp, &claims_with(idp, json!({"iat": null, "exp": now + 3_600}))),
+            "lifetime_too_long",
+        ),
+        unauthorized(
+            "missing sub",
+            signed(idp, &claims_with(idp, json!({"sub": null}))),
+            "missing_claim",
+        ),
+        unauthorized(
+            "sub as a number",
+            signed(idp, &claims_with(idp, json!({"sub": 42}))),
+            "bad_claim_type",
+        ),
+        unauthorized("not a JWT", "not-a-jwt".into(), "malformed_token"),
+        unauthorized("garbage header", "e30K.e30.e30".into(), "malformed_token"),
+        unauthorized("oversized", "a".repeat(9_000), "malformed_token"),
+    ]
+}
+
+/// The code and reason a refusal over HTTPS (HTTP/2) carries; checks the status matches.
+async fn over_https(relay: &TestRelay, token: &str, subject: &str) -> (String, String) {
+    let resp = relay
+        .h2
+        .post(relay.url(&format!("/v1/publish/{subject}")))
+        .bearer_auth(token)
+        .body("hostile")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    let code = v["error"]["code"].as_str().unwrap_or("accepted").to_owned();
+    if let Some(c) = ErrorCode::parse(&code) {
+        assert_eq!(status, c.status(), "{v}");
+    }
+    (code, v["error"]["reason"].as_str().unwrap_or("").to_owned())
+}
+
+async fn over_h3(setup: &Setup, relay: &TestRelay, token: &str, subject: &str) -> (String, String) {
+    let client = H3Client::connect(ClientConfig {
+        server: relay.quic_addr(),
+        server_name: "localhost".into(),
+        ca_pem: Some(setup.certs.ca_cert.clone()),
+        token: token.into(),
+    })
+    .await
+    .unwrap();
+    let (status, _, body) = client
+        .post(&format!("/v1/publish/{subject}"), &[], Bytes::from_static(b"hostile"))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let code = v["error"]["code"].as_str().unwrap_or("accepted").to_owned();
+    if let Some(c) = ErrorCode::parse(&code) {
+        assert_eq!(status.as_u16(), c.status(), "{v}");
+    }
+    (code, v["error"]["reason"].as_str().unwrap_or("").to_owned())
+}
+
+async fn over_quic(
+    setup: &Setup,
+    relay: &TestRelay,
+    token: &str,
+    subject: &str,
+) -> (String, String) {
+    let client = setup.quic_client(relay, token).await;
+    let answer = client.publish(vec![edgerelay::client::event(subject, "hostile")]).await.unwrap();
+    let refused = answer.error.or_else(|| {
+        answer.results.into_iter().find_map(|r| match r.outcome {
+            Some(edgerelay::proto::event_result::Outcome::Refused(r)) => Some(r),
+            _ => None,
+        })
+    });
+    match refused {
+        Some(r) => (r.code, r.reason),
+        None => ("accepted".into(), String::new()),
+    }
+}
+
+#[tokio::test]
+async fn hostile_tokens_are_refused_over_https_h3_and_quic() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    let relay = setup.start().await;
+
+    for case in hostile_cases(&idp) {
+        let want = (case.code.as_str().to_owned(), case.reason.to_owned());
+        let subject = "edge.acme.click";
+        assert_eq!(over_https(&relay, &case.token, subject).await, want, "HTTPS: {}", case.name);
+        assert_eq!(
+            over_h3(&setup, &relay, &case.token, subject).await,
+            want,
+            "HTTP/3: {}",
+            case.name
+        );
+        assert_eq!(
+            over_quic(&setup, &relay, &case.token, subject).await,
+            want,
+            "QUIC: {}",
+            case.name
+        );
+    }
+    let missing =
+        relay.h2.post(relay.url("/v1/publish/edge.acme.click")).body("x").send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    assert_eq!(stream_messages(&nats.url()).await, 0, "nothing refused may be published");
+}
+
+#[tokio::test]
+async fn tenants_publish_only_to_their_own_subjects() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    let relay = setup.start().await;
+    let acme = idp.token(json!({"sub": "edge-fn-acme", "tenant": "acme", "scope": "edge:publish"}));
+    let no_scope = idp.token(json!({"sub": "edge-fn-x", "tenant": "acme", "scope": "openid"}));
+    let smuggler = idp.token(json!({"sub": "edge-fn-y", "tenant": "*", "scope": "edge:publish"}));
+
+    for (token, subject, want) in [
+        (&acme, "edge.acme.click", ("accepted", "")),
+        (&acme, "edge.globex.click", ("forbidden", "no_rule_allows")),
+        (&acme, "edge.acme.admin.reset", ("forbidden", "no_rule_allows")),
+        (&no_scope, "edge.acme.click", ("forbidden", "no_rule_allows")),
+        (&smuggler, "edge.acme.click", ("forbidden", "no_rule_allows")),
+        (&acme, "edge.acme.*", ("bad_subject", "bad_subject")),
+        (&acme, "edge.acme.>", ("bad_subject", "bad_subject")),
+        (&acme, "edge..click", ("bad_subject", "bad_subject")),
+        (&acme, "edge.acme.%C3%BC", ("bad_subject", "bad_subject")),
+    ] {
+        let got = over_https(&relay, token, subject).await;
+        assert_eq!((got.0.as_str(), got.1.as_str()), want, "{subject}");
+    }
+    let long = format!("edge.acme.{}", "x".repeat(300));
+    assert_eq!(over_https(&relay, &acme, &long).await.0, "bad_subject");
+    assert_eq!(over_h3(&setup, &relay, &acme, "edge.acme.h3").await.0, "accepted");
+    assert_eq!(over_quic(&setup, &relay, &acme, "edge.acme.quic").await.0, "accepted");
+    assert_eq!(
+        over_quic(&setup, &relay, &acme, "edge.globex.quic").await,
+        ("forbidden".into(), "no_rule_allows".into())
+    );
+
+    let stored = read_stream(&nats.url()).await;
+    let events: Vec<_> = stored.iter().flat_map(|m| m.batch.events.iter()).collect();
+    assert_eq!(events.len(), 3);
+    assert!(events
+        .iter()
+        .all(|e| e.publisher == "edge-fn-acme" && e.subject.starts_with("edge.acme.")));
+}
+
+#[tokio::test]
+async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp).key_grace_secs = 2;
+    let relay = setup.start().await;
+    let old = idp.token(good_claims(&idp));
+    assert_eq!(over_https(&relay, &old, "edge.acme.a").await.0, "accepted");
+
+    // The IdP signs with a new key and drops the old one; the relay has never seen the new kid.
+    idp.idp.rotate("ES256", true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // one fetch cooldown
+    let new = idp.token(good_claims(&idp));
+    assert_eq!(over_https(&relay, &new, "edge.acme.b").await.0, "accepted", "no restart needed");
+    // Within the grace the old key still verifies (tokens signed just before the rotation).
+    assert_eq!(over_https(&relay, &old, "edge.acme.c").await.0, "accepted");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_eq!(
+        over_https(&relay, &old, "edge.acme.d").await,
+        ("unauthorized".into(), "retired_key".into()),
+        "after the grace the rotated-out key is refused, cached or not"
+    );
+    assert_eq!(over_https(&relay, &new, "edge.acme.e").await.0, "accepted");
+}
+
+#[tokio::test]
+async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp).fetch_cooldown_secs = 30;
+    let relay = setup.start().await;
+    let before = idp.idp.jwks_fetches();
+    let stranger = SigningKey::generate("x", "ES256").unwrap();
+    let claims = good_claims(&idp);
+    let tokens: Vec<String> = (0..10_000)
+        .map(|i| {
+            stranger
+                .sign(&json!({"alg": "ES256", "typ": "JWT", "kid": format!("random-{i}")}), &claims)
+                .unwrap()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let results = futures::future::join_all(tokens.chunks(157).map(|chunk| {
+        let relay = &relay;
+        async move {
+            let mut refused = 0;
+            for t in chunk {
+                let (code, reason) = over_https(relay, t, "edge.acme.flood").await;
+                refused += usize::from(code == "unauthorized" && reason == "unknown_key");
+            }
+            refused
+        }
+    }))
+    .await;
+    assert_eq!(results.iter().sum::<usize>(), 10_000);
+    let fetches = idp.idp.jwks_fetches() - before;
+    let cooldowns = started.elapsed().as_secs() / 30 + 1;
+    assert!(
+        fetches <= cooldowns,
+        "{fetches} JWKS fetches for 10,000 random kids in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stream_messages(&nats.url()).await, 0);
+}
+
+#[tokio::test]
+async fn the_last_good_keys_serve_while_the_idp_is_down_until_the_stale_limit() {
+    let nats = NatsServer::start();
+    let mut idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    let jwt = setup.with_jwt(&idp);
+    jwt.refresh_secs = 1;
+    jwt.max_stale_secs = 3;
+    let relay = setup.start().await;
+    let token = idp.token(good_claims(&idp));
+    idp.stop().await;
+    // Fresh tokens (not cached) still verify with the keys fetched before the IdP went down.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let fresh = idp.token(claims_with(&idp, json!({"sub": "edge-fn-2"})));
+    assert_eq!(over_https(&relay, &fresh, "edge.acme.a").await.0, "accepted");
+    assert_eq!(over_https(&relay, &token, "edge.acme.b").await.0, "accepted");
+    // Past the stale limit nothing can be checked: 503 with Retry-After, and not ready.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let another = idp.token(claims_with(&idp, json!({"sub": "edge-fn-3"})));
+    let resp = relay
+        .h2
+        .post(relay.url("/v1/publish/edge.acme.c"))
+        .bearer_auth(&another)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(error_code(resp).await.1, "auth_unavailable");
+    let ready = relay.h1.get(relay.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+}
+
+#[tokio::test]
+async fn a_quic_stream_keeps_its_identity_only_until_the_token_expires() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp).leeway_secs = 0;
+    let relay = setup.start().await;
+    let now = now();
+    let short = idp.token(claims_with(&idp, json!({"iat": now, "exp": now + 2})));
+    let client = setup.quic_client(&relay, &short).await;
+    let mut stream = client.stream().await.unwrap();
+    stream.send(vec![edgerelay::client::event("edge.acme.a", "1")]).await.unwrap();
+    let first = stream.recv().await.unwrap();
+    assert!(first.error.is_none(), "{first:?}");
+    // Later requests on the stream carry no token: the stream's identity answers for them...
+    stream.send(vec![edgerelay::client::event("edge.acme.b", "2")]).await.unwrap();
+    assert!(stream.recv().await.unwrap().error.is_none());
+    // ...until its token expires.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    stream.send(vec![edgerelay::client::event("edge.acme.c", "3")]).await.unwrap();
+    let late = stream.recv().await.unwrap().error.expect("refused");
+    assert_eq!((late.code.as_str(), late.reason.as_str()), ("unauthorized", "token_expired"));
+    assert_eq!(stream_messages(&nats.url()).await, 2);
+}
