@@ -13,12 +13,13 @@
 pub mod idp;
 pub mod jwks;
 pub mod jwt;
+pub mod rate_limit;
 pub mod rbac;
 pub mod rules;
 pub mod static_tokens;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
 
@@ -41,6 +42,8 @@ pub struct Identity {
     /// When the credentials stop being valid, unix seconds (a JWT's `exp` plus the leeway);
     /// `None` for credentials that do not expire (static tokens).
     pub expires: Option<u64>,
+    /// The tenant (`auth.rate_limit.tenant_claim` of a JWT), for the tenant rate limit.
+    pub tenant: Option<Arc<str>>,
 }
 
 impl Identity {
@@ -63,6 +66,8 @@ impl Identity {
 pub struct Auth {
     static_tokens: static_tokens::StaticTokens,
     jwt: Option<Jwt>,
+    per_identity: Option<rate_limit::Limiter>,
+    per_tenant: Option<rate_limit::Limiter>,
 }
 
 /// The JWT path: the validator and the provider's keys.
@@ -87,13 +92,45 @@ impl Auth {
     pub fn new(cfg: &AuthConfig) -> Result<Self, AuthError> {
         let jwt = match &cfg.jwt {
             Some(j) => {
-                let validator = jwt::Validator::new(j, rbac::Roles::parse(&cfg.roles)?);
+                let roles = rbac::Roles::parse(&cfg.roles)?;
+                let validator = jwt::Validator::new(j, roles, cfg.rate_limit.tenant_claim.clone());
                 let keys = Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec())?);
                 Some(Jwt { validator, keys })
             }
             None => None,
         };
-        Ok(Self { static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens), jwt })
+        let rl = &cfg.rate_limit;
+        let limiter = |per_sec: u64, burst: u64| {
+            (per_sec > 0).then(|| {
+                let burst = if burst == 0 { per_sec } else { burst };
+                rate_limit::Limiter::new(per_sec, burst, rl.max_tracked)
+            })
+        };
+        Ok(Self {
+            static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens),
+            jwt,
+            per_identity: limiter(rl.events_per_sec, rl.burst),
+            per_tenant: limiter(rl.tenant_events_per_sec, rl.tenant_burst),
+        })
+    }
+
+    /// Takes `events` from the identity's (and its tenant's) rate limit at `now`.
+    pub fn limit(&self, identity: &Identity, events: usize, now: Instant) -> Result<(), Refusal> {
+        let over = |after: Duration, whose: &str| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                format!("{whose} is over its rate limit: retry in {} ms", after.as_millis()),
+            )
+            .retry_after(after)
+        };
+        if let Some(l) = &self.per_identity {
+            l.take(&identity.name, events, now).map_err(|after| over(after, &identity.name))?;
+        }
+        if let (Some(l), Some(tenant)) = (&self.per_tenant, &identity.tenant) {
+            l.take(tenant, events, now)
+                .map_err(|after| over(after, "the tenant").because("tenant_rate_limited"))?;
+        }
+        Ok(())
     }
 
     /// The provider's key set, when JWTs are configured: its `refresh` task keeps it current.

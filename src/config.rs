@@ -230,6 +230,29 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
     /// What JWT claims grant: each role that applies to a token adds its patterns.
     pub roles: Vec<RoleConfig>,
+    /// Events per second per identity (and per tenant); off by default.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Token buckets of events. Over the limit a request is refused as a whole with 429
+/// `rate_limited` and a `Retry-After` of when it would pass.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Events a second each identity (static token name or the JWT identity claim) may
+    /// publish; 0 = no limit.
+    pub events_per_sec: u64,
+    /// Events an identity may publish at once beyond the rate; 0 = one second's worth.
+    pub burst: u64,
+    /// A JWT claim naming the tenant (e.g. `tenant`): with `tenant_events_per_sec`, all the
+    /// identities of one tenant share one more bucket.
+    pub tenant_claim: Option<String>,
+    /// Events a second per tenant; 0 = no tenant limit.
+    pub tenant_events_per_sec: u64,
+    /// Tenant burst; 0 = one second's worth.
+    pub tenant_burst: u64,
+    /// Identities (and tenants) tracked at once; beyond it refilled buckets are forgotten.
+    pub max_tracked: usize,
 }
 
 /// Validation of JWT bearer tokens against the identity provider's published keys (JWKS).
@@ -638,6 +661,16 @@ impl Config {
                 bad(true, format!("{at}: {e}"));
             }
         }
+        let rl = &self.auth.rate_limit;
+        bad(rl.max_tracked == 0, "auth.rate_limit.max_tracked must be > 0".into());
+        bad(
+            rl.tenant_events_per_sec > 0 && rl.tenant_claim.is_none(),
+            "auth.rate_limit.tenant_events_per_sec needs tenant_claim".into(),
+        );
+        bad(
+            rl.tenant_claim.is_some() && self.auth.jwt.is_none(),
+            "auth.rate_limit.tenant_claim is a JWT claim: configure auth.jwt".into(),
+        );
         bad(
             !self.auth.roles.is_empty() && self.auth.jwt.is_none(),
             "auth.roles apply to JWT claims: configure auth.jwt".into(),
@@ -663,6 +696,19 @@ impl Config {
         match self.batch.shards {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            events_per_sec: 0,
+            burst: 0,
+            tenant_claim: None,
+            tenant_events_per_sec: 0,
+            tenant_burst: 0,
+            max_tracked: 100_000,
         }
     }
 }

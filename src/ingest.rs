@@ -148,6 +148,9 @@ impl Ingest {
     /// Publishes many events: all are queued first, then their outcomes awaited together.
     pub async fn publish_all(&self, identity: &Identity, events: Vec<EventIn>) -> Vec<Outcome> {
         let at = Arrival::now();
+        if let Err(r) = self.auth.limit(identity, events.len(), at.instant) {
+            return vec![Err(r); events.len()];
+        }
         let answers = Answers::new(events.len());
         let mut waiting = Vec::new();
         for (index, ev) in events.into_iter().enumerate() {

@@ -51,6 +51,7 @@ pub struct Validator {
     leeway: u64,
     max_lifetime: u64,
     identity_claim: String,
+    tenant_claim: Option<String>,
     roles: Roles,
     cache: Mutex<Cache>,
 }
@@ -98,7 +99,7 @@ fn unauthorized(
 
 impl Validator {
     /// Builds the validator from (validated) configuration.
-    pub fn new(cfg: &JwtConfig, roles: Roles) -> Self {
+    pub fn new(cfg: &JwtConfig, roles: Roles, tenant_claim: Option<String>) -> Self {
         Self {
             issuer: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
@@ -106,6 +107,7 @@ impl Validator {
             leeway: cfg.leeway_secs,
             max_lifetime: cfg.max_token_lifetime_secs,
             identity_claim: cfg.identity_claim.clone(),
+            tenant_claim,
             roles,
             cache: Mutex::new(Cache { entries: HashMap::new(), max: cfg.token_cache_entries }),
         }
@@ -261,6 +263,12 @@ impl Validator {
                 name: name.into(),
                 rules: Arc::new(grant.rules),
                 expires: Some(expires + self.leeway),
+                tenant: self
+                    .tenant_claim
+                    .as_ref()
+                    .and_then(|c| claims.get(c))
+                    .and_then(Value::as_str)
+                    .map(Arc::from),
             },
             expires,
             roles: grant.roles.into(),

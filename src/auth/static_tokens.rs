@@ -24,6 +24,7 @@ impl StaticTokens {
                     name: t.name.as_str().into(),
                     rules: Arc::new(rules),
                     expires: None,
+                    tenant: None,
                 };
                 (digest(&t.token), identity)
             })

@@ -427,3 +427,51 @@ async fn a_quic_stream_keeps_its_identity_only_until_the_token_expires() {
     assert_eq!((late.code.as_str(), late.reason.as_str()), ("unauthorized", "token_expired"));
     assert_eq!(stream_messages(&nats.url()).await, 2);
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_then_recover() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    let rl = &mut setup.config.auth.rate_limit;
+    rl.events_per_sec = 4;
+    rl.burst = 4;
+    rl.tenant_claim = Some("tenant".into());
+    rl.tenant_events_per_sec = 6;
+    let relay = setup.start().await;
+
+    // Per identity: a static token.
+    for i in 0..4 {
+        let resp = relay.publish(&relay.h2, "edge.rl.a", "x").send().await.unwrap();
+        assert_eq!(resp.status(), 202, "event {i} is within the burst");
+    }
+    let over = relay.publish(&relay.h2, "edge.rl.a", "x").send().await.unwrap();
+    assert_eq!(over.status(), 429);
+    assert_eq!(over.headers()["retry-after"], "1");
+    assert_eq!(error_code(over).await.1, "rate_limited");
+    // The native protocol refuses each event with the same code and a retry delay.
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let answer = client.publish(vec![edgerelay::client::event("edge.rl.q", "x")]).await.unwrap();
+    match &answer.results[0].outcome {
+        Some(edgerelay::proto::event_result::Outcome::Refused(r)) => {
+            assert_eq!(r.code, "rate_limited");
+            assert!((1..=1_000).contains(&r.retry_after_ms), "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let resp = relay.publish(&relay.h2, "edge.rl.a", "x").send().await.unwrap();
+    assert_eq!(resp.status(), 202, "the bucket refilled");
+
+    // Per tenant: two identities of tenant acme share 6 events a second.
+    let a = idp.token(json!({"sub": "fn-a", "tenant": "acme", "scope": "edge:publish"}));
+    let b = idp.token(json!({"sub": "fn-b", "tenant": "acme", "scope": "edge:publish"}));
+    for token in [&a, &a, &a, &b, &b, &b] {
+        assert_eq!(over_https(&relay, token, "edge.acme.t").await.0, "accepted");
+    }
+    assert_eq!(
+        over_https(&relay, &b, "edge.acme.t").await,
+        ("rate_limited".into(), "tenant_rate_limited".into())
+    );
+}
