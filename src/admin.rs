@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::idp::KeyStore;
+use crate::metrics::Metrics;
 use crate::sink::Sink;
 
 /// What readiness depends on.
@@ -30,11 +31,19 @@ pub struct Health {
     pub sink: Arc<Sink>,
     /// The identity provider's keys, when JWTs are configured.
     pub keys: Option<Arc<KeyStore>>,
+    /// Served on `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Health {
-    pub fn new(sink: Arc<Sink>, keys: Option<Arc<KeyStore>>) -> Self {
-        Self { listening: AtomicBool::new(false), draining: AtomicBool::new(false), sink, keys }
+    pub fn new(sink: Arc<Sink>, keys: Option<Arc<KeyStore>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            sink,
+            keys,
+            metrics,
+        }
     }
 
     /// `None` when ready, else why not.
@@ -92,7 +101,15 @@ fn route(path: &str, health: &Health) -> Response<Full<Bytes>> {
             None => (StatusCode::OK, "ready\n".to_owned()),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
-        _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /readyz\n".to_owned()),
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(health.metrics.render())));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return resp;
+        }
+        _ => (StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".to_owned()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

@@ -25,6 +25,7 @@ pub use rules::Rules;
 
 use crate::config::AuthConfig;
 use crate::error::{ErrorCode, Refusal};
+use crate::metrics::Metrics;
 
 /// What a request presents to prove who it is.
 #[derive(Clone, Copy, Debug, Default)]
@@ -89,12 +90,12 @@ pub enum AuthError {
 impl Auth {
     /// Builds the stage from (validated) configuration. The provider's keys are fetched by
     /// [`Auth::key_store`]'s refresh task and on demand.
-    pub fn new(cfg: &AuthConfig) -> Result<Self, AuthError> {
+    pub fn new(cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, AuthError> {
         let jwt = match &cfg.jwt {
             Some(j) => {
                 let roles = rbac::Roles::parse(&cfg.roles)?;
                 let validator = jwt::Validator::new(j, roles, cfg.rate_limit.tenant_claim.clone());
-                let keys = Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec())?);
+                let keys = Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec(), metrics)?);
                 Some(Jwt { validator, keys })
             }
             None => None,

@@ -32,8 +32,44 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Remembering idempotency keys so client retries are answered, not stored twice.
     pub idempotency: IdempotencyConfig,
-    /// The admin listener (health and readiness; metrics in a later version).
+    /// The admin listener: health, readiness and Prometheus metrics.
     pub admin: AdminConfig,
+    /// The audit trail of refusals and per-identity publish counts.
+    pub audit: AuditConfig,
+}
+
+/// Where audit records go. A structured log line (target `edgerelay::audit`) is written for
+/// each whatever this says.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Publish audit records to JetStream.
+    pub enabled: bool,
+    /// The JetStream stream holding them; created if missing (file storage).
+    pub stream: String,
+    /// Records go to `<subject_prefix>.<relay.id>.refused` and `….counts`; the stream captures
+    /// `<subject_prefix>.>`.
+    pub subject_prefix: String,
+    /// How long the stream keeps records, seconds.
+    pub max_age_secs: u64,
+    /// Records waiting to be published, at most; beyond it they are dropped and counted
+    /// (`edgerelay_audit_dropped_total`): auditing never slows the data path.
+    pub queue_capacity: usize,
+    /// How often the per-identity publish counts are written, seconds.
+    pub counts_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            stream: "EDGERELAY_AUDIT".into(),
+            subject_prefix: "edgerelay.audit".into(),
+            max_age_secs: 7 * 86_400,
+            queue_capacity: 10_000,
+            counts_interval_secs: 60,
+        }
+    }
 }
 
 /// When the edge is answered.
@@ -683,6 +719,18 @@ impl Config {
         );
 
         bad(self.idempotency.max_keys == 0, "idempotency.max_keys must be > 0".into());
+        bad(self.audit.enabled && self.audit.stream.is_empty(), "audit.stream is required".into());
+        if let Err(e) = Pattern::parse(&format!("{}.>", self.audit.subject_prefix)) {
+            bad(true, format!("audit.subject_prefix {:?}: {e}", self.audit.subject_prefix));
+        }
+        bad(
+            self.stream.subjects.iter().filter_map(|s| Pattern::parse(s).ok()).any(|p| {
+                p.matches(&format!("{}.{}.refused", self.audit.subject_prefix, self.relay.id))
+            }),
+            "audit.subject_prefix overlaps stream.subjects: audit records would land in the event stream".into(),
+        );
+        bad(self.audit.queue_capacity == 0, "audit.queue_capacity must be > 0".into());
+        bad(self.audit.counts_interval_secs == 0, "audit.counts_interval_secs must be > 0".into());
 
         if errs.is_empty() {
             Ok(())

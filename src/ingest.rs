@@ -19,11 +19,13 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::oneshot;
 
+use crate::audit::Audit;
 use crate::auth::{Auth, Credentials, Identity};
 use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
-use crate::error::{ErrorCode, Refusal};
+use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
+use crate::metrics::Protocol;
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
@@ -50,6 +52,7 @@ pub struct EventIn {
 #[derive(Debug)]
 pub struct Ingest {
     auth: Arc<Auth>,
+    audit: Arc<Audit>,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     idempotency: Arc<Idempotency>,
@@ -69,9 +72,16 @@ enum Ticket {
 }
 
 impl Ingest {
-    pub fn new(cfg: &Config, auth: Arc<Auth>, queues: Arc<Queues>, sink: Arc<Sink>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        auth: Arc<Auth>,
+        audit: Arc<Audit>,
+        queues: Arc<Queues>,
+        sink: Arc<Sink>,
+    ) -> Self {
         Self {
             auth,
+            audit,
             queues,
             sink,
             idempotency: Arc::new(Idempotency::new(
@@ -139,22 +149,46 @@ impl Ingest {
         self.sink.unavailable()
     }
 
+    /// Counts and audits a refusal of a whole request (or of one event the caller refused).
+    /// Every refusal the edge gets passes through here or through [`Ingest::publish_all`].
+    pub fn refused(
+        &self,
+        protocol: Protocol,
+        identity: Option<&Identity>,
+        subject: Option<&str>,
+        r: &Refusal,
+    ) {
+        self.audit.refused(protocol, identity, subject, r);
+    }
+
     /// Publishes one event and waits for its outcome (per the ack mode).
-    pub async fn publish(&self, identity: &Identity, event: EventIn) -> Outcome {
-        let outcome = self.publish_all(identity, vec![event]).await.pop();
+    pub async fn publish(
+        &self,
+        protocol: Protocol,
+        identity: &Identity,
+        event: EventIn,
+    ) -> Outcome {
+        let outcome = self.publish_all(protocol, identity, vec![event]).await.pop();
         outcome.unwrap_or_else(|| Err(Refusal::new(ErrorCode::Internal, "no answer")))
     }
 
     /// Publishes many events: all are queued first, then their outcomes awaited together.
-    pub async fn publish_all(&self, identity: &Identity, events: Vec<EventIn>) -> Vec<Outcome> {
+    /// Refusals are counted and audited here.
+    pub async fn publish_all(
+        &self,
+        protocol: Protocol,
+        identity: &Identity,
+        events: Vec<EventIn>,
+    ) -> Vec<Outcome> {
         let at = Arrival::now();
         if let Err(r) = self.auth.limit(identity, events.len(), at.instant) {
+            self.audit.refused(protocol, Some(identity), None, &r);
             return vec![Err(r); events.len()];
         }
         let answers = Answers::new(events.len());
         let mut waiting = Vec::new();
         for (index, ev) in events.into_iter().enumerate() {
-            match self.submit(identity, ev, at, (answers.clone(), index)) {
+            match self.submit(protocol, identity, ev, at, (answers.clone(), index)) {
                 Ticket::Now(outcome) => answers.set(index, outcome),
                 Ticket::InSlot => {}
                 Ticket::Waiting(rx) => waiting.push((index, rx)),
@@ -167,11 +201,32 @@ impl Ingest {
             });
             answers.set(index, outcome);
         }
-        answers.all().await
+        let outcomes = answers.all().await;
+        let mut accepted = 0;
+        for o in &outcomes {
+            match o {
+                Ok(_) => accepted += 1,
+                // The edge's own refusals were audited with their subject in `submit`.
+                Err(r) if r.code.side() != Side::Edge => {
+                    self.audit.refused(protocol, Some(identity), None, r)
+                }
+                Err(_) => {}
+            }
+        }
+        self.audit.accepted(protocol, identity, accepted);
+        outcomes
     }
 
-    fn submit(&self, identity: &Identity, ev: EventIn, at: Arrival, slot: Slot) -> Ticket {
+    fn submit(
+        &self,
+        protocol: Protocol,
+        identity: &Identity,
+        ev: EventIn,
+        at: Arrival,
+        slot: Slot,
+    ) -> Ticket {
         if let Err(r) = self.check(identity, &ev) {
+            self.audit.refused(protocol, Some(identity), Some(&ev.subject), &r);
             return Ticket::Now(Err(r));
         }
         if let Some(r) = self.refuse_early() {

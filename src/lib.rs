@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod batch;
 pub mod client;
@@ -33,6 +34,7 @@ pub mod dev_idp;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod sink;
 pub mod subject;
 pub mod tail;
@@ -54,10 +56,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Health;
+use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::batch::queue::Queues;
 use crate::config::{ms, Config};
 use crate::ingest::Ingest;
+use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 
 /// Why the relay could not start (or had to stop).
@@ -127,12 +131,31 @@ impl Relay {
         };
 
         let queues = Arc::new(Queues::new(config.shards(), config.batch.queue_capacity));
-        let auth = Arc::new(Auth::new(&config.auth)?);
-        let ingest = Arc::new(Ingest::new(&config, auth.clone(), queues.clone(), sink.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(Auth::new(&config.auth, metrics.clone())?);
+        let (audit, audit_queue) = Audit::new(&config.audit, &config.relay.id, metrics.clone());
+        let audit = Arc::new(audit);
+        let ingest = Arc::new(Ingest::new(
+            &config,
+            auth.clone(),
+            audit.clone(),
+            queues.clone(),
+            sink.clone(),
+        ));
         let key_store = auth.key_store();
-        let health = Arc::new(Health::new(sink.clone(), key_store.clone()));
+        let health = Arc::new(Health::new(sink.clone(), key_store.clone(), metrics));
         let (stop, stop_rx) = watch::channel(false);
         let mut background = vec![keeper];
+        if let Some(queue) = audit_queue {
+            let client = sink.client().clone();
+            background.push(tokio::spawn(audit::run(
+                audit,
+                queue,
+                client,
+                config.audit.clone(),
+                stop_rx.clone(),
+            )));
+        }
         if let Some(keys) = key_store {
             if let Err(e) = keys.load().await {
                 tracing::warn!(error = %e, "identity provider keys not loaded: refusing tokens (503) until they are");

@@ -13,6 +13,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::jwks::{Changes, Keys, Lookup, Missing, Policy};
 use crate::config::JwtConfig;
+use crate::metrics::{Metrics, ResultLabels};
 
 /// Largest JWKS or discovery document read.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -58,6 +59,7 @@ pub struct KeyStore {
     http: reqwest::Client,
     /// Held while fetching: one fetch at a time (single flight).
     fetching: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 /// A JWKS document, each key read on its own so one odd key does not spoil the set.
@@ -91,7 +93,11 @@ pub fn check_url(url: &str) -> Result<(), String> {
 }
 
 impl KeyStore {
-    pub fn new(cfg: &JwtConfig, allowed: Vec<jsonwebtoken::Algorithm>) -> Result<Self, FetchError> {
+    pub fn new(
+        cfg: &JwtConfig,
+        allowed: Vec<jsonwebtoken::Algorithm>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FetchError> {
         let policy = Policy {
             refresh: Duration::from_secs(cfg.refresh_secs),
             cooldown: Duration::from_secs(cfg.fetch_cooldown_secs),
@@ -111,6 +117,7 @@ impl KeyStore {
             source,
             http: http_client(cfg)?,
             fetching: Mutex::new(()),
+            metrics,
         })
     }
 
@@ -169,7 +176,10 @@ impl KeyStore {
     /// Fetches and installs the key set now (callers hold `fetching`, or it is start-up).
     async fn fetch_now(&self, now: Instant) -> Result<Changes, FetchError> {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).attempt(now);
-        let jwks = self.fetch().await?;
+        let fetched = self.fetch().await;
+        let result = if fetched.is_ok() { "ok" } else { "error" };
+        self.metrics.jwks_fetches.get_or_create(&ResultLabels { result }).inc();
+        let jwks = fetched?;
         let changes = self.keys.write().unwrap_or_else(|p| p.into_inner()).update(&jwks, now);
         if changes.added > 0 || changes.retired > 0 {
             tracing::info!(

@@ -18,6 +18,7 @@ use super::json::{self, Answer};
 use super::{EventIn, Ingest};
 use crate::auth::{bearer_token, Credentials, Identity};
 use crate::error::{ErrorCode, Refusal};
+use crate::metrics::Protocol;
 use crate::proto;
 
 const PROTOBUF: &str = "application/x-protobuf";
@@ -47,27 +48,35 @@ impl HttpApi {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        let protocol =
+            if req.version() == http::Version::HTTP_3 { Protocol::H3 } else { Protocol::Https };
         let path = req.uri().path();
         let route = if let Some(subject) = path.strip_prefix("/v1/publish/") {
             Some(subject.to_owned())
         } else if path == "/v1/publish" {
             None
         } else {
-            return refusal(&Refusal::new(
-                ErrorCode::NotFound,
-                "no such route; POST /v1/publish/{subject}",
-            ));
+            let r = Refusal::new(ErrorCode::NotFound, "no such route; POST /v1/publish/{subject}");
+            self.ingest.refused(protocol, None, None, &r);
+            return refusal(&r);
         };
         if req.method() != Method::POST {
-            let mut resp = refusal(&Refusal::new(ErrorCode::MethodNotAllowed, "use POST"));
+            let r = Refusal::new(ErrorCode::MethodNotAllowed, "use POST");
+            self.ingest.refused(protocol, None, None, &r);
+            let mut resp = refusal(&r);
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             return resp;
         }
-        let result = match route {
-            Some(subject) => self.publish_one(req, subject).await,
-            None => self.publish_many(req).await,
+        // Set once authenticated, so a refusal of the request says whose it was.
+        let mut identity = None;
+        let result = match &route {
+            Some(subject) => self.publish_one(req, subject, protocol, &mut identity).await,
+            None => self.publish_many(req, protocol, &mut identity).await,
         };
-        result.unwrap_or_else(|r| refusal(&r))
+        result.unwrap_or_else(|r| {
+            self.ingest.refused(protocol, identity.as_ref(), route.as_deref(), &r);
+            refusal(&r)
+        })
     }
 
     async fn authenticate<B>(&self, req: &Request<B>) -> Result<Identity, Refusal> {
@@ -83,15 +92,17 @@ impl HttpApi {
     async fn publish_one<B>(
         &self,
         req: Request<B>,
-        subject: String,
+        subject: &str,
+        protocol: Protocol,
+        authenticated: &mut Option<Identity>,
     ) -> Result<Response<Full<Bytes>>, Refusal>
     where
         B: Body + Send,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let identity = self.authenticate(&req).await?;
-        self.ingest.check_subject(&identity, &subject)?;
+        let identity = authenticated.insert(self.authenticate(&req).await?).clone();
+        self.ingest.check_subject(&identity, subject)?;
         if let Some(r) = self.ingest.refuse_early() {
             return Err(r);
         }
@@ -114,8 +125,14 @@ impl HttpApi {
             event_headers.insert("content-type".to_owned(), ct.to_owned());
         }
         let payload = read_body(req, self.ingest.max_event_bytes()).await?;
-        let event = EventIn { subject, payload, headers: event_headers, id, edge_time_unix_ms };
-        let outcome = self.ingest.publish(&identity, event).await;
+        let event = EventIn {
+            subject: subject.to_owned(),
+            payload,
+            headers: event_headers,
+            id,
+            edge_time_unix_ms,
+        };
+        let outcome = self.ingest.publish(protocol, &identity, event).await;
         Ok(match &outcome {
             Ok(_) => json_response(
                 StatusCode::ACCEPTED,
@@ -125,13 +142,18 @@ impl HttpApi {
         })
     }
 
-    async fn publish_many<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Refusal>
+    async fn publish_many<B>(
+        &self,
+        req: Request<B>,
+        protocol: Protocol,
+        authenticated: &mut Option<Identity>,
+    ) -> Result<Response<Full<Bytes>>, Refusal>
     where
         B: Body + Send,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let identity = self.authenticate(&req).await?;
+        let identity = authenticated.insert(self.authenticate(&req).await?).clone();
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -158,7 +180,7 @@ impl HttpApi {
             json::decode_request(&body)?
         };
         self.ingest.check_request(&events)?;
-        let outcomes = self.ingest.publish_all(&identity, events).await;
+        let outcomes = self.ingest.publish_all(protocol, &identity, events).await;
         // 202 only when every event was taken; otherwise the first refusal's status, so a client
         // that looks only at the status never takes an unacknowledged event for stored.
         let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());

@@ -39,6 +39,7 @@ use super::{events_of, results_of, Ingest};
 use crate::auth::{Credentials, Identity};
 use crate::config::{ms, QuicConfig};
 use crate::error::{ErrorCode, Refusal};
+use crate::metrics::Protocol;
 use crate::proto;
 
 /// ALPN of the native protocol.
@@ -304,7 +305,9 @@ async fn stream(
             FrameError::TooLong { .. } => ErrorCode::TooLarge,
             FrameError::BadLength => ErrorCode::BadRequest,
         };
-        let answer = refused(Refusal::new(code_str, e.to_string()));
+        let r = Refusal::new(code_str, e.to_string());
+        ctx.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
+        let answer = refused(r);
         let _ = send.write_all(&framing::frame(&answer)).await;
         let _ = recv.stop(VarInt::from_u32(code));
     }
@@ -313,55 +316,57 @@ async fn stream(
 }
 
 /// One request frame: authenticate (a token on the frame replaces the stream's identity),
-/// decode, and return the future of its answer.
+/// decode, and return the future of its answer. A refused request is counted and audited; an
+/// authentication refusal also drops the stream's identity.
 async fn request(
     frame: bytes::Bytes,
     identity: &mut Option<Identity>,
     ctx: &Arc<Ctx>,
 ) -> futures::future::BoxFuture<'static, proto::PublishResponse> {
-    let ready = |r: Refusal| -> futures::future::BoxFuture<'static, proto::PublishResponse> {
-        Box::pin(std::future::ready(refused(r)))
-    };
-    let req = match proto::PublishRequest::decode(frame) {
-        Ok(req) => req,
-        Err(e) => {
-            return ready(Refusal::new(
-                ErrorCode::BadRequest,
-                format!("invalid PublishRequest: {e}"),
-            ))
+    match admit(frame, identity, ctx).await {
+        Ok((id, events)) => {
+            let ingest = ctx.ingest.clone();
+            Box::pin(async move {
+                let outcomes = ingest.publish_all(Protocol::Quic, &id, events).await;
+                proto::PublishResponse {
+                    results: results_of(&outcomes, ingest.names()),
+                    error: None,
+                }
+            })
         }
-    };
-    if !req.token.is_empty() {
-        match ctx.ingest.authenticate(Credentials { bearer: Some(&req.token) }).await {
-            Ok(id) => *identity = Some(id),
-            Err(r) => {
+        Err(r) => {
+            ctx.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
+            if r.code == ErrorCode::Unauthorized {
                 *identity = None;
-                return ready(r);
             }
+            Box::pin(std::future::ready(refused(r)))
         }
     }
-    let Some(id) = identity.clone() else {
-        return ready(
-            Refusal::new(
-                ErrorCode::Unauthorized,
-                "missing credentials: the first request of a stream must carry a token",
-            )
-            .because("missing_token"),
-        );
-    };
-    if let Err(r) = id.check_current() {
+}
+
+/// Decodes a request frame and finds who sent it.
+async fn admit(
+    frame: bytes::Bytes,
+    identity: &mut Option<Identity>,
+    ctx: &Arc<Ctx>,
+) -> Result<(Identity, Vec<super::EventIn>), Refusal> {
+    let req = proto::PublishRequest::decode(frame)
+        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
+    if !req.token.is_empty() {
         *identity = None;
-        return ready(r);
+        *identity = Some(ctx.ingest.authenticate(Credentials { bearer: Some(&req.token) }).await?);
     }
+    let id = identity.clone().ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::Unauthorized,
+            "missing credentials: the first request of a stream must carry a token",
+        )
+        .because("missing_token")
+    })?;
+    id.check_current()?;
     let events = events_of(req);
-    if let Err(r) = ctx.ingest.check_request(&events) {
-        return ready(r);
-    }
-    let ingest = ctx.ingest.clone();
-    Box::pin(async move {
-        let outcomes = ingest.publish_all(&id, events).await;
-        proto::PublishResponse { results: results_of(&outcomes, ingest.names()), error: None }
-    })
+    ctx.ingest.check_request(&events)?;
+    Ok((id, events))
 }
 
 /// The protocol the handshake agreed on.

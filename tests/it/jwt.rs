@@ -258,6 +258,26 @@ async fn hostile_tokens_are_refused_over_https_h3_and_quic() {
     assert_eq!(missing.status(), 401);
     assert_eq!(missing.headers()["www-authenticate"], "Bearer");
     assert_eq!(stream_messages(&nats.url()).await, 0, "nothing refused may be published");
+
+    // Every reason is counted, per protocol...
+    for protocol in ["https", "h3", "quic"] {
+        let sample = format!(
+            r#"edgerelay_refusals_total{{protocol="{protocol}",code="unauthorized",reason="algorithm_not_allowed"}}"#
+        );
+        assert_eq!(metric(&relay, &sample).await, 2, "{sample}");
+    }
+    // ...and audited: who (when known), which subject, which reason.
+    let cases = hostile_cases(&idp).len();
+    let records = audit_records(&nats.url(), 3 * cases).await;
+    let refused: Vec<_> = records.iter().filter(|r| r["kind"] == "refused").collect();
+    assert!(
+        refused.len() >= 3 * cases,
+        "{} audit records for {} refusals",
+        refused.len(),
+        3 * cases
+    );
+    assert!(refused.iter().any(|r| r["protocol"] == "h3" && r["reason"] == "token_expired"));
+    assert!(refused.iter().all(|r| r["relay"] == "test-relay" && r["code"] == "unauthorized"));
 }
 
 #[tokio::test]
@@ -297,6 +317,12 @@ async fn tenants_publish_only_to_their_own_subjects() {
     let stored = read_stream(&nats.url()).await;
     let events: Vec<_> = stored.iter().flat_map(|m| m.batch.events.iter()).collect();
     assert_eq!(events.len(), 3);
+    // The audit trail says who tried which subject.
+    let records = audit_records(&nats.url(), 1).await;
+    assert!(records.iter().any(|r| r["kind"] == "refused"
+        && r["identity"] == "edge-fn-acme"
+        && r["subject"] == "edge.globex.click"
+        && r["reason"] == "no_rule_allows"));
     assert!(events
         .iter()
         .all(|e| e.publisher == "edge-fn-acme" && e.subject.starts_with("edge.acme.")));

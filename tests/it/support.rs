@@ -373,3 +373,38 @@ impl Setup {
         self.config.auth.jwt.as_mut().unwrap()
     }
 }
+
+/// The audit records in the audit stream (JSON), once at least `min` are there (or 10 s passed).
+pub async fn audit_records(nats_url: &str, min: usize) -> Vec<serde_json::Value> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut out = Vec::new();
+        if let Ok(mut stream) = js.get_stream("EDGERELAY_AUDIT").await {
+            let state = stream.info().await.unwrap().state.clone();
+            if state.messages > 0 {
+                for seq in state.first_sequence..=state.last_sequence {
+                    if let Ok(m) = stream.get_raw_message(seq).await {
+                        out.push(
+                            serde_json::from_slice(&m.payload).expect("audit records are JSON"),
+                        );
+                    }
+                }
+            }
+        }
+        if out.len() >= min || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of one Prometheus sample line (`name{labels}`) on the relay's `/metrics`, 0 if absent.
+pub async fn metric(relay: &TestRelay, sample: &str) -> u64 {
+    let text =
+        relay.h1.get(relay.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
