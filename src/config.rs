@@ -207,8 +207,14 @@ pub struct NatsConfig {
     pub password: Option<String>,
     /// Token authentication.
     pub token: Option<String>,
+    /// A file holding the NATS user's nkey seed (`SU…`), for nkey authentication.
+    pub nkey_seed_file: Option<PathBuf>,
     /// PEM CA that signed the NATS servers' certificates, to use TLS to NATS.
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with `tls_key`) for mutual TLS to NATS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Timeout of one connection attempt, milliseconds.
     pub connect_timeout_ms: u64,
     /// Batches published and not yet acknowledged, at most. Beyond it the batchers wait and
@@ -475,7 +481,10 @@ impl Default for NatsConfig {
             user: None,
             password: None,
             token: None,
+            nkey_seed_file: None,
             tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             connect_timeout_ms: 2_000,
             max_inflight_batches: 256,
             ack_timeout_ms: 1_000,
@@ -627,12 +636,27 @@ impl Config {
             n.user.is_some() != n.password.is_some(),
             "nats.user and nats.password go together".into(),
         );
-        let methods = [n.creds_file.is_some(), n.user.is_some(), n.token.is_some()];
+        let methods = [
+            n.creds_file.is_some(),
+            n.nkey_seed_file.is_some(),
+            n.user.is_some(),
+            n.token.is_some(),
+        ];
         bad(
             methods.iter().filter(|m| **m).count() > 1,
-            "nats: use only one of creds_file, user/password, token".into(),
+            "nats: use only one of creds_file, nkey_seed_file, user/password, token".into(),
         );
-        for (name, path) in [("nats.creds_file", &n.creds_file), ("nats.tls_ca", &n.tls_ca)] {
+        bad(
+            n.tls_cert.is_some() != n.tls_key.is_some(),
+            "nats.tls_cert and nats.tls_key go together".into(),
+        );
+        for (name, path) in [
+            ("nats.creds_file", &n.creds_file),
+            ("nats.nkey_seed_file", &n.nkey_seed_file),
+            ("nats.tls_ca", &n.tls_ca),
+            ("nats.tls_cert", &n.tls_cert),
+            ("nats.tls_key", &n.tls_key),
+        ] {
             if let Some(p) = path {
                 bad(!p.is_file(), format!("{name}: {} is not a readable file", p.display()));
             }

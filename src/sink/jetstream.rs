@@ -105,8 +105,16 @@ impl Sink {
         if let Some(token) = &nats.token {
             opts = opts.token(token.clone());
         }
+        if let Some(path) = &nats.nkey_seed_file {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| SinkError::Options(format!("{}: {e}", path.display())))?;
+            opts = opts.nkey(seed.trim().to_owned());
+        }
         if let Some(ca) = &nats.tls_ca {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
         }
         let opts = opts
             .name(&nats.client_name)

@@ -24,11 +24,27 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: tempfile::TempDir,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
-        let mut s = Self { child: None, port: free_port(), store: tempfile::tempdir().unwrap() };
+        let mut s = Self {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            config: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts one with a configuration file (authorization, TLS, ...) besides the usual flags.
+    pub fn start_with_config(conf: &str) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let config = store.path().join("nats.conf");
+        std::fs::write(&config, conf).unwrap();
+        let mut s = Self { child: None, port: free_port(), store, config: Some(config) };
         s.spawn();
         s
     }
@@ -61,7 +77,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
+        let mut cmd = Command::new(nats_server_bin());
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
             .stdout(Stdio::null())
