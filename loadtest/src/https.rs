@@ -69,9 +69,8 @@ pub struct Args {
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
 
-    /// Bearer token sent as `Authorization: Bearer <TOKEN>`.
-    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    token: crate::token::TokenArgs,
 
     /// HTTP version: 1 = HTTP/1.1 keep-alive, one request at a time per connection; 2 = HTTP/2,
     /// requests multiplexed over each connection. Negotiated with ALPN.
@@ -264,7 +263,7 @@ impl Target {
 }
 
 impl Requests {
-    fn new(args: &Args) -> anyhow::Result<Self> {
+    fn new(args: &Args, token: &str) -> anyhow::Result<Self> {
         let authority = args.url.authority().context("--url needs a host")?.as_str().to_owned();
         let base = args.url.path().trim_end_matches('/');
         let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?;
@@ -284,7 +283,7 @@ impl Requests {
             HttpVersion::Http1 => Some(HeaderValue::from_str(&authority)?),
             HttpVersion::Http2 => None,
         };
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", args.token))
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {token}"))
             .context("--token contains characters not allowed in a header")?;
         authorization.set_sensitive(true);
         Ok(Self {
@@ -468,7 +467,8 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
     let schedule = Schedule::from_args(&args.run, 1)?;
     let target = Arc::new(Target::new(&args).await?);
-    let requests = Arc::new(Requests::new(&args)?);
+    let token = args.token.resolve().await?;
+    let requests = Arc::new(Requests::new(&args, &token)?);
     let timeout = args.run.timeout;
     let connections = args.connections as usize;
     let concurrency = args.concurrency as usize;
@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn requests_carry_the_relay_headers() {
         let args = parse(&["--subjects", "3", "--payload-bytes", "16", "--http", "1"]);
-        let requests = Requests::new(&args).unwrap();
+        let requests = Requests::new(&args, "t").unwrap();
         let req = requests.build(4);
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "/v1/publish/edge.load.1");
@@ -643,7 +643,7 @@ mod tests {
     #[test]
     fn http2_requests_use_absolute_uris() {
         let args = parse(&["--url", "https://relay.example:9443/base/", "--subject-prefix", "a.b"]);
-        let requests = Requests::new(&args).unwrap();
+        let requests = Requests::new(&args, "t").unwrap();
         let req = requests.build(0);
         assert_eq!(req.uri(), "https://relay.example:9443/base/v1/publish/a.b.0");
         assert!(req.headers().get(HOST).is_none());

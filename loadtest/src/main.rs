@@ -29,6 +29,7 @@ mod quic;
 mod quic_idle;
 mod report;
 mod schedule;
+mod token;
 
 use clap::{Parser, Subcommand};
 

@@ -412,9 +412,8 @@ pub struct Target {
     #[arg(long, value_name = "FILE")]
     ca: PathBuf,
 
-    /// Bearer token: on the first request of every stream (quic), in `Authorization` (h3).
-    #[arg(long, value_name = "TOKEN", env = "EDGERELAY_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    token: crate::token::TokenArgs,
 }
 
 impl Target {
@@ -430,7 +429,8 @@ impl Target {
         let server_name = self.server_name.unwrap_or_else(|| addr_host(addr).to_owned());
         let ca_pem = std::fs::read_to_string(&self.ca)
             .with_context(|| format!("reading {}", self.ca.display()))?;
-        Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token: self.token })
+        let token = self.token.resolve().await?;
+        Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token })
     }
 }
 
