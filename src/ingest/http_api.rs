@@ -67,6 +67,21 @@ impl HttpApi {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             return resp;
         }
+        // The body is read before anything can refuse the request: an HTTP/2 answer sent
+        // before the request body arrived resets the stream, and some clients (curl 7.88)
+        // report that as a failure instead of reading the answer. It is bounded by the limit.
+        let limit = match route {
+            Some(_) => self.ingest.max_event_bytes(),
+            None => self.max_body_bytes,
+        };
+        let (parts, body) = req.into_parts();
+        let req = match read_body(&parts.headers, body, limit).await {
+            Ok(body) => Request::from_parts(parts, body),
+            Err(r) => {
+                self.ingest.refused(protocol, None, route.as_deref(), &r);
+                return refusal(&r);
+            }
+        };
         // Set once authenticated, so a refusal of the request says whose it was.
         let mut identity = None;
         let result = match &route {
@@ -89,18 +104,13 @@ impl HttpApi {
         self.ingest.authenticate(Credentials { bearer }).await
     }
 
-    async fn publish_one<B>(
+    async fn publish_one(
         &self,
-        req: Request<B>,
+        req: Request<Bytes>,
         subject: &str,
         protocol: Protocol,
         authenticated: &mut Option<Identity>,
-    ) -> Result<Response<Full<Bytes>>, Refusal>
-    where
-        B: Body + Send,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         let identity = authenticated.insert(self.authenticate(&req).await?).clone();
         self.ingest.check_subject(&identity, subject)?;
         if let Some(r) = self.ingest.refuse_early() {
@@ -124,7 +134,7 @@ impl HttpApi {
         if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
             event_headers.insert("content-type".to_owned(), ct.to_owned());
         }
-        let payload = read_body(req, self.ingest.max_event_bytes()).await?;
+        let payload = req.into_body();
         let event = EventIn {
             subject: subject.to_owned(),
             payload,
@@ -142,17 +152,12 @@ impl HttpApi {
         })
     }
 
-    async fn publish_many<B>(
+    async fn publish_many(
         &self,
-        req: Request<B>,
+        req: Request<Bytes>,
         protocol: Protocol,
         authenticated: &mut Option<Identity>,
-    ) -> Result<Response<Full<Bytes>>, Refusal>
-    where
-        B: Body + Send,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         let identity = authenticated.insert(self.authenticate(&req).await?).clone();
         let content_type = req
             .headers()
@@ -173,7 +178,7 @@ impl HttpApi {
         if let Some(r) = self.ingest.refuse_early() {
             return Err(r);
         }
-        let body = read_body(req, self.max_body_bytes).await?;
+        let body = req.into_body();
         let events = if protobuf {
             super::decode_publish_request(body)?
         } else {
@@ -204,7 +209,7 @@ impl HttpApi {
     }
 }
 
-async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, Refusal>
+async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>
 where
     B: Body + Send,
     B::Data: Send,
@@ -212,15 +217,14 @@ where
 {
     let too_large =
         || Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"));
-    let declared = req
-        .headers()
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(Refusal::new(ErrorCode::BadRequest, format!("reading the body failed: {e}"))),

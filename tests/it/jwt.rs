@@ -501,3 +501,35 @@ async fn rate_limits_answer_429_with_retry_after_then_recover() {
         ("rate_limited".into(), "tenant_rate_limited".into())
     );
 }
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_or_a_local_file() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let token = idp.token(good_claims(&idp));
+
+    // A JWKS URL, without discovery.
+    let mut setup = Setup::new(&nats.url());
+    let jwt = setup.with_jwt(&idp);
+    jwt.discovery = false;
+    jwt.jwks_url = Some(format!("{}/jwks.json", idp.issuer()));
+    let relay = setup.start().await;
+    assert_eq!(over_https(&relay, &token, "edge.acme.url").await.0, "accepted");
+    relay.shutdown().await;
+
+    // A local file, read again at every refresh: a key added to it is picked up.
+    let mut setup = Setup::new(&nats.url());
+    let file = setup.dir.path().join("jwks.json");
+    std::fs::write(&file, idp.idp.jwks().to_string()).unwrap();
+    let jwt = setup.with_jwt(&idp);
+    jwt.discovery = false;
+    jwt.jwks_file = Some(file.clone());
+    jwt.refresh_secs = 1;
+    let relay = setup.start().await;
+    assert_eq!(over_https(&relay, &token, "edge.acme.file").await.0, "accepted");
+    idp.idp.rotate("ES256", false).unwrap();
+    let rotated = idp.token(good_claims(&idp));
+    std::fs::write(&file, idp.idp.jwks().to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(over_https(&relay, &rotated, "edge.acme.file").await.0, "accepted");
+}
