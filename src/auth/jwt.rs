@@ -62,8 +62,6 @@ pub struct Valid {
     pub identity: Identity,
     /// `exp`, unix seconds.
     pub expires: u64,
-    /// Names of the roles that applied, for the audit log.
-    pub roles: Arc<[String]>,
 }
 
 #[derive(Debug)]
@@ -271,7 +269,6 @@ impl Validator {
                     .map(Arc::from),
             },
             expires,
-            roles: grant.roles.into(),
         })
     }
 }
