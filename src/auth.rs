@@ -7,12 +7,14 @@
 //! - [`jwks`]: the provider's keys by `kid`, with refresh, cooldown and grace rules (sans-IO).
 //! - [`idp`]: fetching the keys (URL, OIDC discovery or file) and keeping them current.
 //! - [`rbac`]: roles mapping claims to subject patterns, with claim templating (sans-IO).
+//! - [`mtls`]: client certificates as identities.
 //! - [`rules`]: allow/deny subject patterns (sans-IO).
 //! - [`static_tokens`]: bearer tokens from the config (development and tests).
 
 pub mod idp;
 pub mod jwks;
 pub mod jwt;
+pub mod mtls;
 pub mod rate_limit;
 pub mod rbac;
 pub mod rules;
@@ -32,6 +34,9 @@ use crate::metrics::Metrics;
 pub struct Credentials<'a> {
     /// The token of an `Authorization: Bearer …` header.
     pub bearer: Option<&'a str>,
+    /// The identity of the connection's client certificate, if it has a configured one. A
+    /// bearer token, when present, wins.
+    pub peer: Option<&'a Identity>,
 }
 
 /// Who is publishing, and where they may.
@@ -67,6 +72,7 @@ impl Identity {
 pub struct Auth {
     static_tokens: static_tokens::StaticTokens,
     jwt: Option<Jwt>,
+    certs: Option<mtls::CertIdentities>,
     per_identity: Option<rate_limit::Limiter>,
     per_tenant: Option<rate_limit::Limiter>,
 }
@@ -85,6 +91,8 @@ pub enum AuthError {
     Roles(#[from] rbac::RoleError),
     #[error("auth.jwt: {0}")]
     Keys(#[from] idp::FetchError),
+    #[error("auth.mtls: {0}")]
+    Certs(#[from] crate::subject::SubjectError),
 }
 
 impl Auth {
@@ -110,6 +118,7 @@ impl Auth {
         Ok(Self {
             static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens),
             jwt,
+            certs: cfg.mtls.as_ref().map(mtls::CertIdentities::new).transpose()?,
             per_identity: limiter(rl.events_per_sec, rl.burst),
             per_tenant: limiter(rl.tenant_events_per_sec, rl.tenant_burst),
         })
@@ -134,6 +143,14 @@ impl Auth {
         Ok(())
     }
 
+    /// The identity of a connection's verified client certificate chain, if configured.
+    pub fn peer_identity(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> Option<Identity> {
+        self.certs.as_ref()?.identify(chain?)
+    }
+
     /// The provider's key set, when JWTs are configured: its `refresh` task keeps it current.
     pub fn key_store(&self) -> Option<Arc<idp::KeyStore>> {
         self.jwt.as_ref().map(|j| j.keys.clone())
@@ -142,6 +159,9 @@ impl Auth {
     /// Checks the credentials. Asynchronous because a token may name a key not fetched yet.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
         let Some(token) = creds.bearer else {
+            if let Some(peer) = creds.peer {
+                return Ok(peer.clone());
+            }
             return Err(Refusal::new(
                 ErrorCode::Unauthorized,
                 "missing credentials: send Authorization: Bearer <token>",

@@ -9,6 +9,7 @@
 //!     server_name: "localhost".into(),
 //!     ca_pem: std::fs::read_to_string("ca.pem").ok(),
 //!     token: "secret-token".into(),
+//!     client_cert: None,
 //! })
 //! .await?;
 //! // One request on its own stream...
@@ -47,8 +48,12 @@ pub struct ClientConfig {
     pub server_name: String,
     /// PEM CA(s) to trust. With `None` no server certificate verifies: set it.
     pub ca_pem: Option<String>,
-    /// Bearer token sent on the first request of every stream.
+    /// Bearer token sent on the first request of every stream; empty to rely on a client
+    /// certificate.
     pub token: String,
+    /// PEM client certificate chain and private key, for relays that take client
+    /// certificates as identities (`auth.mtls`).
+    pub client_cert: Option<(String, String)>,
 }
 
 /// Client errors: transport problems (retry helps) or a broken answer stream (a bug on one
@@ -204,11 +209,22 @@ pub fn quic_endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoi
             roots.add(cert.map_err(|e| setup(&e))?).map_err(|e| setup(&e))?;
         }
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| setup(&e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match &config.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| setup(&e))?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| setup(&e))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| setup(&e))?
+        }
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
     let bind = if config.server.is_ipv6() {
@@ -260,8 +276,10 @@ impl H3Client {
     ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {
         let stream_err = |e: &dyn std::fmt::Display| ClientError::Stream(e.to_string());
         let uri = format!("https://{}{path}", self.config.server_name);
-        let mut req = http::Request::post(uri)
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.config.token));
+        let mut req = http::Request::post(uri);
+        if !self.config.token.is_empty() {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", self.config.token));
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

@@ -274,6 +274,33 @@ pub struct AuthConfig {
     pub roles: Vec<RoleConfig>,
     /// Events per second per identity (and per tenant); off by default.
     pub rate_limit: RateLimitConfig,
+    /// Client certificates as identities (edge collectors), on HTTPS, HTTP/3 and QUIC.
+    pub mtls: Option<MtlsConfig>,
+}
+
+/// Mutual TLS: a client certificate that chains to `ca_file` and carries one of the
+/// configured DNS names is that identity; a request with a bearer token uses the token.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// PEM CA certificate(s) that client certificates must chain to.
+    pub ca_file: PathBuf,
+    /// Which certificate is which identity.
+    pub identities: Vec<CertIdentity>,
+}
+
+/// One client-certificate identity.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertIdentity {
+    /// Identity name, recorded as `publisher`.
+    pub name: String,
+    /// A DNS subject alternative name the certificate must carry.
+    pub dns_name: String,
+    /// Subject patterns this identity may publish on.
+    pub allow: Vec<String>,
+    /// Subject patterns refused even when allowed; deny wins.
+    pub deny: Vec<String>,
 }
 
 /// Token buckets of events. Over the limit a request is refused as a whole with 429
@@ -735,9 +762,35 @@ impl Config {
             !self.auth.roles.is_empty() && self.auth.jwt.is_none(),
             "auth.roles apply to JWT claims: configure auth.jwt".into(),
         );
+        if let Some(m) = &self.auth.mtls {
+            bad(
+                !m.ca_file.is_file(),
+                format!("auth.mtls.ca_file: {} is not a readable file", m.ca_file.display()),
+            );
+            bad(
+                m.identities.is_empty(),
+                "auth.mtls.identities must list at least one identity".into(),
+            );
+            for (i, c) in m.identities.iter().enumerate() {
+                let at = format!("auth.mtls.identities[{i}] ({:?})", c.name);
+                bad(c.name.is_empty(), format!("{at}: name is required"));
+                bad(
+                    rustls::pki_types::DnsName::try_from(c.dns_name.as_str()).is_err(),
+                    format!("{at}: dns_name {:?} is not a DNS name", c.dns_name),
+                );
+                bad(c.allow.is_empty(), format!("{at}: allow must list at least one pattern"));
+                for p in c.allow.iter().chain(&c.deny) {
+                    if let Err(e) = Pattern::parse(p) {
+                        bad(true, format!("{at}: pattern {p:?}: {e}"));
+                    }
+                }
+            }
+        }
         bad(
-            self.auth.static_tokens.is_empty() && self.auth.jwt.is_none(),
-            "auth: no identity configured (neither auth.static_tokens nor auth.jwt): nothing \
+            self.auth.static_tokens.is_empty()
+                && self.auth.jwt.is_none()
+                && self.auth.mtls.is_none(),
+            "auth: no identity configured (auth.static_tokens, auth.jwt or auth.mtls): nothing \
              could publish"
                 .into(),
         );
@@ -916,6 +969,30 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(!errs.iter().any(|e| e.contains("auth")), "{errs:?}");
+    }
+
+    #[test]
+    fn mtls_settings_are_checked() {
+        let text = r#"
+            [auth.mtls]
+            ca_file = "/nonexistent/ca.pem"
+            [[auth.mtls.identities]]
+            name = ""
+            dns_name = "not a name"
+            allow = ["edge.>.x"]
+        "#;
+        let cfg = Config::parse(text).unwrap();
+        let ConfigError::Invalid(errs) = cfg.validate().unwrap_err() else { panic!() };
+        let all = errs.join("\n");
+        for needle in [
+            "auth.mtls.ca_file: /nonexistent/ca.pem is not a readable file",
+            "name is required",
+            "dns_name \"not a name\" is not a DNS name",
+            "pattern \"edge.>.x\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("no identity configured"), "mTLS alone is an identity source");
     }
 
     #[test]

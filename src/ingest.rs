@@ -105,6 +105,14 @@ impl Ingest {
         self.auth.authenticate(creds).await
     }
 
+    /// The identity of a connection's verified client certificate chain, if configured.
+    pub fn peer_identity(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> Option<Identity> {
+        self.auth.peer_identity(chain)
+    }
+
     /// Checks that `identity` may publish on `subject`: well-formed (400), captured by the
     /// stream (403) and allowed by the identity's rules (403).
     pub fn check_subject(&self, identity: &Identity, subject: &str) -> Result<(), Refusal> {

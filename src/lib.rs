@@ -163,10 +163,12 @@ impl Relay {
             background.push(tokio::spawn(keys.refresh(stop_rx.clone())));
         }
 
+        let client_ca = config.auth.mtls.as_ref().map(|m| m.ca_file.as_path());
         let tls = tls::server_config(
             &config.https.tls_cert,
             &config.https.tls_key,
             &ingest::https::ALPN,
+            client_ca,
         )?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
         let api =
@@ -180,6 +182,7 @@ impl Relay {
                     &config.https.tls_cert,
                     &config.https.tls_key,
                     &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
+                    client_ca,
                 )?;
                 Some(ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?)
             }

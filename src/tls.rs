@@ -45,11 +45,14 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A server config from PEM files, offering `alpn` protocols in order of preference.
+/// A server config from PEM files, offering `alpn` protocols in order of preference. With
+/// `client_ca`, clients may present a certificate, which must then chain to it (clients
+/// without one are still served: they authenticate with tokens).
 pub fn server_config(
     cert: &Path,
     key: &Path,
     alpn: &[&[u8]],
+    client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let file_err = |path: &Path, message: String| TlsError::File { path: path.into(), message };
     let chain = CertificateDer::pem_file_iter(cert)
@@ -60,10 +63,26 @@ pub fn server_config(
         return Err(file_err(cert, "no certificate in file".into()));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))? {
+                roots.add(c.map_err(|e| file_err(ca, e.to_string()))?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| file_err(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key_der)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

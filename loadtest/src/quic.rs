@@ -430,7 +430,7 @@ impl Target {
         let ca_pem = std::fs::read_to_string(&self.ca)
             .with_context(|| format!("reading {}", self.ca.display()))?;
         let token = self.token.resolve().await?;
-        Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token })
+        Ok(ClientConfig { server, server_name, ca_pem: Some(ca_pem), token, client_cert: None })
     }
 }
 

@@ -46,6 +46,7 @@ pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<
         server_name: args.server_name.clone(),
         ca_pem: Some(ca_pem),
         token: String::new(),
+        client_cert: None,
     };
     let endpoint =
         edgerelay::client::quic_endpoint(&config, edgerelay::ingest::quic::ALPN_EDGERELAY)?;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::http_api::{refusal, HttpApi};
+use crate::auth::Identity;
 use crate::error::{ErrorCode, Refusal};
 
 /// ALPN of HTTP/3.
@@ -26,6 +27,7 @@ pub async fn connection(
     api: Arc<HttpApi>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let peer = api.peer_identity(super::quic::peer_certificates(&conn).as_deref());
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -39,10 +41,10 @@ pub async fn connection(
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    let api = api.clone();
+                    let (api, peer) = (api.clone(), peer.clone());
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => request(req, stream, &api).await,
+                            Ok((req, stream)) => request(req, stream, &api, peer.as_ref()).await,
                             Err(e) => tracing::debug!(error = %e, "HTTP/3 request headers"),
                         }
                     });
@@ -64,7 +66,7 @@ pub async fn connection(
     while requests.join_next().await.is_some() {}
 }
 
-async fn request(req: Request<()>, mut stream: Stream, api: &HttpApi) {
+async fn request(req: Request<()>, mut stream: Stream, api: &HttpApi, peer: Option<&Identity>) {
     let limit = api.max_body_bytes();
     let mut body = BytesMut::new();
     let resp = loop {
@@ -85,7 +87,7 @@ async fn request(req: Request<()>, mut stream: Stream, api: &HttpApi) {
             }
             Ok(None) => {
                 let (parts, ()) = req.into_parts();
-                break api.handle(Request::from_parts(parts, Full::new(body.freeze()))).await;
+                break api.handle(Request::from_parts(parts, Full::new(body.freeze())), peer).await;
             }
             Err(e) => return tracing::debug!(error = %e, "HTTP/3 request body"),
         }

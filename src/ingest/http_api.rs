@@ -42,7 +42,16 @@ impl HttpApi {
         self.max_body_bytes.max(self.ingest.max_event_bytes())
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    /// The identity of a connection's verified client certificate chain, if configured.
+    pub fn peer_identity(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> Option<Identity> {
+        self.ingest.peer_identity(chain)
+    }
+
+    /// Answers one request; `peer` is the connection's client-certificate identity.
+    pub async fn handle<B>(&self, req: Request<B>, peer: Option<&Identity>) -> Response<Full<Bytes>>
     where
         B: Body + Send,
         B::Data: Send,
@@ -85,8 +94,8 @@ impl HttpApi {
         // Set once authenticated, so a refusal of the request says whose it was.
         let mut identity = None;
         let result = match &route {
-            Some(subject) => self.publish_one(req, subject, protocol, &mut identity).await,
-            None => self.publish_many(req, protocol, &mut identity).await,
+            Some(subject) => self.publish_one(req, subject, protocol, peer, &mut identity).await,
+            None => self.publish_many(req, protocol, peer, &mut identity).await,
         };
         result.unwrap_or_else(|r| {
             self.ingest.refused(protocol, identity.as_ref(), route.as_deref(), &r);
@@ -94,14 +103,18 @@ impl HttpApi {
         })
     }
 
-    async fn authenticate<B>(&self, req: &Request<B>) -> Result<Identity, Refusal> {
+    async fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+        peer: Option<&Identity>,
+    ) -> Result<Identity, Refusal> {
         let bearer = match req.headers().get(header::AUTHORIZATION) {
             None => None,
             Some(v) => Some(v.to_str().ok().and_then(bearer_token).ok_or_else(|| {
                 Refusal::new(ErrorCode::Unauthorized, "Authorization must be: Bearer <token>")
             })?),
         };
-        self.ingest.authenticate(Credentials { bearer }).await
+        self.ingest.authenticate(Credentials { bearer, peer }).await
     }
 
     async fn publish_one(
@@ -109,9 +122,10 @@ impl HttpApi {
         req: Request<Bytes>,
         subject: &str,
         protocol: Protocol,
+        peer: Option<&Identity>,
         authenticated: &mut Option<Identity>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        let identity = authenticated.insert(self.authenticate(&req).await?).clone();
+        let identity = authenticated.insert(self.authenticate(&req, peer).await?).clone();
         self.ingest.check_subject(&identity, subject)?;
         if let Some(r) = self.ingest.refuse_early() {
             return Err(r);
@@ -156,9 +170,10 @@ impl HttpApi {
         &self,
         req: Request<Bytes>,
         protocol: Protocol,
+        peer: Option<&Identity>,
         authenticated: &mut Option<Identity>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        let identity = authenticated.insert(self.authenticate(&req).await?).clone();
+        let identity = authenticated.insert(self.authenticate(&req, peer).await?).clone();
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)

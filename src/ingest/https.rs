@@ -146,6 +146,7 @@ async fn connection(
         Err(_) => return tracing::debug!("TLS handshake timed out"),
     };
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let peer = ctx.api.peer_identity(tls.get_ref().1.peer_certificates());
     let activity = Arc::new(Activity {
         start: Instant::now(),
         in_flight: AtomicUsize::new(0),
@@ -154,10 +155,10 @@ async fn connection(
     let svc = {
         let (ctx, activity) = (ctx.clone(), activity.clone());
         service_fn(move |req| {
-            let ctx = ctx.clone();
+            let (ctx, peer) = (ctx.clone(), peer.clone());
             let guard = InFlight::start(activity.clone());
             async move {
-                let resp = ctx.api.handle(req).await;
+                let resp = ctx.api.handle(req, peer.as_ref()).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }

@@ -227,12 +227,14 @@ fn transport(cfg: &QuicConfig) -> TransportConfig {
 }
 
 async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    // A configured client certificate is every stream's identity until a token replaces it.
+    let peer = ctx.ingest.peer_identity(peer_certificates(&conn).as_deref());
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(stream(send, recv, ctx.clone(), stop.clone()));
+                    streams.spawn(stream(send, recv, ctx.clone(), stop.clone(), peer.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC connection ended");
@@ -254,9 +256,9 @@ async fn stream(
     mut recv: quinn::RecvStream,
     ctx: Arc<Ctx>,
     mut stop: watch::Receiver<bool>,
+    mut identity: Option<Identity>,
 ) {
     let mut buf = BytesMut::new();
-    let mut identity: Option<Identity> = None;
     let mut answers = FuturesOrdered::new();
     let mut reading = !*stop.borrow();
     let mut broken: Option<(FrameError, u32)> = None;
@@ -354,7 +356,8 @@ async fn admit(
         .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
     if !req.token.is_empty() {
         *identity = None;
-        *identity = Some(ctx.ingest.authenticate(Credentials { bearer: Some(&req.token) }).await?);
+        let creds = Credentials { bearer: Some(&req.token), peer: None };
+        *identity = Some(ctx.ingest.authenticate(creds).await?);
     }
     let id = identity.clone().ok_or_else(|| {
         Refusal::new(
@@ -367,6 +370,16 @@ async fn admit(
     let events = events_of(req);
     ctx.ingest.check_request(&events)?;
     Ok((id, events))
+}
+
+/// The client's verified certificate chain, if it presented one.
+pub(super) fn peer_certificates(
+    conn: &quinn::Connection,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
 }
 
 /// The protocol the handshake agreed on.

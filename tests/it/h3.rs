@@ -11,6 +11,7 @@ async fn h3(setup: &Setup, relay: &TestRelay, token: &str) -> H3Client {
         server_name: "localhost".into(),
         ca_pem: Some(setup.certs.ca_cert.clone()),
         token: token.into(),
+        client_cert: None,
     })
     .await
     .expect("HTTP/3 connect")

@@ -193,6 +193,7 @@ async fn over_h3(setup: &Setup, relay: &TestRelay, token: &str, subject: &str) -
         server_name: "localhost".into(),
         ca_pem: Some(setup.certs.ca_cert.clone()),
         token: token.into(),
+        client_cert: None,
     })
     .await
     .unwrap();

@@ -176,6 +176,7 @@ impl Setup {
             server_name: "localhost".into(),
             ca_pem: Some(self.certs.ca_cert.clone()),
             token: token.into(),
+            client_cert: None,
         })
         .await
         .expect("QUIC connect")

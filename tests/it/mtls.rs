@@ -1,0 +1,142 @@
+//! Client certificates as identities: a collector's certificate, signed by the configured CA
+//! and carrying a configured DNS name, publishes without a token over HTTPS, HTTP/3 and QUIC;
+//! other certificates and no credentials are refused.
+
+use bytes::Bytes;
+use edgerelay::client::{ClientConfig, H3Client};
+use edgerelay::config::{CertIdentity, MtlsConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+
+use crate::support::*;
+
+/// A CA and a client certificate for `dns_name` signed by it: (ca, cert, key) PEM.
+fn client_pki(dns_name: &str) -> (String, String, String) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "collectors CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// An HTTP/2 client trusting the relay and presenting `cert`/`key`.
+fn h2_with_cert(setup: &Setup, cert: &str, key: &str) -> reqwest::Client {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let server_side = tls_client_config(&setup.certs, b"h2");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(setup.certs.ca_cert.as_bytes()).unwrap()).unwrap();
+    let chain =
+        CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(edgerelay::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+        .unwrap();
+    tls.alpn_protocols = server_side.alpn_protocols;
+    reqwest::Client::builder().use_preconfigured_tls(tls).http2_prior_knowledge().build().unwrap()
+}
+
+fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> ClientConfig {
+    ClientConfig {
+        server: relay.quic_addr(),
+        server_name: "localhost".into(),
+        ca_pem: Some(setup.certs.ca_cert.clone()),
+        token: String::new(),
+        client_cert: Some((cert.to_owned(), key.to_owned())),
+    }
+}
+
+#[tokio::test]
+async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    let (ca, cert, key) = client_pki("collector-fra1.edge.test");
+    let ca_file = setup.dir.path().join("collectors-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    setup.config.auth.mtls = Some(MtlsConfig {
+        ca_file,
+        identities: vec![CertIdentity {
+            name: "collector-fra1".into(),
+            dns_name: "collector-fra1.edge.test".into(),
+            allow: vec!["edge.collector.>".into()],
+            deny: vec![],
+        }],
+    });
+    let relay = setup.start().await;
+
+    // HTTPS: no Authorization header, the certificate speaks.
+    let h2 = h2_with_cert(&setup, &cert, &key);
+    let ok = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("42").send().await.unwrap();
+    assert_eq!(ok.status(), 202);
+    let other = h2.post(relay.url("/v1/publish/edge.other.cpu")).body("42").send().await.unwrap();
+    assert_eq!(error_code(other).await, (403, "forbidden".into()));
+    // A bearer token wins over the certificate.
+    let with_token = h2
+        .post(relay.url("/v1/publish/edge.other.x"))
+        .bearer_auth(TOKEN)
+        .body("t")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_token.status(), 202);
+
+    // HTTP/3 and the native protocol on the QUIC port.
+    let h3 = H3Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let (status, _, _) =
+        h3.post("/v1/publish/edge.collector.h3", &[], Bytes::from_static(b"1")).await.unwrap();
+    assert_eq!(status, 202);
+    let quic =
+        edgerelay::client::Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let answer =
+        quic.publish(vec![edgerelay::client::event("edge.collector.quic", "1")]).await.unwrap();
+    assert!(answer.error.is_none(), "{answer:?}");
+
+    // Without a certificate or token: 401; with a certificate from another CA: no TLS at all.
+    let anonymous =
+        relay.h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let (_, rogue_cert, rogue_key) = client_pki("collector-fra1.edge.test");
+    let rogue = h2_with_cert(&setup, &rogue_cert, &rogue_key);
+    assert!(rogue
+        .post(relay.url("/v1/publish/edge.collector.cpu"))
+        .body("x")
+        .send()
+        .await
+        .is_err());
+
+    let stored = read_stream(&nats.url()).await;
+    let publishers: Vec<_> =
+        stored.iter().flat_map(|m| m.batch.events.iter().map(|e| e.publisher.as_str())).collect();
+    assert_eq!(publishers.iter().filter(|p| **p == "collector-fra1").count(), 3, "{publishers:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_without_a_configured_name_needs_a_token() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    let (ca, cert, key) = client_pki("unknown.edge.test");
+    let ca_file = setup.dir.path().join("collectors-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    setup.config.auth.mtls = Some(MtlsConfig {
+        ca_file,
+        identities: vec![CertIdentity {
+            name: "collector-fra1".into(),
+            dns_name: "collector-fra1.edge.test".into(),
+            allow: vec!["edge.>".into()],
+            deny: vec![],
+        }],
+    });
+    let relay = setup.start().await;
+    let h2 = h2_with_cert(&setup, &cert, &key);
+    let resp = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+}
