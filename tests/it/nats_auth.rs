@@ -1,5 +1,6 @@
 //! Credentials to NATS: user/password holding only the permissions the README documents,
-//! an nkey seed, a token, and mutual TLS — each against a nats-server configured to demand it.
+//! an nkey seed, a token, mutual TLS, and a creds file in operator (decentralized JWT) mode —
+//! each against a nats-server configured to demand it.
 
 use crate::support::*;
 
@@ -105,4 +106,106 @@ async fn mutual_tls_to_nats() {
     let unready = no_cert.start().await;
     let resp = unready.publish(&unready.h2, "edge.auth.mtls", "x").send().await.unwrap();
     assert_eq!(resp.status(), 503);
+}
+
+/// A NATS JWT (`ed25519-nkey`) with `claims`, issued and signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut claims = serde_json::json!({
+        "iat": now, "iss": issuer.public_key(), "name": name, "sub": subject, "nats": nats,
+    });
+    // jti: a hash of the claims without it, as the NATS JWT library computes it.
+    let digest = ring::digest::digest(&ring::digest::SHA256, claims.to_string().as_bytes());
+    claims["jti"] = serde_json::json!(base32(digest.as_ref()));
+    let payload = b64(claims.to_string().as_bytes());
+    let signature = issuer.sign(format!("{header}.{payload}").as_bytes()).unwrap();
+    format!("{header}.{payload}.{}", b64(&signature))
+}
+
+/// Base32 (RFC 4648, no padding), for the jti.
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    let (mut buffer, mut bits) = (0u32, 0);
+    for b in bytes {
+        buffer = (buffer << 8) | u32::from(*b);
+        bits += 8;
+        while bits >= 5 {
+            out.push(ALPHABET[((buffer >> (bits - 5)) & 31) as usize] as char);
+            bits -= 5;
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_creds_file_authenticates_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = serde_json::json!({
+        "subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1, "data": -1,
+        "payload": -1, "wildcards": true, "mem_storage": -1, "disk_storage": -1,
+        "streams": -1, "consumer": -1,
+    });
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "edge",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "relay",
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let operator_file = dir.path().join("operator.jwt");
+    std::fs::write(&operator_file, &operator_jwt).unwrap();
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let nats = NatsServer::start_with_config(&format!(
+        "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
+        operator_file.display(),
+        system.public_key(),
+        account.public_key(),
+        account_jwt,
+        system.public_key(),
+        system_jwt,
+    ));
+    let creds = dir.path().join("relay.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.nats.creds_file = Some(creds);
+    let relay = setup.start().await;
+    let resp = relay.publish(&relay.h2, "edge.auth.creds", "stored").send().await.unwrap();
+    assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
 }
