@@ -1,21 +1,8 @@
 //! HTTP/3 on the QUIC port: the same routes, statuses and bodies as HTTPS.
 
 use bytes::Bytes;
-use edgerelay::client::{ClientConfig, H3Client};
 
 use crate::support::*;
-
-async fn h3(setup: &Setup, relay: &TestRelay, token: &str) -> H3Client {
-    H3Client::connect(ClientConfig {
-        server: relay.quic_addr(),
-        server_name: "localhost".into(),
-        ca_pem: Some(setup.certs.ca_cert.clone()),
-        token: token.into(),
-        client_cert: None,
-    })
-    .await
-    .expect("HTTP/3 connect")
-}
 
 fn json(body: &Bytes) -> serde_json::Value {
     serde_json::from_slice(body).expect("JSON body")
@@ -26,7 +13,7 @@ async fn http3_publishes_like_https() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
     let relay = setup.start().await;
-    let client = h3(&setup, &relay, TOKEN).await;
+    let client = h3_client(&setup, &relay, TOKEN).await;
 
     let (status, headers, body) = client
         .post(
@@ -96,7 +83,7 @@ async fn http3_publishes_like_https() {
             "{path}"
         );
     }
-    let stranger = h3(&setup, &relay, "not-a-valid-token-at-all").await;
+    let stranger = h3_client(&setup, &relay, "not-a-valid-token-at-all").await;
     let (status, _, resp) =
         stranger.post("/v1/publish/edge.h3.x", &[], Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(

@@ -4,7 +4,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use edgerelay::client::{ClientConfig, H3Client};
 use edgerelay::dev_idp::{encode_part, SigningKey};
 use edgerelay::error::ErrorCode;
 use serde_json::{json, Value};
@@ -188,15 +187,7 @@ async fn over_https(relay: &TestRelay, token: &str, subject: &str) -> (String, S
 }
 
 async fn over_h3(setup: &Setup, relay: &TestRelay, token: &str, subject: &str) -> (String, String) {
-    let client = H3Client::connect(ClientConfig {
-        server: relay.quic_addr(),
-        server_name: "localhost".into(),
-        ca_pem: Some(setup.certs.ca_cert.clone()),
-        token: token.into(),
-        client_cert: None,
-    })
-    .await
-    .unwrap();
+    let client = h3_client(setup, relay, token).await;
     let (status, _, body) = client
         .post(&format!("/v1/publish/{subject}"), &[], Bytes::from_static(b"hostile"))
         .await

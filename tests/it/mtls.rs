@@ -55,11 +55,11 @@ fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> Clien
     }
 }
 
-#[tokio::test]
-async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
-    let nats = NatsServer::start();
+/// A relay taking certificates of a fresh collectors CA for `collector-fra1.edge.test` (on
+/// `edge.collector.>`), and a client certificate of that CA for `cert_name`: (cert, key).
+fn collector_setup(nats: &NatsServer, cert_name: &str) -> (Setup, String, String) {
     let mut setup = Setup::new(&nats.url());
-    let (ca, cert, key) = client_pki("collector-fra1.edge.test");
+    let (ca, cert, key) = client_pki(cert_name);
     let ca_file = setup.dir.path().join("collectors-ca.pem");
     std::fs::write(&ca_file, &ca).unwrap();
     setup.config.auth.mtls = Some(MtlsConfig {
@@ -71,6 +71,13 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
             deny: vec![],
         }],
     });
+    (setup, cert, key)
+}
+
+#[tokio::test]
+async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
+    let nats = NatsServer::start();
+    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
     let relay = setup.start().await;
 
     // HTTPS: no Authorization header, the certificate speaks.
@@ -122,19 +129,7 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
 #[tokio::test]
 async fn a_certificate_without_a_configured_name_needs_a_token() {
     let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    let (ca, cert, key) = client_pki("unknown.edge.test");
-    let ca_file = setup.dir.path().join("collectors-ca.pem");
-    std::fs::write(&ca_file, &ca).unwrap();
-    setup.config.auth.mtls = Some(MtlsConfig {
-        ca_file,
-        identities: vec![CertIdentity {
-            name: "collector-fra1".into(),
-            dns_name: "collector-fra1.edge.test".into(),
-            allow: vec!["edge.>".into()],
-            deny: vec![],
-        }],
-    });
+    let (setup, cert, key) = collector_setup(&nats, "unknown.edge.test");
     let relay = setup.start().await;
     let h2 = h2_with_cert(&setup, &cert, &key);
     let resp = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();

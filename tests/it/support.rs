@@ -429,3 +429,20 @@ pub async fn metric(relay: &TestRelay, sample: &str) -> u64 {
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0)
 }
+
+/// An HTTP/3 client of `relay` sending `token`.
+pub async fn h3_client(
+    setup: &Setup,
+    relay: &TestRelay,
+    token: &str,
+) -> edgerelay::client::H3Client {
+    edgerelay::client::H3Client::connect(edgerelay::client::ClientConfig {
+        server: relay.quic_addr(),
+        server_name: "localhost".into(),
+        ca_pem: Some(setup.certs.ca_cert.clone()),
+        token: token.into(),
+        client_cert: None,
+    })
+    .await
+    .expect("HTTP/3 connect")
+}
