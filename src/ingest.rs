@@ -25,7 +25,7 @@ use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
-use crate::metrics::Protocol;
+use crate::metrics::{Metrics, Protocol, ProtocolLabels};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
@@ -53,6 +53,7 @@ pub struct EventIn {
 pub struct Ingest {
     auth: Arc<Auth>,
     audit: Arc<Audit>,
+    metrics: Arc<Metrics>,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     idempotency: Arc<Idempotency>,
@@ -76,12 +77,14 @@ impl Ingest {
         cfg: &Config,
         auth: Arc<Auth>,
         audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
         queues: Arc<Queues>,
         sink: Arc<Sink>,
     ) -> Self {
         Self {
             auth,
             audit,
+            metrics,
             queues,
             sink,
             idempotency: Arc::new(Idempotency::new(
@@ -189,6 +192,8 @@ impl Ingest {
         events: Vec<EventIn>,
     ) -> Vec<Outcome> {
         let at = Arrival::now();
+        // The oldest Edge-Timestamp of the request, for the edge→ack histogram.
+        let edge_ms = events.iter().map(|e| e.edge_time_unix_ms).filter(|t| *t > 0).min();
         if let Err(r) = self.auth.limit(identity, events.len(), at.instant) {
             self.audit.refused(protocol, Some(identity), None, &r);
             return vec![Err(r); events.len()];
@@ -222,6 +227,14 @@ impl Ingest {
             }
         }
         self.audit.accepted(protocol, identity, accepted);
+        let labels = ProtocolLabels { protocol };
+        let since_arrival = at.instant.elapsed().as_secs_f64();
+        self.metrics.ingest_to_ack.get_or_create(&labels).observe(since_arrival);
+        if let Some(edge_ms) = edge_ms {
+            let since_edge_ms =
+                (at.unix_us / 1_000).saturating_sub(edge_ms) as f64 + since_arrival * 1e3;
+            self.metrics.edge_to_ack.get_or_create(&labels).observe(since_edge_ms / 1e3);
+        }
         outcomes
     }
 

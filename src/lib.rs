@@ -112,7 +112,15 @@ impl Relay {
     /// Binds the listeners, connects to NATS, checks the stream, and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let boot_id = boot_id();
-        let sink = Sink::connect(&config.nats, &config.stream, &config.relay.id, &boot_id).await?;
+        let metrics = Arc::new(Metrics::new());
+        let sink = Sink::connect(
+            &config.nats,
+            &config.stream,
+            &config.relay.id,
+            &boot_id,
+            metrics.clone(),
+        )
+        .await?;
         wait_connected(&sink, ms(config.nats.connect_timeout_ms)).await;
         if !sink.ensure_stream().await? {
             tracing::warn!(
@@ -131,7 +139,6 @@ impl Relay {
         };
 
         let queues = Arc::new(Queues::new(config.shards(), config.batch.queue_capacity));
-        let metrics = Arc::new(Metrics::new());
         let auth = Arc::new(Auth::new(&config.auth, metrics.clone())?);
         let (audit, audit_queue) = Audit::new(&config.audit, &config.relay.id, metrics.clone());
         let audit = Arc::new(audit);
@@ -139,6 +146,7 @@ impl Relay {
             &config,
             auth.clone(),
             audit.clone(),
+            metrics.clone(),
             queues.clone(),
             sink.clone(),
         ));

@@ -7,6 +7,7 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// The front-end a request came in on.
@@ -53,6 +54,18 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Bucket bounds of every latency histogram, seconds: fine from 100 µs to the 100 ms delivery
+/// SLO, coarser up to 5 s.
+pub const LATENCY_BUCKETS: [f64; 22] = [
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 /// The relay's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +82,27 @@ pub struct Metrics {
     pub audit_failed: Counter,
     /// JWKS fetches, by result (`ok`, `error`).
     pub jwks_fetches: Family<ResultLabels, Counter>,
+    /// Request arrival at the relay → its answer (all its events acknowledged, or refused).
+    pub ingest_to_ack: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
+    /// The edge's `Edge-Timestamp` → the answer, for the oldest event of a request that sent
+    /// one (includes the edge's clock skew).
+    pub edge_to_ack: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
+    /// A batch's oldest event: enqueued → handed to NATS.
+    pub queue_wait: Histogram,
+    /// A batch: published → PubAck (retries included).
+    pub flush: Histogram,
+    /// Events per published batch.
+    pub batch_events: Histogram,
+    /// Bytes per published batch (encoded).
+    pub batch_bytes: Histogram,
+    /// Batches, by outcome (`stored`, `refused`, `timeout`).
+    pub batches: Family<OutcomeLabels, Counter>,
+    /// Batch publishes retried.
+    pub batch_retries: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 impl Metrics {
@@ -106,6 +140,34 @@ impl Metrics {
             "Fetches of the identity provider's keys, by result",
             jwks_fetches.clone(),
         );
+        let ingest_to_ack = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "ingest_to_ack_seconds",
+            "Request arrival at the relay to its answer",
+            ingest_to_ack.clone(),
+        );
+        let edge_to_ack = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "edge_to_ack_seconds",
+            "Edge-Timestamp of a request's oldest event to the answer",
+            edge_to_ack.clone(),
+        );
+        let queue_wait = latency_histogram();
+        registry.register(
+            "queue_wait_seconds",
+            "A batch's oldest event, enqueued to handed to NATS",
+            queue_wait.clone(),
+        );
+        let flush = latency_histogram();
+        registry.register("flush_seconds", "A batch, published to PubAck", flush.clone());
+        let batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register("batch_events", "Events per published batch", batch_events.clone());
+        let batch_bytes = Histogram::new(exponential_buckets(256.0, 2.0, 14));
+        registry.register("batch_bytes", "Encoded bytes per published batch", batch_bytes.clone());
+        let batches = Family::default();
+        registry.register("batches", "Batches, by outcome", batches.clone());
+        let batch_retries = Counter::default();
+        registry.register("batch_retries", "Batch publishes retried", batch_retries.clone());
         Self {
             registry,
             refusals,
@@ -114,6 +176,14 @@ impl Metrics {
             audit_dropped,
             audit_failed,
             jwks_fetches,
+            ingest_to_ack,
+            edge_to_ack,
+            queue_wait,
+            flush,
+            batch_events,
+            batch_bytes,
+            batches,
+            batch_retries,
         }
     }
 

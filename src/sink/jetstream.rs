@@ -23,6 +23,7 @@ use crate::batch::Ready;
 use crate::config::{ms, NatsConfig, StreamConfig};
 use crate::error::{ErrorCode, Refusal};
 use crate::event::{Ack, Names, Pending, Reply, Stored};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proto;
 
 /// Header carrying the number of events in a batch.
@@ -70,6 +71,7 @@ pub struct Sink {
     recheck: Notify,
     /// Signalled when the last batch in flight was answered.
     idle: Notify,
+    metrics: Arc<Metrics>,
 }
 
 /// One batch on its way to JetStream.
@@ -82,6 +84,7 @@ struct Flight {
     events: usize,
     replies: Vec<Reply>,
     deadline: Instant,
+    sent: Instant,
 }
 
 impl Sink {
@@ -92,6 +95,7 @@ impl Sink {
         stream: &StreamConfig,
         relay_id: &str,
         boot_id: &str,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, SinkError> {
         let mut opts = match &nats.creds_file {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
@@ -152,6 +156,7 @@ impl Sink {
             stream_ok: AtomicBool::new(false),
             recheck: Notify::new(),
             idle: Notify::new(),
+            metrics,
         }))
     }
 
@@ -243,12 +248,16 @@ impl Sink {
         let Ok(permit) = self.window.clone().acquire_owned().await else { return };
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let msg_id = self.names.batch(seq);
+        let now = Instant::now();
+        let mut oldest = now;
         let mut events = Vec::with_capacity(batch.items.len());
         let mut replies = Vec::with_capacity(batch.items.len());
         for p in batch.items {
+            oldest = oldest.min(p.enqueued);
             events.push(p.event);
             replies.push(p.reply);
         }
+        self.metrics.queue_wait.observe(now.saturating_duration_since(oldest).as_secs_f64());
         let payload = proto::Batch {
             relay_id: self.relay_id.clone(),
             boot_id: self.boot_id.clone(),
@@ -256,6 +265,8 @@ impl Sink {
             events,
         }
         .encode_to_vec();
+        self.metrics.batch_events.observe(replies.len() as f64);
+        self.metrics.batch_bytes.observe(payload.len() as f64);
         let flight = Flight {
             subject: batch.subject,
             seq,
@@ -263,7 +274,8 @@ impl Sink {
             payload: Bytes::from(payload),
             events: replies.len(),
             replies,
-            deadline: Instant::now() + self.deadline,
+            deadline: now + self.deadline,
+            sent: now,
         };
         let first = self.send(&flight).await;
         let sink = Arc::clone(self);
@@ -302,6 +314,10 @@ impl Sink {
         &self.client
     }
 
+    fn batch_outcome(&self, outcome: &'static str) {
+        self.metrics.batches.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     async fn send(&self, f: &Flight) -> Result<PublishAckFuture, PublishError> {
         let msg = PublishMessage::build()
             .payload(f.payload.clone())
@@ -322,6 +338,8 @@ impl Sink {
             };
             let err = match result {
                 Ok(ack) => {
+                    self.metrics.flush.observe(f.sent.elapsed().as_secs_f64());
+                    self.batch_outcome("stored");
                     if ack.duplicate {
                         tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
                     }
@@ -341,6 +359,7 @@ impl Sink {
             };
             if let Some(refusal) = permanent(&err) {
                 tracing::warn!(batch = %f.msg_id, error = %err, "JetStream refused the batch");
+                self.batch_outcome("refused");
                 answer_all(f.replies, refusal);
                 return;
             }
@@ -350,6 +369,7 @@ impl Sink {
             }
             if Instant::now() + backoff >= f.deadline {
                 tracing::warn!(batch = %f.msg_id, tries, error = %err, "giving up on batch");
+                self.batch_outcome("timeout");
                 let refusal = match self.unavailable() {
                     Some(r) => r,
                     None => Refusal::new(
@@ -364,6 +384,7 @@ impl Sink {
                 return;
             }
             tracing::debug!(batch = %f.msg_id, tries, error = %err, "retrying batch");
+            self.metrics.batch_retries.inc();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
             tries += 1;

@@ -12,6 +12,7 @@ mod h3;
 mod interop;
 mod jwt;
 mod limits;
+mod metrics;
 mod mtls;
 mod nats_auth;
 mod nats_faults;
