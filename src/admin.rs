@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::idp::KeyStore;
+use crate::batch::queue::Queues;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 
@@ -33,16 +34,24 @@ pub struct Health {
     pub keys: Option<Arc<KeyStore>>,
     /// Served on `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// For the queue depth gauge.
+    pub queues: Arc<Queues>,
 }
 
 impl Health {
-    pub fn new(sink: Arc<Sink>, keys: Option<Arc<KeyStore>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        sink: Arc<Sink>,
+        keys: Option<Arc<KeyStore>>,
+        metrics: Arc<Metrics>,
+        queues: Arc<Queues>,
+    ) -> Self {
         Self {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             sink,
             keys,
             metrics,
+            queues,
         }
     }
 
@@ -102,7 +111,10 @@ fn route(path: &str, health: &Health) -> Response<Full<Bytes>> {
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(health.metrics.render())));
+            let m = &health.metrics;
+            m.queue_depth.set(health.queues.depth() as i64);
+            m.inflight_batches.set(health.sink.in_flight() as i64);
+            let mut resp = Response::new(Full::new(Bytes::from(m.render())));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

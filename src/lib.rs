@@ -151,7 +151,8 @@ impl Relay {
             sink.clone(),
         ));
         let key_store = auth.key_store();
-        let health = Arc::new(Health::new(sink.clone(), key_store.clone(), metrics));
+        let health =
+            Arc::new(Health::new(sink.clone(), key_store.clone(), metrics, queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let mut background = vec![keeper];
         if let Some(queue) = audit_queue {

@@ -7,6 +7,7 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -99,6 +100,10 @@ pub struct Metrics {
     pub batches: Family<OutcomeLabels, Counter>,
     /// Batch publishes retried.
     pub batch_retries: Counter,
+    /// Events waiting in the queues (set when scraped).
+    pub queue_depth: Gauge,
+    /// Batches published and not yet acknowledged (set when scraped).
+    pub inflight_batches: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -168,6 +173,18 @@ impl Metrics {
         registry.register("batches", "Batches, by outcome", batches.clone());
         let batch_retries = Counter::default();
         registry.register("batch_retries", "Batch publishes retried", batch_retries.clone());
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth_events",
+            "Events waiting in the queues",
+            queue_depth.clone(),
+        );
+        let inflight_batches = Gauge::default();
+        registry.register(
+            "inflight_batches",
+            "Batches published and not yet acknowledged",
+            inflight_batches.clone(),
+        );
         Self {
             registry,
             refusals,
@@ -184,6 +201,8 @@ impl Metrics {
             batch_bytes,
             batches,
             batch_retries,
+            queue_depth,
+            inflight_batches,
         }
     }
 
