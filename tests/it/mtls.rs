@@ -47,11 +47,8 @@ fn h2_with_cert(setup: &Setup, cert: &str, key: &str) -> reqwest::Client {
 
 fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> ClientConfig {
     ClientConfig {
-        server: relay.quic_addr(),
-        server_name: "localhost".into(),
-        ca_pem: Some(setup.certs.ca_cert.clone()),
-        token: String::new(),
         client_cert: Some((cert.to_owned(), key.to_owned())),
+        ..setup.client_config(relay, "")
     }
 }
 

@@ -169,17 +169,22 @@ impl Setup {
         Self { dir, certs, config }
     }
 
-    /// A native-protocol client of `relay` with `token`.
-    pub async fn quic_client(&self, relay: &TestRelay, token: &str) -> edgerelay::client::Client {
-        edgerelay::client::Client::connect(edgerelay::client::ClientConfig {
+    /// Where and how a QUIC or HTTP/3 client reaches `relay`, with `token`.
+    pub fn client_config(&self, relay: &TestRelay, token: &str) -> edgerelay::client::ClientConfig {
+        edgerelay::client::ClientConfig {
             server: relay.quic_addr(),
             server_name: "localhost".into(),
             ca_pem: Some(self.certs.ca_cert.clone()),
             token: token.into(),
             client_cert: None,
-        })
-        .await
-        .expect("QUIC connect")
+        }
+    }
+
+    /// A native-protocol client of `relay` with `token`.
+    pub async fn quic_client(&self, relay: &TestRelay, token: &str) -> edgerelay::client::Client {
+        edgerelay::client::Client::connect(self.client_config(relay, token))
+            .await
+            .expect("QUIC connect")
     }
 
     /// Starts the relay in-process.
@@ -436,13 +441,7 @@ pub async fn h3_client(
     relay: &TestRelay,
     token: &str,
 ) -> edgerelay::client::H3Client {
-    edgerelay::client::H3Client::connect(edgerelay::client::ClientConfig {
-        server: relay.quic_addr(),
-        server_name: "localhost".into(),
-        ca_pem: Some(setup.certs.ca_cert.clone()),
-        token: token.into(),
-        client_cert: None,
-    })
-    .await
-    .expect("HTTP/3 connect")
+    edgerelay::client::H3Client::connect(setup.client_config(relay, token))
+        .await
+        .expect("HTTP/3 connect")
 }
