@@ -219,8 +219,7 @@ impl Jwt {
 
 fn missing_key(m: jwks::Missing) -> Refusal {
     use jwks::Missing;
-    let unauthorized =
-        |reason, message| Refusal::new(ErrorCode::Unauthorized, message).because(reason);
+    use jwt::unauthorized;
     match m {
         Missing::UnknownKid => unauthorized(
             "unknown_key",

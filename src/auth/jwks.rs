@@ -238,15 +238,6 @@ impl Keys {
         self.generation
     }
 
-    /// Keys in the current set.
-    pub fn len(&self) -> usize {
-        self.current.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.current.is_empty()
-    }
-
     /// The usable key a JWK describes, if any.
     fn key_of(&self, jwk: &Jwk) -> Option<Key> {
         let kid = jwk.common.key_id.clone().filter(|k| !k.is_empty() && k.len() <= MAX_KID_BYTES);

@@ -88,7 +88,8 @@ pub fn algorithm(name: &str) -> Option<Algorithm> {
     })
 }
 
-fn unauthorized(
+/// A 401 with a finer reason.
+pub(crate) fn unauthorized(
     reason: &'static str,
     message: impl Into<std::borrow::Cow<'static, str>>,
 ) -> Refusal {
