@@ -12,6 +12,8 @@
 //!   over TLS), `h3` (the same over HTTP/3), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
 //!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
 //!   event); `quic_idle` holds idle connections open to measure the relay's memory.
+//! - `wan`: the WAN emulator (`wan-proxy`), a TCP/UDP delay proxy also started in-process by
+//!   scenarios through `wan::spawn`.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +32,7 @@ mod quic_idle;
 mod report;
 mod schedule;
 mod token;
+mod wan;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +59,9 @@ enum Mode {
     DirectJs(Box<direct_js::Args>),
     /// Open many idle QUIC connections and hold them (the relay's memory per connection).
     QuicIdle(Box<quic_idle::Args>),
+    /// A userspace WAN emulator: a TCP and UDP proxy that adds delay, jitter and loss in front
+    /// of a relay or NATS (the kernel here has no netem).
+    WanProxy(Box<wan::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Quic(args) => quic::run(*args, stop).await,
             Mode::DirectJs(args) => direct_js::run(*args, stop).await,
             Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,
+            Mode::WanProxy(args) => wan::run(*args, stop).await,
         }
     })
 }

@@ -1,0 +1,1247 @@
+//! `loadtest wan-proxy`: a userspace WAN emulator. The kernel here has no `sch_netem`, so a
+//! proxy in front of a relay (or of NATS) delays what passes through it: each direction gets
+//! `rtt/2` one-way delay plus uniform jitter within `±jitter` (never below zero), and UDP
+//! datagrams are lost with probability `loss`.
+//!
+//! - **TCP**: the proxy accepts, connects upstream and pumps each direction through a
+//!   time-ordered queue. A chunk read at `t` is written at `t + delay`, but never before the
+//!   chunk ahead of it: jitter does not reorder a byte stream. Loss does not apply (on a real
+//!   path it would show up as retransmission delay; that is not emulated). A FIN is passed on
+//!   after the same delay as data, so half-closed connections keep working; a reset or write
+//!   error tears the whole connection down. The kernel completes the TCP handshake itself, so
+//!   `connect` through the proxy costs no round trip; everything after it does.
+//! - **UDP**: one upstream socket per client address (a session, expired after
+//!   [`Limits::udp_idle`] without traffic); each datagram is delayed on its own, so jitter may
+//!   reorder them as a real network does.
+//! - **Bounded**: at most [`Limits::max_queued_bytes`] wait per TCP direction (beyond that the
+//!   proxy stops reading: backpressure, like a full TCP window) and per UDP session direction
+//!   (beyond that datagrams are dropped and counted), and at most [`Limits::max_udp_sessions`]
+//!   sessions per route. The TCP bound also caps a connection's throughput at roughly
+//!   `max_queued_bytes / one-way delay`.
+//! - **Deterministic**: delays and losses come from a SplitMix64 generator seeded per route,
+//!   connection/session and direction from `--seed`, so a run's sequence of delays is
+//!   reproducible (arrival times still depend on the machine).
+//!
+//! [`spawn`] starts one route in-process and returns a [`Proxy`] handle with the bound address,
+//! for scenarios that put relays and NATS behind proxies without a subprocess.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant};
+
+/// Largest read from a TCP socket, and so the largest chunk one delay applies to.
+const TCP_CHUNK: usize = 64 * 1024;
+
+/// Largest UDP datagram.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Datagrams waiting to enter one direction's delay queue; beyond that they are dropped.
+const UDP_CHANNEL: usize = 4096;
+
+/// Tries to find a port free for both TCP and UDP when the route listens on port 0.
+const SHARED_PORT_ATTEMPTS: usize = 16;
+
+/// How a network path behaves, in each direction on its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Model {
+    /// Round-trip time added; each direction gets half of it.
+    pub rtt: Duration,
+    /// Each one-way delay varies uniformly within ±`jitter` (and never goes below zero).
+    pub jitter: Duration,
+    /// Probability in `[0, 1]` that a UDP datagram is dropped, per datagram and direction.
+    /// Not applied to TCP.
+    pub loss: f64,
+    /// Seed of the delay and loss generator.
+    pub seed: u64,
+    /// Memory and session bounds.
+    pub limits: Limits,
+}
+
+/// Bounds that keep the proxy's memory finite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes waiting in one direction of one TCP connection or UDP session.
+    pub max_queued_bytes: usize,
+    /// UDP sessions (client addresses) per route; datagrams from further clients are dropped.
+    pub max_udp_sessions: usize,
+    /// A UDP session without a datagram in either direction for this long is closed.
+    pub udp_idle: Duration,
+}
+
+/// One proxy: where it listens, where it forwards to, and which protocols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Address to listen on; port 0 picks one (the same port for TCP and UDP).
+    pub listen: SocketAddr,
+    /// Address to forward to.
+    pub upstream: SocketAddr,
+    /// Proxy TCP connections.
+    pub tcp: bool,
+    /// Proxy UDP datagrams.
+    pub udp: bool,
+}
+
+/// A running route. Dropping it stops the proxy and closes every connection and session.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    _tasks: JoinSet<()>,
+}
+
+/// What a proxy has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// TCP connections accepted.
+    pub connections: u64,
+    /// Accepted TCP connections whose upstream connect failed.
+    pub connect_failures: u64,
+    /// TCP bytes written, both directions.
+    pub tcp_bytes: u64,
+    /// UDP sessions opened.
+    pub udp_sessions: u64,
+    /// UDP datagrams delivered, both directions.
+    pub datagrams_forwarded: u64,
+    /// UDP datagrams dropped by the loss model.
+    pub datagrams_lost: u64,
+    /// UDP datagrams dropped because a queue or the session table was full.
+    pub datagrams_overflow: u64,
+}
+
+/// Shared counters behind [`Counters`].
+#[derive(Debug, Default)]
+struct Stats {
+    connections: AtomicU64,
+    connect_failures: AtomicU64,
+    tcp_bytes: AtomicU64,
+    udp_sessions: AtomicU64,
+    datagrams_forwarded: AtomicU64,
+    datagrams_lost: AtomicU64,
+    datagrams_overflow: AtomicU64,
+}
+
+/// SplitMix64: small, fast, and good enough to pick delays and losses.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+/// Release times of one TCP direction: each chunk's delay, clamped so the stream stays in order.
+#[derive(Debug)]
+struct InOrder {
+    model: Model,
+    rng: Rng,
+    last: Option<Instant>,
+}
+
+/// Datagrams of one UDP direction waiting for their release time, bounded in bytes.
+#[derive(Debug)]
+struct DatagramQueue {
+    heap: BinaryHeap<Due>,
+    bytes: usize,
+    max_bytes: usize,
+    seq: u64,
+}
+
+/// A queued datagram, ordered earliest release (then arrival) first.
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    seq: u64,
+    data: Bytes,
+}
+
+/// What one TCP direction passes on, after its delay.
+#[derive(Debug)]
+enum Segment {
+    /// Bytes, holding their share of the direction's byte budget until written.
+    Data(Bytes, OwnedSemaphorePermit),
+    /// The sender half-closed: shut down the write side.
+    Fin,
+    /// Reading failed (e.g. a reset): close the whole connection.
+    Reset(io::Error),
+}
+
+/// Where a UDP direction delivers: the upstream (connected socket) or a client.
+#[derive(Clone, Debug)]
+enum Dest {
+    Upstream(Arc<UdpSocket>),
+    Client(Arc<UdpSocket>, SocketAddr),
+}
+
+/// One client's UDP session; dropping it stops its tasks and closes its upstream socket.
+#[derive(Debug)]
+struct Session {
+    to_upstream: mpsc::Sender<(Instant, Bytes)>,
+    last_active: Arc<AtomicU64>,
+    _tasks: JoinSet<()>,
+}
+
+/// Flags of `loadtest wan-proxy`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on (with `--upstream`); port 0 picks a free one.
+    #[arg(long, value_name = "ADDR", requires = "upstream")]
+    listen: Option<SocketAddr>,
+    /// Address to forward to (with `--listen`); a host name is resolved once at start.
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    upstream: Option<String>,
+    /// More proxies in this process: `LISTEN=UPSTREAM`, optionally followed by per-route
+    /// overrides `,rtt-ms=N`, `,jitter-ms=N`, `,loss=P`, `,tcp`, `,udp`. Repeatable.
+    #[arg(long, value_name = "LISTEN=UPSTREAM[,OPT]", value_parser = parse_route)]
+    route: Vec<RouteSpec>,
+    /// Proxy TCP (with `--udp`: both; with neither: both).
+    #[arg(long)]
+    tcp: bool,
+    /// Proxy UDP (with `--tcp`: both; with neither: both).
+    #[arg(long)]
+    udp: bool,
+    /// Round-trip time to add, in milliseconds; each direction gets half.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    rtt_ms: u64,
+    /// One-way delays vary uniformly within ±this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    jitter_ms: u64,
+    /// Probability that a UDP datagram is dropped, per direction (TCP is never dropped).
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
+    loss: f64,
+    /// Seed of the delay and loss generator.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+    /// Bytes queued at most per direction of a TCP connection (then backpressure) or a UDP
+    /// session (then drops).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queued_bytes: u64,
+    /// UDP sessions (client addresses) per route at most.
+    #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    max_udp_sessions: u64,
+    /// A UDP session idle this long in both directions is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::schedule::parse_duration)]
+    udp_idle: Duration,
+}
+
+/// A `--route` as given: the upstream is resolved and the overrides applied in [`run`].
+#[derive(Clone, Debug, PartialEq)]
+struct RouteSpec {
+    listen: SocketAddr,
+    upstream: String,
+    tcp: bool,
+    udp: bool,
+    rtt_ms: Option<u64>,
+    jitter_ms: Option<u64>,
+    loss: Option<f64>,
+}
+
+impl Model {
+    /// Rejects a model the proxy cannot apply.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!((0.0..=1.0).contains(&self.loss), "loss {} is not within [0, 1]", self.loss);
+        ensure!(self.limits.max_queued_bytes > 0, "max_queued_bytes must be at least 1");
+        ensure!(self.limits.max_udp_sessions > 0, "max_udp_sessions must be at least 1");
+        ensure!(!self.limits.udp_idle.is_zero(), "udp_idle must be above zero");
+        Ok(())
+    }
+
+    /// One direction's delay for the next chunk or datagram.
+    fn one_way(&self, rng: &mut Rng) -> Duration {
+        let half = self.rtt / 2;
+        if self.jitter.is_zero() {
+            return half;
+        }
+        let offset = (rng.unit() * 2.0 - 1.0) * self.jitter.as_secs_f64();
+        Duration::from_secs_f64((half.as_secs_f64() + offset).max(0.0))
+    }
+
+    /// Whether the next datagram is lost.
+    fn lost(&self, rng: &mut Rng) -> bool {
+        self.loss > 0.0 && rng.unit() < self.loss
+    }
+
+    /// The generator of one direction (`stream` names route, connection and direction).
+    fn rng(&self, stream: u64) -> Rng {
+        Rng::new(self.seed ^ Rng::new(stream).next_u64())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queued_bytes: 4 << 20,
+            max_udp_sessions: 65_536,
+            udp_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Proxy {
+    /// The address the proxy listens on (TCP and UDP share it).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the proxy has done so far.
+    pub fn counters(&self) -> Counters {
+        self.stats.snapshot()
+    }
+}
+
+impl Stats {
+    fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            connections: get(&self.connections),
+            connect_failures: get(&self.connect_failures),
+            tcp_bytes: get(&self.tcp_bytes),
+            udp_sessions: get(&self.udp_sessions),
+            datagrams_forwarded: get(&self.datagrams_forwarded),
+            datagrams_lost: get(&self.datagrams_lost),
+            datagrams_overflow: get(&self.datagrams_overflow),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl InOrder {
+    fn new(model: Model, rng: Rng) -> Self {
+        InOrder { model, rng, last: None }
+    }
+
+    /// When a chunk read at `now` may be written: after its delay, and not before the last one.
+    fn release(&mut self, now: Instant) -> Instant {
+        let mut at = now + self.model.one_way(&mut self.rng);
+        if let Some(last) = self.last {
+            at = at.max(last);
+        }
+        self.last = Some(at);
+        at
+    }
+}
+
+impl DatagramQueue {
+    fn new(max_bytes: usize) -> Self {
+        DatagramQueue { heap: BinaryHeap::new(), bytes: 0, max_bytes, seq: 0 }
+    }
+
+    /// Queues `data` for release at `at`; false (and nothing queued) if it would exceed the
+    /// byte bound.
+    fn push(&mut self, at: Instant, data: Bytes) -> bool {
+        if self.bytes + data.len() > self.max_bytes {
+            return false;
+        }
+        self.bytes += data.len();
+        self.seq += 1;
+        self.heap.push(Due { at, seq: self.seq, data });
+        true
+    }
+
+    /// The earliest release time queued.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.heap.peek().map(|d| d.at)
+    }
+
+    /// The next datagram due at `now`, if any.
+    fn pop_due(&mut self, now: Instant) -> Option<Bytes> {
+        if self.heap.peek()?.at > now {
+            return None;
+        }
+        let due = self.heap.pop()?;
+        self.bytes -= due.data.len();
+        Some(due.data)
+    }
+}
+
+impl Dest {
+    async fn send(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Dest::Upstream(socket) => socket.send(data).await,
+            Dest::Client(socket, to) => socket.send_to(data, to).await,
+        }
+    }
+}
+
+impl RouteSpec {
+    /// The route with the process-wide flags filled in where it has no override of its own.
+    async fn resolve(
+        &self,
+        defaults: &Model,
+        any_proto: (bool, bool),
+    ) -> anyhow::Result<(Route, Model)> {
+        let upstream = resolve(&self.upstream).await?;
+        let (tcp, udp) = if self.tcp || self.udp { (self.tcp, self.udp) } else { any_proto };
+        let mut model = *defaults;
+        if let Some(ms) = self.rtt_ms {
+            model.rtt = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.jitter_ms {
+            model.jitter = Duration::from_millis(ms);
+        }
+        if let Some(p) = self.loss {
+            model.loss = p;
+        }
+        Ok((Route { listen: self.listen, upstream, tcp, udp }, model))
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match (self.tcp, self.udp) {
+            (true, true) => "tcp+udp",
+            (true, false) => "tcp",
+            (false, true) => "udp",
+            (false, false) => "nothing",
+        };
+        write!(f, "{proto} {} -> {}", self.listen, self.upstream)
+    }
+}
+
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rtt {:?} jitter ±{:?} loss {}% seed {} queue {} B",
+            self.rtt,
+            self.jitter,
+            self.loss * 100.0,
+            self.seed,
+            self.limits.max_queued_bytes
+        )
+    }
+}
+
+impl fmt::Display for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connections {} (upstream connect failed {}) tcp bytes {} udp sessions {} \
+             datagrams forwarded {} lost {} dropped on overflow {}",
+            self.connections,
+            self.connect_failures,
+            self.tcp_bytes,
+            self.udp_sessions,
+            self.datagrams_forwarded,
+            self.datagrams_lost,
+            self.datagrams_overflow
+        )
+    }
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    /// Reversed: `BinaryHeap` is a max-heap and the earliest release must come out first.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// Starts one route. With both TCP and UDP on port 0, both listen on the same free port.
+pub async fn spawn(route: &Route, model: &Model) -> anyhow::Result<Proxy> {
+    model.validate()?;
+    ensure!(route.tcp || route.udp, "route {route} proxies neither TCP nor UDP");
+    let (tcp, udp, addr) = bind(route).await?;
+    let stats = Arc::new(Stats::default());
+    let mut tasks = JoinSet::new();
+    if let Some(listener) = tcp {
+        tasks.spawn(accept_tcp(listener, route.upstream, *model, stats.clone()));
+    }
+    if let Some(socket) = udp {
+        tasks.spawn(serve_udp(Arc::new(socket), route.upstream, *model, stats.clone()));
+    }
+    Ok(Proxy { addr, stats, _tasks: tasks })
+}
+
+/// `loadtest wan-proxy`: runs the routes until Ctrl-C or SIGTERM, then prints their counters.
+pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let defaults = Model {
+        rtt: Duration::from_millis(args.rtt_ms),
+        jitter: Duration::from_millis(args.jitter_ms),
+        loss: args.loss,
+        seed: args.seed,
+        limits: Limits {
+            max_queued_bytes: usize::try_from(args.max_queued_bytes)
+                .context("--max-queued-bytes is too large")?,
+            max_udp_sessions: usize::try_from(args.max_udp_sessions)
+                .context("--max-udp-sessions is too large")?,
+            udp_idle: args.udp_idle,
+        },
+    };
+    let any_proto = if args.tcp || args.udp { (args.tcp, args.udp) } else { (true, true) };
+    let mut specs = args.route;
+    if let (Some(listen), Some(upstream)) = (args.listen, args.upstream) {
+        specs.insert(
+            0,
+            RouteSpec {
+                listen,
+                upstream,
+                tcp: false,
+                udp: false,
+                rtt_ms: None,
+                jitter_ms: None,
+                loss: None,
+            },
+        );
+    }
+    if specs.is_empty() {
+        bail!("nothing to proxy: give --listen and --upstream, or --route");
+    }
+    let mut proxies = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let (route, mut model) = spec.resolve(&defaults, any_proto).await?;
+        // Each route draws its own delays, so adding a route does not shift the others'.
+        model.seed = defaults.seed.wrapping_add(i as u64);
+        let proxy =
+            spawn(&route, &model).await.with_context(|| format!("starting route {route}"))?;
+        let shown = Route { listen: proxy.local_addr(), ..route };
+        eprintln!("wan-proxy: {shown}: {model}");
+        proxies.push((shown, proxy));
+    }
+    wait_for_stop(&mut stop).await?;
+    for (route, proxy) in &proxies {
+        eprintln!("wan-proxy: {route}: {}", proxy.counters());
+    }
+    Ok(())
+}
+
+/// Waits for the first Ctrl-C (through `stop`) or SIGTERM.
+async fn wait_for_stop(stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = stop.wait_for(|stopped| *stopped) => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Resolves `host:port` to its first address.
+async fn resolve(host_port: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(host_port)
+        .await
+        .with_context(|| format!("resolving {host_port}"))?
+        .next()
+        .with_context(|| format!("{host_port} resolves to no address"))
+}
+
+/// Binds the route's sockets; returns them and the address they share.
+async fn bind(
+    route: &Route,
+) -> anyhow::Result<(Option<TcpListener>, Option<UdpSocket>, SocketAddr)> {
+    let listen = route.listen;
+    let bind_err = |proto: &str| format!("binding {proto} {listen}");
+    match (route.tcp, route.udp) {
+        (true, false) => {
+            let tcp = TcpListener::bind(listen).await.with_context(|| bind_err("TCP"))?;
+            let addr = tcp.local_addr()?;
+            Ok((Some(tcp), None, addr))
+        }
+        (false, true) => {
+            let udp = UdpSocket::bind(listen).await.with_context(|| bind_err("UDP"))?;
+            let addr = udp.local_addr()?;
+            Ok((None, Some(udp), addr))
+        }
+        _ if listen.port() != 0 => {
+            let tcp = TcpListener::bind(listen).await.with_context(|| bind_err("TCP"))?;
+            let udp = UdpSocket::bind(listen).await.with_context(|| bind_err("UDP"))?;
+            Ok((Some(tcp), Some(udp), listen))
+        }
+        _ => {
+            // Port 0 for both: take a free TCP port and try UDP on it; retry if UDP's is taken.
+            for _ in 0..SHARED_PORT_ATTEMPTS {
+                let tcp = TcpListener::bind(listen).await.with_context(|| bind_err("TCP"))?;
+                let addr = tcp.local_addr()?;
+                if let Ok(udp) = UdpSocket::bind(addr).await {
+                    return Ok((Some(tcp), Some(udp), addr));
+                }
+            }
+            bail!("found no port free for both TCP and UDP on {listen}")
+        }
+    }
+}
+
+/// Accepts TCP connections and proxies each until the route is dropped.
+async fn accept_tcp(listener: TcpListener, upstream: SocketAddr, model: Model, stats: Arc<Stats>) {
+    let mut conns = JoinSet::new();
+    let mut next_id: u64 = 0;
+    let listen = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    next_id += 1;
+                    Stats::add(&stats.connections, 1);
+                    conns.spawn(proxy_tcp(client, upstream, model, next_id, stats.clone()));
+                }
+                // Out of file descriptors and the like: wait instead of spinning.
+                Err(e) => {
+                    eprintln!("wan-proxy: accept on {listen}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next() => {}
+        }
+    }
+}
+
+/// One proxied TCP connection: both directions, until both are closed or one fails.
+async fn proxy_tcp(
+    client: TcpStream,
+    upstream: SocketAddr,
+    model: Model,
+    id: u64,
+    stats: Arc<Stats>,
+) {
+    let server = match TcpStream::connect(upstream).await {
+        Ok(server) => server,
+        Err(_) => {
+            // Dropping the client closes it, as an unreachable upstream would.
+            Stats::add(&stats.connect_failures, 1);
+            return;
+        }
+    };
+    // The proxy adds its delay on purpose; Nagle must not add more.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up =
+        pump(client_read, server_write, InOrder::new(model, model.rng(id << 1)), &model, &stats);
+    let down = pump(
+        server_read,
+        client_write,
+        InOrder::new(model, model.rng(id << 1 | 1)),
+        &model,
+        &stats,
+    );
+    // An error in either direction drops all four halves: both sockets close.
+    let _ = tokio::try_join!(up, down);
+}
+
+/// One TCP direction: reads chunks, and writes each at its release time, in order.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut order: InOrder,
+    model: &Model,
+    stats: &Stats,
+) -> io::Result<()> {
+    let budget = model.limits.max_queued_bytes;
+    let chunk = TCP_CHUNK.min(budget);
+    let queued = Arc::new(Semaphore::new(budget));
+    // Unbounded in count, but every Data segment holds at least one permit of the byte budget
+    // and at most one Fin or Reset follows them.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Segment)>();
+    let read = async move {
+        let mut buf = BytesMut::with_capacity(chunk);
+        loop {
+            buf.reserve(chunk);
+            let segment = match (&mut from).take(chunk as u64).read_buf(&mut buf).await {
+                Ok(0) => Segment::Fin,
+                Ok(n) => {
+                    let now = Instant::now();
+                    let data = buf.split().freeze();
+                    // n <= chunk <= budget, so this waits for room rather than forever.
+                    let permit = queued
+                        .clone()
+                        .acquire_many_owned(n as u32)
+                        .await
+                        .map_err(|_| io::Error::other("byte budget closed"))?;
+                    if tx.send((order.release(now), Segment::Data(data, permit))).is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => Segment::Reset(e),
+            };
+            let _ = tx.send((order.release(Instant::now()), segment));
+            return Ok::<(), io::Error>(());
+        }
+    };
+    let write = async move {
+        while let Some((at, segment)) = rx.recv().await {
+            if at > Instant::now() {
+                sleep_until(at).await;
+            }
+            match segment {
+                Segment::Data(data, permit) => {
+                    to.write_all(&data).await?;
+                    Stats::add(&stats.tcp_bytes, data.len() as u64);
+                    drop(permit);
+                }
+                Segment::Fin => {
+                    to.shutdown().await?;
+                    return Ok(());
+                }
+                Segment::Reset(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(read, write).map(|_| ())
+}
+
+/// Receives client datagrams, keeps one session per client address, and expires idle ones.
+async fn serve_udp(socket: Arc<UdpSocket>, upstream: SocketAddr, model: Model, stats: Arc<Stats>) {
+    let epoch = Instant::now();
+    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let mut next_id: u64 = 0;
+    let mut sweep =
+        tokio::time::interval((model.limits.udp_idle / 2).max(Duration::from_millis(10)));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, from) = tokio::select! {
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(r) => r,
+                // e.g. ICMP errors surfacing on the listening socket: nothing to forward.
+                Err(_) => continue,
+            },
+            _ = sweep.tick() => {
+                let now = millis_since(epoch);
+                let idle = model.limits.udp_idle.as_millis() as u64;
+                sessions.retain(|_, s| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) < idle);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        if !sessions.contains_key(&from) {
+            if sessions.len() >= model.limits.max_udp_sessions {
+                Stats::add(&stats.datagrams_overflow, 1);
+                continue;
+            }
+            next_id += 1;
+            match open_session(&socket, from, upstream, &model, next_id, epoch, &stats).await {
+                Ok(session) => {
+                    Stats::add(&stats.udp_sessions, 1);
+                    sessions.insert(from, session);
+                }
+                Err(e) => {
+                    eprintln!("wan-proxy: opening a UDP session to {upstream}: {e}");
+                    Stats::add(&stats.datagrams_overflow, 1);
+                    continue;
+                }
+            }
+        }
+        let Some(session) = sessions.get(&from) else { continue };
+        session.last_active.store(millis_since(epoch), Ordering::Relaxed);
+        if session.to_upstream.try_send((now, Bytes::copy_from_slice(&buf[..n]))).is_err() {
+            Stats::add(&stats.datagrams_overflow, 1);
+        }
+    }
+}
+
+/// Opens a client's session: an upstream socket and the tasks of both directions.
+async fn open_session(
+    listen: &Arc<UdpSocket>,
+    client: SocketAddr,
+    upstream: SocketAddr,
+    model: &Model,
+    id: u64,
+    epoch: Instant,
+    stats: &Arc<Stats>,
+) -> io::Result<Session> {
+    let local: SocketAddr = if upstream.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let up_socket = Arc::new(UdpSocket::bind(local).await?);
+    up_socket.connect(upstream).await?;
+    let last_active = Arc::new(AtomicU64::new(millis_since(epoch)));
+    let (to_upstream, up_rx) = mpsc::channel(UDP_CHANNEL);
+    let (to_client, down_rx) = mpsc::channel(UDP_CHANNEL);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(delay_datagrams(
+        up_rx,
+        Dest::Upstream(up_socket.clone()),
+        *model,
+        model.rng(id << 1),
+        stats.clone(),
+    ));
+    tasks.spawn(delay_datagrams(
+        down_rx,
+        Dest::Client(listen.clone(), client),
+        *model,
+        model.rng(id << 1 | 1),
+        stats.clone(),
+    ));
+    let active = last_active.clone();
+    let stats = stats.clone();
+    tasks.spawn(async move {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            match up_socket.recv(&mut buf).await {
+                Ok(n) => {
+                    let now = Instant::now();
+                    active.store(millis_since(epoch), Ordering::Relaxed);
+                    if to_client.try_send((now, Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                        Stats::add(&stats.datagrams_overflow, 1);
+                    }
+                }
+                // A connected UDP socket reports an earlier datagram's ICMP error here
+                // (upstream not listening); keep the session, as a real path would.
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    });
+    Ok(Session { to_upstream, last_active, _tasks: tasks })
+}
+
+/// One UDP direction: applies loss, queues each datagram until its own release time, sends.
+async fn delay_datagrams(
+    mut rx: mpsc::Receiver<(Instant, Bytes)>,
+    dest: Dest,
+    model: Model,
+    mut rng: Rng,
+    stats: Arc<Stats>,
+) {
+    let mut queue = DatagramQueue::new(model.limits.max_queued_bytes);
+    let mut open = true;
+    while open || queue.next_deadline().is_some() {
+        let deadline = queue.next_deadline();
+        tokio::select! {
+            received = rx.recv(), if open => match received {
+                Some((arrived, data)) => {
+                    if model.lost(&mut rng) {
+                        Stats::add(&stats.datagrams_lost, 1);
+                    } else if !queue.push(arrived + model.one_way(&mut rng), data) {
+                        Stats::add(&stats.datagrams_overflow, 1);
+                    }
+                }
+                None => open = false,
+            },
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                let now = Instant::now();
+                while let Some(data) = queue.pop_due(now) {
+                    // Like a router's output queue: a send error (buffer full, ICMP) loses it.
+                    if dest.send(&data).await.is_ok() {
+                        Stats::add(&stats.datagrams_forwarded, 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Parses `--loss`.
+fn parse_probability(s: &str) -> Result<f64, String> {
+    let p: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..=1.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("`{s}` is not a probability within [0, 1]"))
+    }
+}
+
+/// Parses `--route LISTEN=UPSTREAM[,rtt-ms=N][,jitter-ms=N][,loss=P][,tcp][,udp]`.
+fn parse_route(s: &str) -> Result<RouteSpec, String> {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (listen, upstream) =
+        head.split_once('=').ok_or_else(|| format!("`{head}` is not LISTEN=UPSTREAM"))?;
+    let listen: SocketAddr =
+        listen.parse().map_err(|_| format!("`{listen}` is not an address like 127.0.0.1:9443"))?;
+    if upstream.is_empty() {
+        return Err(format!("`{head}` has no upstream"));
+    }
+    let mut spec = RouteSpec {
+        listen,
+        upstream: upstream.to_owned(),
+        tcp: false,
+        udp: false,
+        rtt_ms: None,
+        jitter_ms: None,
+        loss: None,
+    };
+    for opt in parts {
+        let ms = |v: &str| {
+            v.parse::<u64>().map_err(|_| format!("`{opt}`: `{v}` is not whole milliseconds"))
+        };
+        match opt.split_once('=') {
+            None if opt == "tcp" => spec.tcp = true,
+            None if opt == "udp" => spec.udp = true,
+            Some(("rtt-ms", v)) => spec.rtt_ms = Some(ms(v)?),
+            Some(("jitter-ms", v)) => spec.jitter_ms = Some(ms(v)?),
+            Some(("loss", v)) => spec.loss = Some(parse_probability(v)?),
+            _ => {
+                return Err(format!(
+                    "unknown route option `{opt}` (use rtt-ms=N, jitter-ms=N, loss=P, tcp, udp)"
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+    fn model(rtt_ms: u64, jitter_ms: u64, loss: f64) -> Model {
+        Model {
+            rtt: Duration::from_millis(rtt_ms),
+            jitter: Duration::from_millis(jitter_ms),
+            loss,
+            seed: 7,
+            limits: Limits::default(),
+        }
+    }
+
+    fn route(upstream: SocketAddr, tcp: bool, udp: bool) -> Route {
+        Route { listen: LOOPBACK, upstream, tcp, udp }
+    }
+
+    /// A TCP echo server and a UDP echo server on the same loopback port.
+    async fn echo_servers() -> SocketAddr {
+        let (tcp, udp, addr) = bind(&route(LOOPBACK, true, true)).await.unwrap();
+        let (tcp, udp) = (tcp.unwrap(), udp.unwrap());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = conn.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    fn median(mut samples: Vec<Duration>) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+
+    async fn tcp_round_trips(to: SocketAddr, n: usize) -> Duration {
+        let mut conn = TcpStream::connect(to).await.unwrap();
+        conn.set_nodelay(true).unwrap();
+        let mut samples = Vec::with_capacity(n);
+        let mut buf = [0u8; 8];
+        for i in 0..n as u64 {
+            let start = Instant::now();
+            conn.write_all(&i.to_be_bytes()).await.unwrap();
+            conn.read_exact(&mut buf).await.unwrap();
+            samples.push(start.elapsed());
+            assert_eq!(u64::from_be_bytes(buf), i);
+        }
+        median(samples)
+    }
+
+    async fn udp_round_trips(to: SocketAddr, n: usize) -> Duration {
+        let socket = UdpSocket::bind(LOOPBACK).await.unwrap();
+        socket.connect(to).await.unwrap();
+        let mut samples = Vec::with_capacity(n);
+        let mut buf = [0u8; 64];
+        for i in 0..n as u64 {
+            let start = Instant::now();
+            socket.send(&i.to_be_bytes()).await.unwrap();
+            let got = socket.recv(&mut buf).await.unwrap();
+            samples.push(start.elapsed());
+            assert_eq!(&buf[..got], &i.to_be_bytes());
+        }
+        median(samples)
+    }
+
+    #[test]
+    fn one_way_delay_stays_within_jitter_and_never_negative() {
+        let m = model(40, 5, 0.0);
+        let mut rng = m.rng(1);
+        for _ in 0..10_000 {
+            let d = m.one_way(&mut rng);
+            assert!(d >= Duration::from_millis(15) && d <= Duration::from_millis(25), "{d:?}");
+        }
+        // Jitter wider than the one-way delay clamps at zero instead of going negative.
+        let m = model(4, 10, 0.0);
+        let mut rng = m.rng(1);
+        let delays: Vec<_> = (0..10_000).map(|_| m.one_way(&mut rng)).collect();
+        assert!(delays.contains(&Duration::ZERO));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(12)));
+        assert_eq!(model(40, 0, 0.0).one_way(&mut rng), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_delays() {
+        let m = model(60, 20, 0.1);
+        let draw = |stream| {
+            let mut rng = m.rng(stream);
+            (0..100).map(|_| (m.one_way(&mut rng), m.lost(&mut rng))).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn tcp_release_times_never_go_backwards() {
+        let m = model(20, 15, 0.0);
+        let mut order = InOrder::new(m, m.rng(1));
+        let start = Instant::now();
+        let mut last = start;
+        for i in 0..10_000u64 {
+            let at = order.release(start + Duration::from_micros(i * 100));
+            assert!(at >= last);
+            last = at;
+        }
+    }
+
+    #[test]
+    fn datagram_queue_releases_by_time_and_bounds_bytes() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = DatagramQueue::new(10);
+        assert!(q.push(t0 + ms(30), Bytes::from_static(b"late")));
+        assert!(q.push(t0 + ms(10), Bytes::from_static(b"soon")));
+        // 8 bytes queued: two more fit, three do not.
+        assert!(!q.push(t0 + ms(5), Bytes::from_static(b"abc")));
+        assert!(q.push(t0 + ms(10), Bytes::from_static(b"ab")));
+        assert_eq!(q.next_deadline(), Some(t0 + ms(10)));
+        assert_eq!(q.pop_due(t0), None);
+        // Released by time (reordered against arrival), ties in arrival order.
+        assert_eq!(q.pop_due(t0 + ms(10)).as_deref(), Some(&b"soon"[..]));
+        assert_eq!(q.pop_due(t0 + ms(10)).as_deref(), Some(&b"ab"[..]));
+        assert_eq!(q.pop_due(t0 + ms(10)), None);
+        assert_eq!(q.pop_due(t0 + ms(30)).as_deref(), Some(&b"late"[..]));
+        assert_eq!(q.next_deadline(), None);
+        assert!(q.push(t0, Bytes::from_static(b"0123456789")));
+    }
+
+    #[test]
+    fn parses_routes() {
+        let r =
+            parse_route("127.0.0.1:9443=relay.example:8443,rtt-ms=60,jitter-ms=5,loss=0.01,udp")
+                .unwrap();
+        assert_eq!(r.listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(r.upstream, "relay.example:8443");
+        assert_eq!((r.tcp, r.udp), (false, true));
+        assert_eq!((r.rtt_ms, r.jitter_ms, r.loss), (Some(60), Some(5), Some(0.01)));
+        assert!(parse_route("127.0.0.1:1").is_err());
+        assert!(parse_route("nonsense=127.0.0.1:1").is_err());
+        assert!(parse_route("127.0.0.1:1=").is_err());
+        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,loss=2").is_err());
+        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,rtt-ms=-1").is_err());
+        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,mtu=9000").is_err());
+        assert!(parse_probability("1.5").is_err());
+        assert!(model(0, 0, -0.1).validate().is_err());
+    }
+
+    /// The issue's requirement: the proxy adds the configured delay, measured. TCP and UDP go
+    /// through one proxy on one port (as a relay serves HTTPS and QUIC on one port). The median
+    /// of 20 round trips must be at least the RTT (the proxy never releases early) and under
+    /// RTT + 30 ms: loopback adds well under a millisecond, the rest of the margin is for a
+    /// busy 2-core machine's scheduling and the timer's 1 ms granularity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adds_the_configured_round_trip_time() {
+        let upstream = echo_servers().await;
+        let direct_tcp = tcp_round_trips(upstream, 20).await;
+        let direct_udp = udp_round_trips(upstream, 20).await;
+        let proxy = spawn(&route(upstream, true, true), &model(40, 0, 0.0)).await.unwrap();
+        let (tcp, udp) = tokio::join!(
+            tcp_round_trips(proxy.local_addr(), 20),
+            udp_round_trips(proxy.local_addr(), 20)
+        );
+        let rtt = Duration::from_millis(40);
+        let margin = Duration::from_millis(30);
+        eprintln!("median rtt: direct tcp {direct_tcp:?} udp {direct_udp:?}, proxied tcp {tcp:?} udp {udp:?}");
+        assert!(tcp >= rtt && tcp < rtt + margin, "tcp median {tcp:?}");
+        assert!(udp >= rtt && udp < rtt + margin, "udp median {udp:?}");
+        assert!(direct_tcp < rtt / 2 && direct_udp < rtt / 2);
+        // The proxy counts a write once it returned, which may be after the echo came back.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.counters().tcp_bytes < 2 * 20 * 8 || proxy.counters().datagrams_forwarded < 40 {
+            assert!(Instant::now() < deadline, "{}", proxy.counters());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let c = proxy.counters();
+        assert_eq!((c.connections, c.udp_sessions), (1, 1));
+        assert_eq!((c.tcp_bytes, c.datagrams_forwarded), (2 * 20 * 8, 40));
+    }
+
+    /// Jitter wider than the one-way delay, and a stream of numbered records written in many
+    /// small writes: they come back complete and in order.
+    #[tokio::test]
+    async fn jitter_does_not_reorder_tcp() {
+        let upstream = echo_servers().await;
+        let proxy = spawn(&route(upstream, true, false), &model(10, 8, 0.5)).await.unwrap();
+        let conn = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        conn.set_nodelay(true).unwrap();
+        let (mut r, mut w) = conn.into_split();
+        const RECORDS: u32 = 2000;
+        let writer = tokio::spawn(async move {
+            for i in 0..RECORDS {
+                w.write_all(&i.to_be_bytes()).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        writer.await.unwrap();
+        let numbers: Vec<u32> =
+            back.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(numbers, (0..RECORDS).collect::<Vec<_>>());
+    }
+
+    /// A half-close crosses the proxy: the server reads to EOF, then answers and closes.
+    #[tokio::test]
+    async fn half_close_is_passed_on() {
+        let server = TcpListener::bind(LOOPBACK).await.unwrap();
+        let upstream = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = server.accept().await.unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).await.unwrap();
+            got.reverse();
+            conn.write_all(&got).await.unwrap();
+        });
+        let proxy = spawn(&route(upstream, true, false), &model(4, 0, 0.0)).await.unwrap();
+        let mut conn = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        conn.write_all(b"hello").await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"olleh");
+    }
+
+    /// With loss 0.5, the delivered share of 400 datagrams is binomial(400, 0.5): mean 200,
+    /// standard deviation 10; the bounds are six deviations wide (and the seed makes the
+    /// count reproducible anyway).
+    #[tokio::test]
+    async fn drops_the_configured_share_of_datagrams() {
+        let sink = UdpSocket::bind(LOOPBACK).await.unwrap();
+        let upstream = sink.local_addr().unwrap();
+        let received = Arc::new(AtomicU64::new(0));
+        let counted = received.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while sink.recv(&mut buf).await.is_ok() {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let proxy = spawn(&route(upstream, false, true), &model(2, 0, 0.5)).await.unwrap();
+        let client = UdpSocket::bind(LOOPBACK).await.unwrap();
+        for i in 0..400u32 {
+            client.send_to(&i.to_be_bytes(), proxy.local_addr()).await.unwrap();
+            // Paced, so neither socket's receive buffer overflows.
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let done = |c: Counters| c.datagrams_forwarded + c.datagrams_lost + c.datagrams_overflow;
+        while done(proxy.counters()) < 400
+            || received.load(Ordering::Relaxed) < proxy.counters().datagrams_forwarded
+        {
+            assert!(Instant::now() < deadline, "{}", proxy.counters());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let c = proxy.counters();
+        assert_eq!(c.datagrams_overflow, 0);
+        assert_eq!(c.datagrams_forwarded + c.datagrams_lost, 400);
+        assert!((140..=260).contains(&c.datagrams_forwarded), "{c}");
+        assert_eq!(received.load(Ordering::Relaxed), c.datagrams_forwarded);
+    }
+
+    /// A byte budget far below the data in flight slows the stream down (backpressure) but
+    /// neither loses nor stalls it.
+    #[tokio::test]
+    async fn a_small_tcp_byte_budget_is_backpressure_not_loss() {
+        let upstream = echo_servers().await;
+        let mut m = model(2, 0, 0.0);
+        m.limits.max_queued_bytes = 4096;
+        let proxy = spawn(&route(upstream, true, false), &m).await.unwrap();
+        let conn = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        let (mut r, mut w) = conn.into_split();
+        let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let data = sent.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        writer.await.unwrap();
+        assert!(back == sent, "{} of {} bytes came back", back.len(), sent.len());
+    }
+
+    /// A UDP session queues at most its byte budget per direction; the rest is dropped and
+    /// counted. The delay (400 ms) is far longer than sending the burst takes.
+    #[tokio::test]
+    async fn udp_beyond_the_byte_budget_is_dropped_and_counted() {
+        let sink = UdpSocket::bind(LOOPBACK).await.unwrap();
+        let upstream = sink.local_addr().unwrap();
+        let mut m = model(800, 0, 0.0);
+        m.limits.max_queued_bytes = 100;
+        let proxy = spawn(&route(upstream, false, true), &m).await.unwrap();
+        let client = UdpSocket::bind(LOOPBACK).await.unwrap();
+        for i in 0..50u8 {
+            client.send_to(&[i; 10], proxy.local_addr()).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.counters().datagrams_forwarded + proxy.counters().datagrams_overflow < 50 {
+            assert!(Instant::now() < deadline, "{}", proxy.counters());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let c = proxy.counters();
+        assert_eq!((c.datagrams_forwarded, c.datagrams_overflow), (10, 40), "{c}");
+        let mut buf = [0u8; 16];
+        assert_eq!(sink.recv(&mut buf).await.unwrap(), 10);
+        assert_eq!(buf[0], 0);
+    }
+}
