@@ -12,6 +12,12 @@
 //!   over TLS), `h3` (the same over HTTP/3), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
 //!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
 //!   event); `quic_idle` holds idle connections open to measure the relay's memory.
+//! - `bare`: the bare hyper + rustls server that answers 202 doing nothing (the HTTP stack's
+//!   ceiling), standalone (`bare-server`) or in-process for `compare`.
+//! - `harness`: what sits above one run of any mode: `--consume` (with `consume`: a JetStream
+//!   consumer that measures send→consumer per event) and `--find-max` (ramp + bisection).
+//! - `compare`: several modes in one invocation, one table with ratios to the baselines, the
+//!   `.hgrm` files, `summary.json` and the percentile plot drawn by `plot` (hand-written SVG).
 
 #![forbid(unsafe_code)]
 
@@ -21,10 +27,15 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backoff;
+mod bare;
+mod compare;
+mod consume;
 mod direct_js;
 mod events;
 mod h3;
+mod harness;
 mod https;
+mod plot;
 mod quic;
 mod quic_idle;
 mod report;
@@ -56,6 +67,13 @@ enum Mode {
     DirectJs(Box<direct_js::Args>),
     /// Open many idle QUIC connections and hold them (the relay's memory per connection).
     QuicIdle(Box<quic_idle::Args>),
+    /// A hyper + rustls server that reads each request and answers 202 doing nothing: the
+    /// HTTP stack's ceiling, the baseline of `https`.
+    BareServer(Box<bare::Args>),
+    /// Several modes one after the other at the same offered load against a running relay and
+    /// NATS (the bare server in-process): one percentile table with ratios to the baselines,
+    /// `.hgrm` files, a JSON summary and an SVG percentile plot.
+    Compare(Box<compare::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +87,8 @@ fn main() -> anyhow::Result<()> {
             Mode::Quic(args) => quic::run(*args, stop).await,
             Mode::DirectJs(args) => direct_js::run(*args, stop).await,
             Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,
+            Mode::BareServer(args) => bare::run(*args, stop).await,
+            Mode::Compare(args) => compare::run(*args, stop).await,
         }
     })
 }
