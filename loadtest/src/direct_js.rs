@@ -27,40 +27,44 @@ use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
 use crate::events::{EventArgs, Events};
-use crate::report::{self, ReportArgs, RunInfo};
+use crate::harness::{self, HarnessArgs, Measured};
+use crate::report::{ReportArgs, RunInfo};
 use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
 /// Subjects are `direct.load.N` unless `--subject-prefix` says otherwise.
-const DEFAULT_SUBJECT_PREFIX: &str = "direct.load";
+pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "direct.load";
 
 /// Flags of `loadtest direct-js`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     /// NATS server to publish to.
     #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    pub(crate) nats_url: String,
 
     /// JetStream stream to publish into; created if missing (file storage, subjects
     /// `<subject-prefix>.>`).
     #[arg(long, value_name = "NAME", default_value = "LOADTEST_DIRECT")]
-    stream: String,
+    pub(crate) stream: String,
 
     /// Number of NATS connections to spread the publishes over.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    connections: u32,
+    pub(crate) connections: u32,
 
     /// Publishes awaiting their PubAck at most, in total (the ack window).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    max_inflight: u32,
+    pub(crate) max_inflight: u32,
 
     #[command(flatten)]
-    events: EventArgs,
+    pub(crate) events: EventArgs,
 
     #[command(flatten)]
-    run: RunArgs,
+    pub(crate) run: RunArgs,
 
     #[command(flatten)]
-    report: ReportArgs,
+    pub(crate) report: ReportArgs,
+
+    #[command(flatten)]
+    pub(crate) harness: HarnessArgs,
 }
 
 /// Builds the publish of event `seq`; shared by all workers.
@@ -86,9 +90,9 @@ impl Publishes {
     }
 
     /// Subject and message of event `seq`: its own `Nats-Msg-Id`.
-    fn build(&self, seq: u64) -> (Subject, PublishMessage) {
+    fn build(&self, seq: u64, intended_unix_ns: u64) -> (Subject, PublishMessage) {
         let subject = self.subjects[self.events.subject_index(seq)].clone();
-        let publish = PublishMessage::build().payload(self.events.payload());
+        let publish = PublishMessage::build().payload(self.events.payload(seq, intended_unix_ns));
         match self.events.key(seq) {
             Some(key) => (subject, publish.message_id(key)),
             None => (subject, publish),
@@ -104,8 +108,8 @@ impl Publishes {
 }
 
 impl JsWorker {
-    async fn publish(&self, seq: u64) -> Result<(), PublishError> {
-        let (subject, publish) = self.publishes.build(seq);
+    async fn publish(&self, seq: u64, intended_unix_ns: u64) -> Result<(), PublishError> {
+        let (subject, publish) = self.publishes.build(seq, intended_unix_ns);
         let ack = self.js.send_publish(subject, publish).await?;
         // A duplicate ack still means the event is stored; with unique ids it does not happen.
         ack.await.map(drop)
@@ -113,9 +117,9 @@ impl JsWorker {
 }
 
 impl Worker for JsWorker {
-    async fn send(&mut self, seq: u64) -> Outcome {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
-        match timeout_at(deadline, self.publish(seq)).await {
+        match timeout_at(deadline, self.publish(seq, intended_unix_ns)).await {
             Ok(Ok(())) => Outcome::Accepted,
             Ok(Err(error)) => {
                 self.publishes.report_error(&error);
@@ -128,9 +132,19 @@ impl Worker for JsWorker {
 
 /// Runs `loadtest direct-js`.
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(&args.run, 1)?;
-    let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?;
+    harness::run_single(&harness::Target::DirectJs(Box::new(args)), stop).await
+}
+
+/// One measured run of `args` at the load shape of `run` (see `https::measure`).
+pub(crate) async fn measure(
+    args: &Args,
+    run: &RunArgs,
+    stamp: Option<u64>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Measured> {
+    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
+    let schedule = Schedule::from_args(run, 1)?.tracking_acked(stamp.is_some());
+    let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?;
     let clients = try_join_all((0..args.connections).map(|n| {
         async_nats::ConnectOptions::new()
             .name(format!("loadtest-direct-js-{n}"))
@@ -146,8 +160,8 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         .iter()
         .map(|client| {
             jetstream::ContextBuilder::new()
-                .timeout(args.run.timeout)
-                .ack_timeout(args.run.timeout)
+                .timeout(run.timeout)
+                .ack_timeout(run.timeout)
                 .max_ack_inflight(ack_capacity)
                 .backpressure_on_inflight(true)
                 .build(client.clone())
@@ -160,7 +174,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         .map(|w| JsWorker {
             js: contexts[w % contexts.len()].clone(),
             publishes: Arc::clone(&publishes),
-            timeout: args.run.timeout,
+            timeout: run.timeout,
         })
         .collect();
     let info = RunInfo {
@@ -171,17 +185,17 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         answer: "PubAck",
         detail: Some(format!("stream={}", args.stream)),
     };
-    let measured = schedule::run(schedule, &args.run, workers, stop).await?;
+    let measurements = schedule::run(schedule, run, workers, stop).await?;
     for client in &clients {
         // Best effort: the run is measured already.
         let _ = client.flush().await;
     }
-    report::emit(&args.report, &info, &schedule, &measured)
+    Ok(Measured { info, schedule, measurements })
 }
 
 /// Creates stream `name` capturing `<prefix>.>` if it is missing; says so when an existing
 /// stream may not capture the subjects.
-async fn ensure_stream(js: &Context, name: &str, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn ensure_stream(js: &Context, name: &str, prefix: &str) -> anyhow::Result<()> {
     let wanted = format!("{prefix}.>");
     let config = StreamConfig {
         name: name.to_owned(),
@@ -268,9 +282,9 @@ mod tests {
     fn events_go_to_their_subjects_round_robin() {
         let args = parse(&["--subjects", "2", "--payload-bytes", "10"]);
         let publishes = Publishes::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX).unwrap());
-        let (subject, _) = publishes.build(3);
+        let (subject, _) = publishes.build(3, 0);
         assert_eq!(subject.as_str(), "direct.load.1");
-        let (subject, _) = publishes.build(4);
+        let (subject, _) = publishes.build(4, 0);
         assert_eq!(subject.as_str(), "direct.load.0");
     }
 

@@ -3,11 +3,20 @@
 //!
 //! Events are numbered from 0 across the whole run (warm-up included); a mode that puts `E`
 //! events in one request sends events `seq·E .. seq·E + E` in request `seq`.
+//!
+//! With `--consume` every payload starts with a [`Stamp`]: the run's nonce, the event number
+//! and the request's *intended* send time (unix ns), so a consumer that reads the stream can
+//! measure send→consumer latency per event, coordinated-omission-corrected like send→ack, and
+//! tell which acknowledged events it never saw.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::ensure;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Bytes a [`Stamp`] takes at the start of a payload.
+pub const STAMP_LEN: usize = 24;
 
 /// Event shape flags shared by every mode.
 #[derive(Clone, Debug, clap::Args)]
@@ -42,6 +51,21 @@ pub struct Events {
     run_id: String,
     /// Whether events carry keys (not `--no-keys`).
     keyed: bool,
+    /// The run nonce of the [`Stamp`] every payload starts with; `None`: the fixed payload.
+    stamp: Option<u64>,
+}
+
+/// What a stamped payload starts with (24 bytes, big-endian): which run sent the event, its
+/// number, and when its request was due.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Stamp {
+    /// Random per run, so events of other runs on the same stream are told apart.
+    pub nonce: u64,
+    /// The event number (from 0, warm-up included).
+    pub event: u64,
+    /// Intended send time of the event's request (open loop), or its actual send time (closed
+    /// loop), in unix nanoseconds on [`unix_ns`]'s clock.
+    pub intended_unix_ns: u64,
 }
 
 impl Events {
@@ -61,7 +85,22 @@ impl Events {
             payload: Bytes::from(vec![b'x'; args.payload_bytes]),
             run_id: format!("{:x}{:04x}", started.as_millis(), std::process::id() & 0xffff),
             keyed: !args.no_keys,
+            stamp: None,
         })
+    }
+
+    /// Starts every payload with a [`Stamp`] of run `nonce` (for `--consume`); the payload
+    /// must have room for it.
+    pub fn stamped(mut self, nonce: Option<u64>) -> anyhow::Result<Self> {
+        if nonce.is_some() {
+            ensure!(
+                self.payload.len() >= STAMP_LEN,
+                "--consume stamps the send time into the payload: --payload-bytes must be at \
+                 least {STAMP_LEN}"
+            );
+        }
+        self.stamp = nonce;
+        Ok(self)
     }
 
     /// The subject prefix in use.
@@ -85,15 +124,71 @@ impl Events {
         &self.subjects[self.subject_index(n)]
     }
 
-    /// The payload every event carries (cheap to clone).
-    pub fn payload(&self) -> Bytes {
-        self.payload.clone()
+    /// The payload of event `n`, whose request was due at `intended_unix_ns`: the fixed
+    /// payload (cheap to clone), or with `--consume` the same bytes starting with a [`Stamp`].
+    pub fn payload(&self, n: u64, intended_unix_ns: u64) -> Bytes {
+        let Some(nonce) = self.stamp else {
+            return self.payload.clone();
+        };
+        let mut out = BytesMut::with_capacity(self.payload.len());
+        Stamp { nonce, event: n, intended_unix_ns }.put(&mut out);
+        out.extend_from_slice(&self.payload[STAMP_LEN..]);
+        out.freeze()
     }
 
     /// Idempotency key of event `n`, unique across runs: ≤ 40 printable ASCII characters;
     /// none with `--no-keys`.
     pub fn key(&self, n: u64) -> Option<String> {
         self.keyed.then(|| format!("lt-{}-{n}", self.run_id))
+    }
+}
+
+impl Stamp {
+    /// Appends the 24 bytes of the stamp.
+    fn put(&self, out: &mut BytesMut) {
+        out.put_u64(self.nonce);
+        out.put_u64(self.event);
+        out.put_u64(self.intended_unix_ns);
+    }
+
+    /// The stamp a payload starts with, if it is long enough; the bytes are not checked
+    /// further (compare [`Stamp::nonce`] with the run's).
+    pub fn read(payload: &[u8]) -> Option<Self> {
+        let word = |i: usize| -> Option<u64> {
+            let bytes: [u8; 8] = payload.get(i * 8..i * 8 + 8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(bytes))
+        };
+        Some(Self { nonce: word(0)?, event: word(1)?, intended_unix_ns: word(2)? })
+    }
+}
+
+/// A fresh run nonce for [`Events::stamped`]: the clock's nanoseconds mixed with the process
+/// id, so two runs (or two modes of one `compare`) never share one.
+pub fn nonce() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64 of the mix: spreads nearby times over all bits.
+    let mut z = now ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9e37);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `at` in unix nanoseconds on a clock that is anchored to the wall clock once per process and
+/// then follows the monotonic clock, so send and receive times taken in one process are
+/// comparable to the nanosecond even if the wall clock is adjusted during the run.
+pub fn unix_ns(at: Instant) -> u64 {
+    static ANCHOR: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (anchor, anchor_ns) = *ANCHOR.get_or_init(|| {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        (Instant::now(), now)
+    });
+    if at >= anchor {
+        anchor_ns.saturating_add(at.duration_since(anchor).as_nanos() as u64)
+    } else {
+        anchor_ns.saturating_sub(anchor.duration_since(at).as_nanos() as u64)
     }
 }
 
@@ -124,7 +219,7 @@ mod tests {
         assert_eq!(events.subject(0), "a.b.0");
         assert_eq!(events.subject(4), "a.b.1");
         assert_eq!(events.subject_index(5), 2);
-        assert_eq!(events.payload().len(), 8);
+        assert_eq!(events.payload(0, 0).len(), 8);
     }
 
     #[test]
@@ -142,6 +237,36 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("lt-") && a.ends_with("-41"), "{a}");
         assert!(a.len() <= 40 && a.bytes().all(|c| c.is_ascii_graphic()), "{a}");
+    }
+
+    #[test]
+    fn stamped_payloads_carry_event_and_send_time() {
+        let plain = Events::new(&EventArgs { payload_bytes: 32, ..args(1, None) }, "e").unwrap();
+        assert_eq!(plain.payload(3, 7), Bytes::from(vec![b'x'; 32]));
+        let events = plain.stamped(Some(42)).unwrap();
+        let payload = events.payload(3, 1_700_000_000_123_456_789);
+        assert_eq!(payload.len(), 32);
+        assert_eq!(&payload[STAMP_LEN..], b"xxxxxxxx");
+        let stamp = Stamp::read(&payload).unwrap();
+        assert_eq!(
+            stamp,
+            Stamp { nonce: 42, event: 3, intended_unix_ns: 1_700_000_000_123_456_789 }
+        );
+        // Too short to carry a stamp: refused up front, and never read.
+        let short = Events::new(&EventArgs { payload_bytes: 8, ..args(1, None) }, "e").unwrap();
+        assert!(short.stamped(Some(1)).is_err());
+        assert_eq!(Stamp::read(b"short"), None);
+        assert_ne!(nonce(), nonce());
+    }
+
+    #[test]
+    fn the_unix_clock_follows_the_monotonic_one() {
+        let a = Instant::now();
+        let b = a + std::time::Duration::from_millis(5);
+        assert_eq!(unix_ns(b) - unix_ns(a), 5_000_000);
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        // Anchored to the wall clock (within a generous second).
+        assert!(unix_ns(Instant::now()).abs_diff(wall) < 1_000_000_000);
     }
 
     #[test]

@@ -15,35 +15,39 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::events::{self, EventArgs, Events};
+use crate::harness::{self, HarnessArgs, Measured};
 use crate::quic::Target;
-use crate::report::{self, ReportArgs, RunInfo};
+use crate::report::{ReportArgs, RunInfo};
 use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
 /// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
-const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
+pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 
 /// Flags of `loadtest h3`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    target: Target,
+    pub(crate) target: Target,
 
     /// HTTP/3 connections to open.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    connections: u32,
+    pub(crate) connections: u32,
 
     /// Requests in flight at most, in total, spread evenly over the connections.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    concurrency: u32,
+    pub(crate) concurrency: u32,
 
     #[command(flatten)]
-    events: EventArgs,
+    pub(crate) events: EventArgs,
 
     #[command(flatten)]
-    run: RunArgs,
+    pub(crate) run: RunArgs,
 
     #[command(flatten)]
-    report: ReportArgs,
+    pub(crate) report: ReportArgs,
+
+    #[command(flatten)]
+    pub(crate) harness: HarnessArgs,
 }
 
 struct H3Worker {
@@ -53,7 +57,7 @@ struct H3Worker {
 }
 
 impl Worker for H3Worker {
-    async fn send(&mut self, seq: u64) -> Outcome {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let path = format!("/v1/publish/{}", self.events.subject(seq));
         let key = self.events.key(seq);
         let edge_time = events::now_unix_ms().to_string();
@@ -64,8 +68,8 @@ impl Worker for H3Worker {
         if let Some(key) = &key {
             headers.push(("idempotency-key", key.as_str()));
         }
-        match timeout(self.timeout, self.client.post(&path, &headers, self.events.payload())).await
-        {
+        let payload = self.events.payload(seq, intended_unix_ns);
+        match timeout(self.timeout, self.client.post(&path, &headers, payload)).await {
             Err(_) => Outcome::Failed(Failure::Timeout),
             Ok(Err(_)) => Outcome::Failed(Failure::Transport),
             Ok(Ok((status, _, _))) if status == 202 => Outcome::Accepted,
@@ -76,10 +80,20 @@ impl Worker for H3Worker {
 
 /// Runs `loadtest h3`.
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(&args.run, 1)?;
-    let events = Arc::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?);
-    let config = args.target.client_config().await?;
+    harness::run_single(&harness::Target::H3(Box::new(args)), stop).await
+}
+
+/// One measured run of `args` at the load shape of `run` (see `https::measure`).
+pub(crate) async fn measure(
+    args: &Args,
+    run: &RunArgs,
+    stamp: Option<u64>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Measured> {
+    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
+    let schedule = Schedule::from_args(run, 1)?.tracking_acked(stamp.is_some());
+    let events = Arc::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?);
+    let config = args.target.clone().client_config().await?;
     let server = config.server;
     let clients = try_join_all((0..args.connections).map(|_| H3Client::connect(config.clone())))
         .await
@@ -89,7 +103,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         .map(|w| H3Worker {
             client: Arc::clone(&clients[w % clients.len()]),
             events: Arc::clone(&events),
-            timeout: args.run.timeout,
+            timeout: run.timeout,
         })
         .collect();
     let info = RunInfo {
@@ -100,6 +114,6 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         answer: "202",
         detail: None,
     };
-    let measured = schedule::run(schedule, &args.run, workers, stop).await?;
-    report::emit(&args.report, &info, &schedule, &measured)
+    let measurements = schedule::run(schedule, run, workers, stop).await?;
+    Ok(Measured { info, schedule, measurements })
 }

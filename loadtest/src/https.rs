@@ -31,7 +31,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::backoff::Backoff;
 use crate::events::{self, EventArgs, Events};
-use crate::report::{self, ReportArgs, RunInfo};
+use crate::harness::{self, HarnessArgs, Measured};
+use crate::report::{ReportArgs, RunInfo};
 use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
 /// Largest response body read; the relay's answers are a few hundred bytes.
@@ -44,7 +45,7 @@ const H2_STREAM_WINDOW: u32 = 1 << 20;
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
-const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
+pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const EDGE_TIMESTAMP: HeaderName = HeaderName::from_static("edge-timestamp");
@@ -54,51 +55,54 @@ const EDGE_TIMESTAMP: HeaderName = HeaderName::from_static("edge-timestamp");
 pub struct Args {
     /// Base URL of the relay; requests go to `{url}/v1/publish/{subject}`.
     #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:8443")]
-    url: Uri,
+    pub(crate) url: Uri,
 
     /// TLS server name for SNI and certificate verification [default: the URL host; an IP
     /// address is verified as an IP]
     #[arg(long, value_name = "NAME")]
-    server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
 
     /// PEM file with the CA certificate(s) to trust. Required unless --insecure.
     #[arg(long, value_name = "FILE", required_unless_present = "insecure")]
-    ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
 
     /// Do not verify the server certificate at all (lab use only).
     #[arg(long, conflicts_with = "ca")]
-    insecure: bool,
+    pub(crate) insecure: bool,
 
     #[command(flatten)]
-    token: crate::token::TokenArgs,
+    pub(crate) token: crate::token::TokenArgs,
 
     /// HTTP version: 1 = HTTP/1.1 keep-alive, one request at a time per connection; 2 = HTTP/2,
     /// requests multiplexed over each connection. Negotiated with ALPN.
     #[arg(long = "http", value_name = "VERSION", value_enum, default_value = "2")]
-    http: HttpVersion,
+    pub(crate) http: HttpVersion,
 
     /// Number of TLS connections to open.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    connections: u32,
+    pub(crate) connections: u32,
 
     /// Requests in flight at most, in total. HTTP/1.1: capped by --connections. HTTP/2: spread
     /// evenly over the connections.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    concurrency: u32,
+    pub(crate) concurrency: u32,
 
     #[command(flatten)]
-    events: EventArgs,
+    pub(crate) events: EventArgs,
 
     #[command(flatten)]
-    run: RunArgs,
+    pub(crate) run: RunArgs,
 
     #[command(flatten)]
-    report: ReportArgs,
+    pub(crate) report: ReportArgs,
+
+    #[command(flatten)]
+    pub(crate) harness: HarnessArgs,
 }
 
 /// `--http`.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, clap::ValueEnum)]
-enum HttpVersion {
+pub(crate) enum HttpVersion {
     /// HTTP/1.1
     #[value(name = "1", alias = "1.1")]
     Http1,
@@ -173,7 +177,7 @@ impl HttpVersion {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             HttpVersion::Http1 => "1.1",
             HttpVersion::Http2 => "2",
@@ -263,10 +267,10 @@ impl Target {
 }
 
 impl Requests {
-    fn new(args: &Args, token: &str) -> anyhow::Result<Self> {
+    fn new(args: &Args, token: &str, stamp: Option<u64>) -> anyhow::Result<Self> {
         let authority = args.url.authority().context("--url needs a host")?.as_str().to_owned();
         let base = args.url.path().trim_end_matches('/');
-        let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?;
+        let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?;
         let uris = events
             .subjects()
             .iter()
@@ -295,9 +299,10 @@ impl Requests {
         })
     }
 
-    /// Request number `seq`: subject `seq mod N`, a unique idempotency key, the current time.
-    fn build(&self, seq: u64) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(self.events.payload()));
+    /// Request number `seq`, due at `intended_unix_ns`: subject `seq mod N`, a unique
+    /// idempotency key, the current time.
+    fn build(&self, seq: u64, intended_unix_ns: u64) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(self.events.payload(seq, intended_unix_ns)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.uris[self.events.subject_index(seq)].clone();
         let headers = req.headers_mut();
@@ -343,8 +348,8 @@ impl H1Worker {
         self.conn.as_mut().ok_or(Failure::Connect)
     }
 
-    async fn attempt(&mut self, seq: u64) -> Result<(), Failure> {
-        let request = self.requests.build(seq);
+    async fn attempt(&mut self, seq: u64, intended_unix_ns: u64) -> Result<(), Failure> {
+        let request = self.requests.build(seq, intended_unix_ns);
         let conn = self.ready().await?;
         let result = exchange(conn.send_request(request)).await;
         if let Err((Failure::Transport, error)) = &result {
@@ -386,8 +391,8 @@ impl H2Pool {
 }
 
 impl H2Worker {
-    async fn attempt(&mut self, seq: u64) -> Result<(), Failure> {
-        let request = self.requests.build(seq);
+    async fn attempt(&mut self, seq: u64, intended_unix_ns: u64) -> Result<(), Failure> {
+        let request = self.requests.build(seq, intended_unix_ns);
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             self.sender = Some(self.pool.sender(self.slot).await?);
         }
@@ -405,9 +410,9 @@ impl H2Worker {
 }
 
 impl Worker for H1Worker {
-    async fn send(&mut self, seq: u64) -> Outcome {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
-        match timeout_at(deadline, self.attempt(seq)).await {
+        match timeout_at(deadline, self.attempt(seq, intended_unix_ns)).await {
             Ok(result) => result.into(),
             Err(_) => {
                 // The answer may still arrive on this connection; it cannot carry another
@@ -420,10 +425,13 @@ impl Worker for H1Worker {
 }
 
 impl Worker for H2Worker {
-    async fn send(&mut self, seq: u64) -> Outcome {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
         // Dropping a timed-out HTTP/2 request resets just its stream.
-        timeout_at(deadline, self.attempt(seq)).await.unwrap_or(Err(Failure::Timeout)).into()
+        timeout_at(deadline, self.attempt(seq, intended_unix_ns))
+            .await
+            .unwrap_or(Err(Failure::Timeout))
+            .into()
     }
 }
 
@@ -464,12 +472,23 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
 /// Runs `loadtest https`.
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(&args.run, 1)?;
-    let target = Arc::new(Target::new(&args).await?);
+    harness::run_single(&harness::Target::Https(Box::new(args)), stop).await
+}
+
+/// One measured run of `args` at the load shape of `run`; with `stamp`, payloads carry the
+/// [`crate::events::Stamp`] of that run nonce and accepted requests are tracked.
+pub(crate) async fn measure(
+    args: &Args,
+    run: &RunArgs,
+    stamp: Option<u64>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Measured> {
+    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
+    let schedule = Schedule::from_args(run, 1)?.tracking_acked(stamp.is_some());
+    let target = Arc::new(Target::new(args).await?);
     let token = args.token.resolve().await?;
-    let requests = Arc::new(Requests::new(&args, &token)?);
-    let timeout = args.run.timeout;
+    let requests = Arc::new(Requests::new(args, &token, stamp)?);
+    let timeout = run.timeout;
     let connections = args.connections as usize;
     let concurrency = args.concurrency as usize;
 
@@ -497,7 +516,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 })
                 .collect();
             let info = run_info(args.http, n, n);
-            (info, schedule::run(schedule, &args.run, workers, stop).await?)
+            (info, schedule::run(schedule, run, workers, stop).await?)
         }
         HttpVersion::Http2 => {
             let connections = connections.min(concurrency);
@@ -523,10 +542,10 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 })
                 .collect();
             let info = run_info(args.http, connections, concurrency);
-            (info, schedule::run(schedule, &args.run, workers, stop).await?)
+            (info, schedule::run(schedule, run, workers, stop).await?)
         }
     };
-    report::emit(&args.report, &info, &schedule, &measured)
+    Ok(Measured { info, schedule, measurements: measured })
 }
 
 fn run_info(http: HttpVersion, connections: usize, concurrency: usize) -> RunInfo {
@@ -626,8 +645,8 @@ mod tests {
     #[test]
     fn requests_carry_the_relay_headers() {
         let args = parse(&["--subjects", "3", "--payload-bytes", "16", "--http", "1"]);
-        let requests = Requests::new(&args, "t").unwrap();
-        let req = requests.build(4);
+        let requests = Requests::new(&args, "t", None).unwrap();
+        let req = requests.build(4, 0);
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "/v1/publish/edge.load.1");
         assert_eq!(req.headers()[HOST], "127.0.0.1:8443");
@@ -637,14 +656,14 @@ mod tests {
         assert!(key.starts_with("lt-") && key.ends_with("-4"), "{key}");
         let ts: u64 = req.headers()[EDGE_TIMESTAMP].to_str().unwrap().parse().unwrap();
         assert!(ts > 1_600_000_000_000);
-        assert_ne!(requests.build(5).headers()[IDEMPOTENCY_KEY], req.headers()[IDEMPOTENCY_KEY]);
+        assert_ne!(requests.build(5, 0).headers()[IDEMPOTENCY_KEY], req.headers()[IDEMPOTENCY_KEY]);
     }
 
     #[test]
     fn http2_requests_use_absolute_uris() {
         let args = parse(&["--url", "https://relay.example:9443/base/", "--subject-prefix", "a.b"]);
-        let requests = Requests::new(&args, "t").unwrap();
-        let req = requests.build(0);
+        let requests = Requests::new(&args, "t", None).unwrap();
+        let req = requests.build(0, 0);
         assert_eq!(req.uri(), "https://relay.example:9443/base/v1/publish/a.b.0");
         assert!(req.headers().get(HOST).is_none());
     }

@@ -14,6 +14,12 @@
 //!   event); `quic_idle` holds idle connections open to measure the relay's memory.
 //! - `wan`: the WAN emulator (`wan-proxy`), a TCP/UDP delay proxy also started in-process by
 //!   scenarios through `wan::spawn`.
+//! - `bare`: the bare hyper + rustls server that answers 202 doing nothing (the HTTP stack's
+//!   ceiling), standalone (`bare-server`) or in-process for `compare`.
+//! - `harness`: what sits above one run of any mode: `--consume` (with `consume`: a JetStream
+//!   consumer that measures send→consumer per event) and `--find-max` (ramp + bisection).
+//! - `compare`: several modes in one invocation, one table with ratios to the baselines, the
+//!   `.hgrm` files, `summary.json` and the percentile plot drawn by `plot` (hand-written SVG).
 
 #![forbid(unsafe_code)]
 
@@ -23,10 +29,15 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backoff;
+mod bare;
+mod compare;
+mod consume;
 mod direct_js;
 mod events;
 mod h3;
+mod harness;
 mod https;
+mod plot;
 mod quic;
 mod quic_idle;
 mod report;
@@ -62,6 +73,13 @@ enum Mode {
     /// A userspace WAN emulator: a TCP and UDP proxy that adds delay, jitter and loss in front
     /// of a relay or NATS (the kernel here has no netem).
     WanProxy(Box<wan::Args>),
+    /// A hyper + rustls server that reads each request and answers 202 doing nothing: the
+    /// HTTP stack's ceiling, the baseline of `https`.
+    BareServer(Box<bare::Args>),
+    /// Several modes one after the other at the same offered load against a running relay and
+    /// NATS (the bare server in-process): one percentile table with ratios to the baselines,
+    /// `.hgrm` files, a JSON summary and an SVG percentile plot.
+    Compare(Box<compare::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +94,8 @@ fn main() -> anyhow::Result<()> {
             Mode::DirectJs(args) => direct_js::run(*args, stop).await,
             Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,
             Mode::WanProxy(args) => wan::run(*args, stop).await,
+            Mode::BareServer(args) => bare::run(*args, stop).await,
+            Mode::Compare(args) => compare::run(*args, stop).await,
         }
     })
 }

@@ -34,11 +34,12 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
 use crate::backoff::Backoff;
 use crate::events::{self, EventArgs, Events};
-use crate::report::{self, ReportArgs, RunInfo};
+use crate::harness::{self, HarnessArgs, Measured};
+use crate::report::{ReportArgs, RunInfo};
 use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
 
 /// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
-const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
+pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 
 /// How long the stream drivers get to finish their streams once the run is over.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -47,33 +48,36 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    target: Target,
+    pub(crate) target: Target,
 
     /// Number of QUIC connections to open, each from its own UDP socket.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    connections: u32,
+    pub(crate) connections: u32,
 
     /// Bidirectional streams per connection.
     #[arg(long, value_name = "M", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    streams: u32,
+    pub(crate) streams: u32,
 
     /// Requests pipelined on each stream at most (their answers come back in order). Requests
     /// in flight in total: connections × streams × in-flight.
     #[arg(long, value_name = "K", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    in_flight: u32,
+    pub(crate) in_flight: u32,
 
     /// Events per request. --rate stays in events per second (requests/s = rate / E).
     #[arg(long, value_name = "E", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    events_per_request: u32,
+    pub(crate) events_per_request: u32,
 
     #[command(flatten)]
-    events: EventArgs,
+    pub(crate) events: EventArgs,
 
     #[command(flatten)]
-    run: RunArgs,
+    pub(crate) run: RunArgs,
 
     #[command(flatten)]
-    report: ReportArgs,
+    pub(crate) report: ReportArgs,
+
+    #[command(flatten)]
+    pub(crate) harness: HarnessArgs,
 }
 
 /// Builds the events of request `seq`; shared by all workers.
@@ -128,13 +132,14 @@ struct QuicWorker {
 impl Requests {
     /// Request `seq`: events `seq·E .. seq·E + E`, each with its own subject (round robin),
     /// idempotency key and the current time as the edge timestamp.
-    fn build(&self, seq: u64) -> Vec<proto::Event> {
+    fn build(&self, seq: u64, intended_unix_ns: u64) -> Vec<proto::Event> {
         let per_request = u64::from(self.per_request);
         let first = seq.saturating_mul(per_request);
         let now_ms = events::now_unix_ms();
         (first..first.saturating_add(per_request))
             .map(|n| {
-                let mut event = client::event(self.events.subject(n), self.events.payload());
+                let mut event =
+                    client::event(self.events.subject(n), self.events.payload(n, intended_unix_ns));
                 event.id = self.events.key(n).unwrap_or_default();
                 event.edge_time_unix_ms = now_ms;
                 event
@@ -271,10 +276,10 @@ impl Notes {
 }
 
 impl Worker for QuicWorker {
-    async fn send(&mut self, seq: u64) -> Outcome {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
         let (reply, answer) = oneshot::channel();
-        let job = Job { events: self.requests.build(seq), reply };
+        let job = Job { events: self.requests.build(seq, intended_unix_ns), reply };
         let exchange = async {
             if self.jobs.send(job).await.is_err() {
                 // The driver is gone, which only happens when the run ends.
@@ -288,16 +293,27 @@ impl Worker for QuicWorker {
 
 /// Runs `loadtest quic`.
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    ensure!(!args.run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(&args.run, args.events_per_request)?;
+    harness::run_single(&harness::Target::Quic(Box::new(args)), stop).await
+}
+
+/// One measured run of `args` at the load shape of `run` (see `https::measure`).
+pub(crate) async fn measure(
+    args: &Args,
+    run: &RunArgs,
+    stamp: Option<u64>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Measured> {
+    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
+    let schedule =
+        Schedule::from_args(run, args.events_per_request)?.tracking_acked(stamp.is_some());
     let requests = Arc::new(Requests {
-        events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?,
+        events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?,
         per_request: args.events_per_request,
     });
-    let config = args.target.client_config().await?;
+    let config = args.target.clone().client_config().await?;
     let server = config.server;
     let connect = try_join_all((0..args.connections).map(|_| Client::connect(config.clone())));
-    let clients = timeout(args.run.timeout, connect)
+    let clients = timeout(run.timeout, connect)
         .await
         .map_err(|_| anyhow::anyhow!("no QUIC handshake with {server} within --timeout"))?
         .with_context(|| format!("connecting to {server} over QUIC"))?;
@@ -314,14 +330,14 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
                 client: Arc::clone(client),
                 jobs: rx,
                 in_flight,
-                timeout: args.run.timeout,
+                timeout: run.timeout,
                 notes: Arc::clone(&notes),
             };
             drivers.push(tokio::spawn(lane.drive()));
             workers.extend((0..in_flight).map(|_| QuicWorker {
                 jobs: tx.clone(),
                 requests: Arc::clone(&requests),
-                timeout: args.run.timeout,
+                timeout: run.timeout,
             }));
         }
     }
@@ -333,13 +349,13 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         answer: "answer",
         detail: Some(format!("streams={} in_flight={in_flight}", args.streams)),
     };
-    let measured = schedule::run(schedule, &args.run, workers, stop).await;
+    let measured = schedule::run(schedule, run, workers, stop).await;
     // The workers are gone with the run, so each driver finishes its stream and ends.
     let _ = timeout(DRAIN_GRACE, join_all(drivers)).await;
     for client in &clients {
         client.close();
     }
-    report::emit(&args.report, &info, &schedule, &measured?)
+    Ok(Measured { info, schedule, measurements: measured? })
 }
 
 /// The next answer on `stream`; never resolves without a stream. Cancel-safe: an answer read
@@ -401,19 +417,19 @@ fn code(code: &str) -> &'static str {
 pub struct Target {
     /// UDP address of the relay's QUIC listener.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
-    addr: String,
+    pub(crate) addr: String,
 
     /// TLS server name for SNI and certificate verification [default: the host of --addr; an
     /// IP address is verified as an IP]
     #[arg(long, value_name = "NAME")]
-    server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
 
     /// PEM file with the CA certificate(s) to trust.
     #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    pub(crate) ca: PathBuf,
 
     #[command(flatten)]
-    token: crate::token::TokenArgs,
+    pub(crate) token: crate::token::TokenArgs,
 }
 
 impl Target {
@@ -532,7 +548,7 @@ mod tests {
             events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX).unwrap(),
             per_request: args.events_per_request,
         };
-        let events = requests.build(2);
+        let events = requests.build(2, 0);
         assert_eq!(events.len(), 4);
         // Events 8..12: subjects 8 mod 3 = 2, 0, 1, 2.
         let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();

@@ -2,17 +2,21 @@
 //! `.hgrm` percentile distribution, the same for every mode.
 //!
 //! Latencies are recorded in microseconds and reported in milliseconds. Counts and rates are in
-//! events; latency is per request (a request may carry several events).
+//! events; send→answer latency is per request (a request may carry several events),
+//! send→consumer latency (`--consume`) per event. With `--hgrm FILE` the send→consumer
+//! distribution goes next to it as `FILE` with `-e2e` before the extension.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::consume::E2e;
+use crate::harness::{FindMax, Run, Step};
 use crate::schedule::{Failure, Measurements, Schedule};
 
 /// Highest latency the histograms track, in microseconds; larger values are clamped to it.
@@ -25,7 +29,7 @@ const SIGFIG: u8 = 3;
 const MICROS_PER_MS: f64 = 1000.0;
 
 /// Output flags shared by every mode.
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct ReportArgs {
     /// Name of this run in the report and JSON [default: the mode name]
     #[arg(long, value_name = "NAME")]
@@ -99,6 +103,38 @@ pub struct Summary {
     pub latency_ms: Percentiles,
     /// Intended -> actual send time: waiting for a free worker inside the generator.
     pub queueing_ms: Percentiles,
+    /// With `--consume`: intended send time -> consumer, per acknowledged event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e: Option<E2eSummary>,
+    /// With `--find-max`: the search that led to this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub find_max: Option<FindMaxSummary>,
+}
+
+/// End-to-end delivery in the JSON summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct E2eSummary {
+    /// Intended send time -> consumer, per event (CO-corrected like `latency_ms`).
+    pub latency_ms: Percentiles,
+    /// Acknowledged events of the measured phase.
+    pub expected: u64,
+    /// Of those, seen by the consumer.
+    pub seen: u64,
+    /// Of those, not seen within `--consume-grace`.
+    pub missing: u64,
+    /// Events delivered more than once.
+    pub duplicates: u64,
+    /// Messages or events on the run's subjects that could not be decoded.
+    pub undecodable: u64,
+}
+
+/// A `--find-max` search in the JSON summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct FindMaxSummary {
+    pub slo_p99_ms: f64,
+    /// Highest offered rate that met the SLO; `null` if none did.
+    pub max_rate: Option<f64>,
+    pub steps: Vec<Step>,
 }
 
 /// Percentiles in milliseconds; all zero when nothing succeeded.
@@ -153,7 +189,16 @@ impl Summary {
             interrupted: measured.interrupted,
             latency_ms: Percentiles::of(&measured.latency),
             queueing_ms: Percentiles::of(&measured.queueing),
+            e2e: None,
+            find_max: None,
         }
+    }
+
+    /// Summarises a run with what its consumer saw.
+    pub fn of_run(label: String, run: &Run) -> Self {
+        let mut summary = Self::new(label, &run.info, &run.schedule, &run.measurements);
+        summary.e2e = run.e2e.as_ref().map(E2eSummary::of);
+        summary
     }
 
     /// The human-readable end-of-run table; `answer` names what ends a request.
@@ -229,6 +274,33 @@ impl Summary {
             ] {
                 let _ = writeln!(out, "  {name:<6}{value:>8.2}");
             }
+            if let Some(e2e) = &self.e2e {
+                let e = &e2e.latency_ms;
+                let _ = writeln!(
+                    out,
+                    "latency send->consumer (ms, per event, {}): p50 {:.2}  p90 {:.2}  p99 {:.2}  \
+                     p99.9 {:.2}  max {:.2}",
+                    if self.closed_loop { "from the actual send time" } else { "CO-corrected" },
+                    e.p50,
+                    e.p90,
+                    e.p99,
+                    e.p999,
+                    e.max
+                );
+                let _ = writeln!(
+                    out,
+                    "consumer saw {} of {} acknowledged events: {} missing, {} duplicates{}",
+                    e2e.seen,
+                    e2e.expected,
+                    e2e.missing,
+                    e2e.duplicates,
+                    if e2e.undecodable > 0 {
+                        format!(", {} undecodable", e2e.undecodable)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             if !self.closed_loop {
                 let q = &self.queueing_ms;
                 let _ = writeln!(
@@ -272,26 +344,108 @@ pub fn millis(micros: u64) -> f64 {
     micros as f64 / MICROS_PER_MS
 }
 
-/// Prints the table to stdout and writes the `--json` and `--hgrm` files.
-pub fn emit(
-    args: &ReportArgs,
-    info: &RunInfo,
-    schedule: &Schedule,
-    measured: &Measurements,
-) -> anyhow::Result<()> {
-    let label = args.label.clone().unwrap_or_else(|| info.mode.to_owned());
-    let summary = Summary::new(label, info, schedule, measured);
-    print!("{}", summary.table(schedule, info.answer));
+impl E2eSummary {
+    pub fn of(e2e: &E2e) -> Self {
+        Self {
+            latency_ms: Percentiles::of(&e2e.latency),
+            expected: e2e.expected,
+            seen: e2e.seen,
+            missing: e2e.missing,
+            duplicates: e2e.duplicates,
+            undecodable: e2e.undecodable,
+        }
+    }
+}
+
+impl FindMaxSummary {
+    pub fn of(found: &FindMax) -> Self {
+        Self {
+            slo_p99_ms: found.slo_p99_ms,
+            max_rate: found.best.as_ref().and_then(|best| best.schedule.rate()),
+            steps: found.steps.clone(),
+        }
+    }
+}
+
+/// Prints the table of `run` to stdout and writes the `--json` and `--hgrm` files (and the
+/// send→consumer `.hgrm` next to it).
+pub fn emit(args: &ReportArgs, run: &Run, find_max: Option<&FindMax>) -> anyhow::Result<()> {
+    let label = args.label.clone().unwrap_or_else(|| run.info.mode.to_owned());
+    let mut summary = Summary::of_run(label, run);
+    summary.find_max = find_max.map(FindMaxSummary::of);
+    print!("{}", summary.table(&run.schedule, run.info.answer));
     if let Some(path) = &args.json {
-        let mut json = serde_json::to_string_pretty(&summary)?;
-        json.push('\n');
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &summary)?;
     }
     if let Some(path) = &args.hgrm {
-        std::fs::write(path, hgrm(&measured.latency))
-            .with_context(|| format!("writing {}", path.display()))?;
+        write(path, &hgrm(&run.measurements.latency))?;
+        if let Some(e2e) = &run.e2e {
+            write(&e2e_path(path), &hgrm(&e2e.latency))?;
+        }
     }
     Ok(())
+}
+
+/// Prints the steps of a `--find-max` search, then the report of its best run as [`emit`]
+/// does; with no best run only the steps go to `--json`.
+pub fn emit_find_max(args: &ReportArgs, found: &FindMax) -> anyhow::Result<()> {
+    print!("{}", steps_table(found));
+    match &found.best {
+        Some(best) => emit(args, best, Some(found)),
+        None => match &args.json {
+            Some(path) => {
+                write_json(path, &serde_json::json!({ "find_max": FindMaxSummary::of(found) }))
+            }
+            None => Ok(()),
+        },
+    }
+}
+
+/// One line per step of a `--find-max` search.
+pub fn steps_table(found: &FindMax) -> String {
+    let mut out = format!("find-max: p99 SLO {} ms\n", found.slo_p99_ms);
+    let _ = writeln!(
+        out,
+        "  {:>4} {:>12} {:>12} {:>8} {:>10} {:>12}  verdict",
+        "step", "offered/s", "achieved/s", "errors", "p99 ms", "e2e p99 ms"
+    );
+    for (i, step) in found.steps.iter().enumerate() {
+        let e2e = step.e2e_p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.2}"));
+        let _ = writeln!(
+            out,
+            "  {:>4} {:>12.0} {:>12.1} {:>8} {:>10.2} {:>12}  {}",
+            i + 1,
+            step.rate,
+            step.achieved_rate,
+            step.errors,
+            step.p99_ms,
+            e2e,
+            step.why.as_deref().unwrap_or("ok")
+        );
+    }
+    out
+}
+
+/// `dir/name.hgrm` -> `dir/name-e2e.hgrm` (the send→consumer distribution).
+pub fn e2e_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-e2e.{}", ext.to_string_lossy()),
+        None => format!("{stem}-e2e"),
+    };
+    path.with_file_name(name)
+}
+
+/// Writes `value` as pretty JSON with a final newline.
+pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let mut json = serde_json::to_string_pretty(value)?;
+    json.push('\n');
+    write(path, &json)
+}
+
+/// Writes `text` to `path`, saying which file failed.
+pub fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The classic HdrHistogram percentile distribution (Java's `outputPercentileDistribution`
@@ -437,6 +591,7 @@ mod tests {
             queueing: histogram(),
             measured: crate::schedule::Tally { ok, failed: BTreeMap::new() },
             warmup: crate::schedule::Tally::default(),
+            acked: Vec::new(),
             window,
             interrupted: false,
         }
@@ -490,6 +645,12 @@ mod tests {
         let json = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["closed_loop"], true);
         assert!(json["offered_rate"].is_null());
+    }
+
+    #[test]
+    fn e2e_files_sit_next_to_the_hgrm() {
+        assert_eq!(e2e_path(Path::new("out/https.hgrm")), Path::new("out/https-e2e.hgrm"));
+        assert_eq!(e2e_path(Path::new("run")), Path::new("run-e2e"));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::report;
+use crate::{events, report};
 
 /// Longest the pacer sleeps at once, so it notices Ctrl-C promptly even at very low rates.
 const PACER_MAX_SLEEP: Duration = Duration::from_millis(20);
@@ -81,6 +81,9 @@ pub struct Schedule {
     events_per_request: u32,
     warmup: Duration,
     duration: Duration,
+    /// Keep the index of every measured request whose events were all accepted
+    /// ([`Measurements::acked`]), to check end-to-end delivery against.
+    track_acked: bool,
 }
 
 /// Open loop at a fixed request rate, or closed loop.
@@ -142,9 +145,10 @@ pub struct Tally {
 
 /// One unit of concurrency of a mode: sends one request at a time.
 pub trait Worker: Send + 'static {
-    /// Sends request number `seq` and waits until it is answered, failed or timed out. Must
+    /// Sends request number `seq`, due at `intended_unix_ns` (see [`crate::events::unix_ns`];
+    /// for the payload stamp), and waits until it is answered, failed or timed out. Must
     /// return within about `--timeout`; the driver does not cancel it.
-    fn send(&mut self, seq: u64) -> impl Future<Output = Outcome> + Send;
+    fn send(&mut self, seq: u64, intended_unix_ns: u64) -> impl Future<Output = Outcome> + Send;
 }
 
 /// Everything a run measured.
@@ -160,6 +164,9 @@ pub struct Measurements {
     pub measured: Tally,
     /// Outcomes of the events of warm-up requests.
     pub warmup: Tally,
+    /// Indices of the measured requests whose events were all accepted, unordered; empty
+    /// unless the schedule tracks them ([`Schedule::tracking_acked`]).
+    pub acked: Vec<u64>,
     /// Length of the measurement window used for the achieved rate.
     pub window: Duration,
     /// The run was stopped early (Ctrl-C).
@@ -172,6 +179,7 @@ struct WorkerMeasurements {
     queueing: Histogram<u64>,
     measured: Tally,
     warmup: Tally,
+    acked: Vec<u64>,
     last_completion: Option<Instant>,
     interrupted: bool,
 }
@@ -228,6 +236,7 @@ impl Schedule {
             events_per_request,
             warmup,
             duration,
+            track_acked: false,
         })
     }
 
@@ -239,7 +248,18 @@ impl Schedule {
     ) -> anyhow::Result<Self> {
         ensure!(events_per_request > 0, "a request must carry at least one event");
         ensure!(!duration.is_zero(), "--duration must be positive");
-        Ok(Self { pacing: Pacing::Closed, events_per_request, warmup, duration })
+        Ok(Self {
+            pacing: Pacing::Closed,
+            events_per_request,
+            warmup,
+            duration,
+            track_acked: false,
+        })
+    }
+
+    /// The same schedule, keeping [`Measurements::acked`] when `track` is true.
+    pub fn tracking_acked(self, track: bool) -> Self {
+        Self { track_acked: track, ..self }
     }
 
     /// Offered rate in events per second; `None` in a closed loop.
@@ -406,6 +426,7 @@ impl WorkerMeasurements {
             queueing: report::histogram(),
             measured: Tally::default(),
             warmup: Tally::default(),
+            acked: Vec::new(),
             last_completion: None,
             interrupted: false,
         }
@@ -416,6 +437,7 @@ impl WorkerMeasurements {
         self.queueing.add(&other.queueing)?;
         self.measured.merge(&other.measured);
         self.warmup.merge(&other.warmup);
+        self.acked.extend_from_slice(&other.acked);
         self.last_completion = self.last_completion.max(other.last_completion);
         self.interrupted |= other.interrupted;
         Ok(())
@@ -510,6 +532,7 @@ pub async fn run<W: Worker>(
         queueing: total.queueing,
         measured: total.measured,
         warmup: total.warmup,
+        acked: total.acked,
         window,
         interrupted: total.interrupted,
     })
@@ -617,7 +640,7 @@ async fn drive<W: Worker>(
         };
 
         shared.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = worker.send(i).await;
+        let outcome = worker.send(i, events::unix_ns(intended.into_std())).await;
         let done = Instant::now();
 
         let accepted = outcome.accepted(events);
@@ -637,6 +660,9 @@ async fn drive<W: Worker>(
                 if outcome.is_accepted() {
                     m.latency.saturating_record(micros(latency(intended, done)));
                     m.queueing.saturating_record(micros(latency(intended, sent_at)));
+                    if schedule.track_acked {
+                        m.acked.push(i);
+                    }
                 }
             }
         }

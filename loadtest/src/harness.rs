@@ -1,0 +1,438 @@
+//! What every mode shares above one measured run: `--consume` (a consumer reading the stream
+//! during the run, see `consume`) and `--find-max` (a ramp of runs that finds the highest
+//! rate whose p99 stays under an SLO). `compare` uses the same pieces for several modes.
+//!
+//! A mode only knows how to measure one run at a given load shape ([`Target::measure`]); it is
+//! handed the [`RunArgs`] to use, so a ramp can change the rate without touching its flags.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::consume::{ConsumeArgs, Consumer, Decoding, E2e, Source};
+use crate::report::{self, ReportArgs, RunInfo};
+use crate::schedule::{parse_duration, Measurements, RunArgs, Schedule};
+use crate::{direct_js, events, h3, https, quic};
+
+/// NATS server of the consumer when nothing says otherwise.
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+/// Relative gap between the last good and the first bad rate at which the bisection stops.
+const BISECT_PRECISION: f64 = 0.05;
+
+/// Factor the ramp raises the rate by per step.
+const RAMP_FACTOR: f64 = 1.5;
+
+/// Harness flags shared by every mode and `compare`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HarnessArgs {
+    #[command(flatten)]
+    pub consume: ConsumeArgs,
+
+    #[command(flatten)]
+    pub find_max: FindMaxArgs,
+}
+
+/// Flags of `--find-max`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FindMaxArgs {
+    /// Find the highest rate whose p99 stays under --slo-p99-ms: runs of --warmup + --duration
+    /// from --rate up, ×1.5 per step until the SLO breaks or errors appear, then a bisection
+    /// between the last good and the first bad rate.
+    #[arg(long, requires = "slo_p99_ms")]
+    pub find_max: bool,
+
+    /// The p99 latency objective in milliseconds (send→answer; with --consume also
+    /// send→consumer). `compare` draws it on the plot even without --find-max.
+    #[arg(long, value_name = "MS", value_parser = parse_slo)]
+    pub slo_p99_ms: Option<f64>,
+
+    /// Most runs a --find-max search makes (ramp and bisection together).
+    #[arg(long, value_name = "N", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..))]
+    pub find_max_steps: u32,
+
+    /// Longest a --find-max search may take; no step starts that would end after it.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub find_max_time: Duration,
+}
+
+/// A mode with its flags, ready to be measured at any load shape.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Https(Box<https::Args>),
+    H3(Box<h3::Args>),
+    Quic(Box<quic::Args>),
+    DirectJs(Box<direct_js::Args>),
+    /// `loadtest https` against the bare server: the HTTP stack's ceiling.
+    Bare(Box<https::Args>),
+}
+
+/// What a mode measured in one run.
+#[derive(Debug)]
+pub struct Measured {
+    pub info: RunInfo,
+    pub schedule: Schedule,
+    pub measurements: Measurements,
+}
+
+/// One run of a mode, with what the consumer saw.
+#[derive(Debug)]
+pub struct Run {
+    pub info: RunInfo,
+    pub schedule: Schedule,
+    pub measurements: Measurements,
+    /// With `--consume`, for modes that publish to a stream.
+    pub e2e: Option<E2e>,
+}
+
+/// One step of a `--find-max` search.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Step {
+    /// Offered events/s.
+    pub rate: f64,
+    pub achieved_rate: f64,
+    pub errors: u64,
+    pub p99_ms: f64,
+    /// send→consumer p99, with `--consume`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e_p99_ms: Option<f64>,
+    /// Met the SLO with no errors (and nothing missing).
+    pub ok: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// The outcome of a `--find-max` search.
+#[derive(Debug)]
+pub struct FindMax {
+    pub slo_p99_ms: f64,
+    pub steps: Vec<Step>,
+    /// The run at the highest rate that met the SLO, if any did.
+    pub best: Option<Run>,
+}
+
+impl Target {
+    /// The mode's name in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Https(_) => "https",
+            Target::H3(_) => "h3",
+            Target::Quic(_) => "quic",
+            Target::DirectJs(_) => "direct-js",
+            Target::Bare(_) => "bare",
+        }
+    }
+
+    /// The mode's own `--rate`... flags, report flags and harness flags.
+    fn flags(&self) -> (&RunArgs, &ReportArgs, &HarnessArgs) {
+        match self {
+            Target::Https(a) | Target::Bare(a) => (&a.run, &a.report, &a.harness),
+            Target::H3(a) => (&a.run, &a.report, &a.harness),
+            Target::Quic(a) => (&a.run, &a.report, &a.harness),
+            Target::DirectJs(a) => (&a.run, &a.report, &a.harness),
+        }
+    }
+
+    /// Where `--consume` reads this mode's events; `None` for the bare server, which stores
+    /// nothing.
+    fn source(&self, consume: &ConsumeArgs) -> Option<Source> {
+        let nats = |default: Option<&str>| {
+            consume
+                .consume_nats
+                .clone()
+                .unwrap_or_else(|| default.unwrap_or(DEFAULT_NATS).to_owned())
+        };
+        let prefix = |events: &events::EventArgs, default: &str| {
+            events.subject_prefix.clone().unwrap_or_else(|| default.to_owned())
+        };
+        let (nats_url, prefix, decoding) = match self {
+            Target::Bare(_) => return None,
+            Target::Https(a) => {
+                (nats(None), prefix(&a.events, https::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
+            }
+            Target::H3(a) => {
+                (nats(None), prefix(&a.events, h3::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
+            }
+            Target::Quic(a) => {
+                (nats(None), prefix(&a.events, quic::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
+            }
+            Target::DirectJs(a) => (
+                nats(Some(&a.nats_url)),
+                prefix(&a.events, direct_js::DEFAULT_SUBJECT_PREFIX),
+                Decoding::Raw,
+            ),
+        };
+        Some(Source { nats_url, prefix, decoding })
+    }
+
+    /// Measures one run at the load shape of `run`, payloads stamped with `stamp`.
+    async fn measure(
+        &self,
+        run: &RunArgs,
+        stamp: Option<u64>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Measured> {
+        let mut measured = match self {
+            Target::Https(a) | Target::Bare(a) => https::measure(a, run, stamp, stop).await?,
+            Target::H3(a) => h3::measure(a, run, stamp, stop).await?,
+            Target::Quic(a) => quic::measure(a, run, stamp, stop).await?,
+            Target::DirectJs(a) => direct_js::measure(a, run, stamp, stop).await?,
+        };
+        measured.info.mode = self.name();
+        Ok(measured)
+    }
+
+    /// Before the consumer starts: direct-js creates its stream if missing, so the consumer
+    /// finds it.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        if let Target::DirectJs(a) = self {
+            let client = async_nats::connect(a.nats_url.as_str()).await?;
+            let js = async_nats::jetstream::new(client);
+            let prefix =
+                a.events.subject_prefix.as_deref().unwrap_or(direct_js::DEFAULT_SUBJECT_PREFIX);
+            direct_js::ensure_stream(&js, &a.stream, prefix).await?;
+        }
+        Ok(())
+    }
+
+    /// One run at `run`, with a consumer when `consume.consume` asks for one.
+    pub async fn run(
+        &self,
+        run: &RunArgs,
+        consume: &ConsumeArgs,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Run> {
+        let source = consume.consume.then(|| self.source(consume)).flatten();
+        let (consumer, stamp) = match &source {
+            Some(source) => {
+                self.prepare().await?;
+                let nonce = events::nonce();
+                (Some(Consumer::start(source, nonce, consume.consume_grace).await?), Some(nonce))
+            }
+            None => (None, None),
+        };
+        let Measured { info, schedule, measurements } = self.measure(run, stamp, stop).await?;
+        let e2e = match consumer {
+            Some(consumer) => {
+                Some(consumer.finish(&measurements.acked, schedule.events_per_request()).await)
+            }
+            None => None,
+        };
+        Ok(Run { info, schedule, measurements, e2e })
+    }
+
+    /// Searches the highest rate whose p99 meets `find.slo_p99_ms`, from `run.rate` up.
+    pub async fn find_max(
+        &self,
+        run: &RunArgs,
+        consume: &ConsumeArgs,
+        find: &FindMaxArgs,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<FindMax> {
+        let Some(slo) = find.slo_p99_ms else { bail!("--find-max needs --slo-p99-ms") };
+        ensure!(run.rate > 0.0, "--find-max ramps up from --rate, which must be positive");
+        let started = Instant::now();
+        let step_time =
+            run.warmup + run.duration + consume.consume_grace / 2 + Duration::from_secs(1);
+        let mut search = Search::new(run.rate);
+        let mut result = FindMax { slo_p99_ms: slo, steps: Vec::new(), best: None };
+        while let Some(rate) = search.next() {
+            if result.steps.len() >= find.find_max_steps as usize
+                || started.elapsed() + step_time > find.find_max_time
+                || *stop.borrow()
+            {
+                break;
+            }
+            let step_args = RunArgs { rate, ..run.clone() };
+            let measured = self.run(&step_args, consume, stop.clone()).await?;
+            let step = judge(rate, &measured, slo);
+            eprintln!(
+                "find-max {} step {}: {rate:.0}/s -> achieved {:.0}/s, p99 {:.2} ms{}, {} errors: {}",
+                self.name(),
+                result.steps.len() + 1,
+                step.achieved_rate,
+                step.p99_ms,
+                step.e2e_p99_ms.map(|p| format!(", send->consumer p99 {p:.2} ms")).unwrap_or_default(),
+                step.errors,
+                step.why.as_deref().unwrap_or("meets the SLO"),
+            );
+            search.record(rate, step.ok);
+            if step.ok {
+                result.best = Some(measured);
+            }
+            result.steps.push(step);
+        }
+        Ok(result)
+    }
+}
+
+/// Ramp, then bisection: the rates a `--find-max` search tries, given what passed.
+#[derive(Clone, Debug)]
+struct Search {
+    next: Option<f64>,
+    /// Highest rate that passed.
+    good: Option<f64>,
+    /// Lowest rate that failed.
+    bad: Option<f64>,
+}
+
+impl Search {
+    fn new(start: f64) -> Self {
+        Self { next: Some(start), good: None, bad: None }
+    }
+
+    /// The next rate to try; `None` once the gap is within [`BISECT_PRECISION`].
+    fn next(&self) -> Option<f64> {
+        self.next
+    }
+
+    /// Records how `rate` did and picks the next one: ×1.5 while nothing failed, then the
+    /// middle of the gap (from zero when even the first rate failed).
+    fn record(&mut self, rate: f64, ok: bool) {
+        if ok {
+            self.good = Some(self.good.map_or(rate, |g| g.max(rate)));
+        } else {
+            self.bad = Some(self.bad.map_or(rate, |b| b.min(rate)));
+        }
+        self.next = match (self.good, self.bad) {
+            (_, None) => Some(rate * RAMP_FACTOR),
+            (good, Some(bad)) => {
+                let good = good.unwrap_or(0.0);
+                if (bad - good) / bad <= BISECT_PRECISION {
+                    None
+                } else {
+                    // Whole events per second are plenty.
+                    Some(((good + bad) / 2.0).round().max(1.0))
+                        .filter(|mid| *mid > good && *mid < bad)
+                }
+            }
+        };
+    }
+}
+
+/// How a run at `rate` did against the SLO.
+fn judge(rate: f64, run: &Run, slo: f64) -> Step {
+    let latency = report::Percentiles::of(&run.measurements.latency);
+    let errors = run.measurements.measured.failures();
+    let e2e = run.e2e.as_ref().map(|e| (report::Percentiles::of(&e.latency), e.missing));
+    let why = if errors > 0 {
+        Some(format!("{errors} errors"))
+    } else if latency.count == 0 {
+        Some("no answers".to_owned())
+    } else if latency.p99 > slo {
+        Some(format!("p99 {:.2} ms > {slo} ms", latency.p99))
+    } else if let Some((_, missing)) = e2e.as_ref().filter(|(_, missing)| *missing > 0) {
+        Some(format!("{missing} acknowledged events never reached the consumer"))
+    } else if let Some((p, _)) = e2e.as_ref().filter(|(p, _)| p.p99 > slo) {
+        Some(format!("send->consumer p99 {:.2} ms > {slo} ms", p.p99))
+    } else {
+        None
+    };
+    let window = run.measurements.window.as_secs_f64();
+    Step {
+        rate,
+        achieved_rate: if window > 0.0 {
+            run.measurements.measured.ok as f64 / window
+        } else {
+            0.0
+        },
+        errors,
+        p99_ms: latency.p99,
+        e2e_p99_ms: e2e.map(|(p, _)| p.p99),
+        ok: why.is_none(),
+        why,
+    }
+}
+
+/// Runs one mode from its own subcommand: one run (or a `--find-max` search), then the table,
+/// `--json` and `--hgrm`.
+pub async fn run_single(target: &Target, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (run, report_args, harness) = target.flags();
+    if harness.find_max.find_max {
+        let found = target.find_max(run, &harness.consume, &harness.find_max, stop).await?;
+        report::emit_find_max(report_args, &found)?;
+        let Some(best) = &found.best else {
+            bail!(
+                "no rate tried met p99 <= {} ms without errors (lowest tried: {:.0}/s)",
+                found.slo_p99_ms,
+                found.steps.iter().map(|s| s.rate).fold(f64::INFINITY, f64::min)
+            );
+        };
+        println!(
+            "max rate with p99 <= {} ms: {:.0} events/s ({} runs)",
+            found.slo_p99_ms,
+            best.schedule.rate().unwrap_or_default(),
+            found.steps.len()
+        );
+        Ok(())
+    } else {
+        let measured = target.run(run, &harness.consume, stop).await?;
+        report::emit(report_args, &measured, None)
+    }
+}
+
+/// Parses `--slo-p99-ms`: a positive number of milliseconds.
+fn parse_slo(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
+        _ => Err(format!("`{s}` is not a positive number of milliseconds")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a search against a server whose p99 breaks above `capacity`.
+    fn search(start: f64, capacity: f64, max_steps: usize) -> (Vec<f64>, Option<f64>) {
+        let mut s = Search::new(start);
+        let mut tried = Vec::new();
+        while let Some(rate) = s.next() {
+            if tried.len() >= max_steps {
+                break;
+            }
+            tried.push(rate);
+            s.record(rate, rate <= capacity);
+        }
+        (tried, s.good)
+    }
+
+    #[test]
+    fn the_search_ramps_then_bisects() {
+        let (tried, best) = search(1000.0, 4000.0, 20);
+        // Ramp ×1.5: 1000, 1500, 2250, 3375, 5062.5 (fails), then bisect 3375..5062.5.
+        assert_eq!(&tried[..5], [1000.0, 1500.0, 2250.0, 3375.0, 5062.5]);
+        let best = best.unwrap();
+        assert!((4000.0 * (1.0 - 2.0 * BISECT_PRECISION)..=4000.0).contains(&best), "{best}");
+        assert!(tried.len() < 12, "{tried:?}");
+    }
+
+    #[test]
+    fn a_failing_start_bisects_down_from_zero() {
+        let (tried, best) = search(1000.0, 300.0, 20);
+        assert_eq!(&tried[..3], [1000.0, 500.0, 250.0]);
+        let best = best.unwrap();
+        assert!(best <= 300.0 && best > 250.0, "{best} from {tried:?}");
+    }
+
+    #[test]
+    fn the_search_is_bounded_by_steps() {
+        let (tried, _) = search(1.0, 1e12, 6);
+        assert_eq!(tried.len(), 6);
+        // Nothing passes: the search ends once the rates are whole events per second apart.
+        let (tried, best) = search(10.0, 0.0, 100);
+        assert_eq!(best, None);
+        assert!(tried.len() < 10, "{tried:?}");
+    }
+
+    #[test]
+    fn slo_must_be_positive() {
+        assert_eq!(parse_slo("100"), Ok(100.0));
+        assert!(parse_slo("0").is_err());
+        assert!(parse_slo("-5").is_err());
+        assert!(parse_slo("x").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Smoke run of the whole harness: a real nats-server, the real relay (the `edgerelay` binary
+//! of this workspace) and `loadtest compare` over every mode with `--consume`, briefly and at a
+//! low rate. Checks that each mode ran without errors, that every file is written and that the
+//! consumer saw every acknowledged event; no timing is asserted.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "smoke-token-0123456789";
+
+/// Child processes killed when the test ends, however it ends.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
+    p
+}
+
+/// The relay binary, built by cargo next to `loadtest`.
+fn relay_bin() -> PathBuf {
+    let loadtest = Path::new(env!("CARGO_BIN_EXE_loadtest"));
+    let relay = loadtest.with_file_name("edgerelay");
+    assert!(
+        relay.exists(),
+        "{} not found: build it first (cargo build -p edgerelay --bin edgerelay)",
+        relay.display()
+    );
+    relay
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until `GET path` on `port` answers 200.
+fn wait_ok(port: u16, path: &str, what: &str, relay: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(tcp, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let mut answer = String::new();
+            let _ = tcp.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = relay.try_wait() {
+            panic!("{what} exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} not ready after 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn compare_runs_every_mode_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let relay = relay_bin();
+    let mut procs = Processes(Vec::new());
+
+    let nats_port = free_tcp_port();
+    procs.0.push(
+        Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+            .arg(dir.join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server"),
+    );
+    wait_port(nats_port);
+
+    let status = Command::new(&relay)
+        .args(["dev-certs", "--out"])
+        .arg(dir.join("certs"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let (https_port, quic_port, admin_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
+    let certs = dir.join("certs");
+    let config = format!(
+        r#"
+[relay]
+id = "smoke"
+[https]
+listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+[quic]
+listen = "127.0.0.1:{quic_port}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[nats]
+urls = ["nats://127.0.0.1:{nats_port}"]
+[stream]
+name = "SMOKE"
+subjects = ["edge.>"]
+[[auth.static_tokens]]
+name = "smoke"
+token = "{TOKEN}"
+allow = ["edge.>"]
+"#,
+        cert = certs.join("cert.pem").display(),
+        key = certs.join("key.pem").display(),
+    );
+    std::fs::write(dir.join("relay.toml"), config).unwrap();
+    let mut child = Command::new(&relay)
+        .args(["run", "--config"])
+        .arg(dir.join("relay.toml"))
+        .env("EDGERELAY_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting the relay");
+    wait_ok(admin_port, "/readyz", "the relay", &mut child);
+    procs.0.push(child);
+
+    let out = dir.join("out");
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["compare", "--modes", "https,h3,quic,direct-js,bare", "--consume"])
+        .args(["--rate", "200", "--warmup", "200ms", "--duration", "1s", "--pacer-spin", "0"])
+        .args(["--connections", "1", "--concurrency", "16", "--consume-grace", "5s"])
+        .args(["--relay-https", &format!("https://127.0.0.1:{https_port}")])
+        .args(["--relay-quic", &format!("127.0.0.1:{quic_port}")])
+        .args(["--nats", &format!("nats://127.0.0.1:{nats_port}")])
+        .args(["--direct-stream", "SMOKE_DIRECT", "--slo-p99-ms", "1000"])
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--out")
+        .arg(&out)
+        .env("EDGERELAY_TOKEN", TOKEN)
+        .output()
+        .expect("running loadtest compare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "loadtest compare failed\n{stdout}\n{stderr}");
+
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let modes = summary["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["https", "h3", "quic", "direct-js", "bare"], "{stdout}");
+    for m in modes {
+        let name = m["mode"].as_str().unwrap();
+        let s = &m["summary"];
+        assert_eq!(s["error_total"], 0, "{name} had errors\n{stdout}\n{stderr}");
+        let ok = s["ok"].as_u64().unwrap();
+        assert!(ok > 0, "{name} accepted nothing\n{stdout}");
+        assert!(out.join(format!("{name}.hgrm")).exists(), "{name}.hgrm");
+        if name == "bare" {
+            // The bare server stores nothing, so there is nothing to consume.
+            assert!(s.get("e2e").is_none(), "{s}");
+        } else {
+            let e2e = &s["e2e"];
+            assert_eq!(e2e["expected"].as_u64(), Some(ok), "{name}: {e2e}");
+            assert_eq!(e2e["seen"].as_u64(), Some(ok), "{name}: {e2e}\n{stdout}");
+            assert_eq!(e2e["missing"], 0, "{name}: {e2e}");
+            assert_eq!(e2e["latency_ms"]["count"].as_u64(), Some(ok), "{name}: {e2e}");
+            assert!(out.join(format!("{name}-e2e.hgrm")).exists(), "{name}-e2e.hgrm");
+        }
+        if name != "bare" && name != "direct-js" {
+            assert!(m["ratios"]["bare"]["rate"].is_number(), "{m}");
+            assert!(m["ratios"]["direct-js"]["p99"].is_number(), "{m}");
+        }
+    }
+    let svg = std::fs::read_to_string(out.join("percentiles.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    // One send->answer line per mode, one send->consumer line per mode that stores events.
+    assert_eq!(svg.matches(r#"<path class="series""#).count(), 5 + 4, "{svg}");
+    assert!(svg.contains(r#"class="slo""#));
+    assert!(stdout.contains("->consumer"), "{stdout}");
+}
