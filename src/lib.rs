@@ -154,7 +154,10 @@ impl Relay {
         let health =
             Arc::new(Health::new(sink.clone(), key_store.clone(), metrics, queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        let mut background = vec![keeper];
+        let rtt = tokio::spawn(
+            sink.clone().probe_rtt(sink::jetstream::RTT_PROBE_INTERVAL, stop_rx.clone()),
+        );
+        let mut background = vec![keeper, rtt];
         if let Some(queue) = audit_queue {
             let client = sink.client().clone();
             background.push(tokio::spawn(audit::run(
