@@ -15,7 +15,8 @@
 //! | validation, idempotency, enqueue, waiting for the answer | [`ingest`] |
 //! | sharded bounded queues, per-subject batching (sans-IO) | [`batch`] |
 //! | JetStream publish, ack window, retries, answers | [`sink`] |
-//! | health and readiness | [`admin`] |
+//! | health, readiness, `/metrics`, `/debug/latency` | [`admin`] |
+//! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |
 //! | reading batches back | [`tail`] |
 //!
 //! [`event`] is what travels along the path; [`error`] is how refusals are told; [`config`] is
