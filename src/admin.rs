@@ -2,11 +2,15 @@
 //! while the process runs; `/readyz` answers 200 only when the listeners are bound and
 //! JetStream is reachable with the stream in place (and, with JWTs, the identity provider's
 //! keys are loaded), so a load balancer sends no traffic to a relay that could only refuse it.
+//! `/metrics` is the Prometheus (OpenMetrics) exposition of [`crate::metrics`];
+//! `/debug/latency` and `/debug/latency/{stage}.hgrm` the exact percentiles of
+//! [`crate::metrics::latency`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -19,8 +23,15 @@ use tokio::sync::watch;
 
 use crate::auth::idp::KeyStore;
 use crate::batch::queue::Queues;
+use crate::metrics::hgrm;
+use crate::metrics::latency::{Range, Stage, WINDOW_SECS};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
+
+/// Where the exact latency percentiles are served.
+pub const LATENCY_PATH: &str = "/debug/latency";
+/// `.hgrm` values are in milliseconds; the histograms hold microseconds.
+const MICROS_PER_MS: f64 = 1000.0;
 
 /// What readiness depends on.
 #[derive(Debug)]
@@ -87,7 +98,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: watch::
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let health = health.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &health)) }
+                async move { Ok::<_, Infallible>(route(req.uri(), &health)) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -103,7 +114,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn route(path: &str, health: &Health) -> Response<Full<Bytes>> {
+fn route(uri: &http::Uri, health: &Health) -> Response<Full<Bytes>> {
+    let path = uri.path();
+    if let Some(rest) = path.strip_prefix(LATENCY_PATH) {
+        return latency(rest, uri.query(), &health.metrics);
+    }
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
         "/readyz" => match health.not_ready() {
@@ -117,15 +132,65 @@ fn route(path: &str, health: &Health) -> Response<Full<Bytes>> {
             let mut resp = Response::new(Full::new(Bytes::from(m.render())));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                // What prometheus-client writes: OpenMetrics text (counters' samples end in
+                // `_total`, `# EOF` closes it). Prometheus parses it by this type; announced
+                // as the classic `text/plain`, counters would lose their type.
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             return resp;
         }
-        _ => (StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz, /metrics or /debug/latency\n".to_owned(),
+        ),
     };
+    text(status, body)
+}
+
+/// `/debug/latency` (JSON, every stage, last 10 s and since start, microseconds) and
+/// `/debug/latency/{stage}.hgrm` (percentile distribution in milliseconds; since start, or the
+/// last 10 s with `?window` or `?range=window`). `rest` is the path after `/debug/latency`.
+fn latency(rest: &str, query: Option<&str>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let now = Instant::now();
+    if rest.is_empty() || rest == "/" {
+        let mut json = serde_json::to_vec(&metrics.latency.report(now)).unwrap_or_default();
+        json.push(b'\n');
+        return typed(StatusCode::OK, json, "application/json");
+    }
+    let stage = rest.strip_prefix('/').and_then(|r| r.strip_suffix(".hgrm")).and_then(Stage::parse);
+    let Some(stage) = stage else {
+        let names: Vec<String> =
+            Stage::ALL.iter().map(|s| format!("{LATENCY_PATH}/{}.hgrm", s.as_str())).collect();
+        let body =
+            format!("no such latency stage; try {LATENCY_PATH} or one of: {}\n", names.join(", "));
+        return text(StatusCode::NOT_FOUND, body);
+    };
+    let range = match query.unwrap_or("") {
+        "" | "range=since_start" => Range::SinceStart,
+        "window" | "range=window" => Range::Window,
+        other => {
+            let body = format!(
+                "unknown query {other:?}: use ?range=window (the last {WINDOW_SECS} s) or \
+                 ?range=since_start (the default)\n"
+            );
+            return text(StatusCode::BAD_REQUEST, body);
+        }
+    };
+    let hist = metrics.latency.histogram(stage, range, now);
+    let body = hgrm::percentile_distribution(&hist, MICROS_PER_MS);
+    typed(StatusCode::OK, body.into_bytes(), "text/plain; charset=utf-8")
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    typed(status, body.into_bytes(), "text/plain")
+}
+
+fn typed(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     resp
 }

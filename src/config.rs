@@ -416,8 +416,8 @@ pub struct IdempotencyConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the admin listener (`/healthz`, `/readyz`). Plain HTTP: keep it on a
-    /// management network or loopback.
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`, `/debug/latency`).
+    /// Plain HTTP: keep it on a management network or loopback.
     pub listen: SocketAddr,
 }
 

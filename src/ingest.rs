@@ -13,7 +13,7 @@ pub mod quic;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use prost::Message;
@@ -25,6 +25,7 @@ use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
+use crate::metrics::latency::Stage;
 use crate::metrics::{Metrics, Protocol, ProtocolLabels};
 use crate::proto;
 use crate::sink::Sink;
@@ -135,6 +136,17 @@ impl Ingest {
         self.sink.names()
     }
 
+    /// Counts `bytes` of request body or frame read on `protocol`.
+    pub fn received(&self, protocol: Protocol, bytes: usize) {
+        let counter = self.metrics.received_bytes.get_or_create(&ProtocolLabels { protocol });
+        counter.inc_by(bytes as u64);
+    }
+
+    /// Counts a connection of `protocol` as open until the guard is dropped.
+    pub fn connection_opened(&self, protocol: Protocol) -> crate::metrics::OpenConnection {
+        self.metrics.connection_opened(protocol)
+    }
+
     /// Largest single event payload.
     pub fn max_event_bytes(&self) -> usize {
         self.max_event_bytes
@@ -215,9 +227,10 @@ impl Ingest {
             answers.set(index, outcome);
         }
         let outcomes = answers.all().await;
-        let mut accepted = 0;
+        let (mut accepted, mut duplicates) = (0, 0);
         for o in &outcomes {
             match o {
+                Ok(Ack::Stored(s)) if s.duplicate => duplicates += 1,
                 Ok(_) => accepted += 1,
                 // The edge's own refusals were audited with their subject in `submit`.
                 Err(r) if r.code.side() != Side::Edge => {
@@ -228,12 +241,19 @@ impl Ingest {
         }
         self.audit.accepted(protocol, identity, accepted);
         let labels = ProtocolLabels { protocol };
-        let since_arrival = at.instant.elapsed().as_secs_f64();
-        self.metrics.ingest_to_ack.get_or_create(&labels).observe(since_arrival);
+        if duplicates > 0 {
+            self.metrics.duplicates.get_or_create(&labels).inc_by(duplicates);
+        }
+        let now = Instant::now();
+        let since_arrival = now.saturating_duration_since(at.instant);
+        self.metrics.ingest_to_ack.get_or_create(&labels).observe(since_arrival.as_secs_f64());
+        let latency = &self.metrics.latency;
+        latency.record(Stage::IngestToAck, since_arrival, now);
         if let Some(edge_ms) = edge_ms {
-            let since_edge_ms =
-                (at.unix_us / 1_000).saturating_sub(edge_ms) as f64 + since_arrival * 1e3;
-            self.metrics.edge_to_ack.get_or_create(&labels).observe(since_edge_ms / 1e3);
+            let since_edge =
+                Duration::from_millis((at.unix_us / 1_000).saturating_sub(edge_ms)) + since_arrival;
+            self.metrics.edge_to_ack.get_or_create(&labels).observe(since_edge.as_secs_f64());
+            latency.record(Stage::EdgeToAck, since_edge, now);
         }
         outcomes
     }

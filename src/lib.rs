@@ -15,7 +15,8 @@
 //! | validation, idempotency, enqueue, waiting for the answer | [`ingest`] |
 //! | sharded bounded queues, per-subject batching (sans-IO) | [`batch`] |
 //! | JetStream publish, ack window, retries, answers | [`sink`] |
-//! | health and readiness | [`admin`] |
+//! | health, readiness, `/metrics`, `/debug/latency` | [`admin`] |
+//! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |
 //! | reading batches back | [`tail`] |
 //!
 //! [`event`] is what travels along the path; [`error`] is how refusals are told; [`config`] is
@@ -154,7 +155,10 @@ impl Relay {
         let health =
             Arc::new(Health::new(sink.clone(), key_store.clone(), metrics, queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        let mut background = vec![keeper];
+        let rtt = tokio::spawn(
+            sink.clone().probe_rtt(sink::jetstream::RTT_PROBE_INTERVAL, stop_rx.clone()),
+        );
+        let mut background = vec![keeper, rtt];
         if let Some(queue) = audit_queue {
             let client = sink.client().clone();
             background.push(tokio::spawn(audit::run(

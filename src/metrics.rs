@@ -2,7 +2,17 @@
 //! in the Prometheus text format on the admin listener's `/metrics`.
 //!
 //! Labels have bounded cardinality: a protocol, an error code, a fixed reason string, an
-//! outcome — never a subject, a peer address, an identity or a token.
+//! outcome, a configured NATS cluster — never a subject, a peer address, an identity or a token.
+//!
+//! Exact percentiles per latency stage (HdrHistogram, last 10 s and since start) are in
+//! [`latency`], served on `/debug/latency`; [`hgrm`] writes them as percentile-distribution
+//! text.
+
+pub mod hgrm;
+pub mod latency;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +33,8 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 3] = [Self::Https, Self::H3, Self::Quic];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Https => "https",
@@ -51,6 +63,15 @@ pub struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// The NATS cluster's configured name, or [`DEFAULT_CLUSTER`].
+    pub cluster: String,
+}
+
+/// The `cluster` label of the one NATS cluster when the config does not name it.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -73,8 +94,23 @@ pub struct Metrics {
     registry: Registry,
     /// Events and requests refused, by protocol, code and reason.
     pub refusals: Family<RefusalLabels, Counter>,
-    /// Events taken in (queued or stored, per the ack mode), by protocol.
+    /// Events taken in (queued or stored, per the ack mode), by protocol; duplicates not
+    /// included.
     pub accepted: Family<ProtocolLabels, Counter>,
+    /// Events answered from the idempotency cache (an `Idempotency-Key` retry), by protocol.
+    pub duplicates: Family<ProtocolLabels, Counter>,
+    /// Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol.
+    pub received_bytes: Family<ProtocolLabels, Counter>,
+    /// Encoded batches JetStream acknowledged, bytes.
+    pub published_bytes: Counter,
+    /// Open connections (handshake done), by protocol.
+    pub connections: Family<ProtocolLabels, Gauge>,
+    /// 1 for the NATS cluster in use while connected, else 0.
+    pub nats_active_cluster: Family<ClusterLabels, Gauge>,
+    /// Round trip of a JetStream API request to the cluster, seconds (NaN when it failed).
+    pub nats_rtt: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
+    /// Exact percentiles of the latency stages (`/debug/latency`).
+    pub latency: latency::Latency,
     /// Audit records handed to the audit stream's queue.
     pub audit_records: Counter,
     /// Audit records dropped because the audit queue was full (the data path never waits).
@@ -106,12 +142,21 @@ pub struct Metrics {
     pub inflight_batches: Gauge,
 }
 
+/// Counts one open connection in `edgerelay_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::started_at(Instant::now())
+    }
+
+    /// Metrics of a relay started at `start` (the `/debug/latency` uptime and windows).
+    pub fn started_at(start: Instant) -> Self {
         let mut registry = Registry::with_prefix("edgerelay");
         let refusals = Family::default();
         registry.register(
@@ -120,7 +165,56 @@ impl Metrics {
             refusals.clone(),
         );
         let accepted = Family::default();
-        registry.register("accepted_events", "Events taken in, by protocol", accepted.clone());
+        registry.register(
+            "accepted_events",
+            "Events taken in (queued or stored), duplicates excluded, by protocol",
+            accepted.clone(),
+        );
+        let duplicates = Family::default();
+        registry.register(
+            "duplicates",
+            "Events answered from the idempotency cache (Idempotency-Key retries), by protocol",
+            duplicates.clone(),
+        );
+        let received_bytes = Family::default();
+        registry.register(
+            "received_bytes",
+            "Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol",
+            received_bytes.clone(),
+        );
+        let published_bytes = Counter::default();
+        registry.register(
+            "published_bytes",
+            "Encoded batches JetStream acknowledged, bytes",
+            published_bytes.clone(),
+        );
+        let connections = Family::default();
+        registry.register(
+            "connections",
+            "Open connections (TLS or QUIC handshake done), by protocol",
+            connections.clone(),
+        );
+        let nats_active_cluster = Family::default();
+        registry.register(
+            "nats_active_cluster",
+            "1 for the NATS cluster in use while connected, else 0",
+            nats_active_cluster.clone(),
+        );
+        let nats_rtt = Family::default();
+        registry.register(
+            "nats_rtt_seconds",
+            "Round trip of a JetStream API request to the NATS cluster (NaN when it failed)",
+            nats_rtt.clone(),
+        );
+        // Every protocol's series exist from the start, at 0: dashboards and alerts see the
+        // names before the first event.
+        for protocol in Protocol::ALL {
+            let labels = ProtocolLabels { protocol };
+            let _ = accepted.get_or_create(&labels);
+            let _ = duplicates.get_or_create(&labels);
+            let _ = received_bytes.get_or_create(&labels);
+            let _ = connections.get_or_create(&labels);
+        }
         let audit_records = Counter::default();
         registry.register(
             "audit_records",
@@ -189,6 +283,13 @@ impl Metrics {
             registry,
             refusals,
             accepted,
+            duplicates,
+            received_bytes,
+            published_bytes,
+            connections,
+            nats_active_cluster,
+            nats_rtt,
+            latency: latency::Latency::new(start),
             audit_records,
             audit_dropped,
             audit_failed,
@@ -206,12 +307,25 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection of `protocol` as open until the returned guard is dropped.
+    pub fn connection_opened(&self, protocol: Protocol) -> OpenConnection {
+        let gauge = self.connections.get_or_create(&ProtocolLabels { protocol }).clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

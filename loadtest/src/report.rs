@@ -448,49 +448,10 @@ pub fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The classic HdrHistogram percentile distribution (Java's `outputPercentileDistribution`
-/// with 5 ticks per half distance and values scaled to milliseconds): a header, one row per
-/// percentile step, and the `#[Mean ...]`, `#[Max ...]`, `#[Buckets ...]` footer.
+/// The classic HdrHistogram percentile distribution in milliseconds, as the relay's
+/// `/debug/latency/{stage}.hgrm` writes it ([`edgerelay::metrics::hgrm`]).
 pub fn hgrm(hist: &Histogram<u64>) -> String {
-    let digits = usize::from(hist.sigfig());
-    let mut out = String::new();
-    let _ = write!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    );
-    let mut total = 0u64;
-    for step in hist.iter_quantiles(5) {
-        total += step.count_since_last_iteration();
-        let value = millis(step.value_iterated_to());
-        let q = step.quantile_iterated_to();
-        if q < 1.0 {
-            let _ =
-                writeln!(out, "{value:12.digits$} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
-        } else {
-            let _ = writeln!(out, "{value:12.digits$} {q:2.12} {total:10}");
-        }
-    }
-    let (mean, stdev, max) = if hist.is_empty() {
-        (0.0, 0.0, 0.0)
-    } else {
-        (hist.mean() / MICROS_PER_MS, hist.stdev() / MICROS_PER_MS, millis(hist.max()))
-    };
-    let _ = writeln!(out, "#[Mean    = {mean:12.digits$}, StdDeviation   = {stdev:12.digits$}]");
-    let _ = writeln!(out, "#[Max     = {max:12.digits$}, Total count    = {:12}]", hist.len());
-    let _ = writeln!(
-        out,
-        "#[Buckets = {:12}, SubBuckets     = {:12}]",
-        hist.buckets(),
-        sub_bucket_count(hist.sigfig())
-    );
-    out
-}
-
-/// HdrHistogram's sub-bucket count for `sigfig` digits (not exposed by the crate): the
-/// smallest power of two covering `2 × 10^sigfig`.
-fn sub_bucket_count(sigfig: u8) -> u64 {
-    (2 * 10u64.pow(u32::from(sigfig))).next_power_of_two()
+    edgerelay::metrics::hgrm::percentile_distribution(hist, MICROS_PER_MS)
 }
 
 /// `10s`, `500ms`, `2m`, `1.5s`: the inverse of `schedule::parse_duration` for display.

@@ -50,6 +50,11 @@ impl HttpApi {
         self.ingest.peer_identity(chain)
     }
 
+    /// Counts a connection of `protocol` as open until the guard is dropped.
+    pub fn connection_opened(&self, protocol: Protocol) -> crate::metrics::OpenConnection {
+        self.ingest.connection_opened(protocol)
+    }
+
     /// Answers one request; `peer` is the connection's client-certificate identity.
     pub async fn handle<B>(&self, req: Request<B>, peer: Option<&Identity>) -> Response<Full<Bytes>>
     where
@@ -85,7 +90,10 @@ impl HttpApi {
         };
         let (parts, body) = req.into_parts();
         let req = match read_body(&parts.headers, body, limit).await {
-            Ok(body) => Request::from_parts(parts, body),
+            Ok(body) => {
+                self.ingest.received(protocol, body.len());
+                Request::from_parts(parts, body)
+            }
             Err(r) => {
                 self.ingest.refused(protocol, None, route.as_deref(), &r);
                 return refusal(&r);

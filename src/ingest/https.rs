@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::http_api::HttpApi;
 use crate::config::{ms, HttpsConfig};
+use crate::metrics::Protocol;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -145,6 +146,7 @@ async fn connection(
         Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => return tracing::debug!("TLS handshake timed out"),
     };
+    let _open = ctx.api.connection_opened(Protocol::Https);
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let peer = ctx.api.peer_identity(tls.get_ref().1.peer_certificates());
     let activity = Arc::new(Activity {

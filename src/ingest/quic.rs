@@ -199,9 +199,13 @@ impl Server {
                 ctx.handshaking.fetch_sub(1, Ordering::Relaxed);
                 match conn {
                     Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN_H3) => {
+                        let _open = ctx.ingest.connection_opened(Protocol::H3);
                         super::h3::connection(conn, ctx.api.clone(), stop).await
                     }
-                    Ok(conn) => connection(conn, ctx, stop).await,
+                    Ok(conn) => {
+                        let _open = ctx.ingest.connection_opened(Protocol::Quic);
+                        connection(conn, ctx, stop).await
+                    }
                     Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
                 }
                 drop(slot);
@@ -325,6 +329,7 @@ async fn request(
     identity: &mut Option<Identity>,
     ctx: &Arc<Ctx>,
 ) -> futures::future::BoxFuture<'static, proto::PublishResponse> {
+    ctx.ingest.received(Protocol::Quic, frame.len());
     match admit(frame, identity, ctx).await {
         Ok((id, events)) => {
             let ingest = ctx.ingest.clone();

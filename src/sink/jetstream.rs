@@ -16,20 +16,23 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::stream;
 use crate::batch::Ready;
 use crate::config::{ms, NatsConfig, StreamConfig};
 use crate::error::{ErrorCode, Refusal};
 use crate::event::{Ack, Names, Pending, Reply, Stored};
-use crate::metrics::{Metrics, OutcomeLabels};
+use crate::metrics::latency::Stage;
+use crate::metrics::{ClusterLabels, Metrics, OutcomeLabels, DEFAULT_CLUSTER};
 use crate::proto;
 
 /// Header carrying the number of events in a batch.
 pub const EVENTS_HEADER: &str = "Edgerelay-Events";
 /// `Content-Type` of every batch.
 pub const CONTENT_TYPE: &str = "application/x-protobuf; messageType=edgerelay.v1.Batch";
+/// How often [`Sink::probe_rtt`] measures the round trip to NATS.
+pub const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause between two retries of a batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -242,6 +245,41 @@ impl Sink {
         }
     }
 
+    /// Measures the round trip to NATS every `every` until `stop` turns true, off the data
+    /// path: a JetStream API request the relay's NATS user may already send (the stream's
+    /// INFO) timed from send to answer — the network round trip plus the server's handling of
+    /// a small API request (microseconds when healthy). async-nats has no public PING/PONG
+    /// timer (nats.rs#909), and `flush()` only writes the socket. Sets
+    /// `edgerelay_nats_rtt_seconds` (NaN when no answer came within `every`) and
+    /// `edgerelay_nats_active_cluster` (1 while connected).
+    pub async fn probe_rtt(self: Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
+        let labels = ClusterLabels { cluster: DEFAULT_CLUSTER.to_owned() };
+        let rtt = self.metrics.nats_rtt.get_or_create(&labels).clone();
+        let active = self.metrics.nats_active_cluster.get_or_create(&labels).clone();
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.stream.name);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let connected = self.client.connection_state() == State::Connected;
+            active.set(i64::from(connected));
+            let started = Instant::now();
+            let request = self.client.request(subject.clone(), Bytes::new());
+            let seconds = match tokio::time::timeout(every, request).await {
+                Ok(Ok(_)) => started.elapsed().as_secs_f64(),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "NATS round-trip probe failed");
+                    f64::NAN
+                }
+                Err(_) => f64::NAN,
+            };
+            rtt.set(seconds);
+        }
+    }
+
     /// Publishes one ready batch: waits for room in the ack window, sends it, and leaves a
     /// task to await the PubAck, retry, and answer the events.
     pub async fn publish(self: &Arc<Self>, batch: Ready<Pending>) {
@@ -257,7 +295,9 @@ impl Sink {
             events.push(p.event);
             replies.push(p.reply);
         }
-        self.metrics.queue_wait.observe(now.saturating_duration_since(oldest).as_secs_f64());
+        let waited = now.saturating_duration_since(oldest);
+        self.metrics.queue_wait.observe(waited.as_secs_f64());
+        self.metrics.latency.record(Stage::QueueWait, waited, now);
         let payload = proto::Batch {
             relay_id: self.relay_id.clone(),
             boot_id: self.boot_id.clone(),
@@ -338,7 +378,11 @@ impl Sink {
             };
             let err = match result {
                 Ok(ack) => {
-                    self.metrics.flush.observe(f.sent.elapsed().as_secs_f64());
+                    let now = Instant::now();
+                    let took = now.saturating_duration_since(f.sent);
+                    self.metrics.flush.observe(took.as_secs_f64());
+                    self.metrics.latency.record(Stage::Flush, took, now);
+                    self.metrics.published_bytes.inc_by(f.payload.len() as u64);
                     self.batch_outcome("stored");
                     if ack.duplicate {
                         tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
