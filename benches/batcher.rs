@@ -1,16 +1,22 @@
-//! The per-event CPU of the batching core: pushing events through the sans-IO batcher and
-//! encoding the resulting protobuf `Batch`, parameterised by batch size. `max_events = 1` is
-//! the "batching off" baseline of the same run.
+//! The per-event CPU of the batching core, parameterised by batch size (`max_events`;
+//! `max_events = 1` is the "batching off" baseline of the same run):
+//!
+//! - `batcher_push_flush`: pushing events through the sans-IO batcher until every batch is
+//!   flushed (by count, the rest by a drain), events built beforehand;
+//! - `batch_encode/<payload>/<events>`: encoding one protobuf `Batch` of that many events, as
+//!   the sink does once per batch, by payload size (throughput in encoded bytes);
+//! - `batch_and_encode_256B`: both together, building the events too.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use edgerelay::batch::batcher::{Batcher, FlushReason, Item, Limits};
 use edgerelay::proto;
 use prost::Message;
 
 const EVENTS: usize = 4096;
+const BATCH_SIZES: [usize; 4] = [1, 16, 64, 256];
 const SUBJECTS: [&str; 8] =
     ["edge.a", "edge.b", "edge.c", "edge.d", "edge.e", "edge.f", "edge.g", "edge.h"];
 
@@ -37,16 +43,63 @@ fn event(i: usize, payload: &Bytes) -> proto::Event {
     }
 }
 
+fn limits(max_events: usize) -> Limits {
+    Limits { max_events, max_bytes: 512 << 10, linger: Duration::from_millis(2) }
+}
+
+fn push_flush(c: &mut Criterion) {
+    let payload = Bytes::from(vec![b'x'; 256]);
+    let mut group = c.benchmark_group("batcher_push_flush");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    for max_events in BATCH_SIZES {
+        group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
+            b.iter_batched(
+                || (0..EVENTS).map(|i| Ev(event(i, &payload))).collect::<Vec<_>>(),
+                |events| {
+                    let mut batcher = Batcher::new(limits(n));
+                    let mut ready = Vec::new();
+                    let now = Instant::now();
+                    for e in events {
+                        batcher.push(e, now, &mut ready);
+                    }
+                    batcher.flush_all(FlushReason::Drain, &mut ready);
+                    // Returned, so dropping the events is not timed.
+                    ready
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn batch_encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch_encode");
+    for payload_bytes in [64usize, 256, 1024] {
+        let payload = Bytes::from(vec![b'x'; payload_bytes]);
+        for n in BATCH_SIZES {
+            let batch = proto::Batch {
+                relay_id: "bench".into(),
+                boot_id: "0123456789ab".into(),
+                sequence: 1,
+                events: (0..n).map(|i| event(i, &payload)).collect(),
+            };
+            group.throughput(Throughput::Bytes(batch.encoded_len() as u64));
+            let id = BenchmarkId::new(format!("{payload_bytes}B"), n);
+            group.bench_with_input(id, &batch, |b, batch| b.iter(|| batch.encode_to_vec()));
+        }
+    }
+    group.finish();
+}
+
 fn batch_and_encode(c: &mut Criterion) {
     let payload = Bytes::from(vec![b'x'; 256]);
     let mut group = c.benchmark_group("batch_and_encode_256B");
     group.throughput(Throughput::Elements(EVENTS as u64));
-    for max_events in [1usize, 16, 64, 256] {
+    for max_events in BATCH_SIZES {
         group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
-            let limits =
-                Limits { max_events: n, max_bytes: 512 << 10, linger: Duration::from_millis(2) };
             b.iter(|| {
-                let mut batcher = Batcher::new(limits);
+                let mut batcher = Batcher::new(limits(n));
                 let mut ready = Vec::new();
                 let now = Instant::now();
                 let mut bytes = 0;
@@ -70,5 +123,5 @@ fn batch_and_encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, batch_and_encode);
+criterion_group!(benches, push_flush, batch_encode, batch_and_encode);
 criterion_main!(benches);
