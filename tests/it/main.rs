@@ -7,6 +7,7 @@ mod support;
 mod audit;
 mod bad_input;
 mod binary;
+mod dashboard;
 mod dedup;
 mod h3;
 mod interop;
