@@ -18,3 +18,4 @@ mod nats_auth;
 mod nats_faults;
 mod publish;
 mod quic;
+mod top;
