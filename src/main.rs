@@ -58,6 +58,16 @@ enum Command {
         #[arg(long)]
         idle_timeout_ms: Option<u64>,
     },
+    /// A live full-screen view of one relay, read from its admin listener: rates, queue,
+    /// NATS cluster and RTT, per-stage latency against the 100 ms SLO. `q` or Ctrl-C quits.
+    Top {
+        /// The relay's admin listener (`[admin] listen` in its config).
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Refresh interval, milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+    },
     /// Write a development CA and server certificate (ca.pem, cert.pem, key.pem).
     DevCerts {
         /// Output directory.
@@ -148,6 +158,21 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("edgerelay tail: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Top { admin, interval_ms } => {
+            let opts =
+                edgerelay::top::TopOptions { admin, interval: Duration::from_millis(interval_ms) };
+            match runtime().block_on(edgerelay::top::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ edgerelay::top::TopError::BadAdmin { .. }) => {
+                    eprintln!("edgerelay top: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("edgerelay top: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -19,3 +19,4 @@ mod nats_auth;
 mod nats_faults;
 mod publish;
 mod quic;
+mod top;
