@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::consume::{ConsumeArgs, Consumer, Decoding, E2e, Source};
 use crate::report::{self, ReportArgs, RunInfo};
 use crate::schedule::{parse_duration, Measurements, RunArgs, Schedule};
-use crate::{direct_js, events, h3, https, quic};
+use crate::{direct_js, events, h3, https, probe, quic};
 
 /// NATS server of the consumer when nothing says otherwise.
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
@@ -33,6 +33,12 @@ pub struct HarnessArgs {
 
     #[command(flatten)]
     pub find_max: FindMaxArgs,
+
+    /// Process id of the relay under load: its CPU time (user + system, /proc/PID/stat) is
+    /// read before and after each run and reported as relay CPU µs per event. `compare`: the
+    /// relay of the https, h3 and quic modes.
+    #[arg(long, value_name = "PID")]
+    pub relay_pid: Option<u32>,
 }
 
 /// Flags of `--find-max`.
@@ -85,6 +91,9 @@ pub struct Run {
     pub measurements: Measurements,
     /// With `--consume`, for modes that publish to a stream.
     pub e2e: Option<E2e>,
+    /// With `--relay-pid`: the relay's CPU time over the run (warm-up, measurement and the
+    /// drain of answers; the consumer's catch-up after it excluded).
+    pub relay_cpu: Option<Duration>,
 }
 
 /// One step of a `--find-max` search.
@@ -214,14 +223,20 @@ impl Target {
             }
             None => (None, None),
         };
+        let pid = self.flags().2.relay_pid;
+        let cpu_before = pid.map(probe::cpu_time).transpose()?;
         let Measured { info, schedule, measurements } = self.measure(run, stamp, stop).await?;
+        let relay_cpu = match (pid, cpu_before) {
+            (Some(pid), Some(before)) => Some(probe::cpu_time(pid)?.saturating_sub(before)),
+            _ => None,
+        };
         let e2e = match consumer {
             Some(consumer) => {
                 Some(consumer.finish(&measurements.acked, schedule.events_per_request()).await)
             }
             None => None,
         };
-        Ok(Run { info, schedule, measurements, e2e })
+        Ok(Run { info, schedule, measurements, e2e, relay_cpu })
     }
 
     /// Searches the highest rate whose p99 meets `find.slo_p99_ms`, from `run.rate` up.

@@ -20,6 +20,8 @@
 //!   consumer that measures send→consumer per event) and `--find-max` (ramp + bisection).
 //! - `compare`: several modes in one invocation, one table with ratios to the baselines, the
 //!   `.hgrm` files, `summary.json` and the percentile plot drawn by `plot` (hand-written SVG).
+//! - `probe`: what the generator reads from the relay it loads: CPU time from `/proc/PID/stat`
+//!   (`--relay-pid`) and exact ingest→ack percentiles from its admin `/debug/latency`.
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +40,7 @@ mod h3;
 mod harness;
 mod https;
 mod plot;
+mod probe;
 mod quic;
 mod quic_idle;
 mod report;

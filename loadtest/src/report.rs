@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::consume::E2e;
 use crate::harness::{FindMax, Run, Step};
+use crate::probe;
 use crate::schedule::{Failure, Measurements, Schedule};
 
 /// Highest latency the histograms track, in microseconds; larger values are clamped to it.
@@ -109,6 +110,13 @@ pub struct Summary {
     /// With `--find-max`: the search that led to this run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub find_max: Option<FindMaxSummary>,
+    /// With `--relay-pid`: the relay's CPU time (user + system) over the whole run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_cpu_s: Option<f64>,
+    /// With `--relay-pid`: `relay_cpu_s` per event answered in the run (warm-up included,
+    /// since the CPU time covers it too), in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_cpu_us_per_event: Option<f64>,
 }
 
 /// End-to-end delivery in the JSON summary.
@@ -191,6 +199,8 @@ impl Summary {
             queueing_ms: Percentiles::of(&measured.queueing),
             e2e: None,
             find_max: None,
+            relay_cpu_s: None,
+            relay_cpu_us_per_event: None,
         }
     }
 
@@ -198,6 +208,11 @@ impl Summary {
     pub fn of_run(label: String, run: &Run) -> Self {
         let mut summary = Self::new(label, &run.info, &run.schedule, &run.measurements);
         summary.e2e = run.e2e.as_ref().map(E2eSummary::of);
+        if let Some(cpu) = run.relay_cpu {
+            summary.relay_cpu_s = Some(cpu.as_secs_f64());
+            summary.relay_cpu_us_per_event =
+                probe::micros_per_event(cpu, summary.ok + summary.warmup_ok);
+        }
         summary
     }
 
@@ -299,6 +314,13 @@ impl Summary {
                     } else {
                         String::new()
                     }
+                );
+            }
+            if let (Some(cpu), Some(per_event)) = (self.relay_cpu_s, self.relay_cpu_us_per_event) {
+                let _ = writeln!(
+                    out,
+                    "relay CPU {cpu:.2} s over the run (warm-up included): {per_event:.1} µs per \
+                     event"
                 );
             }
             if !self.closed_loop {

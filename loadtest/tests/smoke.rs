@@ -80,10 +80,22 @@ fn wait_port(port: u16) {
     }
 }
 
-#[test]
-fn compare_runs_every_mode_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+/// A nats-server and a relay (HTTPS + QUIC, stream `SMOKE` on `edge.>`) in a temp dir.
+struct Setup {
+    /// First, so the processes are stopped before their directory is removed.
+    _procs: Processes,
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    nats_port: u16,
+    https_port: u16,
+    quic_port: u16,
+    certs: PathBuf,
+    relay_pid: u32,
+}
+
+fn start() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
     let relay = relay_bin();
     let mut procs = Processes(Vec::new());
 
@@ -143,37 +155,72 @@ allow = ["edge.>"]
         .spawn()
         .expect("starting the relay");
     wait_ok(admin_port, "/readyz", "the relay", &mut child);
+    let relay_pid = child.id();
     procs.0.push(child);
+    Setup { _procs: procs, _dir: tmp, dir, nats_port, https_port, quic_port, certs, relay_pid }
+}
 
-    let out = dir.join("out");
+/// `loadtest compare` against `setup` with `args`, output in `out`.
+fn compare(setup: &Setup, out: &Path, args: &[&str]) -> (serde_json::Value, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["compare", "--modes", "https,h3,quic,direct-js,bare", "--consume"])
-        .args(["--rate", "200", "--warmup", "200ms", "--duration", "1s", "--pacer-spin", "0"])
-        .args(["--connections", "1", "--concurrency", "16", "--consume-grace", "5s"])
-        .args(["--relay-https", &format!("https://127.0.0.1:{https_port}")])
-        .args(["--relay-quic", &format!("127.0.0.1:{quic_port}")])
-        .args(["--nats", &format!("nats://127.0.0.1:{nats_port}")])
-        .args(["--direct-stream", "SMOKE_DIRECT", "--slo-p99-ms", "1000"])
+        .arg("compare")
+        .args(args)
+        .args(["--relay-https", &format!("https://127.0.0.1:{}", setup.https_port)])
+        .args(["--relay-quic", &format!("127.0.0.1:{}", setup.quic_port)])
+        .args(["--nats", &format!("nats://127.0.0.1:{}", setup.nats_port)])
         .arg("--ca")
-        .arg(certs.join("ca.pem"))
+        .arg(setup.certs.join("ca.pem"))
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .env("EDGERELAY_TOKEN", TOKEN)
         .output()
         .expect("running loadtest compare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "loadtest compare failed\n{stdout}\n{stderr}");
-
-    let summary: serde_json::Value =
+    let summary =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    (summary, stdout)
+}
+
+#[test]
+fn compare_runs_every_mode_end_to_end() {
+    let setup = start();
+    let out = setup.dir.join("out");
+    let (summary, stdout) = compare(
+        &setup,
+        &out,
+        &[
+            "--modes",
+            "https,h3,quic,direct-js,bare",
+            "--consume",
+            "--rate",
+            "200",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "1s",
+            "--pacer-spin",
+            "0",
+            "--connections",
+            "1",
+            "--concurrency",
+            "16",
+            "--consume-grace",
+            "5s",
+            "--direct-stream",
+            "SMOKE_DIRECT",
+            "--slo-p99-ms",
+            "1000",
+        ],
+    );
     let modes = summary["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
     assert_eq!(names, ["https", "h3", "quic", "direct-js", "bare"], "{stdout}");
     for m in modes {
         let name = m["mode"].as_str().unwrap();
         let s = &m["summary"];
-        assert_eq!(s["error_total"], 0, "{name} had errors\n{stdout}\n{stderr}");
+        assert_eq!(s["error_total"], 0, "{name} had errors\n{stdout}");
         let ok = s["ok"].as_u64().unwrap();
         assert!(ok > 0, "{name} accepted nothing\n{stdout}");
         assert!(out.join(format!("{name}.hgrm")).exists(), "{name}.hgrm");
@@ -199,4 +246,76 @@ allow = ["edge.>"]
     assert_eq!(svg.matches(r#"<path class="series""#).count(), 5 + 4, "{svg}");
     assert!(svg.contains(r#"class="slo""#));
     assert!(stdout.contains("->consumer"), "{stdout}");
+}
+
+/// `--relay-pid` and `--at-fraction`: the relay's CPU per event in every run through it, and
+/// each mode again at half its max with the consumer on. No timing is asserted.
+#[test]
+fn compare_reports_relay_cpu_and_the_run_at_a_fraction_of_max() {
+    let setup = start();
+    let out = setup.dir.join("out");
+    let pid = setup.relay_pid.to_string();
+    let (summary, stdout) = compare(
+        &setup,
+        &out,
+        &[
+            "--modes",
+            "https,quic-e1,direct-js",
+            "--rate",
+            "200",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "1s",
+            "--pacer-spin",
+            "0",
+            "--connections",
+            "1",
+            "--concurrency",
+            "16",
+            "--consume-grace",
+            "5s",
+            "--direct-stream",
+            "SMOKE_DIRECT",
+            "--find-max",
+            "--slo-p99-ms",
+            "1000",
+            "--find-max-steps",
+            "1",
+            "--at-fraction",
+            "0.5",
+            "--at-fraction-duration",
+            "1s",
+            "--relay-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(summary["at_fraction"], 0.5);
+    for m in summary["modes"].as_array().unwrap() {
+        let name = m["mode"].as_str().unwrap();
+        let at = &m["at_fraction"];
+        assert_eq!(at["rate"], 100.0, "{name}: {at}");
+        let s = &at["summary"];
+        assert_eq!(s["error_total"], 0, "{name}: {s}\n{stdout}");
+        let ok = s["ok"].as_u64().unwrap();
+        assert!(ok > 0, "{name}: {s}");
+        assert_eq!(s["e2e"]["seen"].as_u64(), Some(ok), "{name}: {s}");
+        assert!(out.join(format!("{name}-at-fraction.hgrm")).exists(), "{name}");
+        assert!(out.join(format!("{name}-at-fraction-e2e.hgrm")).exists(), "{name}");
+        let cpu = &m["summary"]["relay_cpu_us_per_event"];
+        if name == "direct-js" {
+            assert!(cpu.is_null(), "direct-js does not load the relay: {m}");
+        } else {
+            assert!(cpu.as_f64().is_some_and(|c| c >= 0.0), "{name}: {m}");
+            assert!(s["relay_cpu_us_per_event"].is_number(), "{name}: {s}");
+        }
+    }
+    assert!(stdout.contains("CPU µs/ev"), "{stdout}");
+    assert!(stdout.contains("at 0.5 of each mode's max rate"), "{stdout}");
+    // Without --relay-admin the relay's ingest->ack is not measured: the targets say N/A.
+    let targets = summary["targets"].as_array().unwrap();
+    assert!(!targets.is_empty(), "{summary}");
+    assert!(targets.iter().all(|t| t["verdict"] == "N/A"), "{targets:?}");
+    let svg = std::fs::read_to_string(out.join("percentiles-at-fraction.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
 }
