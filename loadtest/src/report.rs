@@ -512,53 +512,6 @@ mod tests {
     }
 
     #[test]
-    fn hgrm_has_the_classic_shape() {
-        let text = hgrm(&sample());
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "       Value     Percentile TotalCount 1/(1-Percentile)");
-        assert_eq!(lines[1], "");
-
-        let rows: Vec<Vec<&str>> = lines[2..]
-            .iter()
-            .take_while(|l| !l.starts_with('#'))
-            .map(|l| l.split_whitespace().collect())
-            .collect();
-        assert!(rows.len() > 10);
-        // Every row but the last has four columns; the last (percentile 1.0) has three.
-        let (last, body) = rows.split_last().unwrap();
-        assert!(body.iter().all(|r| r.len() == 4));
-        assert_eq!(last.len(), 3);
-        assert_eq!(last[1], "1.000000000000");
-        assert_eq!(last[2], "1000");
-        // Values in ms with 3 decimals; percentiles and counts never decrease.
-        assert_eq!(rows[0][0], "0.010");
-        let mut previous = (0.0, 0.0, 0u64);
-        for r in &rows {
-            let row: (f64, f64, u64) =
-                (r[0].parse().unwrap(), r[1].parse().unwrap(), r[2].parse().unwrap());
-            assert!(row.0 >= previous.0 && row.1 >= previous.1 && row.2 >= previous.2);
-            previous = row;
-        }
-        assert!(last[0].starts_with("10.0"));
-
-        let footer: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("#[")).collect();
-        assert_eq!(footer.len(), 3);
-        assert!(footer[0].starts_with("#[Mean    =        5.00"));
-        assert!(footer[0].contains(", StdDeviation   = "));
-        assert!(footer[1].starts_with("#[Max     =       10.0"));
-        assert!(footer[1].ends_with(", Total count    =         1000]"));
-        assert!(footer[2].ends_with(", SubBuckets     =         2048]"));
-        assert_eq!(lines.last(), footer.last());
-    }
-
-    #[test]
-    fn hgrm_of_an_empty_histogram_is_only_header_and_footer() {
-        let text = hgrm(&histogram());
-        assert_eq!(text.lines().count(), 5);
-        assert!(text.contains("Total count    =            0]"));
-    }
-
-    #[test]
     fn percentiles_are_in_milliseconds() {
         let p = Percentiles::of(&sample());
         assert_eq!(p.count, 1000);
