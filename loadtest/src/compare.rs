@@ -765,20 +765,7 @@ fn table(summary: &CompareSummary, find_max: bool) -> String {
         (false, None) => "closed loop (as fast as answered)".to_owned(),
     };
     let _ = writeln!(out, "loadtest compare: {rate}; latency in ms from the intended send time");
-    let _ = write!(
-        out,
-        "{:<24} {:>10} {:>11} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "mode",
-        "offered/s",
-        "achieved/s",
-        "errors",
-        "p50",
-        "p90",
-        "p99",
-        "p99.9",
-        "max",
-        "CPU µs/ev"
-    );
+    out.push_str(&header());
     let present: Vec<&str> = BASELINES
         .iter()
         .copied()
@@ -885,14 +872,9 @@ fn e2e_row(out: &mut String, mode: &str, s: &Summary) {
 }
 
 /// The `--at-fraction` runs: send→answer, send→consumer and the relay's own ingest→ack.
-fn at_fraction_table(out: &mut String, summary: &CompareSummary, fraction: f64) {
-    let _ = writeln!(
-        out,
-        "\nat {fraction} of each mode's max rate, consumer on (relay ingest->ack: /debug/latency, \
-         last 10 s, per request)"
-    );
-    let _ = writeln!(
-        out,
+/// The column titles of both tables (no newline).
+fn header() -> String {
+    format!(
         "{:<24} {:>10} {:>11} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "mode",
         "offered/s",
@@ -904,7 +886,17 @@ fn at_fraction_table(out: &mut String, summary: &CompareSummary, fraction: f64) 
         "p99.9",
         "max",
         "CPU µs/ev"
+    )
+}
+
+fn at_fraction_table(out: &mut String, summary: &CompareSummary, fraction: f64) {
+    let _ = writeln!(
+        out,
+        "\nat {fraction} of each mode's max rate, consumer on (relay ingest->ack: /debug/latency, \
+         last 10 s, per request)"
     );
+    out.push_str(&header());
+    out.push('\n');
     for m in &summary.modes {
         let Some(at) = &m.at_fraction else { continue };
         let Some(s) = &at.summary else {
