@@ -20,8 +20,8 @@
 //!   (edge RTT + NATS RTT): it is reported, not held to the delivery budget.
 //! - **The relay's own share**: its `ingest_to_ack` p99 (`/debug/latency`: the last
 //!   `window_secs` when the measured phase is at least that long, else since start) minus its
-//!   measured round trip to NATS (`edgerelay_nats_rtt_seconds`; the configured RTT if the probe
-//!   has no value). What is left is what the relay adds (queue wait, batching, encoding) plus
+//!   measured round trip to NATS (the lowest `edgerelay_nats_rtt_seconds` read during the run;
+//!   the configured RTT if the probe has no value). What is left is what the relay adds (queue wait, batching, encoding) plus
 //!   JetStream's own storage work, with the emulated network taken out.
 //! - **Events** carry a per-region run nonce in their payload stamp; one ordered consumer on
 //!   `global.>` attributes each one to its region by that nonce and measures send→consumer from
@@ -92,6 +92,10 @@ const MAX_ADMIN_BYTES: usize = 8 << 20;
 
 /// How long a killed child may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often each relay's `/metrics` is read during the run for its NATS round trip (the
+/// relay itself probes every 5 s).
+const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Attempts at finding a port free for both TCP and UDP.
 const PORT_ATTEMPTS: usize = 64;
@@ -209,16 +213,17 @@ struct Region {
 #[derive(Debug, Default)]
 struct Children(Vec<(String, Child)>);
 
-/// Everything running for the scenario; dropping it kills the processes and stops the proxies.
+/// Everything running for the scenario; dropping it kills the processes, stops the proxies
+/// and removes the temporary directory, in that order (fields drop in declaration order).
 struct Topology {
-    regions: Vec<RegionSite>,
-    /// Where the consumer connects: the consumer proxy in front of NATS.
-    consumer_nats: String,
-    /// The temporary store, certificates and configs; removed on drop.
-    work: tempfile::TempDir,
     children: Children,
     /// Every proxy, kept alive for the run.
     _proxies: Vec<wan::Proxy>,
+    /// The temporary store, certificates and configs.
+    work: tempfile::TempDir,
+    regions: Vec<RegionSite>,
+    /// Where the consumer connects: the consumer proxy in front of NATS.
+    consumer_nats: String,
 }
 
 /// One region's running relay and where to reach it.
@@ -245,8 +250,11 @@ struct RelayShare {
     flush_p99_ms: f64,
     /// The relay's round trip to NATS, subtracted from ingest→ack.
     nats_rtt_ms: f64,
-    /// `measured` (`edgerelay_nats_rtt_seconds`) or `configured` (the proxy's RTT).
+    /// `measured` (the lowest `edgerelay_nats_rtt_seconds` read during the run) or
+    /// `configured` (the proxy's RTT, when the relay had no probe value).
     nats_rtt_source: &'static str,
+    /// How many probe values were read.
+    nats_rtt_samples: usize,
     /// ingest→ack p99 − NATS RTT (not below zero).
     own_share_p99_ms: f64,
 }
@@ -555,13 +563,33 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
         report::format_duration(args.warmup),
         report::format_duration(args.duration),
     );
+    if args.duration < Duration::from_secs(10) {
+        eprintln!(
+            "global: --duration is shorter than the relays' 10 s latency window: their share \
+             is computed since start, warm-up included"
+        );
+    }
     let run = args.run_args();
-    let measured: Vec<anyhow::Result<Measured>> = join_all(
-        targets.iter().zip(&nonces).map(|(t, nonce)| t.measure(&run, Some(*nonce), stop.clone())),
+    let (done, sampling) = watch::channel(false);
+    let load = async {
+        let measured = join_all(
+            targets
+                .iter()
+                .zip(&nonces)
+                .map(|(t, nonce)| t.measure(&run, Some(*nonce), stop.clone())),
+        )
+        .await;
+        let _ = done.send(true);
+        measured
+    };
+    let samplers =
+        join_all(topology.regions.iter().map(|site| sample_rtt(site.admin, sampling.clone())));
+    let (measured, rtt_samples): (Vec<anyhow::Result<Measured>>, _) = tokio::join!(load, samplers);
+    // Scraped before the consumer's grace, so the relays' windows still hold the run.
+    let shares = join_all(
+        topology.regions.iter().zip(rtt_samples).map(|(site, rtt)| relay_share(site, args, rtt)),
     )
     .await;
-    // Scraped before the consumer's grace, so the relays' windows still hold the run.
-    let shares = join_all(topology.regions.iter().map(|site| relay_share(site, args))).await;
     let measured = regions
         .iter()
         .zip(measured)
@@ -707,7 +735,7 @@ impl Topology {
             "global: consumer -> consumer proxy {consumer_nats} ({} ms) -> nats-server {nats}",
             args.consumer_rtt_ms
         );
-        Ok(Self { regions: sites, consumer_nats, work, children, _proxies: proxies })
+        Ok(Self { children, _proxies: proxies, work, regions: sites, consumer_nats })
     }
 }
 
@@ -837,15 +865,36 @@ async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Bytes)>
         .with_context(|| format!("GET http://{addr}{path}"))
 }
 
-/// The relay's own share of the run, from its admin listener.
-async fn relay_share(site: &RegionSite, args: &Args) -> anyhow::Result<RelayShare> {
+/// The relay's NATS round trip as its `/metrics` shows it, every [`RTT_SAMPLE_EVERY`] until
+/// `done` turns true (or its sender is gone); unreadable answers are skipped.
+async fn sample_rtt(admin: SocketAddr, mut done: watch::Receiver<bool>) -> Vec<f64> {
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(RTT_SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.wait_for(|done| *done) => return samples,
+        }
+        if let Ok((200, body)) = admin_get(admin, "/metrics").await {
+            samples.extend(nats_rtt_seconds(&String::from_utf8_lossy(&body)));
+        }
+    }
+}
+
+/// The relay's own share of the run, from its admin listener, with the NATS round trips
+/// sampled during the run (`rtt_samples`, seconds) and one more read now.
+async fn relay_share(
+    site: &RegionSite,
+    args: &Args,
+    mut rtt_samples: Vec<f64>,
+) -> anyhow::Result<RelayShare> {
     let (status, body) = admin_get(site.admin, "/debug/latency").await?;
     ensure!(status == 200, "/debug/latency answered {status}");
     let latency = Latency::parse(&body)?;
     let (status, metrics) = admin_get(site.admin, "/metrics").await?;
     ensure!(status == 200, "/metrics answered {status}");
-    let measured_rtt = nats_rtt_seconds(&String::from_utf8_lossy(&metrics));
-    share_of(&latency, measured_rtt, site.region.nats_rtt_ms, args.duration)
+    rtt_samples.extend(nats_rtt_seconds(&String::from_utf8_lossy(&metrics)));
+    share_of(&latency, &rtt_samples, site.region.nats_rtt_ms, args.duration)
 }
 
 /// The relay's NATS round trip from its `/metrics`, if it has a usable one.
@@ -858,10 +907,12 @@ fn nats_rtt_seconds(metrics: &str) -> Option<f64> {
 }
 
 /// [`RelayShare`] from a `/debug/latency` document (µs) and the relay's RTT to NATS: the
-/// window when the measured phase filled it, else since start.
+/// window when the measured phase filled it, else since start. The RTT is the lowest of the
+/// relay's probes (`rtt_samples`, seconds): each probe is a JetStream API request, so the
+/// server's handling of it under load adds to some samples, never to the network's share.
 fn share_of(
     latency: &Latency,
-    measured_rtt_s: Option<f64>,
+    rtt_samples: &[f64],
     configured_rtt_ms: u64,
     measured_phase: Duration,
 ) -> anyhow::Result<RelayShare> {
@@ -876,7 +927,9 @@ fn share_of(
     };
     let ingest = stage("ingest_to_ack")?;
     ensure!(ingest.count > 0, "the relay recorded no ingest→ack latency");
-    let (nats_rtt_ms, nats_rtt_source) = match measured_rtt_s {
+    let lowest =
+        rtt_samples.iter().copied().filter(|s| s.is_finite() && *s >= 0.0).reduce(f64::min);
+    let (nats_rtt_ms, nats_rtt_source) = match lowest {
         Some(s) => (s * 1e3, "measured"),
         None => (configured_rtt_ms as f64, "configured"),
     };
@@ -889,6 +942,7 @@ fn share_of(
         flush_p99_ms: ms(stage("flush")?.p99),
         nats_rtt_ms: round3(nats_rtt_ms),
         nats_rtt_source,
+        nats_rtt_samples: rtt_samples.len(),
         own_share_p99_ms: round3((ingest.p99 / 1e3 - nats_rtt_ms).max(0.0)),
     })
 }
@@ -989,22 +1043,26 @@ fn markdown(s: &GlobalSummary) -> String {
         out,
         "| region | edge RTT ms | relay↔NATS RTT ms | network floor ms | events/s | errors | \
          missing | send→ack p50 / p99 ms | send→consumer p50 / p99 / p99.9 ms | p99 < {} ms | \
-         relay ingest→ack p99 ms | relay NATS RTT ms | relay own share p99 ms | < {} ms |",
+         relay queue wait p99 ms | relay ingest→ack p99 ms | relay NATS RTT ms | relay own share \
+         p99 ms | < {} ms |",
         s.budget_ms, s.relay_share_target_ms
     );
-    let _ =
-        writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|:---:|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|:---:|"
+    );
     for r in &s.regions {
         let (a, e) = (&r.send_to_ack_ms, &r.send_to_consumer_ms);
         let relay = match &r.relay {
             Some(x) => format!(
-                "{:.2} | {:.2}{} | {:.2}",
+                "{:.2} | {:.2} | {:.2}{} | {:.2}",
+                x.queue_wait_p99_ms,
                 x.ingest_to_ack_p99_ms,
                 x.nats_rtt_ms,
                 if x.nats_rtt_source == "measured" { "" } else { " (configured)" },
                 x.own_share_p99_ms
             ),
-            None => "n/a | n/a | n/a".to_owned(),
+            None => "n/a | n/a | n/a | n/a".to_owned(),
         };
         let _ = writeln!(
             out,
@@ -1046,7 +1104,8 @@ fn markdown(s: &GlobalSummary) -> String {
          send→ack is shown but not held to the budget. Latencies run from each request's \
          intended send time (open loop, coordinated-omission-corrected). Relay own share = \
          the relay's ingest→ack p99 from its `/debug/latency` ({source}) minus its measured \
-         round trip to NATS (`edgerelay_nats_rtt_seconds`): queue wait, batching, encoding and \
+         round trip to NATS (the lowest `edgerelay_nats_rtt_seconds` read during the run): \
+         queue wait, batching, encoding and \
          JetStream's own storage work, with the emulated network taken out.",
         c = s.consumer_rtt_ms,
         b = s.budget_ms,
@@ -1241,20 +1300,21 @@ mod tests {
                 },
             );
         }
-        let share = share_of(&latency, Some(0.0105), 10, Duration::from_secs(10)).unwrap();
+        let share =
+            share_of(&latency, &[0.012, 0.0105, f64::NAN], 10, Duration::from_secs(10)).unwrap();
         assert_eq!(share.source, "window");
         assert_eq!((share.ingest_to_ack_p99_ms, share.nats_rtt_ms), (13.0, 10.5));
         assert_eq!(share.own_share_p99_ms, 2.5);
         assert_eq!(share.queue_wait_p99_ms, 2.0);
         // A run shorter than the window: since start; no probe value: the configured RTT.
-        let share = share_of(&latency, None, 10, Duration::from_secs(1)).unwrap();
+        let share = share_of(&latency, &[], 10, Duration::from_secs(1)).unwrap();
         assert_eq!((share.source, share.nats_rtt_source), ("since_start", "configured"));
         assert_eq!(share.own_share_p99_ms, 30.0);
         // Never below zero.
-        let share = share_of(&latency, Some(0.5), 10, Duration::from_secs(10)).unwrap();
+        let share = share_of(&latency, &[0.5], 10, Duration::from_secs(10)).unwrap();
         assert_eq!(share.own_share_p99_ms, 0.0);
         latency.stages.clear();
-        assert!(share_of(&latency, None, 10, Duration::from_secs(10)).is_err());
+        assert!(share_of(&latency, &[], 10, Duration::from_secs(10)).is_err());
     }
 
     #[test]
