@@ -309,6 +309,8 @@ struct GlobalSummary {
     consumer_rtt_ms: u64,
     budget_ms: f64,
     relay_share_target_ms: f64,
+    /// The run was cut short (Ctrl-C or SIGTERM): the numbers cover less than asked.
+    interrupted: bool,
     /// Every region passed both.
     pass: bool,
     regions: Vec<RegionSummary>,
@@ -586,8 +588,18 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
         join_all(topology.regions.iter().map(|site| sample_rtt(site.admin, sampling.clone())));
     let (measured, rtt_samples): (Vec<anyhow::Result<Measured>>, _) = tokio::join!(load, samplers);
     // Scraped before the consumer's grace, so the relays' windows still hold the run.
+    // The measured phase as it ran (shorter when interrupted) decides the relays' range.
+    let phases: Vec<Duration> = measured
+        .iter()
+        .map(|m| m.as_ref().map_or(args.duration, |m| m.measurements.window))
+        .collect();
     let shares = join_all(
-        topology.regions.iter().zip(rtt_samples).map(|(site, rtt)| relay_share(site, args, rtt)),
+        topology
+            .regions
+            .iter()
+            .zip(rtt_samples)
+            .zip(phases)
+            .map(|((site, rtt), phase)| relay_share(site, phase, rtt)),
     )
     .await;
     let measured = regions
@@ -625,6 +637,7 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
         consumer_rtt_ms: args.consumer_rtt_ms,
         budget_ms: args.budget_ms,
         relay_share_target_ms: args.relay_share_ms,
+        interrupted: measured.iter().any(|m| m.measurements.interrupted),
         pass: summaries.iter().all(|r| r.pass),
         regions: summaries,
     };
@@ -885,7 +898,7 @@ async fn sample_rtt(admin: SocketAddr, mut done: watch::Receiver<bool>) -> Vec<f
 /// sampled during the run (`rtt_samples`, seconds) and one more read now.
 async fn relay_share(
     site: &RegionSite,
-    args: &Args,
+    measured_phase: Duration,
     mut rtt_samples: Vec<f64>,
 ) -> anyhow::Result<RelayShare> {
     let (status, body) = admin_get(site.admin, "/debug/latency").await?;
@@ -894,7 +907,7 @@ async fn relay_share(
     let (status, metrics) = admin_get(site.admin, "/metrics").await?;
     ensure!(status == 200, "/metrics answered {status}");
     rtt_samples.extend(nats_rtt_seconds(&String::from_utf8_lossy(&metrics)));
-    share_of(&latency, &rtt_samples, site.region.nats_rtt_ms, args.duration)
+    share_of(&latency, &rtt_samples, site.region.nats_rtt_ms, measured_phase)
 }
 
 /// The relay's NATS round trip from its `/metrics`, if it has a usable one.
@@ -1039,6 +1052,9 @@ fn markdown(s: &GlobalSummary) -> String {
         s.warmup_s
     );
     let _ = writeln!(out, "`{}`\n", s.command);
+    if s.interrupted {
+        let _ = writeln!(out, "**Interrupted**: the measured phase was cut short.\n");
+    }
     let _ = writeln!(
         out,
         "| region | edge RTT ms | relay↔NATS RTT ms | network floor ms | events/s | errors | \
