@@ -178,7 +178,7 @@ impl Target {
     }
 
     /// Measures one run at the load shape of `run`, payloads stamped with `stamp`.
-    async fn measure(
+    pub(crate) async fn measure(
         &self,
         run: &RunArgs,
         stamp: Option<u64>,

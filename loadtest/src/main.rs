@@ -22,6 +22,8 @@
 //!   `.hgrm` files, `summary.json` and the percentile plot drawn by `plot` (hand-written SVG).
 //! - `probe`: what the generator reads from the relay it loads: CPU time from `/proc/PID/stat`
 //!   (`--relay-pid`) and exact ingest→ack percentiles from its admin `/debug/latency`.
+//! - `global`: the WAN scenario: nats-server and one relay per region behind `wan` proxies,
+//!   loaded at once, with one consumer; send→consumer per region against the delivery budget.
 
 #![forbid(unsafe_code)]
 
@@ -36,6 +38,7 @@ mod compare;
 mod consume;
 mod direct_js;
 mod events;
+mod global;
 mod h3;
 mod harness;
 mod https;
@@ -83,6 +86,11 @@ enum Mode {
     /// NATS (the bare server in-process): one percentile table with ratios to the baselines,
     /// `.hgrm` files, a JSON summary and an SVG percentile plot.
     Compare(Box<compare::Args>),
+    /// The WAN scenario: nats-server and one relay per region (default three: 20/60/120 ms
+    /// from their edges, 10/20/30 ms from NATS) behind delay proxies, loaded at once, with a
+    /// consumer 30 ms from NATS: send→consumer p99 per region against the 100 ms budget and
+    /// the relay's own share of it.
+    Global(Box<global::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Mode::WanProxy(args) => wan::run(*args, stop).await,
             Mode::BareServer(args) => bare::run(*args, stop).await,
             Mode::Compare(args) => compare::run(*args, stop).await,
+            Mode::Global(args) => global::run(*args, stop).await,
         }
     })
 }
