@@ -374,6 +374,7 @@ impl Args {
         };
         // The consumer is run here, once for every region; the modes only measure.
         let harness = HarnessArgs {
+            relay_pid: None,
             consume: ConsumeArgs {
                 consume: false,
                 consume_nats: None,
