@@ -10,10 +10,10 @@ use hdrhistogram::Histogram;
 use crate::report;
 
 /// Plot size in SVG user units (pixels).
-const WIDTH: f64 = 900.0;
+const WIDTH: f64 = 1000.0;
 const HEIGHT: f64 = 520.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 190.0;
+const RIGHT: f64 = 290.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 
@@ -198,18 +198,20 @@ pub fn spectrum(title: &str, series: &[Series], slo_ms: Option<f64>) -> String {
         );
         let _ = writeln!(
             out,
-            r##"<text x="{:.1}" y="{:.1}" fill="#d62728">SLO {}</text>"##,
-            LEFT + plot_w + 6.0,
-            y + 4.0,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#d62728">SLO {}</text>"##,
+            LEFT + plot_w - 6.0,
+            y - 5.0,
             format_ms(slo)
         );
     }
 
     // Series and legend.
+    // A dashed series shares the colour of the solid one before it (the same mode's other
+    // measurement); every solid series takes the next colour.
     let mut colour = 0;
     for (i, s) in series.iter().enumerate() {
-        if !s.dashed || i == 0 {
-            colour = i;
+        if !s.dashed && i > 0 {
+            colour += 1;
         }
         let stroke = COLOURS[colour % COLOURS.len()];
         let dash = if s.dashed { r#" stroke-dasharray="5 3""# } else { "" };
@@ -313,6 +315,28 @@ mod tests {
         }
         // The dashed line shares the colour of the line before it.
         assert!(svg.contains("stroke-dasharray=\"5 3\""));
+    }
+
+    #[test]
+    fn every_mode_its_own_colour_and_its_dashed_line_the_same() {
+        let h = hist([100, 200, 300]);
+        let mut series = Vec::new();
+        for mode in ["a", "b", "c", "d", "e", "f", "g"] {
+            series.push(Series::of(mode, &h, false));
+            series.push(Series::of(&format!("{mode} e2e"), &h, true));
+        }
+        let svg = spectrum("seven modes", &series, None);
+        let strokes: Vec<&str> = svg
+            .lines()
+            .filter(|l| l.starts_with(r#"<path class="series""#))
+            .filter_map(|l| l.split("stroke=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(strokes.len(), 14);
+        for pair in strokes.chunks(2) {
+            assert_eq!(pair[0], pair[1], "{strokes:?}");
+        }
+        let distinct: std::collections::BTreeSet<_> = strokes.iter().collect();
+        assert_eq!(distinct.len(), 7, "{strokes:?}");
     }
 
     #[test]
