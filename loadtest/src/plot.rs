@@ -323,7 +323,7 @@ mod tests {
         let mut series = Vec::new();
         for mode in ["a", "b", "c", "d", "e", "f", "g"] {
             series.push(Series::of(mode, &h, false));
-            series.push(Series::of(&format!("{mode} e2e"), &h, true));
+            series.push(Series::of(format!("{mode} e2e"), &h, true));
         }
         let svg = spectrum("seven modes", &series, None);
         let strokes: Vec<&str> = svg
