@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Identity;
 use crate::config::AuditConfig;
 use crate::error::{Refusal, Side};
-use crate::metrics::{Metrics, Protocol, ProtocolLabels, RefusalLabels};
+use crate::metrics::{Metrics, Protocol, RefusalLabels};
 
 /// Publishes awaiting their PubAck at most.
 const ACK_WINDOW: usize = 256;
@@ -118,7 +118,7 @@ impl Audit {
         if n == 0 {
             return;
         }
-        self.metrics.accepted.get_or_create(&ProtocolLabels { protocol }).inc_by(n);
+        self.metrics.protocol(protocol).accepted.inc_by(n);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         *counts.entry(identity.name.clone()).or_default() += n;
     }

@@ -26,7 +26,7 @@ use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
 use crate::metrics::latency::Stage;
-use crate::metrics::{Metrics, Protocol, ProtocolLabels};
+use crate::metrics::{Metrics, Protocol};
 use crate::proto;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
@@ -138,8 +138,7 @@ impl Ingest {
 
     /// Counts `bytes` of request body or frame read on `protocol`.
     pub fn received(&self, protocol: Protocol, bytes: usize) {
-        let counter = self.metrics.received_bytes.get_or_create(&ProtocolLabels { protocol });
-        counter.inc_by(bytes as u64);
+        self.metrics.protocol(protocol).received_bytes.inc_by(bytes as u64);
     }
 
     /// Counts a connection of `protocol` as open until the guard is dropped.
@@ -240,19 +239,19 @@ impl Ingest {
             }
         }
         self.audit.accepted(protocol, identity, accepted);
-        let labels = ProtocolLabels { protocol };
+        let series = self.metrics.protocol(protocol);
         if duplicates > 0 {
-            self.metrics.duplicates.get_or_create(&labels).inc_by(duplicates);
+            series.duplicates.inc_by(duplicates);
         }
         let now = Instant::now();
         let since_arrival = now.saturating_duration_since(at.instant);
-        self.metrics.ingest_to_ack.get_or_create(&labels).observe(since_arrival.as_secs_f64());
+        series.ingest_to_ack.observe(since_arrival.as_secs_f64());
         let latency = &self.metrics.latency;
         latency.record(Stage::IngestToAck, since_arrival, now);
         if let Some(edge_ms) = edge_ms {
             let since_edge =
                 Duration::from_millis((at.unix_us / 1_000).saturating_sub(edge_ms)) + since_arrival;
-            self.metrics.edge_to_ack.get_or_create(&labels).observe(since_edge.as_secs_f64());
+            series.edge_to_ack.observe(since_edge.as_secs_f64());
             latency.record(Stage::EdgeToAck, since_edge, now);
         }
         outcomes

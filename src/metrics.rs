@@ -88,10 +88,22 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// One protocol's series in [`Metrics`]' families (handles sharing their values).
+#[derive(Debug)]
+pub struct ProtocolMetrics {
+    pub accepted: Counter,
+    pub duplicates: Counter,
+    pub received_bytes: Counter,
+    pub ingest_to_ack: Histogram,
+    pub edge_to_ack: Histogram,
+}
+
 /// The relay's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The series of [`Protocol::ALL`], in that order (see [`Metrics::protocol`]).
+    by_protocol: [ProtocolMetrics; 3],
     /// Events and requests refused, by protocol, code and reason.
     pub refusals: Family<RefusalLabels, Counter>,
     /// Events taken in (queued or stored, per the ack mode), by protocol; duplicates not
@@ -164,19 +176,19 @@ impl Metrics {
             "Events and requests refused, by protocol, error code and reason",
             refusals.clone(),
         );
-        let accepted = Family::default();
+        let accepted: Family<ProtocolLabels, Counter> = Family::default();
         registry.register(
             "accepted_events",
             "Events taken in (queued or stored), duplicates excluded, by protocol",
             accepted.clone(),
         );
-        let duplicates = Family::default();
+        let duplicates: Family<ProtocolLabels, Counter> = Family::default();
         registry.register(
             "duplicates",
             "Events answered from the idempotency cache (Idempotency-Key retries), by protocol",
             duplicates.clone(),
         );
-        let received_bytes = Family::default();
+        let received_bytes: Family<ProtocolLabels, Counter> = Family::default();
         registry.register(
             "received_bytes",
             "Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol",
@@ -206,15 +218,6 @@ impl Metrics {
             "Round trip of a JetStream API request to the NATS cluster (NaN when it failed)",
             nats_rtt.clone(),
         );
-        // Every protocol's series exist from the start, at 0: dashboards and alerts see the
-        // names before the first event.
-        for protocol in Protocol::ALL {
-            let labels = ProtocolLabels { protocol };
-            let _ = accepted.get_or_create(&labels);
-            let _ = duplicates.get_or_create(&labels);
-            let _ = received_bytes.get_or_create(&labels);
-            let _ = connections.get_or_create(&labels);
-        }
         let audit_records = Counter::default();
         registry.register(
             "audit_records",
@@ -279,8 +282,23 @@ impl Metrics {
             "Batches published and not yet acknowledged",
             inflight_batches.clone(),
         );
+        // Every protocol's series exist from the start, at 0: dashboards and alerts see the
+        // names before the first event. The request path keeps handles to them, so it never
+        // looks a label set up per request.
+        let by_protocol = Protocol::ALL.map(|protocol| {
+            let labels = ProtocolLabels { protocol };
+            let _ = connections.get_or_create(&labels);
+            ProtocolMetrics {
+                accepted: accepted.get_or_create(&labels).clone(),
+                duplicates: duplicates.get_or_create(&labels).clone(),
+                received_bytes: received_bytes.get_or_create(&labels).clone(),
+                ingest_to_ack: ingest_to_ack.get_or_create(&labels).clone(),
+                edge_to_ack: edge_to_ack.get_or_create(&labels).clone(),
+            }
+        });
         Self {
             registry,
+            by_protocol,
             refusals,
             accepted,
             duplicates,
@@ -305,6 +323,16 @@ impl Metrics {
             queue_depth,
             inflight_batches,
         }
+    }
+
+    /// The per-protocol series the request path updates.
+    pub fn protocol(&self, protocol: Protocol) -> &ProtocolMetrics {
+        let index = match protocol {
+            Protocol::Https => 0,
+            Protocol::H3 => 1,
+            Protocol::Quic => 2,
+        };
+        &self.by_protocol[index]
     }
 
     /// Counts a connection of `protocol` as open until the returned guard is dropped.
