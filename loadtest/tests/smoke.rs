@@ -161,9 +161,32 @@ allow = ["edge.>"]
 }
 
 /// `loadtest compare` against `setup` with `args`, output in `out`.
+/// What every smoke run of `compare` shares: a second at a low rate, one connection.
+const SHORT_RUN: &[&str] = &[
+    "--rate",
+    "200",
+    "--warmup",
+    "200ms",
+    "--duration",
+    "1s",
+    "--pacer-spin",
+    "0",
+    "--connections",
+    "1",
+    "--concurrency",
+    "16",
+    "--consume-grace",
+    "5s",
+    "--direct-stream",
+    "SMOKE_DIRECT",
+    "--slo-p99-ms",
+    "1000",
+];
+
 fn compare(setup: &Setup, out: &Path, args: &[&str]) -> (serde_json::Value, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .arg("compare")
+        .args(SHORT_RUN)
         .args(args)
         .args(["--relay-https", &format!("https://127.0.0.1:{}", setup.https_port)])
         .args(["--relay-quic", &format!("127.0.0.1:{}", setup.quic_port)])
@@ -187,33 +210,8 @@ fn compare(setup: &Setup, out: &Path, args: &[&str]) -> (serde_json::Value, Stri
 fn compare_runs_every_mode_end_to_end() {
     let setup = start();
     let out = setup.dir.join("out");
-    let (summary, stdout) = compare(
-        &setup,
-        &out,
-        &[
-            "--modes",
-            "https,h3,quic,direct-js,bare",
-            "--consume",
-            "--rate",
-            "200",
-            "--warmup",
-            "200ms",
-            "--duration",
-            "1s",
-            "--pacer-spin",
-            "0",
-            "--connections",
-            "1",
-            "--concurrency",
-            "16",
-            "--consume-grace",
-            "5s",
-            "--direct-stream",
-            "SMOKE_DIRECT",
-            "--slo-p99-ms",
-            "1000",
-        ],
-    );
+    let (summary, stdout) =
+        compare(&setup, &out, &["--modes", "https,h3,quic,direct-js,bare", "--consume"]);
     let modes = summary["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
     assert_eq!(names, ["https", "h3", "quic", "direct-js", "bare"], "{stdout}");
@@ -261,25 +259,7 @@ fn compare_reports_relay_cpu_and_the_run_at_a_fraction_of_max() {
         &[
             "--modes",
             "https,quic-e1,direct-js",
-            "--rate",
-            "200",
-            "--warmup",
-            "200ms",
-            "--duration",
-            "1s",
-            "--pacer-spin",
-            "0",
-            "--connections",
-            "1",
-            "--concurrency",
-            "16",
-            "--consume-grace",
-            "5s",
-            "--direct-stream",
-            "SMOKE_DIRECT",
             "--find-max",
-            "--slo-p99-ms",
-            "1000",
             "--find-max-steps",
             "1",
             "--at-fraction",
