@@ -14,7 +14,7 @@ const BATCH: u64 = 4096;
 fn claim_and_complete(c: &mut Criterion) {
     let mut group = c.benchmark_group("idempotency");
     group.throughput(Throughput::Elements(BATCH));
-    let stored = Stored { seq: 1, batch: 1, index: 0, duplicate: false };
+    let stored = Stored { seq: 1, batch: 1, index: 0, cluster: 0, duplicate: false };
     for max_keys in [10_000usize, 1_000_000] {
         let cache = Idempotency::new(Duration::from_secs(3600), max_keys);
         let now = Instant::now();

@@ -4,7 +4,7 @@
 //! keys are loaded), so a load balancer sends no traffic to a relay that could only refuse it.
 //! `/metrics` is the Prometheus (OpenMetrics) exposition of [`crate::metrics`];
 //! `/debug/latency` and `/debug/latency/{stage}.hgrm` the exact percentiles of
-//! [`crate::metrics::latency`].
+//! [`crate::metrics::latency`]; `/debug/clusters` the state of every NATS cluster (JSON).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -125,6 +125,12 @@ fn route(uri: &http::Uri, health: &Health) -> Response<Full<Bytes>> {
             None => (StatusCode::OK, "ready\n".to_owned()),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
+        "/debug/clusters" => {
+            let mut json =
+                serde_json::to_vec_pretty(&health.sink.cluster_status()).unwrap_or_default();
+            json.push(b'\n');
+            return typed(StatusCode::OK, json, "application/json");
+        }
         "/metrics" => {
             let m = &health.metrics;
             m.queue_depth.set(health.queues.depth() as i64);
@@ -143,7 +149,8 @@ fn route(uri: &http::Uri, health: &Health) -> Response<Full<Bytes>> {
         }
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics or /debug/latency\n".to_owned(),
+            "not found: try /healthz, /readyz, /metrics, /debug/latency or /debug/clusters\n"
+                .to_owned(),
         ),
     };
     text(status, body)

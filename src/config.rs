@@ -191,12 +191,21 @@ pub struct BatchConfig {
     pub queue_capacity: usize,
 }
 
+/// Where batches go: one NATS cluster (`urls` and the credentials here), or several
+/// (`[[nats.clusters]]`), of which the relay publishes to the nearest healthy one.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs of the cluster, e.g. `nats://10.0.0.1:4222`; the client picks and fails
-    /// over among them.
+    /// over among them. With `clusters` set, leave this empty.
     pub urls: Vec<String>,
+    /// Several clusters, each with its own URLs (e.g. this region's and the next region's).
+    /// The relay measures its round trip to each and publishes to the nearest healthy one
+    /// ([`FailoverConfig`]). Credentials given here override those of `[nats]`, which every
+    /// cluster inherits otherwise.
+    pub clusters: Vec<ClusterConfig>,
+    /// When to leave a cluster and when to come back to a nearer one.
+    pub failover: FailoverConfig,
     /// Client connection name, shown by the NATS server's monitoring.
     pub client_name: String,
     /// NATS credentials file (JWT + nkey seed), if the cluster uses decentralized auth.
@@ -217,8 +226,8 @@ pub struct NatsConfig {
     pub tls_key: Option<PathBuf>,
     /// Timeout of one connection attempt, milliseconds.
     pub connect_timeout_ms: u64,
-    /// Batches published and not yet acknowledged, at most. Beyond it the batchers wait and
-    /// the queues fill (backpressure).
+    /// Batches published and not yet acknowledged, at most (over all clusters). Beyond it the
+    /// batchers wait and the queues fill (backpressure).
     pub max_inflight_batches: usize,
     /// How long to wait for one PubAck before publishing the batch again (same Msg-Id).
     pub ack_timeout_ms: u64,
@@ -228,6 +237,61 @@ pub struct NatsConfig {
     pub publish_deadline_ms: u64,
     /// First pause before a retry, milliseconds; doubles up to 1 s.
     pub retry_backoff_ms: u64,
+}
+
+/// One NATS cluster of `[[nats.clusters]]`. Credential fields left out are taken from
+/// `[nats]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Short name, used in logs, metrics (`cluster` label) and answers. Tokens of
+    /// `[A-Za-z0-9_-]`, unique.
+    pub name: String,
+    /// Where the cluster runs (e.g. `eu-central`), for logs and `/debug/clusters`.
+    pub region: String,
+    /// Server URLs of this cluster.
+    pub urls: Vec<String>,
+    /// As `nats.creds_file`, for this cluster.
+    pub creds_file: Option<PathBuf>,
+    /// As `nats.user`, for this cluster.
+    pub user: Option<String>,
+    /// As `nats.password`, for this cluster.
+    pub password: Option<String>,
+    /// As `nats.token`, for this cluster.
+    pub token: Option<String>,
+    /// As `nats.nkey_seed_file`, for this cluster.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// As `nats.tls_ca`, for this cluster.
+    pub tls_ca: Option<PathBuf>,
+    /// As `nats.tls_cert`, for this cluster.
+    pub tls_cert: Option<PathBuf>,
+    /// As `nats.tls_key`, for this cluster.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// How the relay chooses among several clusters. A cluster is healthy while it is connected,
+/// its stream is checked, and fewer than `unhealthy_after_failures` probes or publishes in a
+/// row failed. The relay publishes to the healthy cluster with the lowest measured round
+/// trip; it leaves the active cluster as soon as it turns unhealthy (failover), and moves to a
+/// nearer one only after that one has been healthy for `failback_after_ms` and is nearer by
+/// `failback_margin_ms` (fail-back with hysteresis, so a flapping cluster is not followed).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// How often the round trip to every cluster is measured (a JetStream `STREAM.INFO`
+    /// request), milliseconds.
+    pub probe_interval_ms: u64,
+    /// A probe unanswered after this long counts as a failure, milliseconds.
+    pub probe_timeout_ms: u64,
+    /// Failed probes or publish attempts (ack timeout, JetStream unavailable) in a row that
+    /// make a cluster unhealthy. A lost connection makes it unhealthy at once.
+    pub unhealthy_after_failures: u32,
+    /// How long a recovered, nearer cluster must stay healthy before the relay moves back to
+    /// it, milliseconds.
+    pub failback_after_ms: u64,
+    /// How much nearer (lower round trip) another healthy cluster must be before the relay
+    /// moves to it, milliseconds.
+    pub failback_margin_ms: u64,
 }
 
 /// JetStream storage backend.
@@ -261,6 +325,10 @@ pub struct StreamConfig {
     pub max_bytes: i64,
     /// Create the stream if it does not exist. When false the relay only checks it.
     pub create: bool,
+    /// The NATS servers run with `jetstream { sync_interval: always }` (fsync before every
+    /// acknowledgement). Only silences the start-up warning about an R1 stream on servers
+    /// that fsync lazily; the relay cannot read the servers' setting itself.
+    pub server_sync_always: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -503,6 +571,8 @@ impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             urls: vec!["nats://127.0.0.1:4222".into()],
+            clusters: Vec::new(),
+            failover: FailoverConfig::default(),
             client_name: "edgerelay".into(),
             creds_file: None,
             user: None,
@@ -521,6 +591,48 @@ impl Default for NatsConfig {
     }
 }
 
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: 1_000,
+            probe_timeout_ms: 1_000,
+            unhealthy_after_failures: 3,
+            failback_after_ms: 30_000,
+            failback_margin_ms: 5,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The clusters to connect to, with inherited credentials filled in: `clusters`, or one
+    /// cluster named `default` from `urls`.
+    pub fn resolved_clusters(&self) -> Vec<ClusterConfig> {
+        let inherit = |c: &ClusterConfig| ClusterConfig {
+            name: c.name.clone(),
+            region: c.region.clone(),
+            urls: c.urls.clone(),
+            creds_file: c.creds_file.clone().or_else(|| self.creds_file.clone()),
+            user: c.user.clone().or_else(|| self.user.clone()),
+            password: c.password.clone().or_else(|| self.password.clone()),
+            token: c.token.clone().or_else(|| self.token.clone()),
+            nkey_seed_file: c.nkey_seed_file.clone().or_else(|| self.nkey_seed_file.clone()),
+            tls_ca: c.tls_ca.clone().or_else(|| self.tls_ca.clone()),
+            tls_cert: c.tls_cert.clone().or_else(|| self.tls_cert.clone()),
+            tls_key: c.tls_key.clone().or_else(|| self.tls_key.clone()),
+        };
+        if self.clusters.is_empty() {
+            let single = ClusterConfig {
+                name: "default".into(),
+                urls: self.urls.clone(),
+                ..ClusterConfig::default()
+            };
+            vec![inherit(&single)]
+        } else {
+            self.clusters.iter().map(inherit).collect()
+        }
+    }
+}
+
 impl Default for StreamConfig {
     fn default() -> Self {
         Self {
@@ -532,6 +644,7 @@ impl Default for StreamConfig {
             max_age_secs: 0,
             max_bytes: -1,
             create: true,
+            server_sync_always: false,
         }
     }
 }
@@ -652,42 +765,73 @@ impl Config {
         bad(b.shards > 1024, "batch.shards must be at most 1024".into());
 
         let n = &self.nats;
-        bad(n.urls.is_empty(), "nats.urls must list at least one server".into());
-        for u in &n.urls {
+        bad(
+            !n.clusters.is_empty() && !n.urls.is_empty() && n.urls != NatsConfig::default().urls,
+            "nats: give either urls (one cluster) or [[nats.clusters]], not both".into(),
+        );
+        let clusters = n.resolved_clusters();
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in clusters.iter().enumerate() {
+            let at = if n.clusters.is_empty() {
+                "nats".to_owned()
+            } else {
+                format!("nats.clusters[{i}]")
+            };
+            if !n.clusters.is_empty() {
+                bad(
+                    crate::subject::validate(&c.name, 64).is_err() || c.name.contains('.'),
+                    format!("{at}.name: {:?} must be 1-64 characters of [A-Za-z0-9_-]", c.name),
+                );
+                bad(!names.insert(&c.name), format!("{at}.name: {:?} is used twice", c.name));
+            }
+            bad(c.urls.is_empty(), format!("{at}.urls must list at least one server"));
+            for u in &c.urls {
+                bad(
+                    u.parse::<async_nats::ServerAddr>().is_err(),
+                    format!("{at}.urls: {u:?} is not a NATS URL"),
+                );
+            }
             bad(
-                u.parse::<async_nats::ServerAddr>().is_err(),
-                format!("nats.urls: {u:?} is not a NATS URL"),
+                c.user.is_some() != c.password.is_some(),
+                format!("{at}: user and password go together"),
             );
-        }
-        bad(
-            n.user.is_some() != n.password.is_some(),
-            "nats.user and nats.password go together".into(),
-        );
-        let methods = [
-            n.creds_file.is_some(),
-            n.nkey_seed_file.is_some(),
-            n.user.is_some(),
-            n.token.is_some(),
-        ];
-        bad(
-            methods.iter().filter(|m| **m).count() > 1,
-            "nats: use only one of creds_file, nkey_seed_file, user/password, token".into(),
-        );
-        bad(
-            n.tls_cert.is_some() != n.tls_key.is_some(),
-            "nats.tls_cert and nats.tls_key go together".into(),
-        );
-        for (name, path) in [
-            ("nats.creds_file", &n.creds_file),
-            ("nats.nkey_seed_file", &n.nkey_seed_file),
-            ("nats.tls_ca", &n.tls_ca),
-            ("nats.tls_cert", &n.tls_cert),
-            ("nats.tls_key", &n.tls_key),
-        ] {
-            if let Some(p) = path {
-                bad(!p.is_file(), format!("{name}: {} is not a readable file", p.display()));
+            let methods = [
+                c.creds_file.is_some(),
+                c.nkey_seed_file.is_some(),
+                c.user.is_some(),
+                c.token.is_some(),
+            ];
+            bad(
+                methods.iter().filter(|m| **m).count() > 1,
+                format!("{at}: use only one of creds_file, nkey_seed_file, user/password, token"),
+            );
+            bad(
+                c.tls_cert.is_some() != c.tls_key.is_some(),
+                format!("{at}: tls_cert and tls_key go together"),
+            );
+            for (name, path) in [
+                ("creds_file", &c.creds_file),
+                ("nkey_seed_file", &c.nkey_seed_file),
+                ("tls_ca", &c.tls_ca),
+                ("tls_cert", &c.tls_cert),
+                ("tls_key", &c.tls_key),
+            ] {
+                if let Some(p) = path {
+                    bad(
+                        !p.is_file(),
+                        format!("{at}.{name}: {} is not a readable file", p.display()),
+                    );
+                }
             }
         }
+        bad(clusters.len() > 16, "nats.clusters: at most 16 clusters".into());
+        let f = &n.failover;
+        bad(f.probe_interval_ms == 0, "nats.failover.probe_interval_ms must be > 0".into());
+        bad(f.probe_timeout_ms == 0, "nats.failover.probe_timeout_ms must be > 0".into());
+        bad(
+            f.unhealthy_after_failures == 0,
+            "nats.failover.unhealthy_after_failures must be > 0".into(),
+        );
         bad(n.max_inflight_batches == 0, "nats.max_inflight_batches must be > 0".into());
         bad(n.ack_timeout_ms == 0, "nats.ack_timeout_ms must be > 0".into());
         bad(
@@ -1039,5 +1183,66 @@ mod tests {
         assert_eq!(cfg.relay.ack_mode, AckMode::Durable);
         assert_eq!(cfg.stream.duplicate_window_ms, 120_000);
         assert!(cfg.batch.max_bytes > cfg.https.max_event_bytes);
+    }
+
+    #[test]
+    fn clusters_inherit_credentials_they_do_not_set() {
+        let cfg = Config::parse(
+            r#"
+            [nats]
+            urls = []
+            token = "shared"
+            [[nats.clusters]]
+            name = "fra"
+            region = "eu-central"
+            urls = ["nats://10.0.0.1:4222"]
+            [[nats.clusters]]
+            name = "ams"
+            urls = ["nats://10.1.0.1:4222"]
+            token = "own"
+            "#,
+        )
+        .unwrap();
+        let c = cfg.nats.resolved_clusters();
+        assert_eq!((c[0].name.as_str(), c[0].token.as_deref()), ("fra", Some("shared")));
+        assert_eq!((c[1].name.as_str(), c[1].token.as_deref()), ("ams", Some("own")));
+        let single = Config::default().nats.resolved_clusters();
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].name, "default");
+    }
+
+    #[test]
+    fn bad_clusters_are_reported() {
+        let cfg = Config::parse(
+            r#"
+            [nats]
+            urls = ["nats://10.9.9.9:4222"]
+            [[nats.clusters]]
+            name = "a.b"
+            urls = []
+            [[nats.clusters]]
+            name = "dup"
+            urls = ["nats://x:1"]
+            user = "u"
+            [[nats.clusters]]
+            name = "dup"
+            urls = ["nats://x:1"]
+            [nats.failover]
+            unhealthy_after_failures = 0
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(errs) = cfg.validate().unwrap_err() else { panic!() };
+        let all = errs.join("\n");
+        for needle in [
+            "either urls (one cluster) or [[nats.clusters]]",
+            "nats.clusters[0].name",
+            "nats.clusters[0].urls must list",
+            "nats.clusters[1]: user and password go together",
+            "nats.clusters[2].name: \"dup\" is used twice",
+            "unhealthy_after_failures",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 }

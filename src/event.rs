@@ -26,22 +26,31 @@ pub struct Stored {
     pub batch: u64,
     /// Index of the event within the batch.
     pub index: u32,
+    /// Which NATS cluster stored it (an index into [`Names::clusters`]).
+    pub cluster: u8,
     /// This answer repeats an earlier one (idempotency-key retry).
     pub duplicate: bool,
 }
 
-/// The names answers give: the stream, and the batches' `Nats-Msg-Id`s
+/// The names answers give: the stream, the clusters, and the batches' `Nats-Msg-Id`s
 /// (`{relay.id}.{boot id}.{batch}`), the same for every event of one relay process.
 #[derive(Clone, Debug)]
 pub struct Names {
     pub stream: String,
+    /// The configured NATS clusters' names, in config order.
+    pub clusters: Vec<String>,
     /// `{relay.id}.{boot id}`.
     batch_prefix: String,
 }
 
 impl Names {
-    pub fn new(stream: &str, relay_id: &str, boot_id: &str) -> Self {
-        Self { stream: stream.to_owned(), batch_prefix: format!("{relay_id}.{boot_id}") }
+    pub fn new(stream: &str, clusters: Vec<String>, relay_id: &str, boot_id: &str) -> Self {
+        Self { stream: stream.to_owned(), clusters, batch_prefix: format!("{relay_id}.{boot_id}") }
+    }
+
+    /// The name of cluster number `i`.
+    pub fn cluster(&self, i: u8) -> &str {
+        self.clusters.get(usize::from(i)).map_or("", String::as_str)
     }
 
     /// The `Nats-Msg-Id` of batch number `batch`.
@@ -182,7 +191,7 @@ mod tests {
     use super::*;
 
     fn stored(seq: u64) -> Outcome {
-        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, duplicate: false }))
+        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: false }))
     }
 
     #[tokio::test]

@@ -375,6 +375,7 @@ pub fn results_of(outcomes: &[Outcome], names: &Names) -> Vec<proto::EventResult
             }
             O::Accepted(proto::Accepted {
                 stream: names.stream.clone(),
+                cluster: names.cluster(s.cluster).to_owned(),
                 seq: s.seq,
                 batch: batch_id.1.clone(),
                 index: s.index,
@@ -429,8 +430,10 @@ mod tests {
 
     #[test]
     fn results_name_each_event_s_own_batch() {
-        let names = Names::new("EDGE", "r", "b");
-        let stored = |batch| Ok(Ack::Stored(Stored { seq: 9, batch, index: 0, duplicate: false }));
+        let names = Names::new("EDGE", vec!["default".into()], "r", "b");
+        let stored = |batch| {
+            Ok(Ack::Stored(Stored { seq: 9, batch, index: 0, cluster: 0, duplicate: false }))
+        };
         let refused = Err(Refusal::new(ErrorCode::QueueFull, "full"));
         let outcomes = [stored(1), stored(1), refused, stored(2), stored(1)];
         let batches: Vec<String> = results_of(&outcomes, &names)

@@ -124,22 +124,8 @@ impl Relay {
             metrics.clone(),
         )
         .await?;
-        wait_connected(&sink, ms(config.nats.connect_timeout_ms)).await;
-        if !sink.ensure_stream().await? {
-            tracing::warn!(
-                urls = ?config.nats.urls,
-                "NATS not reachable yet: serving 503 until it is"
-            );
-        }
+        sink.start(ms(config.nats.connect_timeout_ms)).await?;
         let (fatal_tx, fatal) = mpsc::channel(1);
-        let keeper = {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                if let Err(e) = sink.keep_stream().await {
-                    let _ = fatal_tx.send(e).await;
-                }
-            })
-        };
 
         let queues = Arc::new(Queues::new(config.shards(), config.batch.queue_capacity));
         let auth = Arc::new(Auth::new(&config.auth, metrics.clone())?);
@@ -157,10 +143,7 @@ impl Relay {
         let health =
             Arc::new(Health::new(sink.clone(), key_store.clone(), metrics, queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        let rtt = tokio::spawn(
-            sink.clone().probe_rtt(sink::jetstream::RTT_PROBE_INTERVAL, stop_rx.clone()),
-        );
-        let mut background = vec![keeper, rtt];
+        let mut background = sink.spawn_services(stop_rx.clone(), fatal_tx);
         if let Some(queue) = audit_queue {
             let client = sink.client().clone();
             background.push(tokio::spawn(audit::run(
@@ -328,15 +311,6 @@ pub async fn run(
             relay.shutdown().await;
             Err(e.into())
         }
-    }
-}
-
-async fn wait_connected(sink: &Sink, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while sink.client().connection_state() != async_nats::connection::State::Connected
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -64,12 +64,17 @@ pub struct ProtocolLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
-    /// The NATS cluster's configured name, or [`DEFAULT_CLUSTER`].
+    /// The NATS cluster's configured name (`default` for the one cluster of `nats.urls`).
     pub cluster: String,
 }
 
-/// The `cluster` label of the one NATS cluster when the config does not name it.
-pub const DEFAULT_CLUSTER: &str = "default";
+/// A change of the active NATS cluster: to which one (`none` when no cluster is usable) and
+/// why (`start`, `unhealthy`, `nearer`, `recovered`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabels {
+    pub to: String,
+    pub reason: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -117,10 +122,15 @@ pub struct Metrics {
     pub published_bytes: Counter,
     /// Open connections (handshake done), by protocol.
     pub connections: Family<ProtocolLabels, Gauge>,
-    /// 1 for the NATS cluster in use while connected, else 0.
+    /// 1 for the NATS cluster batches are published to, else 0.
     pub nats_active_cluster: Family<ClusterLabels, Gauge>,
     /// Round trip of a JetStream API request to the cluster, seconds (NaN when it failed).
     pub nats_rtt: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while the cluster is connected, its stream checked and its probes and publishes
+    /// succeed, else 0.
+    pub nats_cluster_healthy: Family<ClusterLabels, Gauge>,
+    /// Changes of the active cluster, by new cluster and reason.
+    pub nats_failovers: Family<FailoverLabels, Counter>,
     /// Exact percentiles of the latency stages (`/debug/latency`).
     pub latency: latency::Latency,
     /// Audit records handed to the audit stream's queue.
@@ -209,8 +219,20 @@ impl Metrics {
         let nats_active_cluster = Family::default();
         registry.register(
             "nats_active_cluster",
-            "1 for the NATS cluster in use while connected, else 0",
+            "1 for the NATS cluster batches are published to, else 0",
             nats_active_cluster.clone(),
+        );
+        let nats_cluster_healthy = Family::default();
+        registry.register(
+            "nats_cluster_healthy",
+            "1 while the NATS cluster is connected, its stream checked and its probes and publishes succeed",
+            nats_cluster_healthy.clone(),
+        );
+        let nats_failovers = Family::default();
+        registry.register(
+            "nats_failovers",
+            "Changes of the active NATS cluster, by new cluster and reason",
+            nats_failovers.clone(),
         );
         let nats_rtt = Family::default();
         registry.register(
@@ -307,6 +329,8 @@ impl Metrics {
             connections,
             nats_active_cluster,
             nats_rtt,
+            nats_cluster_healthy,
+            nats_failovers,
             latency: latency::Latency::new(start),
             audit_records,
             audit_dropped,

@@ -1,10 +1,14 @@
 //! The sink: publishes batches to JetStream and answers their events when the PubAck comes.
 //!
-//! - [`jetstream`]: the NATS connection, the bounded ack window, retries with the same
-//!   `Nats-Msg-Id`, and the answers.
-//! - [`stream`]: creating or checking the configured stream at start-up.
+//! - [`jetstream`]: the bounded ack window, publishing to the active cluster, retries with
+//!   the same `Nats-Msg-Id` (on another cluster after a failover), and the answers.
+//! - [`router`]: which cluster is active — the nearest healthy one, with hysteresis (sans-IO).
+//! - [`cluster`]: one cluster's connection, stream check and round-trip probe.
+//! - [`stream`]: the stream the relay wants, and whether an existing one fits.
 
+pub mod cluster;
 pub mod jetstream;
+pub mod router;
 pub mod stream;
 
 pub use jetstream::{Sink, SinkError};

@@ -481,6 +481,7 @@ mod tests {
                 batch: "b".into(),
                 index: 0,
                 duplicate: false,
+                cluster: "default".into(),
             })),
         }
     }

@@ -307,7 +307,7 @@ mod tests {
     }
 
     fn stored(seq: u64) -> Stored {
-        Stored { seq, batch: 1, index: 0, duplicate: false }
+        Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: false }
     }
 
     #[test]

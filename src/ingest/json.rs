@@ -45,9 +45,20 @@ struct JsonEvent {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Answer<'a> {
-    Stored { stream: &'a str, seq: u64, batch: String, index: u32, duplicate: bool },
-    Queued { queued: bool },
-    Refused { error: ErrorBody<'a> },
+    Stored {
+        stream: &'a str,
+        cluster: &'a str,
+        seq: u64,
+        batch: String,
+        index: u32,
+        duplicate: bool,
+    },
+    Queued {
+        queued: bool,
+    },
+    Refused {
+        error: ErrorBody<'a>,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +115,7 @@ impl<'a> Answer<'a> {
         match outcome {
             Ok(Ack::Stored(s)) => Answer::Stored {
                 stream: &names.stream,
+                cluster: names.cluster(s.cluster),
                 seq: s.seq,
                 batch: names.batch(s.batch),
                 index: s.index,
@@ -165,13 +177,14 @@ mod tests {
 
     #[test]
     fn answers_have_the_documented_shape() {
-        let names = Names::new("EDGE", "r", "b");
-        let ok: Outcome = Ok(Ack::Stored(Stored { seq: 4, batch: 1, index: 2, duplicate: false }));
+        let names = Names::new("EDGE", vec!["default".into()], "r", "b");
+        let ok: Outcome =
+            Ok(Ack::Stored(Stored { seq: 4, batch: 1, index: 2, cluster: 0, duplicate: false }));
         let v: serde_json::Value =
             serde_json::from_slice(&encode(&Answer::of(&ok, &names))).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"stream":"EDGE","seq":4,"batch":"r.b.1","index":2,"duplicate":false})
+            serde_json::json!({"stream":"EDGE","cluster":"default","seq":4,"batch":"r.b.1","index":2,"duplicate":false})
         );
         let err: Outcome = Err(Refusal::new(ErrorCode::Forbidden, "no").because("no_rule_allows"));
         let v: serde_json::Value =

@@ -6,33 +6,32 @@
 //! ingest answers with 503. A missing or failed ack is retried with the same Msg-Id (so
 //! JetStream stores the batch once) until the batch's deadline; then its events are refused.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::connection::State;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, Context};
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
 
-use super::stream;
+use super::cluster::{Cluster, ConnectionEvent, Probe};
+use super::router::{Params, Reason, Router, Switch};
 use crate::batch::Ready;
-use crate::config::{ms, NatsConfig, StreamConfig};
+use crate::config::{ms, FailoverConfig, NatsConfig, StreamConfig};
 use crate::error::{ErrorCode, Refusal};
 use crate::event::{Ack, Names, Pending, Reply, Stored};
 use crate::metrics::latency::Stage;
-use crate::metrics::{ClusterLabels, Metrics, OutcomeLabels, DEFAULT_CLUSTER};
+use crate::metrics::{FailoverLabels, Metrics, OutcomeLabels};
 use crate::proto;
 
 /// Header carrying the number of events in a batch.
 pub const EVENTS_HEADER: &str = "Edgerelay-Events";
 /// `Content-Type` of every batch.
 pub const CONTENT_TYPE: &str = "application/x-protobuf; messageType=edgerelay.v1.Batch";
-/// How often [`Sink::probe_rtt`] measures the round trip to NATS.
-pub const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause between two retries of a batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -40,26 +39,31 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The NATS options could not be built (e.g. unreadable credentials file). Our side.
-    #[error("NATS client options: {0}")]
-    Options(String),
+    #[error("NATS cluster {cluster}: client options: {message}")]
+    Options { cluster: String, message: String },
     /// The stream exists with a configuration the relay cannot use. Operator's side; a retry
     /// does not help until the stream or the config changes.
-    #[error("stream {stream} conflicts with the configuration:\n  {}", .conflicts.join("\n  "))]
-    StreamConflict { stream: String, conflicts: Vec<String> },
+    #[error("stream {stream} on NATS cluster {cluster} conflicts with the configuration:\n  {}", .conflicts.join("\n  "))]
+    StreamConflict { cluster: String, stream: String, conflicts: Vec<String> },
     /// JetStream refused to create the stream (e.g. subjects overlap another stream).
-    #[error("cannot create stream {stream}: {message}")]
-    StreamCreate { stream: String, message: String },
+    #[error("cannot create stream {stream} on NATS cluster {cluster}: {message}")]
+    StreamCreate { cluster: String, stream: String, message: String },
     /// The stream is missing and `stream.create` is off.
-    #[error("stream {0} does not exist and stream.create is false")]
-    StreamMissing(String),
+    #[error("stream {stream} does not exist on NATS cluster {cluster} and stream.create is false")]
+    StreamMissing { cluster: String, stream: String },
 }
 
 /// The JetStream side of the relay. Shared by the batcher tasks and ingest (for readiness).
 #[derive(Debug)]
 pub struct Sink {
-    client: async_nats::Client,
-    js: Context,
+    clusters: Vec<Cluster>,
+    router: Mutex<Router>,
+    /// The router's active cluster, for readers that only look ([`NONE`] when none).
+    active: AtomicUsize,
+    /// Connection changes reported by the clients, taken by [`Sink::spawn_services`].
+    events: Mutex<Option<mpsc::UnboundedReceiver<ConnectionEvent>>>,
     stream: StreamConfig,
+    failover: FailoverConfig,
     relay_id: String,
     boot_id: String,
     names: Names,
@@ -68,14 +72,29 @@ pub struct Sink {
     window_size: u32,
     deadline: Duration,
     backoff: Duration,
-    /// The stream was found or created and matches the config.
-    stream_ok: AtomicBool,
-    /// Asks the stream keeper to check the stream again (e.g. after "no stream found").
-    recheck: Notify,
     /// Signalled when the last batch in flight was answered.
     idle: Notify,
     metrics: Arc<Metrics>,
 }
+
+/// One cluster as `/debug/clusters` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub region: String,
+    /// Batches go here now.
+    pub active: bool,
+    pub connected: bool,
+    /// The stream was checked on this cluster.
+    pub stream_ok: bool,
+    pub healthy: bool,
+    pub failures_in_a_row: u32,
+    /// Smoothed round trip of the probes, once one answered.
+    pub rtt_ms: Option<f64>,
+}
+
+/// [`Sink::active`] when no cluster is usable.
+const NONE: usize = usize::MAX;
 
 /// One batch on its way to JetStream.
 struct Flight {
@@ -90,9 +109,22 @@ struct Flight {
     sent: Instant,
 }
 
+/// One publish attempt: the cluster it went to and its PubAck to come, or why it failed.
+type Attempt = Result<(usize, PublishAckFuture), Failed>;
+
+/// Why a publish attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("no NATS cluster is usable")]
+    NoCluster,
+    #[error("cluster {cluster}: {error}")]
+    Publish { cluster: usize, error: PublishError },
+}
+
 impl Sink {
-    /// Connects to NATS. Returns at once even if no server answers yet: the client keeps
-    /// trying, and the relay reports itself unready and answers 503 until it connects.
+    /// Connects to every configured cluster. Returns at once even if no server answers yet:
+    /// the clients keep trying, and the relay reports itself unready and answers 503 until one
+    /// cluster is usable.
     pub async fn connect(
         nats: &NatsConfig,
         stream: &StreamConfig,
@@ -100,183 +132,240 @@ impl Sink {
         boot_id: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, SinkError> {
-        let mut opts = match &nats.creds_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|e| SinkError::Options(format!("{}: {e}", path.display())))?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        if let (Some(user), Some(pass)) = (&nats.user, &nats.password) {
-            opts = opts.user_and_password(user.clone(), pass.clone());
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let mut clusters = Vec::new();
+        for (i, c) in nats.resolved_clusters().iter().enumerate() {
+            clusters.push(Cluster::connect(i, c, nats, events_tx.clone(), &metrics).await?);
         }
-        if let Some(token) = &nats.token {
-            opts = opts.token(token.clone());
-        }
-        if let Some(path) = &nats.nkey_seed_file {
-            let seed = std::fs::read_to_string(path)
-                .map_err(|e| SinkError::Options(format!("{}: {e}", path.display())))?;
-            opts = opts.nkey(seed.trim().to_owned());
-        }
-        if let Some(ca) = &nats.tls_ca {
-            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
-            opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
-        }
-        let opts = opts
-            .name(&nats.client_name)
-            .connection_timeout(ms(nats.connect_timeout_ms))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((50u64 << attempt.min(5)).min(1_000))
-            })
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats connection event");
-            });
-        let client = opts
-            .connect(nats.urls.join(","))
-            .await
-            .map_err(|e| SinkError::Options(e.to_string()))?;
+        let f = &nats.failover;
+        let router = Router::new(
+            clusters.len(),
+            Params {
+                unhealthy_after: f.unhealthy_after_failures,
+                failback_after: ms(f.failback_after_ms),
+                margin: ms(f.failback_margin_ms),
+            },
+        );
         let window = nats.max_inflight_batches;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(ms(nats.ack_timeout_ms))
-            .max_ack_inflight(window * 2)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        let cluster_names = clusters.iter().map(|c| c.name.clone()).collect();
         Ok(Arc::new(Self {
-            client,
-            js,
+            clusters,
+            router: Mutex::new(router),
+            active: AtomicUsize::new(NONE),
+            events: Mutex::new(Some(events)),
             stream: stream.clone(),
+            failover: nats.failover.clone(),
             relay_id: relay_id.to_owned(),
             boot_id: boot_id.to_owned(),
-            names: Names::new(&stream.name, relay_id, boot_id),
+            names: Names::new(&stream.name, cluster_names, relay_id, boot_id),
             next_seq: AtomicU64::new(1),
             window: Arc::new(Semaphore::new(window)),
             window_size: u32::try_from(window).unwrap_or(u32::MAX),
             deadline: ms(nats.publish_deadline_ms),
             backoff: ms(nats.retry_backoff_ms),
-            stream_ok: AtomicBool::new(false),
-            recheck: Notify::new(),
             idle: Notify::new(),
             metrics,
         }))
     }
 
-    /// Connected to NATS and the stream is known good: events can be taken in.
+    /// Start-up: waits (up to `timeout`) for the clusters to connect, checks the stream on
+    /// each, measures each round trip once, and picks the active cluster. Fails only for a
+    /// stream an operator must fix; a cluster that cannot be reached now is retried by
+    /// [`Sink::spawn_services`].
+    pub async fn start(self: &Arc<Self>, timeout: Duration) -> Result<(), SinkError> {
+        let checks = (0..self.clusters.len()).map(|i| async move {
+            let c = &self.clusters[i];
+            let deadline = Instant::now() + timeout;
+            while !c.is_connected() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.observe(i, |r, now| r.connection(i, c.is_connected(), now));
+            let replicas = c.ensure_stream(&self.stream).await?;
+            match replicas {
+                Some(replicas) => {
+                    self.warn_if_fragile(c, replicas);
+                    self.observe(i, |r, now| r.stream(i, true, now));
+                    self.probe_once(i).await;
+                }
+                None => tracing::warn!(cluster = %c.name,
+                    "NATS cluster not reachable yet: retrying in the background"),
+            }
+            Ok::<_, SinkError>(())
+        });
+        for result in futures::future::join_all(checks).await {
+            result?;
+        }
+        match self.active_cluster() {
+            Some(c) => {
+                tracing::info!(cluster = %c.name, region = %c.region, "publishing to NATS cluster")
+            }
+            None => tracing::warn!("no NATS cluster reachable yet: serving 503 until one is"),
+        }
+        Ok(())
+    }
+
+    /// The background work of the sink, each task ending when `stop` turns true: the
+    /// connection events, and per cluster the stream keeper and the round-trip probe. A stream
+    /// conflict an operator must fix is sent on `fatal`.
+    pub fn spawn_services(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+        fatal: mpsc::Sender<SinkError>,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut events) = events {
+            let sink = self.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(e) = events.recv().await {
+                    sink.observe(e.cluster, |r, now| r.connection(e.cluster, e.connected, now));
+                }
+            }));
+        }
+        for i in 0..self.clusters.len() {
+            let (sink, fatal, mut stop_keeper) = (self.clone(), fatal.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    Err(e) = sink.keep_stream(i) => { let _ = fatal.send(e).await; }
+                    _ = stop_keeper.changed() => {}
+                }
+            }));
+            tasks.push(tokio::spawn(self.clone().probe_rtt(i, stop.clone())));
+        }
+        tasks
+    }
+
+    /// Some cluster is usable: events can be taken in.
     pub fn is_ready(&self) -> bool {
-        self.stream_ok.load(Ordering::Relaxed) && self.client.connection_state() == State::Connected
+        self.active.load(Ordering::Relaxed) != NONE
     }
 
     /// Why events cannot be taken in now, if they cannot.
     pub fn unavailable(&self) -> Option<Refusal> {
-        if self.client.connection_state() != State::Connected {
-            Some(Refusal::new(ErrorCode::NatsUnavailable, "no NATS server is reachable"))
-        } else if !self.stream_ok.load(Ordering::Relaxed) {
-            Some(Refusal::new(
-                ErrorCode::NatsUnavailable,
-                "the JetStream stream is not available yet",
-            ))
+        if self.is_ready() {
+            return None;
+        }
+        Some(if self.clusters.iter().any(Cluster::is_connected) {
+            Refusal::new(ErrorCode::NatsUnavailable, "the JetStream stream is not available yet")
         } else {
-            None
+            Refusal::new(ErrorCode::NatsUnavailable, "no NATS server is reachable")
+        })
+    }
+
+    /// Every cluster's state, for `/debug/clusters`.
+    pub fn cluster_status(&self) -> Vec<ClusterStatus> {
+        let router = self.router.lock().unwrap_or_else(|p| p.into_inner());
+        let active = router.active();
+        self.clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ClusterStatus {
+                name: c.name.clone(),
+                region: c.region.clone(),
+                active: active == Some(i),
+                connected: c.is_connected(),
+                stream_ok: c.stream_ok(),
+                healthy: router.is_healthy(i),
+                failures_in_a_row: router.failures(i),
+                rtt_ms: router.rtt(i).map(|d| d.as_secs_f64() * 1e3),
+            })
+            .collect()
+    }
+
+    /// The cluster batches go to now.
+    fn active_cluster(&self) -> Option<&Cluster> {
+        self.clusters.get(self.active.load(Ordering::Relaxed))
+    }
+
+    /// Applies an observation to the router; on a change of the active cluster, logs it and
+    /// updates the gauges.
+    fn observe(&self, i: usize, f: impl FnOnce(&mut Router, Instant) -> Option<Switch>) {
+        let mut router = self.router.lock().unwrap_or_else(|p| p.into_inner());
+        let switch = f(&mut router, Instant::now());
+        for (j, c) in self.clusters.iter().enumerate() {
+            c.healthy_gauge.set(i64::from(router.is_healthy(j)));
+        }
+        let Some(s) = switch else { return };
+        self.active.store(s.to.unwrap_or(NONE), Ordering::Relaxed);
+        let name = |k: Option<usize>| k.map_or("none", |k| self.clusters[k].name.as_str());
+        for (j, c) in self.clusters.iter().enumerate() {
+            c.active_gauge.set(i64::from(s.to == Some(j)));
+        }
+        self.metrics
+            .nats_failovers
+            .get_or_create(&FailoverLabels { to: name(s.to).to_owned(), reason: s.reason.as_str() })
+            .inc();
+        let rtt = |k: Option<usize>| k.and_then(|k| router.rtt(k)).map(|d| d.as_secs_f64() * 1e3);
+        let (from, to, reason) = (name(s.from), name(s.to), s.reason.as_str());
+        match s.reason {
+            Reason::Start => tracing::info!(cluster = to, "NATS cluster usable"),
+            Reason::Nearer | Reason::Recovered => tracing::info!(
+                from, to, reason, from_rtt_ms = ?rtt(s.from), to_rtt_ms = ?rtt(s.to),
+                "switching NATS cluster"),
+            Reason::Unhealthy => tracing::warn!(
+                from, to, reason, observed = %self.clusters[i].name,
+                "failing over: the active NATS cluster stopped acknowledging"),
         }
     }
 
-    /// Creates the stream if it is missing, or checks that the existing one fits.
-    /// `Ok(false)`: NATS could not be asked now (try again later).
-    pub async fn ensure_stream(&self) -> Result<bool, SinkError> {
-        let name = &self.stream.name;
-        let existing = match self.js.get_stream(name).await {
-            Ok(mut s) => match s.info().await {
-                Ok(info) => Some(info.config.clone()),
-                Err(e) => {
-                    tracing::debug!(error = %e, "stream info failed");
-                    return Ok(false);
-                }
-            },
-            Err(e) => match e.kind() {
-                async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    None
-                }
-                _ => {
-                    tracing::debug!(error = %e, "stream lookup failed");
-                    return Ok(false);
-                }
-            },
-        };
-        match existing {
-            Some(config) => {
-                let conflicts = stream::conflicts(&config, &self.stream);
-                if !conflicts.is_empty() {
-                    return Err(SinkError::StreamConflict { stream: name.clone(), conflicts });
-                }
-            }
-            None if !self.stream.create => return Err(SinkError::StreamMissing(name.clone())),
-            None => match self.js.create_stream(stream::spec(&self.stream)).await {
-                Ok(_) => tracing::info!(stream = %name, "created stream"),
-                Err(e) => match e.kind() {
-                    async_nats::jetstream::context::CreateStreamErrorKind::JetStream(j) => {
-                        return Err(SinkError::StreamCreate {
-                            stream: name.clone(),
-                            message: j.to_string(),
-                        })
-                    }
-                    _ => {
-                        tracing::debug!(error = %e, "stream create failed");
-                        return Ok(false);
-                    }
-                },
-            },
-        }
-        self.stream_ok.store(true, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// Keeps the stream checked: until it is good, and again whenever a publish says it is
-    /// gone. Ends with an error only for a conflict an operator must fix.
-    pub async fn keep_stream(self: Arc<Self>) -> Result<(), SinkError> {
+    /// Keeps cluster `i`'s stream checked: until it is good, and again whenever a publish or
+    /// probe says it is gone. Ends with an error only for a conflict an operator must fix.
+    async fn keep_stream(&self, i: usize) -> Result<(), SinkError> {
+        let c = &self.clusters[i];
         loop {
-            match self.ensure_stream().await? {
-                true => self.recheck.notified().await,
-                false => tokio::time::sleep(Duration::from_millis(500)).await,
+            if c.stream_ok() {
+                c.recheck_requested().await;
+            }
+            match c.ensure_stream(&self.stream).await? {
+                Some(_) => self.observe(i, |r, now| r.stream(i, true, now)),
+                None => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
     }
 
-    /// Measures the round trip to NATS every `every` until `stop` turns true, off the data
-    /// path: a JetStream API request the relay's NATS user may already send (the stream's
-    /// INFO) timed from send to answer — the network round trip plus the server's handling of
-    /// a small API request (microseconds when healthy). async-nats has no public PING/PONG
-    /// timer (nats.rs#909), and `flush()` only writes the socket. Sets
-    /// `edgerelay_nats_rtt_seconds` (NaN when no answer came within `every`) and
-    /// `edgerelay_nats_active_cluster` (1 while connected).
-    pub async fn probe_rtt(self: Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
-        let labels = ClusterLabels { cluster: DEFAULT_CLUSTER.to_owned() };
-        let rtt = self.metrics.nats_rtt.get_or_create(&labels).clone();
-        let active = self.metrics.nats_active_cluster.get_or_create(&labels).clone();
-        let subject = format!("$JS.API.STREAM.INFO.{}", self.stream.name);
-        let mut tick = tokio::time::interval(every);
+    /// Measures the round trip to cluster `i` every `failover.probe_interval_ms` until `stop`
+    /// turns true ([`Cluster::probe`]); feeds the router and sets
+    /// `edgerelay_nats_rtt_seconds{cluster}` (NaN when the probe failed).
+    async fn probe_rtt(self: Arc<Self>, i: usize, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(ms(self.failover.probe_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            let connected = self.client.connection_state() == State::Connected;
-            active.set(i64::from(connected));
-            let started = Instant::now();
-            let request = self.client.request(subject.clone(), Bytes::new());
-            let seconds = match tokio::time::timeout(every, request).await {
-                Ok(Ok(_)) => started.elapsed().as_secs_f64(),
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "NATS round-trip probe failed");
-                    f64::NAN
-                }
-                Err(_) => f64::NAN,
-            };
-            rtt.set(seconds);
+            self.probe_once(i).await;
+        }
+    }
+
+    async fn probe_once(&self, i: usize) {
+        let c = &self.clusters[i];
+        match c.probe(&self.stream.name, ms(self.failover.probe_timeout_ms)).await {
+            Probe::Answered(rtt) => {
+                c.rtt_gauge.set(rtt.as_secs_f64());
+                self.observe(i, |r, now| r.probed(i, rtt, now));
+            }
+            Probe::Failed => {
+                c.rtt_gauge.set(f64::NAN);
+                self.observe(i, |r, now| r.failed(i, now));
+            }
+            Probe::StreamMissing => {
+                c.rtt_gauge.set(f64::NAN);
+                c.stream_lost();
+                self.observe(i, |r, now| r.stream(i, false, now));
+            }
+        }
+    }
+
+    /// Warns when an acknowledged event on this cluster could be lost to a power cut: an R1
+    /// stream whose server fsyncs lazily (nats-server's default, every 2 minutes).
+    fn warn_if_fragile(&self, c: &Cluster, replicas: usize) {
+        if replicas == 1 && !self.stream.server_sync_always {
+            tracing::warn!(cluster = %c.name, stream = %self.stream.name,
+                "the stream has 1 replica and nats-server fsyncs lazily by default: an acknowledged \
+                 event survives a nats-server crash but not a power loss of its host until the next \
+                 sync (sync_interval, 2 min by default). Use replicas = 3 in production, or run the \
+                 servers with `sync_interval: always` and set stream.server_sync_always = true");
         }
     }
 
@@ -339,77 +428,67 @@ impl Sink {
         self.idle.notified().await
     }
 
-    /// Batches published and not yet answered.
-    /// What answers call the stream and the batches.
+    /// What answers call the stream, the clusters and the batches.
     pub fn names(&self) -> &Names {
         &self.names
     }
 
+    /// Batches published and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.window_size as usize - self.window.available_permits()
     }
 
-    /// The NATS client (for `tail`-like readers in tests and tools).
+    /// The NATS client of the active cluster (or the first one while none is usable): for
+    /// the audit stream and `tail`-like readers in tests and tools.
     pub fn client(&self) -> &async_nats::Client {
-        &self.client
+        &self.active_cluster().unwrap_or(&self.clusters[0]).client
     }
 
     fn batch_outcome(&self, outcome: &'static str) {
         self.metrics.batches.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    async fn send(&self, f: &Flight) -> Result<PublishAckFuture, PublishError> {
+    /// Publishes `f` to the active cluster.
+    async fn send(&self, f: &Flight) -> Attempt {
+        let i = self.active.load(Ordering::Relaxed);
+        let Some(cluster) = self.clusters.get(i) else { return Err(Failed::NoCluster) };
         let msg = PublishMessage::build()
             .payload(f.payload.clone())
             .message_id(&*f.msg_id)
             .header("Content-Type", CONTENT_TYPE)
             .header(EVENTS_HEADER, f.events.to_string().as_str());
-        self.js.send_publish(f.subject.clone(), msg).await
+        match cluster.js.send_publish(f.subject.clone(), msg).await {
+            Ok(ack) => Ok((i, ack)),
+            Err(error) => Err(Failed::Publish { cluster: i, error }),
+        }
     }
 
-    async fn complete(&self, f: Flight, first: Result<PublishAckFuture, PublishError>) {
+    async fn complete(&self, f: Flight, first: Attempt) {
         let mut attempt = first;
         let mut backoff = self.backoff;
         let mut tries = 1u32;
         loop {
-            let result = match attempt {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            let err = match result {
-                Ok(ack) => {
-                    let now = Instant::now();
-                    let took = now.saturating_duration_since(f.sent);
-                    self.metrics.flush.observe(took.as_secs_f64());
-                    self.metrics.latency.record(Stage::Flush, took, now);
-                    self.metrics.published_bytes.inc_by(f.payload.len() as u64);
-                    self.batch_outcome("stored");
-                    if ack.duplicate {
-                        tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
-                    }
-                    // The stream is the configured one: JetStream lets only one stream
-                    // capture a subject, and the relay checked that this one does.
-                    for (index, reply) in f.replies.into_iter().enumerate() {
-                        reply.send(Ok(Ack::Stored(Stored {
-                            seq: ack.sequence,
-                            batch: f.seq,
-                            index: index as u32,
-                            duplicate: false,
-                        })));
-                    }
-                    return;
-                }
+            let err = match attempt {
+                Ok((cluster, ack)) => match ack.await {
+                    Ok(ack) => return self.stored(f, cluster, &ack, tries),
+                    Err(error) => Failed::Publish { cluster, error },
+                },
                 Err(e) => e,
             };
-            if let Some(refusal) = permanent(&err) {
-                tracing::warn!(batch = %f.msg_id, error = %err, "JetStream refused the batch");
-                self.batch_outcome("refused");
-                answer_all(f.replies, refusal);
-                return;
-            }
-            if err.kind() == PublishErrorKind::StreamNotFound {
-                self.stream_ok.store(false, Ordering::Relaxed);
-                self.recheck.notify_one();
+            if let Failed::Publish { cluster: i, error } = &err {
+                let i = *i;
+                if let Some(refusal) = permanent(error) {
+                    tracing::warn!(batch = %f.msg_id, %err, "JetStream refused the batch");
+                    self.batch_outcome("refused");
+                    answer_all(f.replies, refusal);
+                    return;
+                }
+                if error.kind() == PublishErrorKind::StreamNotFound {
+                    self.clusters[i].stream_lost();
+                    self.observe(i, |r, now| r.stream(i, false, now));
+                } else {
+                    self.observe(i, |r, now| r.failed(i, now));
+                }
             }
             if Instant::now() + backoff >= f.deadline {
                 tracing::warn!(batch = %f.msg_id, tries, error = %err, "giving up on batch");
@@ -433,6 +512,31 @@ impl Sink {
             backoff = (backoff * 2).min(MAX_BACKOFF);
             tries += 1;
             attempt = self.send(&f).await;
+        }
+    }
+
+    /// JetStream on cluster `i` stored the batch: answers its events.
+    fn stored(&self, f: Flight, i: usize, ack: &PublishAck, tries: u32) {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(f.sent);
+        self.metrics.flush.observe(took.as_secs_f64());
+        self.metrics.latency.record(Stage::Flush, took, now);
+        self.metrics.published_bytes.inc_by(f.payload.len() as u64);
+        self.batch_outcome("stored");
+        self.observe(i, |r, now| r.acked(i, now));
+        if ack.duplicate {
+            tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
+        }
+        // The stream is the configured one: JetStream lets only one stream capture a subject,
+        // and the relay checked that this one does.
+        for (index, reply) in f.replies.into_iter().enumerate() {
+            reply.send(Ok(Ack::Stored(Stored {
+                seq: ack.sequence,
+                batch: f.seq,
+                index: index as u32,
+                cluster: i as u8,
+                duplicate: false,
+            })));
         }
     }
 }

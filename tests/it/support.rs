@@ -273,6 +273,51 @@ pub struct StoredMsg {
     pub batch: proto::Batch,
 }
 
+/// Points `config` at several NATS clusters (name, URL) instead of one, with failover
+/// timings short enough for a test.
+pub fn use_clusters(config: &mut Config, clusters: &[(&str, String)]) {
+    config.nats.urls.clear();
+    config.nats.clusters = clusters
+        .iter()
+        .map(|(name, url)| edgerelay::config::ClusterConfig {
+            name: (*name).into(),
+            region: format!("region-{name}"),
+            urls: vec![url.clone()],
+            ..Default::default()
+        })
+        .collect();
+    let f = &mut config.nats.failover;
+    f.probe_interval_ms = 200;
+    f.probe_timeout_ms = 300;
+    f.unhealthy_after_failures = 2;
+    f.failback_after_ms = 2_000;
+    config.nats.ack_timeout_ms = 500;
+    config.nats.publish_deadline_ms = 10_000;
+}
+
+/// The name of the relay's active NATS cluster (`/debug/clusters`), if any.
+pub async fn active_cluster(relay: &TestRelay) -> Option<String> {
+    let url = relay.admin_url("/debug/clusters");
+    let clusters: Vec<serde_json::Value> =
+        relay.h1.get(url).send().await.ok()?.json().await.ok()?;
+    clusters
+        .iter()
+        .find(|c| c["active"] == true)
+        .and_then(|c| c["name"].as_str().map(str::to_owned))
+}
+
+/// Waits until the active cluster is `name`; returns how long that took.
+pub async fn until_active(relay: &TestRelay, name: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if active_cluster(relay).await.as_deref() == Some(name) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "cluster {name} never became active within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reads every message of the stream back through JetStream's own API (not the relay).
 pub async fn read_stream(nats_url: &str) -> Vec<StoredMsg> {
     let client = async_nats::connect(nats_url).await.unwrap();
@@ -313,6 +358,8 @@ pub async fn stream_messages(nats_url: &str) -> u64 {
 #[derive(Debug, serde::Deserialize)]
 pub struct Accepted {
     pub stream: String,
+    /// The NATS cluster that stored it.
+    pub cluster: String,
     pub seq: u64,
     pub batch: String,
     pub index: u32,
@@ -444,4 +491,46 @@ pub async fn h3_client(
     edgerelay::client::H3Client::connect(setup.client_config(relay, token))
         .await
         .expect("HTTP/3 connect")
+}
+
+/// A TCP proxy on a free loopback port that delays every chunk by `delay` each way: a NATS
+/// cluster farther away than the one on loopback. Runs until the test's runtime ends.
+pub async fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener as Listener, TcpStream as Stream};
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due.into()).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    }
+
+    let listener = Listener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = Stream::connect(upstream).await else { continue };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, delay));
+            tokio::spawn(pump(sr, cw, delay));
+        }
+    });
+    addr
 }
