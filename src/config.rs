@@ -80,8 +80,13 @@ pub enum AckMode {
     #[default]
     Durable,
     /// Answer 202 as soon as the event is queued in the relay. Lower latency, but an event
-    /// queued when the relay crashes (or that JetStream later refuses) is lost.
+    /// queued when the relay crashes (or that JetStream later refuses) is lost; with the
+    /// spool on, a batch no cluster takes goes to disk instead of being dropped.
     Accepted,
+    /// Answer 202 once the event is durable somewhere: after the PubAck as in `durable`, or,
+    /// when no cluster acknowledges, once its batch is written (and fsynced, per
+    /// `spool.fsync`) to the disk spool, answered `{"spooled": true}`. Needs `spool.enabled`.
+    Spooled,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -90,7 +95,8 @@ pub struct RelayConfig {
     /// Name of this relay, unique per PoP (e.g. `fra1-a`); first part of every `Nats-Msg-Id`.
     /// Tokens of `[A-Za-z0-9_-]`, so it can also appear in subjects.
     pub id: String,
-    /// When the edge gets its 202: `durable` (after the PubAck) or `accepted` (after enqueue).
+    /// When the edge gets its 202: `durable` (after the PubAck), `spooled` (after the PubAck,
+    /// or after the disk spool holds it when no cluster does) or `accepted` (after enqueue).
     pub ack_mode: AckMode,
     /// On SIGTERM/SIGINT: how long to keep flushing queued batches and waiting for acks before
     /// giving up and exiting (anything still unanswered gets 503 `shutting_down`).

@@ -66,6 +66,9 @@ pub enum Ack {
     Stored(Stored),
     /// Queued in the relay (ack mode `accepted`).
     Queued,
+    /// Written to the relay's disk spool, to be published when a cluster takes it (ack mode
+    /// `spooled`).
+    Spooled,
 }
 
 pub type Outcome = Result<Ack, Refusal>;

@@ -293,7 +293,7 @@ impl Ingest {
         let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
         let key = key.map(|k| (self.idempotency.clone(), k));
         let (request, ticket) = match self.ack_mode {
-            AckMode::Durable => (Some(slot), Ticket::InSlot),
+            AckMode::Durable | AckMode::Spooled => (Some(slot), Ticket::InSlot),
             AckMode::Accepted => (None, Ticket::Now(Ok(Ack::Queued))),
         };
         let reply = Reply::new(request, key);
@@ -383,6 +383,7 @@ pub fn results_of(outcomes: &[Outcome], names: &Names) -> Vec<proto::EventResult
             })
         }
         Ok(Ack::Queued) => O::Queued(proto::Queued {}),
+        Ok(Ack::Spooled) => O::Spooled(proto::Spooled {}),
         Err(r) => O::Refused(proto_refusal(r)),
     };
     outcomes.iter().map(result).map(|o| proto::EventResult { outcome: Some(o) }).collect()

@@ -396,7 +396,9 @@ fn outcome(response: &proto::PublishResponse, events: usize) -> Outcome {
     for result in &response.results {
         match &result.outcome {
             Some(
-                proto::event_result::Outcome::Accepted(_) | proto::event_result::Outcome::Queued(_),
+                proto::event_result::Outcome::Accepted(_)
+                | proto::event_result::Outcome::Queued(_)
+                | proto::event_result::Outcome::Spooled(_),
             ) => {}
             Some(proto::event_result::Outcome::Refused(r)) => {
                 refused.push(Failure::Refused(code(&r.code)))

@@ -56,6 +56,9 @@ pub enum Answer<'a> {
     Queued {
         queued: bool,
     },
+    Spooled {
+        spooled: bool,
+    },
     Refused {
         error: ErrorBody<'a>,
     },
@@ -122,6 +125,7 @@ impl<'a> Answer<'a> {
                 duplicate: s.duplicate,
             },
             Ok(Ack::Queued) => Answer::Queued { queued: true },
+            Ok(Ack::Spooled) => Answer::Spooled { spooled: true },
             Err(r) => Answer::refused(r),
         }
     }

@@ -120,3 +120,46 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
         assert_eq!(msg.batch.events[a.index as usize].payload, body.as_bytes(), "{body}");
     }
 }
+
+/// Runs the binary with `extra` config lines until it is ready, stops it, and returns its log.
+async fn log_of_a_start(nats: &NatsServer, setup: &Setup, extra: &str) -> String {
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n[nats]\nurls = [\"{}\"]\n{extra}\n{}",
+        setup.config.https.tls_cert.display(),
+        setup.config.https.tls_key.display(),
+        nats.url(),
+        token_toml(),
+    );
+    let path = setup.dir.path().join("relay.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let log = setup.dir.path().join("relay.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !matches!(reqwest::get(&ready).await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "relay never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[tokio::test]
+async fn an_r1_stream_on_lazily_syncing_servers_is_warned_about_at_start() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let log = log_of_a_start(&nats, &setup, "").await;
+    assert!(log.contains("the stream has 1 replica"), "{log}");
+    assert!(log.contains("sync_interval"), "{log}");
+    let log = log_of_a_start(&nats, &setup, "[stream]\nserver_sync_always = true").await;
+    assert!(!log.contains("the stream has 1 replica"), "{log}");
+}
