@@ -38,6 +38,7 @@ pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod sink;
+pub mod spool;
 pub mod subject;
 pub mod tail;
 pub mod tls;
