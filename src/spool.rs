@@ -21,6 +21,7 @@
 //! - [`Spool::open`] recovers after a crash: it scans every segment, truncates a torn tail of
 //!   the last one (a write cut short), counts damaged records (skipped), and reports it all in a
 //!   [`Recovery`] for the caller to log.
+//! - [`inspect`] reads a spool directory without changing it (`edgerelay spool inspect`).
 //!
 //! # Restart semantics
 //!
@@ -31,14 +32,17 @@
 //! be stored twice; consumers that must not see duplicates de-duplicate on the Msg-Id.
 //!
 //! One relay process per directory: [`Spool::open`] takes an exclusive `flock` on
-//! `<dir>/lock`.
+//! `<dir>/lock`. [`inspect`] takes no lock and never writes, so it is safe beside a running
+//! relay (a record being written at that moment may show as a torn tail).
 
 pub mod segment;
 
+mod inspect;
 mod store;
 
 use std::path::{Path, PathBuf};
 
+pub use inspect::{inspect, Inspection, SegmentInfo, SubjectWaiting};
 pub use store::{Damage, DamageKind, RecordId, Recovery, Spool, Spooled};
 
 use crate::error::{ErrorCode, Refusal, Side};

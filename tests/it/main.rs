@@ -19,4 +19,5 @@ mod nats_auth;
 mod nats_faults;
 mod publish;
 mod quic;
+mod spool;
 mod top;
