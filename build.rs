@@ -1,7 +1,7 @@
 //! Compiles `proto/` with protox (pure Rust, no system `protoc`) and prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/edgerelay/v1/edgerelay.proto"];
+    let files = ["proto/edgerelay/v1/edgerelay.proto", "proto/edgerelay/v1/spool.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

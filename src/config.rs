@@ -36,6 +36,49 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The audit trail of refusals and per-identity publish counts.
     pub audit: AuditConfig,
+    /// The disk spool: batches kept on local disk while no NATS cluster takes them.
+    pub spool: SpoolConfig,
+}
+
+/// The disk spool (store-and-forward, see `spool`): append-only segment files under `dir`,
+/// replayed in order with their original Msg-Ids once a cluster is back.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Keep batches on disk when no NATS cluster acknowledges them. Off: such events are
+    /// refused (503) instead.
+    pub enabled: bool,
+    /// The spool's own directory (created with mode 0700; one relay per directory, held by a
+    /// lock). Put it on a local disk: the spool is only as durable as this file system.
+    pub dir: PathBuf,
+    /// Most bytes of segment files kept; an append beyond it is refused (503 with Retry-After),
+    /// never dropped silently.
+    pub max_bytes: u64,
+    /// A segment file is closed and a new one started past this size, bytes. Disk space comes
+    /// back a whole segment at a time, once every batch in it was published.
+    pub segment_bytes: u64,
+    /// When an append counts as stored: `always` (after fsync), `interval` (after the write; an
+    /// fsync at most every `fsync_interval_ms`) or `never` (after the write; the kernel flushes
+    /// when it likes). Only `always` survives a power loss; the others survive a crash of the
+    /// relay process.
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: longest time written records wait for their fsync,
+    /// milliseconds.
+    pub fsync_interval_ms: u64,
+}
+
+/// When spooled records are flushed to stable storage (see [`SpoolConfig::fsync`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// fsync before an append returns; appends waiting together share one fsync (group commit).
+    #[default]
+    Always,
+    /// An append returns after its write; an fsync follows within `fsync_interval_ms`.
+    Interval,
+    /// An append returns after its write; never fsynced by the relay (the kernel writes back
+    /// on its own, typically within 30 s). Survives a relay crash, not a power loss.
+    Never,
 }
 
 /// Where audit records go. A structured log line (target `edgerelay::audit`) is written for
@@ -655,6 +698,19 @@ impl Default for StreamConfig {
     }
 }
 
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: PathBuf::from("/var/lib/edgerelay/spool"),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+        }
+    }
+}
+
 impl Default for IdempotencyConfig {
     fn default() -> Self {
         Self { window_ms: 120_000, max_keys: 1_000_000 }
@@ -670,12 +726,17 @@ impl Default for AdminConfig {
 impl Config {
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config = Self::parse(&text)
-            .map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        let config = Self::read(path)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads and parses a file without validating the values (for tools such as `edgerelay
+    /// spool inspect` that need one section of a config, not a startable relay).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
     }
 
     /// Parses TOML text without validating the values.
@@ -959,6 +1020,35 @@ impl Config {
         bad(self.audit.queue_capacity == 0, "audit.queue_capacity must be > 0".into());
         bad(self.audit.counts_interval_secs == 0, "audit.counts_interval_secs must be > 0".into());
 
+        let sp = &self.spool;
+        if sp.enabled {
+            bad(sp.dir.as_os_str().is_empty(), "spool.dir is required when spool.enabled".into());
+            bad(
+                !sp.dir.as_os_str().is_empty() && !sp.dir.is_absolute(),
+                format!("spool.dir: {} must be an absolute path", sp.dir.display()),
+            );
+            let record = u64::from(crate::spool::segment::MAX_RECORD_BYTES)
+                + crate::spool::segment::HEADER_BYTES as u64;
+            bad(
+                sp.segment_bytes < record,
+                format!(
+                    "spool.segment_bytes ({}) must hold the largest record ({record} bytes)",
+                    sp.segment_bytes
+                ),
+            );
+            bad(
+                sp.max_bytes < sp.segment_bytes,
+                format!(
+                    "spool.max_bytes ({}) must be >= spool.segment_bytes ({})",
+                    sp.max_bytes, sp.segment_bytes
+                ),
+            );
+            bad(
+                sp.fsync == FsyncPolicy::Interval && sp.fsync_interval_ms == 0,
+                "spool.fsync_interval_ms must be > 0 with fsync = \"interval\"".into(),
+            );
+        }
+
         if errs.is_empty() {
             Ok(())
         } else {
@@ -1184,11 +1274,67 @@ mod tests {
     }
 
     #[test]
+    fn spool_settings_are_checked_when_enabled() {
+        let text = r#"
+            [spool]
+            enabled = true
+            dir = "relative/spool"
+            max_bytes = 1048576
+            segment_bytes = 4096
+            fsync = "interval"
+            fsync_interval_ms = 0
+        "#;
+        let cfg = Config::parse(text).unwrap();
+        let ConfigError::Invalid(errs) = cfg.validate().unwrap_err() else { panic!() };
+        let all = errs.join("\n");
+        for needle in [
+            "spool.dir: relative/spool must be an absolute path",
+            "spool.segment_bytes (4096) must hold the largest record",
+            "spool.fsync_interval_ms must be > 0",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let text = "[spool]\nenabled = true\ndir = \"\"\nmax_bytes = 1\n";
+        let ConfigError::Invalid(errs) = Config::parse(text).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        let all = errs.join("\n");
+        assert!(all.contains("spool.dir is required"), "{all}");
+        assert!(all.contains("spool.max_bytes (1) must be >= spool.segment_bytes"), "{all}");
+        // Off, the section is not checked; an unknown policy is refused by the parser.
+        let off = Config::parse("[spool]\nmax_bytes = 1\n").unwrap();
+        let errs = match off.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(e)) => e,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!errs.iter().any(|e| e.contains("spool")), "{errs:?}");
+        assert!(Config::parse("[spool]\nfsync = \"sometimes\"\n").is_err());
+        assert!(Config::parse("[spool]\nfsync_ms = 3\n").unwrap_err().contains("unknown field"));
+    }
+
+    #[test]
     fn defaults_are_documented_values() {
         let cfg = Config::default();
         assert_eq!(cfg.relay.ack_mode, AckMode::Durable);
         assert_eq!(cfg.stream.duplicate_window_ms, 120_000);
         assert!(cfg.batch.max_bytes > cfg.https.max_event_bytes);
+        assert!(!cfg.spool.enabled);
+        assert_eq!(cfg.spool.dir, Path::new("/var/lib/edgerelay/spool"));
+        assert_eq!((cfg.spool.max_bytes, cfg.spool.segment_bytes), (1 << 30, 64 << 20));
+        assert_eq!((cfg.spool.fsync, cfg.spool.fsync_interval_ms), (FsyncPolicy::Always, 100));
+        // The default segment holds the largest record and the largest batch fits a record.
+        let enabled = Config {
+            spool: SpoolConfig { enabled: true, ..SpoolConfig::default() },
+            ..Config::default()
+        };
+        let errs = match enabled.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(e)) => e,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!errs.iter().any(|e| e.contains("spool")), "{errs:?}");
     }
 
     #[test]

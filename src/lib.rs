@@ -15,6 +15,7 @@
 //! | validation, idempotency, enqueue, waiting for the answer | [`ingest`] |
 //! | sharded bounded queues, per-subject batching (sans-IO) | [`batch`] |
 //! | JetStream publish, ack window, retries, answers | [`sink`] |
+//! | batches kept on disk while no NATS cluster takes them | [`spool`] |
 //! | health, readiness, `/metrics`, `/debug/latency` | [`admin`] |
 //! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |
 //! | reading batches back | [`tail`] |
@@ -38,6 +39,7 @@ pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod sink;
+pub mod spool;
 pub mod subject;
 pub mod tail;
 pub mod tls;

@@ -68,6 +68,11 @@ enum Command {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
         interval_ms: u64,
     },
+    /// The disk spool: batches waiting on disk while no NATS cluster takes them.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Write a development CA and server certificate (ca.pem, cert.pem, key.pem).
     DevCerts {
         /// Output directory.
@@ -86,6 +91,29 @@ enum Command {
         /// Signing algorithms (one key each): ES256, RS256, PS256, EdDSA.
         #[arg(long = "alg", default_values_t = ["ES256".to_string(), "RS256".to_string()])]
         algs: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Show what the spool holds, per segment and per subject. Reads only (never truncates or
+    /// takes the relay's lock): safe beside a running relay. Exit 78 if the directory cannot
+    /// be read.
+    Inspect {
+        /// Take the directory from this config file's `spool.dir`.
+        #[arg(
+            long,
+            short,
+            conflicts_with = "dir",
+            default_value = "/etc/edgerelay/edgerelay.toml"
+        )]
+        config: PathBuf,
+        /// The spool directory itself.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -184,6 +212,29 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("edgerelay dev-idp: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Spool { command: SpoolCommand::Inspect { config, dir, json } } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => match Config::read(&config) {
+                    Ok(c) => c.spool.dir,
+                    Err(e) => return config_error(&e),
+                },
+            };
+            match edgerelay::spool::inspect(&dir) {
+                Ok(i) if json => {
+                    println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(i) => {
+                    print!("{i}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgerelay spool inspect: {e}");
+                    ExitCode::from(EX_CONFIG)
                 }
             }
         }

@@ -162,6 +162,18 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Batches published and not yet acknowledged (set when scraped).
     pub inflight_batches: Gauge,
+    /// Bytes of the disk spool's segment files.
+    pub spool_bytes: Gauge,
+    /// Records (batches) in the disk spool not yet replayed.
+    pub spool_records: Gauge,
+    /// Records appended to the disk spool.
+    pub spool_appends: Counter,
+    /// Spooled records replayed (published and acknowledged, so marked done).
+    pub spool_replayed: Counter,
+    /// Damaged spool records found (and skipped) when the spool was opened.
+    pub spool_corrupt_records: Counter,
+    /// Torn bytes found at the end of spool segments when the spool was opened.
+    pub spool_torn_bytes: Counter,
 }
 
 /// Counts one open connection in `edgerelay_connections` until dropped.
@@ -304,6 +316,42 @@ impl Metrics {
             "Batches published and not yet acknowledged",
             inflight_batches.clone(),
         );
+        let spool_bytes = Gauge::default();
+        registry.register(
+            "spool_bytes",
+            "Bytes of the disk spool's segment files",
+            spool_bytes.clone(),
+        );
+        let spool_records = Gauge::default();
+        registry.register(
+            "spool_records",
+            "Records (batches) in the disk spool not yet replayed",
+            spool_records.clone(),
+        );
+        let spool_appends = Counter::default();
+        registry.register(
+            "spool_appends",
+            "Records appended to the disk spool",
+            spool_appends.clone(),
+        );
+        let spool_replayed = Counter::default();
+        registry.register(
+            "spool_replayed",
+            "Spooled records replayed and acknowledged",
+            spool_replayed.clone(),
+        );
+        let spool_corrupt_records = Counter::default();
+        registry.register(
+            "spool_corrupt_records",
+            "Damaged disk spool records skipped",
+            spool_corrupt_records.clone(),
+        );
+        let spool_torn_bytes = Counter::default();
+        registry.register(
+            "spool_torn_bytes",
+            "Torn bytes found at the end of disk spool segments on start-up",
+            spool_torn_bytes.clone(),
+        );
         // Every protocol's series exist from the start, at 0: dashboards and alerts see the
         // names before the first event. The request path keeps handles to them, so it never
         // looks a label set up per request.
@@ -346,6 +394,12 @@ impl Metrics {
             batch_retries,
             queue_depth,
             inflight_batches,
+            spool_bytes,
+            spool_records,
+            spool_appends,
+            spool_replayed,
+            spool_corrupt_records,
+            spool_torn_bytes,
         }
     }
 

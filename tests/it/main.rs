@@ -20,4 +20,5 @@ mod nats_auth;
 mod nats_faults;
 mod publish;
 mod quic;
+mod spool;
 mod top;
