@@ -1021,18 +1021,26 @@ impl Config {
         bad(self.audit.counts_interval_secs == 0, "audit.counts_interval_secs must be > 0".into());
 
         let sp = &self.spool;
+        bad(
+            r.ack_mode == AckMode::Spooled && !sp.enabled,
+            "relay.ack_mode = \"spooled\" needs spool.enabled = true".into(),
+        );
+        bad(
+            r.ack_mode == AckMode::Durable && sp.enabled,
+            "spool.enabled has no effect with relay.ack_mode = \"durable\" (an event is answered only once JetStream has it): use \"spooled\" or \"accepted\", or turn the spool off".into(),
+        );
         if sp.enabled {
             bad(sp.dir.as_os_str().is_empty(), "spool.dir is required when spool.enabled".into());
             bad(
                 !sp.dir.as_os_str().is_empty() && !sp.dir.is_absolute(),
                 format!("spool.dir: {} must be an absolute path", sp.dir.display()),
             );
-            let record = u64::from(crate::spool::segment::MAX_RECORD_BYTES)
-                + crate::spool::segment::HEADER_BYTES as u64;
+            // A record is one batch plus its Msg-Id, subject and framing (well under 4 KiB).
+            let record = b.max_bytes as u64 + 4096;
             bad(
                 sp.segment_bytes < record,
                 format!(
-                    "spool.segment_bytes ({}) must hold the largest record ({record} bytes)",
+                    "spool.segment_bytes ({}) must hold the largest record ({record} bytes: batch.max_bytes + 4 KiB)",
                     sp.segment_bytes
                 ),
             );
@@ -1276,6 +1284,8 @@ mod tests {
     #[test]
     fn spool_settings_are_checked_when_enabled() {
         let text = r#"
+            [relay]
+            ack_mode = "spooled"
             [spool]
             enabled = true
             dir = "relative/spool"
@@ -1294,7 +1304,7 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        let text = "[spool]\nenabled = true\ndir = \"\"\nmax_bytes = 1\n";
+        let text = "[relay]\nack_mode = \"accepted\"\n[spool]\nenabled = true\ndir = \"\"\nmax_bytes = 1\n";
         let ConfigError::Invalid(errs) = Config::parse(text).unwrap().validate().unwrap_err()
         else {
             panic!()
@@ -1325,10 +1335,11 @@ mod tests {
         assert_eq!((cfg.spool.max_bytes, cfg.spool.segment_bytes), (1 << 30, 64 << 20));
         assert_eq!((cfg.spool.fsync, cfg.spool.fsync_interval_ms), (FsyncPolicy::Always, 100));
         // The default segment holds the largest record and the largest batch fits a record.
-        let enabled = Config {
+        let mut enabled = Config {
             spool: SpoolConfig { enabled: true, ..SpoolConfig::default() },
             ..Config::default()
         };
+        enabled.relay.ack_mode = AckMode::Spooled;
         let errs = match enabled.validate() {
             Ok(()) => Vec::new(),
             Err(ConfigError::Invalid(e)) => e,
@@ -1395,6 +1406,20 @@ mod tests {
             "unhealthy_after_failures",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn the_spooled_ack_mode_and_the_spool_go_together() {
+        for (text, needle) in [
+            ("[relay]\nack_mode = \"spooled\"\n", "needs spool.enabled"),
+            ("[spool]\nenabled = true\n", "has no effect with relay.ack_mode = \"durable\""),
+        ] {
+            let ConfigError::Invalid(errs) = Config::parse(text).unwrap().validate().unwrap_err()
+            else {
+                panic!()
+            };
+            assert!(errs.iter().any(|e| e.contains(needle)), "{errs:?}");
         }
     }
 }

@@ -87,6 +87,9 @@ pub enum StartError {
     /// The authentication stage could not be set up.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// The disk spool could not be opened (unwritable directory, locked by another relay).
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// A running relay.
@@ -97,6 +100,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
+    spool: Option<Arc<spool::Spool>>,
     health: Arc<Health>,
     /// Front-ends: they finish answering during a drain.
     servers: Vec<JoinHandle<()>>,
@@ -118,11 +122,16 @@ impl Relay {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let boot_id = boot_id();
         let metrics = Arc::new(Metrics::new());
+        let spool = match config.spool.enabled {
+            true => Some(Arc::new(open_spool(&config.spool, metrics.clone())?)),
+            false => None,
+        };
         let sink = Sink::connect(
             &config.nats,
             &config.stream,
             &config.relay.id,
             &boot_id,
+            spool.clone(),
             metrics.clone(),
         )
         .await?;
@@ -230,6 +239,7 @@ impl Relay {
             stop,
             queues,
             sink,
+            spool,
             health,
             servers,
             drivers,
@@ -287,6 +297,16 @@ impl Relay {
         for t in self.background {
             t.abort();
         }
+        if let Some(spool) = &self.spool {
+            spool.close().await;
+            if !spool.is_empty() {
+                tracing::info!(
+                    batches = spool.len(),
+                    bytes = spool.bytes(),
+                    "spooled batches stay on disk for the next start"
+                );
+            }
+        }
         if complete {
             tracing::info!("drained");
         } else {
@@ -314,6 +334,21 @@ pub async fn run(
             Err(e.into())
         }
     }
+}
+
+/// Opens the spool and logs what it recovered (after a crash: a torn tail cut off, damaged
+/// records skipped).
+fn open_spool(
+    cfg: &config::SpoolConfig,
+    metrics: Arc<Metrics>,
+) -> Result<spool::Spool, spool::SpoolError> {
+    let (spool, recovery) = spool::Spool::open(cfg, metrics)?;
+    if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
+        tracing::warn!(dir = %cfg.dir.display(), %recovery, "spool recovered with damage");
+    } else if recovery.records > 0 {
+        tracing::info!(dir = %cfg.dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
+    }
+    Ok(spool)
 }
 
 /// A random id for this process start, so batch ids never repeat across restarts.

@@ -26,7 +26,8 @@ use crate::error::{ErrorCode, Refusal};
 use crate::event::{Ack, Names, Pending, Reply, Stored};
 use crate::metrics::latency::Stage;
 use crate::metrics::{FailoverLabels, Metrics, OutcomeLabels};
-use crate::proto;
+use crate::proto::{self, SpoolRecord};
+use crate::spool::{Spool, Spooled};
 
 /// Header carrying the number of events in a batch.
 pub const EVENTS_HEADER: &str = "Edgerelay-Events";
@@ -34,6 +35,8 @@ pub const EVENTS_HEADER: &str = "Edgerelay-Events";
 pub const CONTENT_TYPE: &str = "application/x-protobuf; messageType=edgerelay.v1.Batch";
 /// Longest pause between two retries of a batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Spooled batches replayed at once (published before their acks are awaited).
+const REPLAY_WINDOW: usize = 64;
 
 /// Errors of the sink that stop the relay from starting.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,11 @@ pub struct Sink {
     backoff: Duration,
     /// Signalled when the last batch in flight was answered.
     idle: Notify,
+    /// Where batches no cluster takes go (ack modes `spooled` and `accepted` with
+    /// `spool.enabled`).
+    spool: Option<Arc<Spool>>,
+    /// Signalled when the active cluster changes (the spool replay waits for one).
+    switched: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -130,6 +138,7 @@ impl Sink {
         stream: &StreamConfig,
         relay_id: &str,
         boot_id: &str,
+        spool: Option<Arc<Spool>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, SinkError> {
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -164,6 +173,8 @@ impl Sink {
             deadline: ms(nats.publish_deadline_ms),
             backoff: ms(nats.retry_backoff_ms),
             idle: Notify::new(),
+            spool,
+            switched: Notify::new(),
             metrics,
         }))
     }
@@ -199,6 +210,9 @@ impl Sink {
             Some(c) => {
                 tracing::info!(cluster = %c.name, region = %c.region, "publishing to NATS cluster")
             }
+            None if self.spool.is_some() => {
+                tracing::warn!("no NATS cluster reachable yet: spooling to disk until one is")
+            }
             None => tracing::warn!("no NATS cluster reachable yet: serving 503 until one is"),
         }
         Ok(())
@@ -232,6 +246,9 @@ impl Sink {
             }));
             tasks.push(tokio::spawn(self.clone().probe_rtt(i, stop.clone())));
         }
+        if let Some(spool) = &self.spool {
+            tasks.push(tokio::spawn(self.clone().replay(spool.clone(), stop)));
+        }
         tasks
     }
 
@@ -242,8 +259,8 @@ impl Sink {
 
     /// Why events cannot be taken in now, if they cannot.
     pub fn unavailable(&self) -> Option<Refusal> {
-        if self.is_ready() {
-            return None;
+        if self.is_ready() || self.spool.is_some() {
+            return None; // with a spool, what no cluster takes waits on disk
         }
         Some(if self.clusters.iter().any(Cluster::is_connected) {
             Refusal::new(ErrorCode::NatsUnavailable, "the JetStream stream is not available yet")
@@ -287,6 +304,7 @@ impl Sink {
         }
         let Some(s) = switch else { return };
         self.active.store(s.to.unwrap_or(NONE), Ordering::Relaxed);
+        self.switched.notify_waiters();
         let name = |k: Option<usize>| k.map_or("none", |k| self.clusters[k].name.as_str());
         for (j, c) in self.clusters.iter().enumerate() {
             c.active_gauge.set(i64::from(s.to == Some(j)));
@@ -317,7 +335,10 @@ impl Sink {
                 c.recheck_requested().await;
             }
             match c.ensure_stream(&self.stream).await? {
-                Some(_) => self.observe(i, |r, now| r.stream(i, true, now)),
+                Some(replicas) => {
+                    self.warn_if_fragile(c, replicas);
+                    self.observe(i, |r, now| r.stream(i, true, now));
+                }
                 None => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
@@ -452,11 +473,7 @@ impl Sink {
     async fn send(&self, f: &Flight) -> Attempt {
         let i = self.active.load(Ordering::Relaxed);
         let Some(cluster) = self.clusters.get(i) else { return Err(Failed::NoCluster) };
-        let msg = PublishMessage::build()
-            .payload(f.payload.clone())
-            .message_id(&*f.msg_id)
-            .header("Content-Type", CONTENT_TYPE)
-            .header(EVENTS_HEADER, f.events.to_string().as_str());
+        let msg = message(&f.msg_id, f.payload.clone(), f.events);
         match cluster.js.send_publish(f.subject.clone(), msg).await {
             Ok(ack) => Ok((i, ack)),
             Err(error) => Err(Failed::Publish { cluster: i, error }),
@@ -475,6 +492,10 @@ impl Sink {
                 },
                 Err(e) => e,
             };
+            if matches!(err, Failed::NoCluster) && self.spool.is_some() {
+                // Nothing could take it now: waiting out the deadline only delays the answer.
+                return self.spool_flight(f).await;
+            }
             if let Failed::Publish { cluster: i, error } = &err {
                 let i = *i;
                 if let Some(refusal) = permanent(error) {
@@ -491,6 +512,11 @@ impl Sink {
                 }
             }
             if Instant::now() + backoff >= f.deadline {
+                if self.spool.is_some() {
+                    tracing::warn!(batch = %f.msg_id, tries, error = %err,
+                        "no cluster acknowledged the batch in time: spooling it");
+                    return self.spool_flight(f).await;
+                }
                 tracing::warn!(batch = %f.msg_id, tries, error = %err, "giving up on batch");
                 self.batch_outcome("timeout");
                 let refusal = match self.unavailable() {
@@ -539,6 +565,162 @@ impl Sink {
             })));
         }
     }
+
+    /// Writes a batch no cluster took to the spool and answers its events `spooled` (ack mode
+    /// `spooled`; in `accepted` they were answered at enqueue), or refuses them when the spool
+    /// cannot take it (full: 503 with Retry-After).
+    async fn spool_flight(&self, f: Flight) {
+        let Some(spool) = &self.spool else { return };
+        let record = SpoolRecord {
+            msg_id: f.msg_id.clone(),
+            subject: f.subject.clone(),
+            batch: f.payload.clone(),
+            events: u32::try_from(f.events).unwrap_or(u32::MAX),
+            spooled_unix_ms: unix_ms(),
+        };
+        match spool.append(&record).await {
+            Ok(()) => {
+                self.batch_outcome("spooled");
+                for reply in f.replies {
+                    reply.send(Ok(Ack::Spooled));
+                }
+            }
+            Err(e) => {
+                self.batch_outcome("refused");
+                let answered = f.replies.first().is_some_and(Reply::answers_request);
+                if answered {
+                    tracing::warn!(batch = %f.msg_id, error = %e, "cannot spool the batch: refusing its events");
+                } else {
+                    tracing::error!(batch = %f.msg_id, events = f.events, error = %e,
+                        "cannot spool a batch already answered (ack mode accepted): its events are lost");
+                }
+                answer_all(f.replies, e.refusal());
+            }
+        }
+    }
+
+    /// Publishes what the spool holds, oldest first, with the original Msg-Ids, whenever a
+    /// cluster is active; marks each record done on its PubAck (a segment is deleted once all
+    /// of its records are). On a failure it starts over from the oldest record not done:
+    /// JetStream drops the copies it already has (duplicate window).
+    async fn replay(self: Arc<Self>, spool: Arc<Spool>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = self.backoff;
+        let mut replayed = 0u64;
+        loop {
+            if spool.is_empty() {
+                if replayed > 0 {
+                    tracing::info!(batches = replayed, "spool replayed: nothing waits on disk");
+                    replayed = 0;
+                }
+                tokio::select! {
+                    _ = spool.appended() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            let i = self.active.load(Ordering::Relaxed);
+            if i == NONE {
+                tokio::select! {
+                    _ = self.switched.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            let records = match spool.next_batch(REPLAY_WINDOW).await {
+                Ok(r) if r.is_empty() => {
+                    // Everything handed out is in flight or done; look again shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spool");
+                    tokio::time::sleep(MAX_BACKOFF).await;
+                    continue;
+                }
+            };
+            match self.replay_on(i, &spool, records).await {
+                Ok(n) => {
+                    replayed += n;
+                    backoff = self.backoff;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "spool replay attempt failed; starting over from the oldest");
+                    spool.rewind().await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Publishes `records` to cluster `i`, all at once, and marks each acknowledged one done.
+    async fn replay_on(
+        &self,
+        i: usize,
+        spool: &Spool,
+        records: Vec<Spooled>,
+    ) -> Result<u64, PublishError> {
+        let js = &self.clusters[i].js;
+        let mut acks = Vec::with_capacity(records.len());
+        for r in &records {
+            let events = r.record.events as usize;
+            let msg = message(&r.record.msg_id, r.record.batch.clone(), events);
+            acks.push(js.send_publish(r.record.subject.clone(), msg).await);
+        }
+        let mut replayed = 0;
+        let mut failure = None;
+        for (r, ack) in records.iter().zip(acks) {
+            let result = match ack {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => {
+                    spool.done(r.id);
+                    replayed += 1;
+                }
+                Err(e) => {
+                    if let Some(refusal) = permanent(&e) {
+                        // A retry will not change it (e.g. the batch is over max_payload):
+                        // replaying it forever would block everything behind it.
+                        tracing::error!(batch = %r.record.msg_id, %refusal,
+                            "JetStream refuses a spooled batch: dropping it from the spool");
+                        spool.done(r.id);
+                        continue;
+                    }
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            None => {
+                self.observe(i, |r, now| r.acked(i, now));
+                Ok(replayed)
+            }
+            Some(e) => {
+                self.observe(i, |r, now| r.failed(i, now));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The NATS message of a batch: its payload, `Nats-Msg-Id` and the batch headers.
+fn message(msg_id: &str, payload: Bytes, events: usize) -> PublishMessage {
+    PublishMessage::build()
+        .payload(payload)
+        .message_id(msg_id)
+        .header("Content-Type", CONTENT_TYPE)
+        .header(EVENTS_HEADER, events.to_string().as_str())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A JetStream error response that a retry will not change (stream full, message too big…).

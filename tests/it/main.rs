@@ -21,4 +21,5 @@ mod nats_faults;
 mod publish;
 mod quic;
 mod spool;
+mod spooled;
 mod top;
