@@ -14,7 +14,7 @@
 //! | authentication, publish rules | [`auth`] (subjects and patterns in [`subject`]) |
 //! | validation, idempotency, enqueue, waiting for the answer | [`ingest`] |
 //! | sharded bounded queues, per-subject batching (sans-IO) | [`batch`] |
-//! | JetStream publish, ack window, retries, answers | [`sink`] |
+//! | nearest healthy NATS cluster, failover, JetStream publish, ack window, retries, answers | [`sink`] |
 //! | batches kept on disk while no NATS cluster takes them | [`spool`] |
 //! | health, readiness, `/metrics`, `/debug/latency` | [`admin`] |
 //! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |

@@ -1,10 +1,13 @@
 //! Publishing batches to JetStream with async-nats.
 //!
-//! Each batch is encoded once, published with `Nats-Msg-Id = <relay-id>.<boot-id>.<seq>`, and
-//! its PubAck awaited in its own task, holding one permit of a bounded window: when the window
-//! is full, [`Sink::publish`] waits, the batchers stop popping and the queues fill up, which
-//! ingest answers with 503. A missing or failed ack is retried with the same Msg-Id (so
-//! JetStream stores the batch once) until the batch's deadline; then its events are refused.
+//! Each batch is encoded once, published with `Nats-Msg-Id = <relay-id>.<boot-id>.<seq>` to
+//! the [`router`](super::router)'s active cluster, and its PubAck awaited in its own task,
+//! holding one permit of a bounded window: when the window is full, [`Sink::publish`] waits,
+//! the batchers stop popping and the queues fill up, which ingest answers with 503. A missing
+//! or failed ack is retried with the same Msg-Id (so JetStream stores the batch once; after a
+//! failover, on the new cluster) until the batch's deadline. Then its events are refused — or,
+//! with the disk spool, the batch is spooled and replayed later by [`Sink::spawn_services`]'
+//! replay task.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
