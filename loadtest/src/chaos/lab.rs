@@ -28,7 +28,7 @@ const RSS_EVERY: Duration = Duration::from_millis(100);
 
 /// The shared ground of one scenario.
 pub struct Lab {
-    /// Stores, configs and certificates; removed on drop.
+    /// Stores, configs and certificates (`<logs>/lab-*`); removed on drop.
     pub dir: tempfile::TempDir,
     /// Where every process logs (kept).
     pub logs: PathBuf,
@@ -112,7 +112,8 @@ impl Lab {
             relay_bin.display()
         );
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-        let dir = tempfile::Builder::new().prefix("loadtest-chaos-").tempdir()?;
+        // Under the log directory, so every child's command line names the run's directory.
+        let dir = tempfile::Builder::new().prefix("lab-").tempdir_in(&logs)?;
         let certs = dir.path().join("certs");
         edgerelay::tls::generate_dev_certs(&["localhost".to_owned(), "127.0.0.1".to_owned()])
             .and_then(|c| c.write(&certs))
