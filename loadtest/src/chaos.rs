@@ -55,7 +55,7 @@ pub enum Scenario {
     ClusterLeader,
     /// SIGTERM the relay under load: in-flight requests answered, nothing acknowledged lost.
     Drain,
-    /// NATS behind a proxy that turns slower than the publish deadline.
+    /// NATS behind a proxy that turns slower than the publish deadline, later goes dark.
     SlowNats,
     /// A stream with small limits and discard-new fills up under load.
     StreamFull,
@@ -200,7 +200,9 @@ impl Scenario {
                 "3-node cluster, R3 stream: kill -9 the stream leader, later a follower; restart each"
             }
             Scenario::Drain => "SIGTERM the relay under load, restart it",
-            Scenario::SlowNats => "NATS path delayed beyond the publish deadline, then restored",
+            Scenario::SlowNats => {
+                "NATS path delayed beyond the publish deadline, later black-holed; each restored"
+            }
             Scenario::StreamFull => "stream with max_msgs/max_bytes and discard-new fills up",
             Scenario::Overload => "3x the sustainable rate",
         }

@@ -181,7 +181,7 @@ pub async fn drain(cx: &Cx) -> anyhow::Result<Outcome> {
             Some((status, took)) => o.check(
                 status.success(),
                 format!(
-                    "relay exited {status} {:.0} ms after SIGTERM (grace {} ms)",
+                    "relay exited ({status}) {:.0} ms after SIGTERM (grace {} ms)",
                     took.as_secs_f64() * 1e3,
                     grace.as_millis()
                 ),
