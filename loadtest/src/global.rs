@@ -37,29 +37,28 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use bytes::Bytes;
 use edgerelay::top::latency::{Latency, Summary as StageSummary};
 use edgerelay::top::{prom, state::names};
 use futures::future::join_all;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::timeout;
 
 use crate::consume::{Acked, ConsumeArgs, Consumer, Decoding, Source};
 use crate::events::{self, EventArgs};
 use crate::harness::{FindMaxArgs, HarnessArgs, Measured, Target};
 use crate::https::HttpVersion;
 use crate::plot::{self, Series};
+use crate::procs::{
+    admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
+};
 use crate::report::{self, Percentiles, ReportArgs};
 use crate::schedule::{parse_duration, RunArgs};
 use crate::token::TokenArgs;
@@ -74,31 +73,13 @@ const DEFAULT_REGIONS: [(&str, u64, u64); 3] =
 const STREAM: &str = "GLOBAL";
 const SUBJECT_ROOT: &str = "global";
 
-/// Longest a relay or nats-server may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often readiness is polled.
-const READY_POLL: Duration = Duration::from_millis(50);
-
 /// Time allowed around the measured run: starting the processes (each within
 /// [`READY_TIMEOUT`], one after the other), scraping the relays and stopping everything.
 const SET_UP_ALLOWANCE: Duration = Duration::from_secs(150);
 
-/// Longest one admin request (`/readyz`, `/metrics`, `/debug/latency`) may take.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Largest admin answer read.
-const MAX_ADMIN_BYTES: usize = 8 << 20;
-
-/// How long a killed child may take to be reaped.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How often each relay's `/metrics` is read during the run for its NATS round trip (the
 /// relay itself probes every 5 s).
 const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(1);
-
-/// Attempts at finding a port free for both TCP and UDP.
-const PORT_ATTEMPTS: usize = 64;
 
 /// Flags of `loadtest global`.
 #[derive(Clone, Debug, clap::Args)]
@@ -208,10 +189,6 @@ struct Region {
     edge_rtt_ms: u64,
     nats_rtt_ms: u64,
 }
-
-/// Child processes, killed when dropped (however the scenario ends) or by [`Children::stop`].
-#[derive(Debug, Default)]
-struct Children(Vec<(String, Child)>);
 
 /// Everything running for the scenario; dropping it kills the processes, stops the proxies
 /// and removes the temporary directory, in that order (fields drop in declaration order).
@@ -465,46 +442,6 @@ impl Region {
     /// Round trips the edge's answer waits for: edge ↔ relay and relay ↔ NATS.
     fn ack_floor_ms(&self) -> f64 {
         (self.edge_rtt_ms + self.nats_rtt_ms) as f64
-    }
-}
-
-impl Children {
-    /// Starts `command` (killed on drop), its stderr to `log`.
-    fn spawn(&mut self, name: &str, command: &mut Command, log: &Path) -> anyhow::Result<()> {
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.0.push((name.to_owned(), child));
-        Ok(())
-    }
-
-    /// Fails if a child has exited, naming it and pointing at its log.
-    fn check_alive(&mut self, logs: &Path) -> anyhow::Result<()> {
-        for (name, child) in &mut self.0 {
-            if let Some(status) = child.try_wait().context("checking a child process")? {
-                bail!("{name} exited ({status}); see {}", logs.display());
-            }
-        }
-        Ok(())
-    }
-
-    /// Kills every child and waits for each (bounded).
-    async fn stop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.start_kill();
-        }
-        for (name, child) in &mut self.0 {
-            if timeout(REAP_TIMEOUT, child.wait()).await.is_err() {
-                eprintln!("global: {name} did not exit within {REAP_TIMEOUT:?} of SIGKILL");
-            }
-        }
-        self.0.clear();
     }
 }
 
@@ -770,38 +707,6 @@ async fn tcp_proxy(upstream: SocketAddr, rtt_ms: u64, seed: u64) -> anyhow::Resu
     wan::spawn(&route, &model(rtt_ms, seed)).await.context("starting a NATS proxy")
 }
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// Polls `ready` until it holds, a child exits, `stop` turns true or [`READY_TIMEOUT`] passes.
-async fn wait_ready<F, Fut>(
-    children: &mut Children,
-    logs: &Path,
-    stop: &watch::Receiver<bool>,
-    what: &str,
-    ready: F,
-) -> anyhow::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if ready().await {
-            return Ok(());
-        }
-        children.check_alive(logs)?;
-        ensure!(!*stop.borrow(), "interrupted while waiting for {what}");
-        ensure!(
-            Instant::now() < deadline,
-            "{what} not ready after {READY_TIMEOUT:?}; see {}",
-            logs.display()
-        );
-        sleep(READY_POLL).await;
-    }
-}
-
 /// The relay config of `region`: HTTPS (TCP) and QUIC (UDP) on the same port, so one edge
 /// proxy carries both; the shared stream; a token that may publish only on the region's
 /// subjects; no audit stream.
@@ -848,35 +753,6 @@ allow = [{allow}]
         token = s(token),
         allow = s(&format!("{}.>", region.subject_prefix())),
     )
-}
-
-/// `text` as a TOML basic string (JSON's escapes are valid TOML).
-fn toml_string(text: &str) -> String {
-    serde_json::Value::String(text.to_owned()).to_string()
-}
-
-/// `GET path` on a relay's admin listener: status and body.
-async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Bytes)> {
-    let request = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), MAX_ADMIN_BYTES)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-            .to_bytes();
-        anyhow::Ok((status, body))
-    };
-    timeout(ADMIN_TIMEOUT, request)
-        .await
-        .with_context(|| format!("GET http://{addr}{path} timed out"))?
-        .with_context(|| format!("GET http://{addr}{path}"))
 }
 
 /// The relay's NATS round trip as its `/metrics` shows it, every [`RTT_SAMPLE_EVERY`] until
@@ -1200,24 +1076,6 @@ fn svg(
         args.rate
     );
     plot::spectrum(&title, &series, Some(args.budget_ms))
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again later).
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(StdTcpListener::bind(local(0)).context("finding a free TCP port")?.local_addr()?.port())
-}
-
-/// A port free for both TCP and UDP on 127.0.0.1: the relay's HTTPS and QUIC listeners share
-/// it, so one edge proxy route carries both.
-fn free_shared_port() -> anyhow::Result<u16> {
-    for _ in 0..PORT_ATTEMPTS {
-        let tcp = StdTcpListener::bind(local(0)).context("finding a free TCP port")?;
-        let port = tcp.local_addr()?.port();
-        if StdUdpSocket::bind(local(port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("found no port free for both TCP and UDP in {PORT_ATTEMPTS} attempts")
 }
 
 /// Parses `--region NAME:EDGE_RTT_MS:NATS_RTT_MS`.

@@ -589,7 +589,7 @@ fn url_host(url: &Uri) -> anyhow::Result<&str> {
 }
 
 /// rustls client config on the ring provider, with the ALPN of `http`.
-fn tls_config(
+pub(crate) fn tls_config(
     ca: Option<&Path>,
     insecure: bool,
     http: HttpVersion,

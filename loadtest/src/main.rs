@@ -24,6 +24,11 @@
 //!   (`--relay-pid`) and exact ingest→ack percentiles from its admin `/debug/latency`.
 //! - `global`: the WAN scenario: nats-server and one relay per region behind `wan` proxies,
 //!   loaded at once, with one consumer; send→consumer per region against the delivery budget.
+//! - `procs`: process control both scenario modes share (children killed on drop, free ports,
+//!   readiness, signals, the admin listener, memory from `/proc`).
+//! - `chaos`: the fault-injection suite: a ledger client, process control for nats-server
+//!   (alone or a 3-node cluster) and relays, faults under load, and a verifier that reads the
+//!   stream back against the ledger.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +39,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backoff;
 mod bare;
+mod chaos;
 mod compare;
 mod consume;
 mod direct_js;
@@ -44,6 +50,7 @@ mod harness;
 mod https;
 mod plot;
 mod probe;
+mod procs;
 mod quic;
 mod quic_idle;
 mod report;
@@ -91,6 +98,11 @@ enum Mode {
     /// consumer 30 ms from NATS: send→consumer p99 per region against the 100 ms budget and
     /// the relay's own share of it.
     Global(Box<global::Args>),
+    /// The fault-injection suite: scenarios that kill, slow, fill or overload NATS and the
+    /// relay under load with a ledger client, then check the stream(s) against the ledger (no
+    /// acknowledged event missing, duplicates counted). A markdown table; exits non-zero if a
+    /// scenario fails.
+    Chaos(Box<chaos::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             Mode::BareServer(args) => bare::run(*args, stop).await,
             Mode::Compare(args) => compare::run(*args, stop).await,
             Mode::Global(args) => global::run(*args, stop).await,
+            Mode::Chaos(args) => chaos::run(*args, stop).await,
         }
     })
 }

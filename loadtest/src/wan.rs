@@ -23,7 +23,12 @@
 //!   reproducible (arrival times still depend on the machine).
 //!
 //! [`spawn`] starts one route in-process and returns a [`Proxy`] handle with the bound address,
-//! for scenarios that put relays and NATS behind proxies without a subprocess.
+//! for scenarios that put relays and NATS behind proxies without a subprocess. The handle also
+//! changes the path while it runs, for fault injection: [`Proxy::set_extra_delay`] adds to
+//! every one-way delay from then on (a path that turns slow), and [`Proxy::set_blackhole`]
+//! stops forwarding in both directions while keeping every socket open (a path that goes dark
+//! without a reset: TCP bytes wait in the proxy, or behind a full queue in the kernel, and flow
+//! again when the hole closes; UDP datagrams are dropped and counted as lost).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
@@ -99,7 +104,17 @@ pub struct Route {
 pub struct Proxy {
     addr: SocketAddr,
     stats: Arc<Stats>,
+    control: Arc<Control>,
     _tasks: JoinSet<()>,
+}
+
+/// What a running route's handle can change: shared by every connection and session.
+#[derive(Debug)]
+struct Control {
+    /// True while the path is a black hole.
+    blackhole: watch::Sender<bool>,
+    /// Added to every one-way delay drawn from now on, microseconds.
+    extra_delay_us: AtomicU64,
 }
 
 /// What a proxy has done so far.
@@ -294,6 +309,39 @@ impl Proxy {
     pub fn counters(&self) -> Counters {
         self.stats.snapshot()
     }
+
+    /// Black-holes the path (`true`) or restores it (`false`). While black-holed nothing is
+    /// forwarded in either direction, yet no socket is closed or reset: TCP data waits (in the
+    /// proxy's bounded queue, then in the kernel) and is delivered in order once restored; UDP
+    /// datagrams due meanwhile are dropped and counted in [`Counters::datagrams_lost`]. New
+    /// TCP connections are still accepted (the kernel completes the handshake anyway).
+    pub fn set_blackhole(&self, on: bool) {
+        self.control.blackhole.send_replace(on);
+    }
+
+    /// Adds `extra` to every one-way delay drawn from now on (on top of the model's `rtt / 2`
+    /// and jitter); `Duration::ZERO` returns to the model. Chunks already queued keep their
+    /// release times, and a TCP direction never reorders.
+    pub fn set_extra_delay(&self, extra: Duration) {
+        let us = u64::try_from(extra.as_micros()).unwrap_or(u64::MAX);
+        self.control.extra_delay_us.store(us, Ordering::Relaxed);
+    }
+}
+
+impl Control {
+    fn new() -> Self {
+        Control { blackhole: watch::Sender::new(false), extra_delay_us: AtomicU64::new(0) }
+    }
+
+    fn extra_delay(&self) -> Duration {
+        Duration::from_micros(self.extra_delay_us.load(Ordering::Relaxed))
+    }
+
+    /// Waits until the path is not black-holed.
+    async fn open(&self) {
+        let mut rx = self.blackhole.subscribe();
+        let _ = rx.wait_for(|on| !*on).await;
+    }
 }
 
 impl Stats {
@@ -485,14 +533,16 @@ pub async fn spawn(route: &Route, model: &Model) -> anyhow::Result<Proxy> {
     ensure!(route.tcp || route.udp, "route {route} proxies neither TCP nor UDP");
     let (tcp, udp, addr) = bind(route).await?;
     let stats = Arc::new(Stats::default());
+    let control = Arc::new(Control::new());
     let mut tasks = JoinSet::new();
     if let Some(listener) = tcp {
-        tasks.spawn(accept_tcp(listener, route.upstream, *model, stats.clone()));
+        tasks.spawn(accept_tcp(listener, route.upstream, *model, stats.clone(), control.clone()));
     }
     if let Some(socket) = udp {
-        tasks.spawn(serve_udp(Arc::new(socket), route.upstream, *model, stats.clone()));
+        let socket = Arc::new(socket);
+        tasks.spawn(serve_udp(socket, route.upstream, *model, stats.clone(), control.clone()));
     }
-    Ok(Proxy { addr, stats, _tasks: tasks })
+    Ok(Proxy { addr, stats, control, _tasks: tasks })
 }
 
 /// `loadtest wan-proxy`: runs the routes until Ctrl-C or SIGTERM, then prints their counters.
@@ -604,7 +654,13 @@ async fn bind(
 }
 
 /// Accepts TCP connections and proxies each until the route is dropped.
-async fn accept_tcp(listener: TcpListener, upstream: SocketAddr, model: Model, stats: Arc<Stats>) {
+async fn accept_tcp(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    model: Model,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+) {
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     let listen = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -614,7 +670,8 @@ async fn accept_tcp(listener: TcpListener, upstream: SocketAddr, model: Model, s
                 Ok((client, _)) => {
                     next_id += 1;
                     Stats::add(&stats.connections, 1);
-                    conns.spawn(proxy_tcp(client, upstream, model, next_id, stats.clone()));
+                    let (stats, control) = (stats.clone(), control.clone());
+                    conns.spawn(proxy_tcp(client, upstream, model, next_id, stats, control));
                 }
                 // Out of file descriptors and the like: wait instead of spinning.
                 Err(e) => {
@@ -634,6 +691,7 @@ async fn proxy_tcp(
     model: Model,
     id: u64,
     stats: Arc<Stats>,
+    control: Arc<Control>,
 ) {
     let server = match TcpStream::connect(upstream).await {
         Ok(server) => server,
@@ -648,14 +706,21 @@ async fn proxy_tcp(
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up =
-        pump(client_read, server_write, InOrder::new(model, model.rng(id << 1)), &model, &stats);
+    let up = pump(
+        client_read,
+        server_write,
+        InOrder::new(model, model.rng(id << 1)),
+        &model,
+        &stats,
+        &control,
+    );
     let down = pump(
         server_read,
         client_write,
         InOrder::new(model, model.rng(id << 1 | 1)),
         &model,
         &stats,
+        &control,
     );
     // An error in either direction drops all four halves: both sockets close.
     let _ = tokio::try_join!(up, down);
@@ -668,6 +733,7 @@ async fn pump(
     mut order: InOrder,
     model: &Model,
     stats: &Stats,
+    control: &Control,
 ) -> io::Result<()> {
     let budget = model.limits.max_queued_bytes;
     let chunk = TCP_CHUNK.min(budget);
@@ -690,14 +756,15 @@ async fn pump(
                         .acquire_many_owned(n as u32)
                         .await
                         .map_err(|_| io::Error::other("byte budget closed"))?;
-                    if tx.send((order.release(now), Segment::Data(data, permit))).is_err() {
+                    let at = order.release(now) + control.extra_delay();
+                    if tx.send((at, Segment::Data(data, permit))).is_err() {
                         return Ok(());
                     }
                     continue;
                 }
                 Err(e) => Segment::Reset(e),
             };
-            let _ = tx.send((order.release(Instant::now()), segment));
+            let _ = tx.send((order.release(Instant::now()) + control.extra_delay(), segment));
             return Ok::<(), io::Error>(());
         }
     };
@@ -706,6 +773,8 @@ async fn pump(
             if at > Instant::now() {
                 sleep_until(at).await;
             }
+            // A black hole holds everything (a FIN or reset too) until it closes.
+            control.open().await;
             match segment {
                 Segment::Data(data, permit) => {
                     to.write_all(&data).await?;
@@ -725,7 +794,13 @@ async fn pump(
 }
 
 /// Receives client datagrams, keeps one session per client address, and expires idle ones.
-async fn serve_udp(socket: Arc<UdpSocket>, upstream: SocketAddr, model: Model, stats: Arc<Stats>) {
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    upstream: SocketAddr,
+    model: Model,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+) {
     let epoch = Instant::now();
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
     let mut next_id: u64 = 0;
@@ -753,7 +828,9 @@ async fn serve_udp(socket: Arc<UdpSocket>, upstream: SocketAddr, model: Model, s
                 continue;
             }
             next_id += 1;
-            match open_session(&socket, from, upstream, &model, next_id, epoch, &stats).await {
+            let opened =
+                open_session(&socket, from, upstream, &model, next_id, epoch, &stats, &control);
+            match opened.await {
                 Ok(session) => {
                     Stats::add(&stats.udp_sessions, 1);
                     sessions.insert(from, session);
@@ -774,6 +851,7 @@ async fn serve_udp(socket: Arc<UdpSocket>, upstream: SocketAddr, model: Model, s
 }
 
 /// Opens a client's session: an upstream socket and the tasks of both directions.
+#[allow(clippy::too_many_arguments)] // the route's shared state, passed down unbundled
 async fn open_session(
     listen: &Arc<UdpSocket>,
     client: SocketAddr,
@@ -782,6 +860,7 @@ async fn open_session(
     id: u64,
     epoch: Instant,
     stats: &Arc<Stats>,
+    control: &Arc<Control>,
 ) -> io::Result<Session> {
     let local: SocketAddr = if upstream.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -800,6 +879,7 @@ async fn open_session(
         *model,
         model.rng(id << 1),
         stats.clone(),
+        control.clone(),
     ));
     tasks.spawn(delay_datagrams(
         down_rx,
@@ -807,6 +887,7 @@ async fn open_session(
         *model,
         model.rng(id << 1 | 1),
         stats.clone(),
+        control.clone(),
     ));
     let active = last_active.clone();
     let stats = stats.clone();
@@ -837,6 +918,7 @@ async fn delay_datagrams(
     model: Model,
     mut rng: Rng,
     stats: Arc<Stats>,
+    control: Arc<Control>,
 ) {
     let mut queue = DatagramQueue::new(model.limits.max_queued_bytes);
     let mut open = true;
@@ -847,7 +929,7 @@ async fn delay_datagrams(
                 Some((arrived, data)) => {
                     if model.lost(&mut rng) {
                         Stats::add(&stats.datagrams_lost, 1);
-                    } else if !queue.push(arrived + model.one_way(&mut rng), data) {
+                    } else if !queue.push(arrived + model.one_way(&mut rng) + control.extra_delay(), data) {
                         Stats::add(&stats.datagrams_overflow, 1);
                     }
                 }
@@ -856,6 +938,10 @@ async fn delay_datagrams(
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 let now = Instant::now();
                 while let Some(data) = queue.pop_due(now) {
+                    if *control.blackhole.borrow() {
+                        Stats::add(&stats.datagrams_lost, 1);
+                        continue;
+                    }
                     // Like a router's output queue: a send error (buffer full, ICMP) loses it.
                     if dest.send(&data).await.is_ok() {
                         Stats::add(&stats.datagrams_forwarded, 1);
@@ -1243,5 +1329,67 @@ mod tests {
         let mut buf = [0u8; 16];
         assert_eq!(sink.recv(&mut buf).await.unwrap(), 10);
         assert_eq!(buf[0], 0);
+    }
+
+    /// A black hole stops both directions without closing the connection; restored, the
+    /// held bytes arrive in order. UDP datagrams due meanwhile are dropped and counted.
+    #[tokio::test]
+    async fn a_black_hole_holds_tcp_and_drops_udp_until_restored() {
+        let upstream = echo_servers().await;
+        let proxy = spawn(&route(upstream, true, true), &model(2, 0, 0.0)).await.unwrap();
+        let mut conn = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        let mut buf = [0u8; 1];
+        conn.write_all(b"a").await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"a");
+
+        proxy.set_blackhole(true);
+        conn.write_all(b"bc").await.unwrap();
+        let held = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
+        assert!(held.is_err(), "bytes crossed a black hole: {held:?}");
+        let udp = UdpSocket::bind(LOOPBACK).await.unwrap();
+        udp.connect(proxy.local_addr()).await.unwrap();
+        udp.send(b"lost").await.unwrap();
+        let mut dgram = [0u8; 16];
+        let got = tokio::time::timeout(Duration::from_millis(200), udp.recv(&mut dgram)).await;
+        assert!(got.is_err(), "a datagram crossed a black hole");
+        // A new connection is accepted meanwhile, and stays open.
+        let mut late = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        late.write_all(b"z").await.unwrap();
+
+        proxy.set_blackhole(false);
+        let mut two = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut two))
+            .await
+            .expect("held bytes delivered after restore")
+            .unwrap();
+        assert_eq!(&two, b"bc");
+        tokio::time::timeout(Duration::from_secs(5), late.read_exact(&mut buf))
+            .await
+            .expect("the late connection works after restore")
+            .unwrap();
+        assert_eq!(&buf, b"z");
+        udp.send(b"back").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), udp.recv(&mut dgram))
+            .await
+            .expect("datagrams pass again")
+            .unwrap();
+        assert_eq!(&dgram[..n], b"back");
+        assert!(proxy.counters().datagrams_lost >= 1, "{}", proxy.counters());
+    }
+
+    /// An extra delay set while running applies to what is sent from then on, and can be
+    /// taken back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_extra_delay_slows_the_path_until_cleared() {
+        let upstream = echo_servers().await;
+        let proxy = spawn(&route(upstream, true, false), &model(0, 0, 0.0)).await.unwrap();
+        let fast = tcp_round_trips(proxy.local_addr(), 5).await;
+        proxy.set_extra_delay(Duration::from_millis(100));
+        let slow = tcp_round_trips(proxy.local_addr(), 5).await;
+        proxy.set_extra_delay(Duration::ZERO);
+        let again = tcp_round_trips(proxy.local_addr(), 5).await;
+        assert!(slow >= Duration::from_millis(200), "{slow:?}");
+        assert!(fast < Duration::from_millis(100) && again < Duration::from_millis(100));
     }
 }

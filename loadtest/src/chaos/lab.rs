@@ -1,0 +1,557 @@
+//! What a scenario runs and breaks: nats-servers (alone or as a 3-node JetStream cluster)
+//! that can be `kill -9`ed and restarted on the same port and store, relay processes
+//! (`edgerelay run --config`) that can be SIGKILLed, SIGTERMed and restarted, a sampler of the
+//! relay's memory, and the [`Lab`] that owns the temporary directory, certificates, token and
+//! logs they share. Every child is killed when its handle is dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use async_nats::jetstream::stream::Config as StreamSpec;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::procs::{
+    admin_get, free_tcp_port, local, signal, spawn_logged, toml_string, Memory, READY_POLL,
+    READY_TIMEOUT, REAP_TIMEOUT,
+};
+
+/// How often the relay's memory is sampled.
+const RSS_EVERY: Duration = Duration::from_millis(100);
+
+/// The shared ground of one scenario.
+pub struct Lab {
+    /// Stores, configs and certificates (`<logs>/lab-*`); removed on drop.
+    pub dir: tempfile::TempDir,
+    /// Where every process logs (kept).
+    pub logs: PathBuf,
+    pub nats_bin: PathBuf,
+    pub relay_bin: PathBuf,
+    /// The static token every relay takes (may publish on `chaos.>`).
+    pub token: String,
+    /// The CA of the relays' certificate.
+    pub ca: PathBuf,
+    certs: PathBuf,
+}
+
+/// One nats-server with JetStream, restartable on the same port and store.
+pub struct NatsServer {
+    pub name: String,
+    pub port: u16,
+    config: PathBuf,
+    bin: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Three nats-servers routed into one JetStream cluster.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+/// How a relay is configured. The `[nats]` table is `nats_toml` when given, else built from
+/// `nats_urls` and the timeouts; `extra_toml` is appended (more tables: a spool, clusters).
+#[derive(Clone, Debug)]
+pub struct RelaySpec {
+    pub name: String,
+    pub nats_urls: Vec<String>,
+    /// Replaces the generated body of `[nats]` (e.g. `[[nats.clusters]]` go in `extra_toml`
+    /// and this holds what is left).
+    pub nats_toml: Option<String>,
+    pub stream: String,
+    pub subjects: String,
+    pub replicas: usize,
+    /// Create the stream if missing (else it must exist as configured).
+    pub create_stream: bool,
+    pub ack_timeout_ms: u64,
+    pub publish_deadline_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+    /// Lines added to `[relay]` (e.g. `ack_mode = "spooled"`).
+    pub relay_lines: Vec<String>,
+    /// Lines added to the generated `[nats]` (e.g. `max_inflight_batches = 4`).
+    pub nats_lines: Vec<String>,
+    /// Appended tables.
+    pub extra_toml: String,
+}
+
+/// A relay process, restartable with the same config (and so the same ports).
+pub struct Relay {
+    pub name: String,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    config: PathBuf,
+    bin: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// The running process's pid (0 when none), for the memory sampler.
+    pid: Arc<AtomicU32>,
+}
+
+/// Samples a relay's memory until dropped or stopped; survives restarts (it follows the pid).
+pub struct RssSampler {
+    max_rss_kib: Arc<AtomicU64>,
+    max_hwm_kib: Arc<AtomicU64>,
+    done: watch::Sender<bool>,
+}
+
+impl Lab {
+    /// A fresh directory, certificates for `localhost`/`127.0.0.1` and a token; logs under
+    /// `logs`.
+    pub fn new(nats_bin: &Path, relay_bin: &Path, logs: PathBuf) -> anyhow::Result<Self> {
+        ensure!(
+            relay_bin.exists(),
+            "relay binary {} not found: build it (cargo build -p edgerelay) or pass --relay-bin",
+            relay_bin.display()
+        );
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        // Under the log directory, so every child's command line names the run's directory.
+        let dir = tempfile::Builder::new().prefix("lab-").tempdir_in(&logs)?;
+        let certs = dir.path().join("certs");
+        edgerelay::tls::generate_dev_certs(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .and_then(|c| c.write(&certs))
+            .context("generating the relay's certificates")?;
+        Ok(Lab {
+            ca: certs.join("ca.pem"),
+            certs,
+            dir,
+            logs,
+            nats_bin: nats_bin.to_owned(),
+            relay_bin: relay_bin.to_owned(),
+            token: format!("chaos-{:016x}", crate::events::nonce()),
+        })
+    }
+
+    /// Starts one nats-server (JetStream, its own store) and waits for its port.
+    pub async fn nats(&self, name: &str) -> anyhow::Result<NatsServer> {
+        let port = free_tcp_port()?;
+        let store = self.dir.path().join(format!("{name}-store"));
+        let conf = format!(
+            "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n",
+            toml_string(&store.to_string_lossy())
+        );
+        self.nats_with(name, port, &conf).await
+    }
+
+    /// Starts a 3-node cluster (routes between all, JetStream on each) and waits until
+    /// JetStream answers (a meta leader is elected).
+    pub async fn cluster(&self, name: &str) -> anyhow::Result<NatsCluster> {
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| Ok((free_tcp_port()?, free_tcp_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let routes: Vec<String> =
+            ports.iter().map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\"")).collect();
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let node = format!("{name}-{}", i + 1);
+            let store = self.dir.path().join(format!("{node}-store"));
+            let conf = format!(
+                "server_name: {node}\nlisten: \"127.0.0.1:{port}\"\n\
+                 jetstream {{ store_dir: {} }}\n\
+                 cluster {{ name: {name}\n listen: \"127.0.0.1:{route}\"\n routes: [{}] }}\n",
+                toml_string(&store.to_string_lossy()),
+                routes.join(", ")
+            );
+            nodes.push(self.nats_with(&node, *port, &conf).await?);
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_jetstream().await?;
+        Ok(cluster)
+    }
+
+    async fn nats_with(&self, name: &str, port: u16, conf: &str) -> anyhow::Result<NatsServer> {
+        let config = self.dir.path().join(format!("{name}.conf"));
+        std::fs::write(&config, conf).with_context(|| format!("writing {}", config.display()))?;
+        let mut server = NatsServer {
+            name: name.to_owned(),
+            port,
+            config,
+            bin: self.nats_bin.clone(),
+            log: self.logs.join(format!("{name}.log")),
+            child: None,
+        };
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// A relay spec with the lab's defaults: stream `CHAOS` on `chaos.>`, R1, created.
+    pub fn relay_spec(&self, name: &str, nats_urls: Vec<String>) -> RelaySpec {
+        RelaySpec {
+            name: name.to_owned(),
+            nats_urls,
+            nats_toml: None,
+            stream: "CHAOS".into(),
+            subjects: "chaos.>".into(),
+            replicas: 1,
+            create_stream: true,
+            ack_timeout_ms: 500,
+            publish_deadline_ms: 2_000,
+            connect_timeout_ms: 500,
+            shutdown_grace_ms: 10_000,
+            relay_lines: Vec::new(),
+            nats_lines: Vec::new(),
+            extra_toml: String::new(),
+        }
+    }
+
+    /// Writes the relay's config, starts it and waits for `/readyz`.
+    pub async fn relay(&self, spec: &RelaySpec) -> anyhow::Result<Relay> {
+        let https = local(free_tcp_port()?);
+        let admin = local(free_tcp_port()?);
+        let config = self.dir.path().join(format!("relay-{}.toml", spec.name));
+        std::fs::write(&config, self.relay_config(spec, https, admin))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut relay = Relay {
+            name: spec.name.clone(),
+            https,
+            admin,
+            config,
+            bin: self.relay_bin.clone(),
+            log: self.logs.join(format!("relay-{}.log", spec.name)),
+            child: None,
+            pid: Arc::new(AtomicU32::new(0)),
+        };
+        relay.start().await?;
+        Ok(relay)
+    }
+
+    fn relay_config(&self, spec: &RelaySpec, https: SocketAddr, admin: SocketAddr) -> String {
+        let path = |name: &str| toml_string(&self.certs.join(name).to_string_lossy());
+        let nats = match &spec.nats_toml {
+            Some(body) => body.clone(),
+            None => format!(
+                "urls = [{}]\nconnect_timeout_ms = {}\nack_timeout_ms = {}\npublish_deadline_ms = {}\n{}",
+                spec.nats_urls.iter().map(|u| toml_string(u)).collect::<Vec<_>>().join(", "),
+                spec.connect_timeout_ms,
+                spec.ack_timeout_ms,
+                spec.publish_deadline_ms,
+                spec.nats_lines.join("\n"),
+            ),
+        };
+        format!(
+            r#"# Generated by `loadtest chaos`.
+[relay]
+id = {id}
+shutdown_grace_ms = {grace}
+{relay_lines}
+[https]
+listen = "{https}"
+tls_cert = {cert}
+tls_key = {key}
+[admin]
+listen = "{admin}"
+[nats]
+client_name = {id}
+{nats}
+[stream]
+name = {stream}
+subjects = [{subjects}]
+replicas = {replicas}
+create = {create}
+[idempotency]
+max_keys = 200000
+[audit]
+enabled = false
+[[auth.static_tokens]]
+name = "chaos"
+token = {token}
+allow = ["chaos.>"]
+{extra}
+"#,
+            id = toml_string(&format!("chaos-{}", spec.name)),
+            grace = spec.shutdown_grace_ms,
+            relay_lines = spec.relay_lines.join("\n"),
+            cert = path("cert.pem"),
+            key = path("key.pem"),
+            stream = toml_string(&spec.stream),
+            subjects = toml_string(&spec.subjects),
+            replicas = spec.replicas,
+            create = spec.create_stream,
+            token = toml_string(&self.token),
+            extra = spec.extra_toml,
+        )
+    }
+}
+
+impl NatsServer {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts it (on its port and store) and waits until the port answers.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "{} is already running", self.name);
+        let mut command = Command::new(&self.bin);
+        command.arg("-c").arg(&self.config);
+        self.child = Some(spawn_logged(&self.name, &mut command, &self.log)?);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr = local(self.port);
+        loop {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!("{} exited ({status}); see {}", self.name, self.log.display());
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} not listening; see {}",
+                self.name,
+                self.log.display()
+            );
+            sleep(READY_POLL).await;
+        }
+    }
+
+    /// `kill -9` and reap.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().context("SIGKILL")?;
+            timeout(REAP_TIMEOUT, child.wait()).await.context("reaping nats-server")??;
+        }
+        Ok(())
+    }
+}
+
+impl NatsCluster {
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// A running node's URL.
+    pub fn any_url(&self) -> anyhow::Result<String> {
+        self.nodes.iter().find(|n| n.running()).map(NatsServer::url).context("no node is running")
+    }
+
+    /// Waits until JetStream answers account info through every node.
+    async fn wait_jetstream(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for url in self.urls() {
+            loop {
+                let ok = async {
+                    let client = async_nats::connect(url.as_str()).await.ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok()
+                };
+                if timeout(Duration::from_secs(2), ok).await.ok().flatten().is_some() {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "JetStream never came up on {url}");
+                sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of the node that leads `stream` now (`$JS.API.STREAM.INFO.<stream>` →
+    /// `cluster.leader`), asked through a running node; retried while a leader is elected.
+    pub async fn leader(&self, stream: &str) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let asked = async {
+                let client = async_nats::connect(self.any_url()?.as_str()).await?;
+                let reply =
+                    client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()).await?;
+                let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+                let leader = info["cluster"]["leader"].as_str().unwrap_or_default().to_owned();
+                anyhow::Ok(leader)
+            };
+            if let Ok(Ok(leader)) = timeout(Duration::from_secs(3), asked).await {
+                if let Some(i) = self.nodes.iter().position(|n| n.name == leader) {
+                    return Ok(i);
+                }
+            }
+            ensure!(Instant::now() < deadline, "stream {stream} has no leader");
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Relay {
+    /// Where the load goes.
+    pub fn target(&self, lab: &Lab) -> super::ledger::Target {
+        super::ledger::Target { addr: self.https, ca: lab.ca.clone(), token: lab.token.clone() }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::Relaxed) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    /// Starts the process with its config and waits for `/readyz` (bounded).
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "relay {} is already running", self.name);
+        let mut command = Command::new(&self.bin);
+        command.args(["run", "--config"]).arg(&self.config).env("EDGERELAY_LOG", "warn");
+        let child = spawn_logged(&format!("relay {}", self.name), &mut command, &self.log)?;
+        self.pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if matches!(admin_get(self.admin, "/readyz").await, Ok((200, _))) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_exit()? {
+                bail!("relay {} exited ({status}); see {}", self.name, self.log.display());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "relay {} not ready after {READY_TIMEOUT:?}; see {}",
+                self.name,
+                self.log.display()
+            );
+            sleep(READY_POLL).await;
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            self.pid.store(0, Ordering::Relaxed);
+            child.start_kill().context("SIGKILL")?;
+            timeout(REAP_TIMEOUT, child.wait()).await.context("reaping the relay")??;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: the relay drains and exits on its own; see [`Relay::wait_exit`].
+    pub fn term(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the relay is not running")?;
+        signal(pid, "TERM")
+    }
+
+    /// Waits up to `within` for the process to exit; SIGKILLs it if it does not. Returns its
+    /// status and how long it took, or `None` if it had to be killed.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<Option<(ExitStatus, Duration)>> {
+        let Some(child) = self.child.as_mut() else { return Ok(None) };
+        let started = Instant::now();
+        match timeout(within, child.wait()).await {
+            Ok(status) => {
+                self.child = None;
+                self.pid.store(0, Ordering::Relaxed);
+                Ok(Some((status?, started.elapsed())))
+            }
+            Err(_) => {
+                self.kill9().await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(child) = &mut self.child else { return Ok(None) };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            self.child = None;
+            self.pid.store(0, Ordering::Relaxed);
+        }
+        Ok(status)
+    }
+
+    /// Samples this relay's memory (across restarts) until the sampler is stopped.
+    pub fn sample_memory(&self) -> RssSampler {
+        let (done, mut stop) = watch::channel(false);
+        let (rss, hwm) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (max_rss, max_hwm, pid) = (rss.clone(), hwm.clone(), self.pid.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RSS_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|d| *d) => return,
+                }
+                let pid = pid.load(Ordering::Relaxed);
+                if let Some(m) = (pid != 0).then(|| Memory::of(pid)).flatten() {
+                    max_rss.fetch_max(m.rss_kib, Ordering::Relaxed);
+                    max_hwm.fetch_max(m.hwm_kib, Ordering::Relaxed);
+                }
+            }
+        });
+        RssSampler { max_rss_kib: rss, max_hwm_kib: hwm, done }
+    }
+}
+
+impl RssSampler {
+    /// The highest values sampled so far: the largest `VmRSS` seen, and the largest `VmHWM`
+    /// (the kernel's own peak, which catches spikes between samples).
+    pub fn max(&self) -> Memory {
+        Memory {
+            rss_kib: self.max_rss_kib.load(Ordering::Relaxed),
+            hwm_kib: self.max_hwm_kib.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        let _ = self.done.send(true);
+    }
+}
+
+/// Creates `spec` as a stream through `nats_url` (for scenarios that need a stream the relay
+/// would not create itself, e.g. one with `max_msgs` and discard-new).
+pub async fn create_stream(nats_url: &str, spec: StreamSpec) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await.context("connecting to create a stream")?;
+    let js = async_nats::jetstream::new(client);
+    let name = spec.name.clone();
+    js.create_stream(spec).await.with_context(|| format!("creating stream {name}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_config_is_valid_for_the_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        edgerelay::tls::generate_dev_certs(&["localhost".to_owned()])
+            .and_then(|c| c.write(&certs))
+            .unwrap();
+        let lab = Lab {
+            dir,
+            logs: PathBuf::from("/tmp"),
+            nats_bin: PathBuf::from("nats-server"),
+            relay_bin: PathBuf::from("edgerelay"),
+            token: "chaos-tok\"en-0123456789".into(),
+            ca: certs.join("ca.pem"),
+            certs,
+        };
+        let mut spec = lab.relay_spec("r1", vec!["nats://127.0.0.1:4222".into()]);
+        spec.replicas = 3;
+        spec.create_stream = false;
+        spec.relay_lines.push("max_subject_bytes = 128".into());
+        spec.nats_lines.push("max_inflight_batches = 4".into());
+        spec.extra_toml = "[batch]\nmax_events = 1\n".into();
+        let text = lab.relay_config(&spec, local(8443), local(9090));
+        let config = edgerelay::config::Config::parse(&text).unwrap();
+        assert_eq!(config.relay.id, "chaos-r1");
+        assert_eq!(config.relay.max_subject_bytes, 128);
+        assert_eq!((config.stream.replicas, config.stream.create), (3, false));
+        assert_eq!(config.nats.publish_deadline_ms, 2_000);
+        assert_eq!((config.nats.max_inflight_batches, config.batch.max_events), (4, 1));
+        assert_eq!(config.auth.static_tokens[0].token, "chaos-tok\"en-0123456789");
+        config.validate().unwrap();
+    }
+}

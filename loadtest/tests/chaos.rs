@@ -1,0 +1,84 @@
+//! The CI subset of the fault-injection suite: the short `nats-kill`, `drain` and
+//! `stream-full` scenarios of `loadtest chaos` against the debug binaries and a real
+//! nats-server (about a minute in all). Every scenario must pass: no acknowledged event
+//! missing, no duplicate, no 2xx while NATS was down, the drain answered what was in flight,
+//! the full stream refused clearly. Afterwards no relay or nats-server of the run is left.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
+    p
+}
+
+/// The relay binary, built by cargo next to `loadtest`.
+fn relay_bin() -> PathBuf {
+    let relay = Path::new(env!("CARGO_BIN_EXE_loadtest")).with_file_name("edgerelay");
+    assert!(
+        relay.exists(),
+        "{} not found: build it first (cargo build -p edgerelay --bin edgerelay)",
+        relay.display()
+    );
+    relay
+}
+
+#[test]
+fn short_chaos_scenarios_lose_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let json = dir.path().join("rows.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["chaos", "nats-kill", "drain", "stream-full"])
+        .arg("--nats-server-bin")
+        .arg(nats_server_bin())
+        .arg("--relay-bin")
+        .arg(relay_bin())
+        .arg("--out")
+        .arg(&out)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running loadtest chaos");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "loadtest chaos failed\n{stdout}\n{stderr}");
+
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["nats-kill", "drain", "stream-full"], "{stdout}");
+    for r in rows {
+        assert_eq!(r["pass"], true, "{r}\n{stdout}");
+        assert_eq!(r["missing"], 0, "{r}");
+        assert_eq!(r["duplicated"], 0, "{r}");
+        assert!(r["acknowledged"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["max_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["verdict"]["false_acks"], 0, "{r}");
+    }
+    // nats-kill really took NATS down twice and the relay recovered each time.
+    let kill = &rows[0];
+    let faults = kill["timeline"]["all_down"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{kill}");
+    assert!(kill["recovery_ms"].as_f64().is_some(), "{kill}");
+    assert!(kill["verdict"]["answers"]["503 nats_unavailable"].as_u64().unwrap_or(0) > 0, "{kill}");
+    // The full stream refused: the acknowledged ones are exactly what it holds.
+    let full = &rows[2];
+    assert!(full["acknowledged"].as_u64().unwrap() < full["sent"].as_u64().unwrap(), "{full}");
+    assert!(stdout.contains("| nats-kill |") && stdout.contains("PASS"), "{stdout}");
+    for log in ["nats-kill/nats.log", "nats-kill/relay-relay.log", "drain/relay-relay.log"] {
+        assert!(out.join(log).exists(), "{log}");
+    }
+
+    // Nothing of the run is left: every child's command line names a config under `out`.
+    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let out = out.to_string_lossy();
+    let left: Vec<&str> = ps.lines().filter(|l| l.contains(out.as_ref())).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
