@@ -158,6 +158,16 @@ impl Reply {
         self.finish(outcome);
     }
 
+    /// Answers the request now but keeps its idempotency key claimed, because the outcome is
+    /// not final (a batch past its deadline may still be stored). A retry with the same key
+    /// then waits for the final outcome instead of publishing the event a second time; the
+    /// later [`Reply::send`] gives it (the request keeps this answer).
+    pub fn tell(&mut self, outcome: Outcome) {
+        if let Some((answers, index)) = self.request.take() {
+            answers.set(index, outcome);
+        }
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         if let Some((cache, key)) = self.key.take() {
             cache.complete(key, &outcome, Instant::now());

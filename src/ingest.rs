@@ -60,6 +60,8 @@ pub struct Ingest {
     idempotency: Arc<Idempotency>,
     stream_subjects: Vec<Pattern>,
     ack_mode: AckMode,
+    /// How long a retry waits for the outcome of the first request with its idempotency key.
+    wait_for_first: std::time::Duration,
     max_subject_bytes: usize,
     max_event_bytes: usize,
     max_events_per_request: usize,
@@ -99,6 +101,7 @@ impl Ingest {
                 .filter_map(|s| Pattern::parse(s).ok())
                 .collect(),
             ack_mode: cfg.relay.ack_mode,
+            wait_for_first: crate::config::ms(cfg.nats.publish_deadline_ms),
             max_subject_bytes: cfg.relay.max_subject_bytes,
             max_event_bytes: cfg.https.max_event_bytes,
             max_events_per_request: cfg.https.max_events_per_request,
@@ -220,9 +223,20 @@ impl Ingest {
         }
         // Retries of keys in flight (rare) get the first event's answer.
         for (index, rx) in waiting {
-            let outcome = rx.await.unwrap_or_else(|_| {
-                Err(Refusal::new(ErrorCode::ShuttingDown, "the relay stopped before answering"))
-            });
+            let outcome = match tokio::time::timeout(self.wait_for_first, rx).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Err(Refusal::new(
+                    ErrorCode::ShuttingDown,
+                    "the relay stopped before answering",
+                )),
+                // The first event's batch is still unresolved (JetStream slow or away): this
+                // retry must not publish it again, so it is told to come back later.
+                Err(_) => Err(Refusal::new(
+                    ErrorCode::AckTimeout,
+                    "an earlier request with this Idempotency-Key is still waiting for JetStream; retry later with the same key",
+                )
+                .because("first_attempt_unresolved")),
+            };
             answers.set(index, outcome);
         }
         let outcomes = answers.all().await;

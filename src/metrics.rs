@@ -154,7 +154,8 @@ pub struct Metrics {
     pub batch_events: Histogram,
     /// Bytes per published batch (encoded).
     pub batch_bytes: Histogram,
-    /// Batches, by outcome (`stored`, `refused`, `timeout`).
+    /// Batches, by outcome: `stored`; `timeout` (answered `ack_timeout`, still being
+    /// resolved), then `stored_late` if JetStream took it after all; `spooled`; `refused`.
     pub batches: Family<OutcomeLabels, Counter>,
     /// Batch publishes retried.
     pub batch_retries: Counter,

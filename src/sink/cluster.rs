@@ -110,7 +110,7 @@ impl Cluster {
                 }
             });
         let client =
-            opts.connect(cfg.urls.join(",")).await.map_err(|e| options_err(e.to_string()))?;
+            opts.connect(cfg.urls.as_slice()).await.map_err(|e| options_err(e.to_string()))?;
         let js = jetstream::ContextBuilder::new()
             .timeout(ms(nats.ack_timeout_ms))
             .max_ack_inflight(nats.max_inflight_batches * 2)

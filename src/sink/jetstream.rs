@@ -77,6 +77,9 @@ pub struct Sink {
     window: Arc<Semaphore>,
     window_size: u32,
     deadline: Duration,
+    /// How long a batch answered `ack_timeout` keeps being published with its Msg-Id to learn
+    /// whether it was stored: the stream's duplicate window, in which retries are harmless.
+    resolve_within: Duration,
     backoff: Duration,
     /// Signalled when the last batch in flight was answered.
     idle: Notify,
@@ -174,6 +177,7 @@ impl Sink {
             window: Arc::new(Semaphore::new(window)),
             window_size: u32::try_from(window).unwrap_or(u32::MAX),
             deadline: ms(nats.publish_deadline_ms),
+            resolve_within: ms(stream.duplicate_window_ms),
             backoff: ms(nats.retry_backoff_ms),
             idle: Notify::new(),
             spool,
@@ -483,19 +487,24 @@ impl Sink {
         }
     }
 
-    async fn complete(&self, f: Flight, first: Attempt) {
+    async fn complete(&self, mut f: Flight, first: Attempt) {
         let mut attempt = first;
         let mut backoff = self.backoff;
         let mut tries = 1u32;
+        // Some attempt reached a cluster: JetStream may have stored the batch.
+        let mut maybe_stored = false;
+        // The deadline passed and the requests were answered; the batch is being resolved.
+        let mut told = false;
         loop {
+            maybe_stored |= attempt.is_ok();
             let err = match attempt {
                 Ok((cluster, ack)) => match ack.await {
-                    Ok(ack) => return self.stored(f, cluster, &ack, tries),
+                    Ok(ack) => return self.stored(f, cluster, &ack, tries, told),
                     Err(error) => Failed::Publish { cluster, error },
                 },
                 Err(e) => e,
             };
-            if matches!(err, Failed::NoCluster) && self.spool.is_some() {
+            if matches!(err, Failed::NoCluster) && self.spool.is_some() && !told {
                 // Nothing could take it now: waiting out the deadline only delays the answer.
                 return self.spool_flight(f).await;
             }
@@ -514,25 +523,35 @@ impl Sink {
                     self.observe(i, |r, now| r.failed(i, now));
                 }
             }
-            if Instant::now() + backoff >= f.deadline {
+            let now = Instant::now();
+            if !told && now + backoff >= f.deadline {
                 if self.spool.is_some() {
                     tracing::warn!(batch = %f.msg_id, tries, error = %err,
                         "no cluster acknowledged the batch in time: spooling it");
                     return self.spool_flight(f).await;
                 }
-                tracing::warn!(batch = %f.msg_id, tries, error = %err, "giving up on batch");
                 self.batch_outcome("timeout");
-                let refusal = match self.unavailable() {
-                    Some(r) => r,
-                    None => Refusal::new(
-                        ErrorCode::AckTimeout,
-                        format!(
-                            "JetStream did not acknowledge within {} ms; retry with the same Idempotency-Key",
-                            self.deadline.as_millis()
-                        ),
-                    ),
-                };
-                answer_all(f.replies, refusal);
+                let refusal = self.unavailable().unwrap_or_else(|| self.ack_timeout());
+                if !maybe_stored {
+                    tracing::warn!(batch = %f.msg_id, tries, error = %err, "giving up on batch: never reached a cluster");
+                    answer_all(f.replies, refusal);
+                    return;
+                }
+                // The edge's time is up, but the batch may be stored: answer now, and go on
+                // publishing it with the same Msg-Id until JetStream says, so that an event
+                // retried with its Idempotency-Key waits for this outcome instead of being
+                // published a second time.
+                tracing::warn!(batch = %f.msg_id, tries, error = %err,
+                    "batch not acknowledged in time: answered, still resolving");
+                for reply in &mut f.replies {
+                    reply.tell(Err(refusal.clone()));
+                }
+                told = true;
+            }
+            if told && now >= f.sent + self.resolve_within {
+                tracing::warn!(batch = %f.msg_id, tries, error = %err,
+                    "giving up on batch: no answer from JetStream within the duplicate window");
+                answer_all(f.replies, self.ack_timeout());
                 return;
             }
             tracing::debug!(batch = %f.msg_id, tries, error = %err, "retrying batch");
@@ -544,14 +563,24 @@ impl Sink {
         }
     }
 
+    fn ack_timeout(&self) -> Refusal {
+        Refusal::new(
+            ErrorCode::AckTimeout,
+            format!(
+                "JetStream did not acknowledge within {} ms; retry with the same Idempotency-Key",
+                self.deadline.as_millis()
+            ),
+        )
+    }
+
     /// JetStream on cluster `i` stored the batch: answers its events.
-    fn stored(&self, f: Flight, i: usize, ack: &PublishAck, tries: u32) {
+    fn stored(&self, f: Flight, i: usize, ack: &PublishAck, tries: u32, late: bool) {
         let now = Instant::now();
         let took = now.saturating_duration_since(f.sent);
         self.metrics.flush.observe(took.as_secs_f64());
         self.metrics.latency.record(Stage::Flush, took, now);
         self.metrics.published_bytes.inc_by(f.payload.len() as u64);
-        self.batch_outcome("stored");
+        self.batch_outcome(if late { "stored_late" } else { "stored" });
         self.observe(i, |r, now| r.acked(i, now));
         if ack.duplicate {
             tracing::debug!(batch = %f.msg_id, tries, "retried batch was already stored");
@@ -736,7 +765,17 @@ fn permanent(err: &PublishError) -> Option<Refusal> {
         PublishErrorKind::Other => {
             let js =
                 std::error::Error::source(err)?.downcast_ref::<async_nats::jetstream::Error>()?;
-            // 503s from JetStream (no quorum, leader election) are worth retrying.
+            // A stream at its max_msgs / max_bytes with discard new answers 503 "maximum …
+            // exceeded": retrying the same batch at once will not change it.
+            if js.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED
+                && js.to_string().contains("maximum")
+            {
+                return Some(
+                    Refusal::new(ErrorCode::Rejected, format!("the stream is full: {js}"))
+                        .because("stream_full"),
+                );
+            }
+            // Other 503s from JetStream (no quorum, leader election) are worth retrying.
             (js.code() != 503).then(|| {
                 Refusal::new(ErrorCode::Rejected, format!("JetStream refused the batch: {js}"))
             })

@@ -100,3 +100,45 @@ async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
         assert!(payloads.contains(&p), "acknowledged {p} missing from the stream");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twice() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.nats.ack_timeout_ms = 300;
+    setup.config.nats.publish_deadline_ms = 1_000;
+    let relay = setup.start().await;
+    let send = || {
+        relay.publish(&relay.h2, "edge.faults", "once").header("Idempotency-Key", "k-504").send()
+    };
+    // NATS stops answering: the first attempt times out, and so does its retry, which waits
+    // for the first one instead of publishing the event again.
+    nats.freeze(true);
+    let first = send().await.unwrap();
+    assert_eq!(error_code(first).await, (504, "ack_timeout".into()));
+    let retry = send().await.unwrap();
+    let body: serde_json::Value = retry.json().await.unwrap();
+    assert_eq!(body["error"]["reason"], "first_attempt_unresolved", "{body}");
+
+    // Back: the first batch is stored (it was kept publishing with its Msg-Id), and the next
+    // retry gets its answer.
+    nats.freeze(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let accepted = loop {
+        let resp = send().await.unwrap();
+        if resp.status() == 202 {
+            break resp.json::<Accepted>().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "never answered 202 after NATS came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(accepted.duplicate, "the retry is answered from the first attempt");
+    relay.shutdown().await;
+    let stored: Vec<_> = read_stream(&nats.url())
+        .await
+        .into_iter()
+        .flat_map(|m| m.batch.events)
+        .filter(|e| e.payload == "once")
+        .collect();
+    assert_eq!(stored.len(), 1, "the event was stored {} times", stored.len());
+}
