@@ -197,6 +197,9 @@ struct ReadResult {
 impl Spool {
     /// Opens (creating it with mode 0700 if needed) and recovers the spool directory, and
     /// starts its writer thread. See [`Recovery`] for what is reported.
+    ///
+    /// Blocking: it reads every segment file once (one at a time, so a segment's size of
+    /// memory at most). Call it at start-up before serving, or through `spawn_blocking`.
     pub fn open(cfg: &SpoolConfig, metrics: Arc<Metrics>) -> Result<(Self, Recovery), SpoolError> {
         let dir = cfg.dir.clone();
         std::fs::DirBuilder::new()
