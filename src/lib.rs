@@ -123,7 +123,7 @@ impl Relay {
         let boot_id = boot_id();
         let metrics = Arc::new(Metrics::new());
         let spool = match config.spool.enabled {
-            true => Some(Arc::new(open_spool(&config.spool, metrics.clone())?)),
+            true => Some(Arc::new(open_spool(config.spool.clone(), metrics.clone()).await?)),
             false => None,
         };
         let sink = Sink::connect(
@@ -336,17 +336,24 @@ pub async fn run(
     }
 }
 
-/// Opens the spool and logs what it recovered (after a crash: a torn tail cut off, damaged
-/// records skipped).
-fn open_spool(
-    cfg: &config::SpoolConfig,
+/// Opens the spool (off the runtime: it reads every segment once) and logs what it
+/// recovered (after a crash: a torn tail cut off, damaged records skipped).
+async fn open_spool(
+    cfg: config::SpoolConfig,
     metrics: Arc<Metrics>,
 ) -> Result<spool::Spool, spool::SpoolError> {
-    let (spool, recovery) = spool::Spool::open(cfg, metrics)?;
+    let dir = cfg.dir.clone();
+    let (spool, recovery) = tokio::task::spawn_blocking(move || spool::Spool::open(&cfg, metrics))
+        .await
+        .map_err(|e| spool::SpoolError::Io {
+            op: "open",
+            path: dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
     if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
-        tracing::warn!(dir = %cfg.dir.display(), %recovery, "spool recovered with damage");
+        tracing::warn!(dir = %dir.display(), %recovery, "spool recovered with damage");
     } else if recovery.records > 0 {
-        tracing::info!(dir = %cfg.dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
+        tracing::info!(dir = %dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
     }
     Ok(spool)
 }
