@@ -353,7 +353,8 @@ async fn open_spool(
     if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
         tracing::warn!(dir = %dir.display(), %recovery, "spool recovered with damage");
     } else if recovery.records > 0 {
-        tracing::info!(dir = %dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
+        // A backlog from the last run (a crash, or a stop while no cluster took batches).
+        tracing::warn!(dir = %dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
     }
     Ok(spool)
 }

@@ -24,10 +24,12 @@
 //! - `ledger`: the client that sends, retries and records every event.
 //! - `verify`: reading the streams back; the checks against the ledger and the timeline.
 //! - `lab`: nats-servers, a 3-node cluster, relay processes, the memory sampler.
-//! - `scenarios`: one function per scenario.
+//! - `scenarios`: one function per scenario of NATS' and the relay's faults.
+//! - `resilience`: the scenarios of the relay's failover and disk spool.
 
 mod lab;
 mod ledger;
+mod resilience;
 mod scenarios;
 mod verify;
 
@@ -61,6 +63,14 @@ pub enum Scenario {
     StreamFull,
     /// Three times the sustainable rate.
     Overload,
+    /// Two clusters: the nearest goes dark, the relay fails over, and back after the hold.
+    Failover,
+    /// Ack mode spooled: the only cluster is killed; events spool, then replay.
+    SpoolOutage,
+    /// Ack mode spooled: kill -9 the relay with a full spool; the next start replays it.
+    RelayKill,
+    /// A truncated and a bit-flipped spool segment: detected, reported, the rest replayed.
+    SpoolCorrupt,
 }
 
 /// Flags of `loadtest chaos`.
@@ -171,12 +181,16 @@ pub struct Row {
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::NatsKill,
         Scenario::ClusterLeader,
+        Scenario::Failover,
+        Scenario::SpoolOutage,
+        Scenario::RelayKill,
         Scenario::Drain,
         Scenario::SlowNats,
         Scenario::StreamFull,
+        Scenario::SpoolCorrupt,
         Scenario::Overload,
     ];
 
@@ -189,6 +203,10 @@ impl Scenario {
             Scenario::SlowNats => "slow-nats",
             Scenario::StreamFull => "stream-full",
             Scenario::Overload => "overload",
+            Scenario::Failover => "failover",
+            Scenario::SpoolOutage => "spool-outage",
+            Scenario::RelayKill => "relay-kill",
+            Scenario::SpoolCorrupt => "spool-corrupt",
         }
     }
 
@@ -205,6 +223,18 @@ impl Scenario {
             }
             Scenario::StreamFull => "stream with max_msgs/max_bytes and discard-new fills up",
             Scenario::Overload => "3x the sustainable rate",
+            Scenario::Failover => {
+                "two clusters 5 and 30 ms away: the near one's path black-holed, then restored"
+            }
+            Scenario::SpoolOutage => {
+                "ack mode spooled: kill -9 the only nats-server, restart it; the spool replays"
+            }
+            Scenario::RelayKill => {
+                "ack mode spooled: NATS down, kill -9 the relay with batches spooled; NATS and relay back"
+            }
+            Scenario::SpoolCorrupt => {
+                "spooled with NATS down, relay stopped; a bit flipped in one segment, the last one cut short; restarted with NATS up"
+            }
         }
     }
 
@@ -216,6 +246,10 @@ impl Scenario {
             Scenario::SlowNats => scenarios::slow_nats(cx).await,
             Scenario::StreamFull => scenarios::stream_full(cx).await,
             Scenario::Overload => scenarios::overload(cx).await,
+            Scenario::Failover => resilience::failover(cx).await,
+            Scenario::SpoolOutage => resilience::spool_outage(cx).await,
+            Scenario::RelayKill => resilience::relay_kill(cx).await,
+            Scenario::SpoolCorrupt => resilience::spool_corrupt(cx).await,
         }
     }
 }
@@ -347,6 +381,20 @@ impl Outcome {
         reasons.extend(checks.iter().filter(|c| !c.ok).map(|c| format!("failed: {}", c.what)));
         let mut notes = self.notes;
         notes.push(format!("answers: {}", answers_line(&verdict)));
+        if verdict.duplicated_across_clusters > 0 {
+            notes.push(format!(
+                "{} duplicates across clusters (a batch stored by the old cluster after it was \
+                 published again on the new one; allowed, the duplicate window is per stream)",
+                verdict.duplicated_across_clusters
+            ));
+        }
+        if verdict.missing_written_off > 0 {
+            notes.push(format!(
+                "{} acknowledged events written off: their spool records were destroyed on \
+                 purpose",
+                verdict.missing_written_off
+            ));
+        }
         if verdict.duplicated_excused > 0 {
             notes.push(format!(
                 "{} duplicates excused: their retries spanned a relay restart",

@@ -118,6 +118,8 @@ pub struct Attempt {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Acked {
     pub stream: String,
+    /// The NATS cluster that stored it (empty for a spooled or queued answer).
+    pub cluster: String,
     pub seq: u64,
     pub duplicate: bool,
     /// `Some(true)` when the relay says the event went to its disk spool, not (yet) to NATS.
@@ -240,6 +242,7 @@ impl Acked {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         Acked {
             stream: v["stream"].as_str().unwrap_or_default().to_owned(),
+            cluster: v["cluster"].as_str().unwrap_or_default().to_owned(),
             seq: v["seq"].as_u64().unwrap_or_default(),
             duplicate: v["duplicate"].as_bool().unwrap_or(false),
             spooled: v["spooled"].as_bool(),
@@ -526,9 +529,17 @@ mod tests {
 
     #[test]
     fn acked_bodies_parse_with_and_without_spooled() {
-        let a =
-            Acked::parse(br#"{"stream":"S","seq":7,"batch":"r.b.1","index":0,"duplicate":true}"#);
-        assert_eq!(a, Acked { stream: "S".into(), seq: 7, duplicate: true, spooled: None });
+        let a = Acked::parse(
+            br#"{"stream":"S","cluster":"c","seq":7,"batch":"r.b.1","index":0,"duplicate":true}"#,
+        );
+        let want = Acked {
+            stream: "S".into(),
+            cluster: "c".into(),
+            seq: 7,
+            duplicate: true,
+            spooled: None,
+        };
+        assert_eq!(a, want);
         assert_eq!(Acked::parse(br#"{"spooled":true}"#).spooled, Some(true));
         assert_eq!(Acked::parse(b"not json"), Acked::default());
         assert_eq!(

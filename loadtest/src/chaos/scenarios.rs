@@ -21,11 +21,11 @@ const READ_BACK: Duration = Duration::from_secs(60);
 const DEADLINE_SLACK: Duration = Duration::from_millis(1000);
 
 /// What stream `stream` on `url` holds of run `nonce`.
-async fn read_back(url: &str, stream: &str, nonce: u64) -> anyhow::Result<Stored> {
+pub(super) async fn read_back(url: &str, stream: &str, nonce: u64) -> anyhow::Result<Stored> {
     read_streams(&[(url.to_owned(), stream)], nonce, READ_BACK).await
 }
 
-fn secs(s: f64) -> Duration {
+pub(super) fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
@@ -480,7 +480,7 @@ pub async fn overload(cx: &Cx) -> anyhow::Result<Outcome> {
 
 /// A TCP delay proxy in front of `nats` with `rtt` (its queue large enough for seconds of
 /// load), for slowing or black-holing the relay's path to it.
-async fn nats_proxy(
+pub(super) async fn nats_proxy(
     nats: &lab::NatsServer,
     rtt: Duration,
     seed: u64,

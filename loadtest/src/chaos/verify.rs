@@ -5,20 +5,22 @@
 //! events' payloads start with the ledger's [`Stamp`]. Events of other runs are skipped.
 //!
 //! Checks ([`judge`]):
-//! - **missing**: acknowledged events found in no stream. Must be 0.
+//! - **missing**: acknowledged events found in no stream. Must be 0, except for events whose
+//!   spool records the scenario itself destroyed (*written off*, counted apart).
 //! - **duplicated**: events stored more than once. Must be 0 unless the event's attempts
-//!   spanned a relay restart (the relay's `Idempotency-Key` memory is per process); those are
+//!   spanned a relay restart (the relay's `Idempotency-Key` memory is per process) or the
+//!   copies sit in different clusters' streams (the duplicate window is per stream); those are
 //!   counted apart as *excused*. Duplicates that followed an ambiguous answer (504, timeout,
 //!   reset) are counted too, since they say where the duplicate came from.
 //! - **stored, never acknowledged**: fine (the relay may store and then fail to answer);
 //!   reported.
 //! - **2xx while nothing could acknowledge**: for each known all-down interval, a fresh (not
-//!   `duplicate`) 2xx whose attempt was sent and answered entirely inside it. Must be 0 in
-//!   durable mode.
+//!   `duplicate`, not `spooled`) 2xx whose attempt was sent and answered entirely inside it.
+//!   Must be 0.
 //! - **recovery**: from each recovery mark (a fault repaired, or a fault that repairs itself)
 //!   to the first 2xx answer of an attempt sent after it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -77,6 +79,12 @@ pub struct Interval {
 pub struct Stored {
     /// Event number → times stored.
     pub counts: HashMap<u64, u32>,
+    /// Events found in more than one of the sources merged (clusters): JetStream's
+    /// duplicate window is per stream, so across clusters a copy is allowed.
+    pub across: HashSet<u64>,
+    /// Events the scenario destroyed on purpose (records of a spool segment it corrupted):
+    /// missing is the expected outcome for them, reported apart.
+    pub written_off: HashSet<u64>,
     /// Messages read (all runs).
     pub messages: u64,
     /// Messages that were no batch, or events without a stamp.
@@ -95,6 +103,11 @@ pub struct Verdict {
     pub duplicated: u64,
     /// Of `duplicated`: the event's attempts spanned a relay restart.
     pub duplicated_excused: u64,
+    /// Of `duplicated`: the copies are in different clusters' streams (not a failure: the
+    /// duplicate window is per stream).
+    pub duplicated_across_clusters: u64,
+    /// Acknowledged events missing because the scenario destroyed their spool records.
+    pub missing_written_off: u64,
     /// Of `duplicated`: an earlier attempt had an ambiguous answer (504, timeout, reset).
     pub duplicated_after_ambiguous: u64,
     pub stored_unacknowledged: u64,
@@ -135,8 +148,14 @@ impl Stored {
     /// Adds what another stream or source holds.
     pub fn merge(&mut self, other: Stored) {
         for (n, c) in other.counts {
-            *self.counts.entry(n).or_default() += c;
+            let seen = self.counts.entry(n).or_default();
+            if *seen > 0 {
+                self.across.insert(n);
+            }
+            *seen += c;
         }
+        self.across.extend(other.across);
+        self.written_off.extend(other.written_off);
         self.messages += other.messages;
         self.undecodable += other.undecodable;
     }
@@ -239,13 +258,16 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
                 v.spooled += u64::from(ack.spooled == Some(true));
                 latency.saturating_record((a.answered - a.sent).as_micros() as u64);
                 ack_times.push(a.answered);
-                if count == 0 {
+                if count == 0 && stored.written_off.contains(&e.n) {
+                    v.missing_written_off += 1;
+                } else if count == 0 {
                     v.missing += 1;
                     if v.missing_examples.len() < 10 {
                         v.missing_examples.push(e.n);
                     }
                 }
-                let fresh = !ack.duplicate;
+                // A spooled answer is the relay's promise of its disk, not of NATS.
+                let fresh = !ack.duplicate && ack.spooled != Some(true);
                 let false_ack = timeline
                     .all_down
                     .iter()
@@ -263,7 +285,9 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
                 (Some(f), Some(l)) => (f.sent, l.sent),
                 _ => (Duration::ZERO, Duration::ZERO),
             };
-            if restarts.iter().any(|r| *r > first && *r < last) {
+            if stored.across.contains(&e.n) {
+                v.duplicated_across_clusters += 1;
+            } else if restarts.iter().any(|r| *r > first && *r < last) {
                 v.duplicated_excused += 1;
             }
             let n = e.attempts.len();
@@ -305,7 +329,7 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
             v.missing, v.missing_examples
         ));
     }
-    let unexcused = v.duplicated - v.duplicated_excused;
+    let unexcused = v.duplicated - v.duplicated_excused - v.duplicated_across_clusters;
     if unexcused > 0 {
         v.failures.push(format!(
             "{unexcused} events stored more than once although every retry carried the same \
@@ -355,6 +379,7 @@ mod tests {
             .collect();
         let ack = attempts.last().filter(|a| a.answer.is_success()).map(|_| Acked {
             stream: "S".into(),
+            cluster: "c".into(),
             seq: n,
             duplicate,
             spooled: None,
@@ -389,6 +414,35 @@ mod tests {
         assert_eq!(v.ack_latency_ms.count, 3);
         // The 2xx answers at 0.01, 0.11 and 2.3 s: one gap over a second.
         assert_eq!(v.ack_gaps_ms, [(110.0, 2300.0)]);
+    }
+
+    #[test]
+    fn copies_in_two_clusters_and_written_off_events_are_counted_apart() {
+        let ledger = Ledger {
+            nonce: 1,
+            elapsed: secs(5.0),
+            offered_in: secs(5.0),
+            events: vec![event(0, &[(1.0, 1.5, 202)], false), event(1, &[(1.0, 1.1, 202)], false)],
+        };
+        let mut both = stored(&[(0, 1)]);
+        both.merge(stored(&[(0, 1)]));
+        both.written_off.insert(1);
+        let v = judge(&ledger, &both, &Timeline::default(), secs(1.0));
+        assert_eq!((v.duplicated, v.duplicated_across_clusters), (1, 1));
+        assert_eq!((v.missing, v.missing_written_off), (0, 1));
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+    }
+
+    #[test]
+    fn a_spooled_2xx_while_nats_is_down_is_no_false_ack() {
+        let mut e = event(0, &[(2.5, 2.6, 202)], false);
+        e.ack.as_mut().unwrap().spooled = Some(true);
+        let ledger =
+            Ledger { nonce: 1, elapsed: secs(5.0), offered_in: secs(5.0), events: vec![e] };
+        let mut t = Timeline::default();
+        t.all_down(secs(2.0), secs(4.0));
+        let v = judge(&ledger, &stored(&[(0, 1)]), &t, secs(1.0));
+        assert_eq!((v.false_acks, v.spooled), (0, 1));
     }
 
     #[test]
