@@ -226,10 +226,11 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     t.all_down(killed, load.now());
     t.mark(load.now(), MarkKind::Note, "nats-server restarted");
     load.until(secs(7.0)).await;
+    // Marked when the process starts: it may answer before the readiness poll sees it.
+    let starting = load.now();
     relay.start().await?;
-    let up = load.now();
-    t.mark(up, MarkKind::RelayRestart, "relay started again (same spool)");
-    t.mark(up, MarkKind::Recovery, "relay ready again");
+    t.mark(starting, MarkKind::RelayRestart, "relay started again (same spool)");
+    t.mark(starting, MarkKind::Recovery, "relay restarting");
     let replayed_in = spool_drained(&relay, secs(30.0)).await;
     let log = std::fs::read_to_string(lab.logs.join("relay-relay.log")).unwrap_or_default();
     let recovered = log.lines().find(|l| l.contains("spool recovered")).map(str::to_owned);

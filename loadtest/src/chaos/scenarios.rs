@@ -91,10 +91,7 @@ fn kill_plan(long: bool, seed: u64, duration: Duration) -> Vec<(Duration, Durati
 pub async fn cluster_leader(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut cluster = lab.cluster("c").await?;
-    // One seed URL: the client learns the other nodes from the server's INFO and reconnects
-    // to them. (The relay joins `nats.urls` with "," and async-nats 0.51 parses a `String` as
-    // one URL, so a list of several is refused at start-up: "invalid port number".)
-    let mut spec = lab.relay_spec("relay", cluster.urls()[..1].to_vec());
+    let mut spec = lab.relay_spec("relay", cluster.urls());
     spec.replicas = 3;
     spec.publish_deadline_ms = 4_000;
     let relay = lab.relay(&spec).await?;
@@ -166,10 +163,11 @@ pub async fn drain(cx: &Cx) -> anyhow::Result<Outcome> {
         let exit = relay.wait_exit(grace + secs(5.0)).await?;
         t.mark(load.now(), MarkKind::Note, format!("relay exited: {exit:?}"));
         exits.push(exit);
+        // Marked when the process starts: it may answer before the readiness poll sees it.
+        let starting = load.now();
         relay.start().await?;
-        let up = load.now();
-        t.mark(up, MarkKind::RelayRestart, "relay started again");
-        t.mark(up, MarkKind::Recovery, "relay ready again");
+        t.mark(starting, MarkKind::RelayRestart, "relay started again");
+        t.mark(starting, MarkKind::Recovery, "relay restarting");
     }
     let ledger = load.finish().await?;
     let stored = read_back(&nats.url(), "CHAOS", ledger.nonce).await?;
