@@ -1,7 +1,7 @@
 //! One NATS cluster: its connection, its JetStream context, the check of its stream, and the
 //! round-trip probe. Which cluster gets a batch is the [`super::router`]'s business.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -10,7 +10,6 @@ use async_nats::jetstream::{self, Context};
 use async_nats::Event;
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
-use std::sync::atomic::AtomicU64;
 use tokio::sync::{mpsc, Notify};
 
 use super::stream;
@@ -145,8 +144,8 @@ impl Cluster {
     }
 
     /// Creates the stream if it is missing, or checks that the existing one fits.
-    /// `Ok(None)`: NATS could not be asked now (try again later). `Ok(Some(info))`: the
-    /// stream's replicas, for the durability warning.
+    /// `Ok(None)`: NATS could not be asked now (try again later). `Ok(Some(replicas))`: the
+    /// stream is good; its replica count is for the durability warning.
     pub async fn ensure_stream(&self, want: &StreamConfig) -> Result<Option<usize>, SinkError> {
         let name = &want.name;
         let existing = match self.js.get_stream(name).await {

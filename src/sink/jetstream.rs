@@ -400,15 +400,22 @@ impl Sink {
     /// Publishes one ready batch: waits for room in the ack window, sends it, and leaves a
     /// task to await the PubAck, retry, and answer the events.
     pub async fn publish(self: &Arc<Self>, batch: Ready<Pending>) {
-        let Ok(permit) = self.window.clone().acquire_owned().await else { return };
+        let oldest = batch.items.iter().map(|p| p.enqueued).min().unwrap_or_else(Instant::now);
+        // The window may be full of batches JetStream has not answered (NATS slow or dark, and
+        // batches past their deadline still being resolved): an event waits for room at most
+        // its publish deadline, counted from its enqueue, so the edge is answered in time.
+        let room = self.window.clone().acquire_owned();
+        let permit = match tokio::time::timeout_at((oldest + self.deadline).into(), room).await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) => return, // closed
+            Err(_) => None,
+        };
+        let now = Instant::now();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let msg_id = self.names.batch(seq);
-        let now = Instant::now();
-        let mut oldest = now;
         let mut events = Vec::with_capacity(batch.items.len());
         let mut replies = Vec::with_capacity(batch.items.len());
         for p in batch.items {
-            oldest = oldest.min(p.enqueued);
             events.push(p.event);
             replies.push(p.reply);
         }
@@ -433,6 +440,22 @@ impl Sink {
             replies,
             deadline: now + self.deadline,
             sent: now,
+        };
+        let Some(permit) = permit else {
+            if self.spool.is_some() {
+                return self.spool_flight(flight).await;
+            }
+            self.batch_outcome("refused");
+            let refusal = Refusal::new(
+                ErrorCode::QueueFull,
+                format!(
+                    "JetStream has not acknowledged the batches in flight for {} ms; retry with the same Idempotency-Key",
+                    self.deadline.as_millis()
+                ),
+            )
+            .because("ack_window_full");
+            answer_all(flight.replies, refusal);
+            return;
         };
         let first = self.send(&flight).await;
         let sink = Arc::clone(self);

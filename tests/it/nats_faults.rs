@@ -142,3 +142,34 @@ async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twi
         .collect();
     assert_eq!(stored.len(), 1, "the event was stored {} times", stored.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_held_by_unresolved_batches_refuses_new_events_within_the_deadline() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    setup.config.nats.ack_timeout_ms = 200;
+    setup.config.nats.publish_deadline_ms = 800;
+    setup.config.nats.max_inflight_batches = 1;
+    let relay = setup.start().await;
+    nats.freeze(true);
+    // The first batch times out and keeps the only window slot while it is being resolved.
+    let first = relay.publish(&relay.h2, "edge.faults", "first").send().await.unwrap();
+    assert_eq!(error_code(first).await, (504, "ack_timeout".into()));
+    // The next event cannot be sent at all: refused within its deadline, not left hanging.
+    let started = Instant::now();
+    let second = relay.publish(&relay.h2, "edge.faults", "second").send().await.unwrap();
+    let took = started.elapsed();
+    assert!(second.headers().contains_key("retry-after"));
+    let body: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["reason"], "ack_window_full", "{body}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    nats.freeze(false);
+    relay.shutdown().await;
+    let stored: Vec<_> = read_stream(&nats.url())
+        .await
+        .into_iter()
+        .flat_map(|m| m.batch.events)
+        .map(|e| String::from_utf8(e.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(stored, ["first"], "the refused event was never sent; the first one resolved");
+}

@@ -112,6 +112,13 @@ impl Lab {
             relay_bin.display()
         );
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        // Logs are appended to (a process restarted within the run keeps one log); an earlier
+        // run's logs in the same directory go first.
+        for entry in std::fs::read_dir(&logs)?.flatten() {
+            if entry.path().extension().is_some_and(|x| x == "log") {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         // Under the log directory, so every child's command line names the run's directory.
         let dir = tempfile::Builder::new().prefix("lab-").tempdir_in(&logs)?;
         let certs = dir.path().join("certs");

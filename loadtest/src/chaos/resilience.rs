@@ -233,7 +233,8 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     t.mark(starting, MarkKind::Recovery, "relay restarting");
     let replayed_in = spool_drained(&relay, secs(30.0)).await;
     let log = std::fs::read_to_string(lab.logs.join("relay-relay.log")).unwrap_or_default();
-    let recovered = log.lines().find(|l| l.contains("spool recovered")).map(str::to_owned);
+    // The log is appended to across runs with the same --out: the last start is this one's.
+    let recovered = log.lines().rev().find(|l| l.contains("spool recovered")).map(str::to_owned);
     let ledger = load.finish().await?;
     let stored = read_back(&nats.url(), "CHAOS", ledger.nonce).await?;
     let mut o = cx.outcome(ledger, stored, t, cx.rate());

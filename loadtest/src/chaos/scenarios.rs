@@ -114,9 +114,11 @@ pub async fn cluster_leader(cx: &Cx) -> anyhow::Result<Outcome> {
             let role = if leader { "stream leader" } else { "follower" };
             let name = cluster.nodes[victim].name.clone();
             cluster.nodes[victim].kill9().await?;
-            t.mark(load.now(), MarkKind::Recovery, format!("kill -9 {role} {name}"));
+            let killed = load.now();
+            t.mark(killed, MarkKind::Recovery, format!("kill -9 {role} {name}"));
             killed_names.push(format!("{role} {name}"));
-            load.until(base + secs(offset + 3.0)).await;
+            // Down for 3 s from the kill (finding the leader can take a while mid-election).
+            load.until(killed + secs(3.0)).await;
             cluster.nodes[victim].start().await?;
             t.mark(load.now(), MarkKind::Note, format!("{name} restarted"));
         }
