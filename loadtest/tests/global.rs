@@ -6,28 +6,11 @@
 //! gone afterwards. No upper bound on latency is asserted.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
-    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
-    p
-}
-
-/// The relay binary, built by cargo next to `loadtest`.
-fn relay_bin() -> PathBuf {
-    let relay = Path::new(env!("CARGO_BIN_EXE_loadtest")).with_file_name("edgerelay");
-    assert!(
-        relay.exists(),
-        "{} not found: build it first (cargo build -p edgerelay --bin edgerelay)",
-        relay.display()
-    );
-    relay
-}
+#[path = "support/bins.rs"]
+mod bins;
+use bins::{nats_server_bin, relay_bin};
 
 #[test]
 fn global_runs_three_regions_through_their_proxies() {

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/bins.rs"]
+mod bins;
+use bins::{nats_server_bin, relay_bin};
+
 const TOKEN: &str = "smoke-token-0123456789";
 
 /// Child processes killed when the test ends, however it ends.
@@ -21,27 +25,6 @@ impl Drop for Processes {
             let _ = child.wait();
         }
     }
-}
-
-fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
-    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
-    p
-}
-
-/// The relay binary, built by cargo next to `loadtest`.
-fn relay_bin() -> PathBuf {
-    let loadtest = Path::new(env!("CARGO_BIN_EXE_loadtest"));
-    let relay = loadtest.with_file_name("edgerelay");
-    assert!(
-        relay.exists(),
-        "{} not found: build it first (cargo build -p edgerelay --bin edgerelay)",
-        relay.display()
-    );
-    relay
 }
 
 fn free_tcp_port() -> u16 {

@@ -36,37 +36,17 @@ fn check_config_reports_every_problem_and_exits_78() {
 async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let (port, admin) = (free_port(), free_port());
-    let cfg = format!(
-        "[relay]\nid = \"sigterm\"\nshutdown_grace_ms = 8000\n\
-         [https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-         [batch]\nlinger_ms = 20\n\
-         [nats]\nurls = [\"{}\"]\n{}",
-        setup.config.https.tls_cert.display(),
-        setup.config.https.tls_key.display(),
-        nats.url(),
-        token_toml(),
+    let relay = BinaryRelay::new(
+        &setup,
+        &nats.url(),
+        "",
+        "[relay]\nid = \"sigterm\"\nshutdown_grace_ms = 8000\n[batch]\nlinger_ms = 20",
     );
-    let path = setup.dir.path().join("relay.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let ready = format!("http://127.0.0.1:{admin}/readyz");
-    let plain = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !matches!(plain.get(&ready).send().await, Ok(r) if r.status() == 200) {
-        assert!(Instant::now() < deadline, "relay never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child = relay.spawn(Stdio::inherit());
+    relay.wait_ready().await;
 
     // 8 clients publishing in a loop; SIGTERM after 600 ms.
-    let url = format!("https://127.0.0.1:{port}/v1/publish/edge.drain");
+    let url = relay.url("/v1/publish/edge.drain");
     let load = (0..8).map(|c| {
         let client = client(&setup.certs, c % 2 == 0);
         let url = url.clone();
@@ -121,33 +101,12 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     }
 }
 
-/// Runs the binary with `extra` config lines until it is ready, stops it, and returns its log.
-async fn log_of_a_start(nats: &NatsServer, setup: &Setup, extra: &str) -> String {
-    let (port, admin) = (free_port(), free_port());
-    let cfg = format!(
-        "[https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n[nats]\nurls = [\"{}\"]\n{extra}\n{}",
-        setup.config.https.tls_cert.display(),
-        setup.config.https.tls_key.display(),
-        nats.url(),
-        token_toml(),
-    );
-    let path = setup.dir.path().join("relay.toml");
-    std::fs::write(&path, cfg).unwrap();
+/// Runs the binary with `sections` of config until it is ready, stops it, and returns its log.
+async fn log_of_a_start(nats: &NatsServer, setup: &Setup, sections: &str) -> String {
+    let relay = BinaryRelay::new(setup, &nats.url(), "", sections);
     let log = setup.dir.path().join("relay.log");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let ready = format!("http://127.0.0.1:{admin}/readyz");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !matches!(reqwest::get(&ready).await, Ok(r) if r.status() == 200) {
-        assert!(Instant::now() < deadline, "relay never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child = relay.spawn(std::fs::File::create(&log).unwrap().into());
+    relay.wait_ready().await;
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
     std::fs::read_to_string(&log).unwrap()

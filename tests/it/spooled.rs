@@ -4,14 +4,12 @@
 //! Retry-After when the spool is full — never dropped.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use edgerelay::config::AckMode;
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_edgerelay");
 
 /// A spooled-mode relay config for `nats`, its spool under the setup's directory.
 fn spooled_setup(nats: &NatsServer) -> Setup {
@@ -166,42 +164,20 @@ async fn a_relay_killed_with_a_spool_replays_it_at_the_next_start() {
     let mut nats = NatsServer::start();
     nats.stop();
     let setup = spooled_setup(&nats);
-    let (port, admin) = (free_port(), free_port());
-    let cfg = format!(
-        "[relay]\nack_mode = \"spooled\"\n\
-         [https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-         [nats]\nurls = [\"{}\"]\nconnect_timeout_ms = 300\n\
-         [spool]\nenabled = true\ndir = \"{}\"\nsegment_bytes = 1048576\n{}",
-        setup.config.https.tls_cert.display(),
-        setup.config.https.tls_key.display(),
-        nats.url(),
-        setup.config.spool.dir.display(),
-        token_toml(),
+    let binary = BinaryRelay::new(
+        &setup,
+        &nats.url(),
+        "connect_timeout_ms = 300",
+        &format!(
+            "[relay]\nack_mode = \"spooled\"\n[spool]\nenabled = true\ndir = \"{}\"\nsegment_bytes = 1048576",
+            setup.config.spool.dir.display()
+        ),
     );
-    let path = setup.dir.path().join("relay.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let start = || {
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap()
-    };
-    let ready = format!("http://127.0.0.1:{admin}/readyz");
-    let wait_ready = || async {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !matches!(reqwest::get(&ready).await, Ok(r) if r.status() == 200) {
-            assert!(Instant::now() < deadline, "relay never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let start = || binary.spawn(Stdio::inherit());
     let mut relay = start();
-    wait_ready().await;
+    binary.wait_ready().await;
     let client = client(&setup.certs, true);
-    let url = format!("https://127.0.0.1:{port}/v1/publish/edge.crash");
+    let url = binary.url("/v1/publish/edge.crash");
     let answers = publish_n(&client, &url, "crash", 24).await;
     assert!(answers.values().all(|(s, b)| *s == 202 && b["spooled"] == true), "{answers:?}");
     relay.kill().unwrap();
@@ -209,7 +185,7 @@ async fn a_relay_killed_with_a_spool_replays_it_at_the_next_start() {
 
     nats.restart();
     let mut relay = start();
-    wait_ready().await;
+    binary.wait_ready().await;
     let stored = stored_events(&nats.url(), 24, Duration::from_secs(20)).await;
     relay.kill().unwrap();
     relay.wait().unwrap();

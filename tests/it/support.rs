@@ -534,3 +534,55 @@ pub async fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
     });
     addr
 }
+
+/// The `edgerelay` binary with a config file written for `setup`: HTTPS and admin on free
+/// loopback ports, NATS at `nats_url` (plus `nats_lines` in `[nats]`), the test tokens, and
+/// `sections`: whole TOML tables of its own (`[relay]`, `[spool]`, …).
+pub struct BinaryRelay {
+    pub port: u16,
+    pub admin: u16,
+    config: PathBuf,
+}
+
+impl BinaryRelay {
+    pub fn new(setup: &Setup, nats_url: &str, nats_lines: &str, sections: &str) -> Self {
+        let (port, admin) = (free_port(), free_port());
+        let cfg = format!(
+            "{sections}\n[https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\n\
+             tls_key = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [nats]\nurls = [\"{nats_url}\"]\n{nats_lines}\n{}",
+            setup.config.https.tls_cert.display(),
+            setup.config.https.tls_key.display(),
+            token_toml(),
+        );
+        let config = setup.dir.path().join("relay.toml");
+        std::fs::write(&config, cfg).unwrap();
+        Self { port, admin, config }
+    }
+
+    /// Starts `edgerelay run` with its log on `stderr`.
+    pub fn spawn(&self, stderr: Stdio) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_edgerelay"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits (up to 15 s) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let ready = format!("http://127.0.0.1:{}/readyz", self.admin);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !matches!(reqwest::get(&ready).await, Ok(r) if r.status() == 200) {
+            assert!(Instant::now() < deadline, "relay never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `https://127.0.0.1:{port}{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}

@@ -125,6 +125,8 @@ pub struct Verdict {
     pub ack_gaps_ms: Vec<(f64, f64)>,
     /// A few missing event numbers, for the logs.
     pub missing_examples: Vec<u64>,
+    /// A few events stored more than once and not excused, with every attempt, for the logs.
+    pub duplicated_examples: Vec<super::ledger::EventRecord>,
     pub failures: Vec<String>,
 }
 
@@ -281,14 +283,18 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
         }
         if count > 1 {
             v.duplicated += 1;
+            // From the first attempt's send to the last one's answer: a retry may wait for a
+            // connection and be handled by the process started meanwhile.
             let (first, last) = match (e.attempts.first(), e.attempts.last()) {
-                (Some(f), Some(l)) => (f.sent, l.sent),
+                (Some(f), Some(l)) => (f.sent, l.answered),
                 _ => (Duration::ZERO, Duration::ZERO),
             };
             if stored.across.contains(&e.n) {
                 v.duplicated_across_clusters += 1;
             } else if restarts.iter().any(|r| *r > first && *r < last) {
                 v.duplicated_excused += 1;
+            } else if v.duplicated_examples.len() < 5 {
+                v.duplicated_examples.push(e.clone());
             }
             let n = e.attempts.len();
             if e.attempts[..n.saturating_sub(1)].iter().any(|a| a.answer.is_ambiguous()) {
