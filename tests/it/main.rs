@@ -9,6 +9,7 @@ mod bad_input;
 mod binary;
 mod dashboard;
 mod dedup;
+mod edgeworker;
 mod failover;
 mod h3;
 mod interop;
