@@ -12,6 +12,20 @@ fn node_bin() -> String {
     std::env::var("EDGERELAY_NODE").unwrap_or_else(|_| "node".into())
 }
 
+/// Fails (never skips) when Node.js is missing or older than 20.6 (`module.register`).
+fn check_node() {
+    let hint = "the EdgeWorker test needs Node.js >= 20.6 on PATH (or EDGERELAY_NODE); \
+                scripts/setup-tools checks for it";
+    let out = std::process::Command::new(node_bin())
+        .args(["-p", "process.versions.node"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{}` ({e}): {hint}", node_bin()));
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    assert!((major, minor) >= (20, 6), "`{}` is Node.js {version:?}: {hint}", node_bin());
+}
+
 fn example_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/edgeworker")
 }
@@ -26,6 +40,8 @@ struct Call {
     request_id: Option<String>,
     result: serde_json::Value,
     threw: Option<String>,
+    /// How long the handler took, milliseconds.
+    ms: u64,
 }
 
 /// Runs `calls` simulated requests through main.js's onClientRequest with `token`; request i
@@ -37,6 +53,19 @@ async fn run_worker(
     rid_prefix: &str,
     calls: usize,
 ) -> Vec<Call> {
+    run_worker_with(relay, ca, token, rid_prefix, calls, &[]).await
+}
+
+/// [`run_worker`] with extra environment variables for the runner.
+async fn run_worker_with(
+    relay: &TestRelay,
+    ca: &Path,
+    token: &str,
+    rid_prefix: &str,
+    calls: usize,
+    extra_env: &[(&str, &str)],
+) -> Vec<Call> {
+    check_node();
     let out = tokio::process::Command::new(node_bin())
         .current_dir(example_dir())
         .args(["--import", "./shim/register.mjs", "run-under-node.mjs"])
@@ -49,6 +78,7 @@ async fn run_worker(
         .env("EW_COUNTRY", "NL")
         .env("EW_CALLS", calls.to_string())
         .env("EW_REQUEST_ID_PREFIX", rid_prefix)
+        .envs(extra_env.iter().copied())
         .output()
         .await
         .unwrap_or_else(|e| {
@@ -137,5 +167,44 @@ async fn the_edgeworker_example_publishes_each_request_once_under_node() {
         assert_eq!(c.result["error"], "unauthorized", "{c:?}");
     }
     assert_eq!(stream_messages(&nats.url()).await, stored.len() as u64);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_edgeworker_retries_once_after_retry_after_only_when_it_fits_the_budget() {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    let rl = &mut setup.config.auth.rate_limit;
+    rl.events_per_sec = 1;
+    rl.burst = 1;
+    let relay = setup.start().await;
+    let ca = setup.dir.path().join("ca.pem");
+
+    // A 4 s budget (1 s per attempt; roomy so a slow first attempt on a loaded machine still
+    // leaves room): the second request is rate limited with `Retry-After: 1`, waits a second
+    // and is accepted on its one retry.
+    let roomy = [("EDGERELAY_BUDGET_MS", "4000")];
+    let calls = run_worker_with(&relay, &ca, TOKEN, "0.rl.", 2, &roomy).await;
+    assert_eq!(
+        (&calls[0].result["status"], &calls[0].result["attempts"]),
+        (&202.into(), &1.into())
+    );
+    assert_eq!(calls[1].result["status"], 202, "{:?}", calls[1]);
+    assert_eq!(calls[1].result["attempts"], 2, "{:?}", calls[1]);
+    assert!(calls[1].ms >= 900, "the retry honoured Retry-After: {:?}", calls[1]);
+
+    // A budget of 1.5 s cannot fit a 1 s wait plus a 1 s attempt: no retry, no wait, the
+    // refusal is logged and the request goes on.
+    let tight =
+        run_worker_with(&relay, &ca, TOKEN, "0.tight.", 3, &[("EDGERELAY_BUDGET_MS", "1500")])
+            .await;
+    for c in &tight {
+        assert_eq!(c.result["attempts"], 1, "{c:?}");
+        assert!(c.ms < 900, "did not wait: {c:?}");
+    }
+    assert!(
+        tight.iter().any(|c| c.result["status"] == 429 && c.result["error"] == "rate_limited"),
+        "{tight:?}"
+    );
     relay.shutdown().await;
 }
