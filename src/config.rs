@@ -1422,4 +1422,66 @@ mod tests {
             assert!(errs.iter().any(|e| e.contains(needle)), "{errs:?}");
         }
     }
+
+    /// `(table, key)` of every field, as the TOML file spells them: every list of tables and
+    /// optional table given one default element so that its fields count too.
+    fn every_field() -> Vec<(String, String)> {
+        fn walk(table: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            let Some(map) = v.as_object() else { return };
+            for (key, value) in map {
+                let path = if table.is_empty() { key.clone() } else { format!("{table}.{key}") };
+                match value {
+                    serde_json::Value::Object(_) => walk(&path, value, out),
+                    serde_json::Value::Array(items)
+                        if items.first().is_some_and(|i| i.is_object()) =>
+                    {
+                        walk(&path, &items[0], out)
+                    }
+                    _ => out.push((table.to_owned(), key.clone())),
+                }
+            }
+        }
+        let mut cfg = Config::default();
+        cfg.nats.clusters.push(ClusterConfig::default());
+        cfg.auth.static_tokens.push(StaticToken::default());
+        cfg.auth.roles.push(RoleConfig::default());
+        cfg.auth.jwt = Some(JwtConfig::default());
+        cfg.auth.mtls =
+            Some(MtlsConfig { identities: vec![CertIdentity::default()], ..Default::default() });
+        let mut out = Vec::new();
+        walk("", &serde_json::to_value(&cfg).unwrap(), &mut out);
+        out
+    }
+
+    #[test]
+    fn the_example_config_mentions_every_field() {
+        // The reference for operators is config/edgerelay.example.toml (every field, commented
+        // out where the default is fine): a field added to the struct must be added there.
+        let text = include_str!("../config/edgerelay.example.toml");
+        let mut table = String::new();
+        let mut mentioned = std::collections::HashSet::new();
+        for line in text.lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+                table = name.trim_start_matches('[').to_owned();
+            } else if let Some((key, _)) = line.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty()
+                    && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    mentioned.insert((table.clone(), key.to_owned()));
+                }
+            }
+        }
+        let missing: Vec<String> = every_field()
+            .into_iter()
+            .filter(|f| !mentioned.contains(f))
+            .map(|(t, k)| format!("[{t}] {k}"))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in config/edgerelay.example.toml:\n{}",
+            missing.join("\n")
+        );
+    }
 }
