@@ -1,4 +1,4 @@
-//! The shipped Grafana dashboard queries only metrics the relay exports.
+//! The shipped Grafana dashboard and alerting rules use only metrics the relay exports.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -8,8 +8,13 @@ use crate::support::*;
 fn queried_metrics(dashboard: &serde_json::Value) -> BTreeSet<String> {
     let mut queries = Vec::new();
     collect_queries(dashboard, &mut queries);
+    metric_names(&queries)
+}
+
+/// Every `edgerelay_*` name in `texts`.
+fn metric_names(texts: &[String]) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for q in queries {
+    for q in texts {
         let mut rest = q.as_str();
         while let Some(at) = rest.find("edgerelay_") {
             let tail = &rest[at..];
@@ -68,12 +73,15 @@ fn exported_names(text: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn every_metric_the_dashboard_queries_is_exported() {
+async fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/edgerelay.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let queried = queried_metrics(&dashboard);
     assert!(queried.len() > 10, "the dashboard queries suspiciously few metrics: {queried:?}");
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/alerts.yml");
+    let alerting = metric_names(&[std::fs::read_to_string(rules).unwrap()]);
+    assert!(alerting.len() > 10, "the alerts use suspiciously few metrics: {alerting:?}");
 
     // Labelled series appear once something happened: a JWT (JWKS fetch), an accepted event
     // with an edge timestamp, its duplicate, a refusal.
@@ -99,11 +107,10 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     let text =
         relay.h1.get(relay.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     let exported = exported_names(&text);
-    let missing: Vec<_> = queried.difference(&exported).collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard queries metrics /metrics lacks: {missing:?}\n{text}"
-    );
+    for (what, used) in [("dashboard", &queried), ("alerting rules", &alerting)] {
+        let missing: Vec<_> = used.difference(&exported).collect();
+        assert!(missing.is_empty(), "the {what} use metrics /metrics lacks: {missing:?}\n{text}");
+    }
 }
 
 #[test]
