@@ -19,6 +19,7 @@ mod metrics;
 mod mtls;
 mod nats_auth;
 mod nats_faults;
+mod package;
 mod publish;
 mod quic;
 mod spool;
