@@ -236,13 +236,17 @@ async fn watchdog_pings_stop_when_the_flush_path_is_wedged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_https_and_admin_on_listeners_passed_as_listen_fds() {
+async fn serves_on_https_admin_and_quic_sockets_passed_as_listen_fds() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let mut relay = BinaryRelay::new(&setup, &nats.url(), "", "[relay]\nid = \"sdsockets\"");
+    let quic_port = free_port();
+    let sections =
+        format!("[relay]\nid = \"sdsockets\"\n[quic]\nlisten = \"127.0.0.1:{quic_port}\"");
+    let mut relay = BinaryRelay::new(&setup, &nats.url(), "", &sections);
     // What systemd would bind from the socket units: the config's ports stay unused.
     let https = TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let log = setup.dir.path().join("relay.log");
 
     let inner = relay.command();
@@ -250,16 +254,16 @@ async fn serves_https_and_admin_on_listeners_passed_as_listen_fds() {
     // LISTEN_PID must be the relay's pid: the shell's, which `exec` keeps.
     cmd.arg("-c")
         .arg(
-            "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=https:admin; \
+            "LISTEN_PID=$$ LISTEN_FDS=3 LISTEN_FDNAMES=https:admin:quic; \
               export LISTEN_PID LISTEN_FDS LISTEN_FDNAMES; exec \"$0\" \"$@\"",
         )
         .arg(inner.get_program())
         .args(inner.get_args())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    let fds = [https.as_fd().as_raw_fd(), admin.as_fd().as_raw_fd()];
+    let fds = [https.as_fd().as_raw_fd(), admin.as_fd().as_raw_fd(), quic.as_fd().as_raw_fd()];
     // SAFETY: between fork and exec only async-signal-safe system calls (fcntl, dup2) on fds
-    // this process owns; the OwnedFds standing for fds 3 and 4 are forgotten, never closed.
+    // this process owns; the OwnedFds standing for fds 3.. are forgotten, never closed.
     unsafe {
         cmd.pre_exec(move || {
             let moved = fds
@@ -286,7 +290,9 @@ async fn serves_https_and_admin_on_listeners_passed_as_listen_fds() {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
     let log = std::fs::read_to_string(&log).unwrap();
-    for name in ["https", "admin"] {
+    let quic_addr = quic.local_addr().unwrap();
+    assert!(log.contains(&format!("quic_addr=Some({quic_addr})")), "QUIC not on fd 5:\n{log}");
+    for name in ["https", "admin", "quic"] {
         let inherited = log.lines().any(|l| {
             l.contains("listener inherited from systemd") && l.contains(&format!("name=\"{name}\""))
         });
