@@ -114,6 +114,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// The admin listener from one already bound (inherited from systemd).
+pub fn from_std(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
 fn route(uri: &http::Uri, health: &Health) -> Response<Full<Bytes>> {
     let path = uri.path();
     if let Some(rest) = path.strip_prefix(LATENCY_PATH) {

@@ -20,6 +20,7 @@
 //! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |
 //! | reading batches back | [`tail`] |
 //! | a live terminal view of one relay | [`top`] |
+//! | readiness, watchdog and socket activation under systemd | [`systemd`] |
 //!
 //! [`event`] is what travels along the path; [`error`] is how refusals are told; [`config`] is
 //! the one configuration file. [`Relay`] wires it all together; `main.rs` only parses the
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod sink;
 pub mod spool;
 pub mod subject;
+pub mod systemd;
 pub mod tail;
 pub mod tls;
 pub mod top;
@@ -68,6 +70,7 @@ use crate::config::{ms, Config};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
+use crate::systemd::{Notifier, Systemd};
 
 /// Why the relay could not start (or had to stop).
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,8 @@ pub struct Relay {
     background: Vec<JoinHandle<()>>,
     fatal: mpsc::Receiver<SinkError>,
     grace: Duration,
+    /// systemd's notification socket, for `STOPPING=1`.
+    notifier: Option<Arc<Notifier>>,
 }
 
 /// What a shutdown achieved.
@@ -120,6 +125,13 @@ pub struct Drained {
 impl Relay {
     /// Binds the listeners, connects to NATS, checks the stream, and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, Systemd::default()).await
+    }
+
+    /// [`Relay::start`] under systemd: takes the listeners it passed (binding the others),
+    /// and notifies it of readiness, health and liveness (see [`systemd`]).
+    pub async fn start_with(config: Config, systemd: Systemd) -> Result<Self, StartError> {
+        let Systemd { notifier, watchdog, sockets } = systemd;
         let boot_id = boot_id();
         let metrics = Arc::new(Metrics::new());
         let spool = match config.spool.enabled {
@@ -182,9 +194,16 @@ impl Relay {
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
         let api =
             Arc::new(ingest::http_api::HttpApi::new(ingest.clone(), config.https.max_body_bytes));
-        let https = ingest::https::Server::bind(&config.https, tls, api.clone())
-            .await
-            .map_err(bind_err(config.https.listen))?;
+        let https = match sockets.https {
+            Some(l) => ingest::https::Server::from_std(l, &config.https, tls, api.clone()),
+            None => ingest::https::Server::bind(&config.https, tls, api.clone()).await,
+        }
+        .map_err(bind_err(config.https.listen))?;
+        if config.quic.listen.is_none() && sockets.quic.is_some() {
+            tracing::warn!(
+                "systemd passed a quic socket but quic.listen is not set: QUIC stays off"
+            );
+        }
         let quic = match config.quic.listen {
             Some(listen) => {
                 let tls = tls::server_config(
@@ -193,7 +212,10 @@ impl Relay {
                     &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
                     client_ca,
                 )?;
-                Some(ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?)
+                Some(match sockets.quic {
+                    Some(s) => ingest::quic::Server::on_socket(&config.quic, s, tls, ingest, api)?,
+                    None => ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?,
+                })
             }
             None => None,
         };
@@ -202,8 +224,11 @@ impl Relay {
             None => None,
         };
         let https_addr = https.local_addr().map_err(bind_err(config.https.listen))?;
-        let admin_listener =
-            admin::bind(config.admin.listen).await.map_err(bind_err(config.admin.listen))?;
+        let admin_listener = match sockets.admin {
+            Some(l) => admin::from_std(l),
+            None => admin::bind(config.admin.listen).await,
+        }
+        .map_err(bind_err(config.admin.listen))?;
         let admin_addr = admin_listener.local_addr().map_err(bind_err(config.admin.listen))?;
 
         let limits = batch::Limits {
@@ -211,15 +236,29 @@ impl Relay {
             max_bytes: config.batch.max_bytes,
             linger: ms(config.batch.linger_ms),
         };
-        let flush_when_idle = config.batch.flush_when_idle;
+        let wedge = std::env::var(batch::driver::FAULT_WEDGE_FLUSH_ENV).is_ok_and(|v| v == "1");
+        if wedge {
+            tracing::warn!(
+                "{}=1: test hook on, the batch drivers will wedge after their first batch",
+                batch::driver::FAULT_WEDGE_FLUSH_ENV
+            );
+        }
+        let options = batch::driver::Options {
+            limits,
+            flush_when_idle: config.batch.flush_when_idle,
+            heartbeat: systemd::notify::heartbeat_tick(watchdog),
+            wedge_after_first_batch: wedge,
+        };
+        let heartbeats =
+            Arc::new(batch::driver::Heartbeats::new(queues.shard_count(), Instant::now()));
         let drivers = (0..queues.shard_count())
             .map(|i| {
                 tokio::spawn(batch::driver::run(
                     queues.clone(),
                     i,
-                    limits,
-                    flush_when_idle,
+                    options,
                     sink.clone(),
+                    heartbeats.clone(),
                     stop_rx.clone(),
                 ))
             })
@@ -230,6 +269,23 @@ impl Relay {
             servers.push(tokio::spawn(q.serve(stop_rx)));
         }
         health.listening.store(true, Ordering::Relaxed);
+        let notifier = notifier.map(Arc::new);
+        if let Some(n) = &notifier {
+            if let Some(w) = watchdog {
+                let deadline = ms(config.nats.publish_deadline_ms);
+                if w <= deadline {
+                    tracing::warn!(watchdog_ms = w.as_millis() as u64, publish_deadline_ms = config.nats.publish_deadline_ms,
+                        "WatchdogSec is not above nats.publish_deadline_ms: a driver waiting for the ack window may be taken for stuck");
+                }
+            }
+            let watch = systemd::notify::Watch {
+                health: health.clone(),
+                heartbeats,
+                spool: spool.clone(),
+                watchdog,
+            };
+            background.push(tokio::spawn(systemd::notify::run(n.clone(), watch)));
+        }
         tracing::info!(%https_addr, ?quic_addr, %admin_addr, relay = %config.relay.id, boot = %boot_id,
             ack_mode = ?config.relay.ack_mode, "edgerelay serving");
         Ok(Self {
@@ -249,6 +305,7 @@ impl Relay {
             },
             fatal,
             grace: ms(config.relay.shutdown_grace_ms),
+            notifier,
         })
     }
 
@@ -279,6 +336,9 @@ impl Relay {
         let deadline = Instant::now() + self.grace;
         let left = || deadline.saturating_duration_since(Instant::now());
         self.health.draining.store(true, Ordering::Relaxed);
+        if let Some(n) = &self.notifier {
+            n.send("STOPPING=1\nSTATUS=draining");
+        }
         self.queues.close();
         let _ = self.stop.send(true);
         let queued = self.queues.depth();
@@ -320,12 +380,14 @@ impl Relay {
     }
 }
 
-/// Runs the relay until `shutdown` resolves, then drains it.
+/// Runs the relay (under `systemd`, when it started it) until `shutdown` resolves, then
+/// drains it.
 pub async fn run(
     config: Config,
+    systemd: Systemd,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Drained, StartError> {
-    let mut relay = Relay::start(config).await?;
+    let mut relay = Relay::start_with(config, systemd).await?;
     tokio::select! {
         _ = shutdown => Ok(relay.shutdown().await),
         e = relay.fatal() => {

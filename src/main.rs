@@ -152,8 +152,18 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            // Before the runtime starts threads: this takes the socket-activation variables
+            // out of the environment.
+            let systemd = match edgerelay::systemd::Systemd::from_env() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("edgerelay: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
             runtime().block_on(async {
-                match edgerelay::run(config, shutdown_signal()).await {
+                let shutdown = shutdown_signal();
+                match edgerelay::run(config, systemd, shutdown).await {
                     Ok(d) if d.complete => ExitCode::SUCCESS,
                     Ok(_) => {
                         eprintln!(
@@ -209,7 +219,8 @@ fn main() -> ExitCode {
         }
         Command::DevIdp { listen, algs } => {
             let algs: Vec<&str> = algs.iter().map(String::as_str).collect();
-            match runtime().block_on(edgerelay::dev_idp::run(listen, &algs, shutdown_signal())) {
+            let serve = async { edgerelay::dev_idp::run(listen, &algs, shutdown_signal()).await };
+            match runtime().block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edgerelay dev-idp: {e}");
@@ -270,18 +281,32 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside
+/// the runtime), not when the future is first polled, so a signal during start-up is not
+/// lost. SIGHUP is taken too, and only logged: live reload is not there yet (it will be the
+/// unit's `ExecReload=`), and SIGHUP's default action would kill the relay.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
+                return std::future::pending().await;
+            }
+        };
+        let mut hup = hup.map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP")).ok();
+        loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => return tracing::info!("SIGINT: draining"),
+                Some(()) = async { hup.as_mut()?.recv().await } => {
+                    tracing::warn!("SIGHUP: reloading is not supported yet; ignoring it (restart to apply a new config)");
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
     }
 }

@@ -58,13 +58,33 @@ trait Graceful: Future<Output = hyper::Result<()>> {
 }
 
 impl Server {
-    /// Binds the listener; `tls` must offer [`ALPN`].
+    /// Binds the listener on `https.listen`; `tls` must offer [`ALPN`].
     pub async fn bind(
         cfg: &HttpsConfig,
         tls: Arc<rustls::ServerConfig>,
         api: Arc<HttpApi>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(Self::new(listener, cfg, tls, api))
+    }
+
+    /// Serves on a listener already bound (inherited from systemd); it must be non-blocking.
+    pub fn from_std(
+        listener: std::net::TcpListener,
+        cfg: &HttpsConfig,
+        tls: Arc<rustls::ServerConfig>,
+        api: Arc<HttpApi>,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self::new(TcpListener::from_std(listener)?, cfg, tls, api))
+    }
+
+    fn new(
+        listener: TcpListener,
+        cfg: &HttpsConfig,
+        tls: Arc<rustls::ServerConfig>,
+        api: Arc<HttpApi>,
+    ) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(ms(cfg.header_read_timeout_ms))
@@ -80,7 +100,7 @@ impl Server {
             .max_header_list_size(16 << 10)
             .keep_alive_interval(ms(cfg.idle_timeout_ms / 2))
             .keep_alive_timeout(Duration::from_secs(20));
-        Ok(Self {
+        Self {
             listener,
             acceptor: TlsAcceptor::from(tls),
             ctx: Arc::new(Ctx {
@@ -91,7 +111,7 @@ impl Server {
                 idle_timeout: ms(cfg.idle_timeout_ms),
             }),
             max_connections: cfg.max_connections,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -100,6 +100,13 @@ pub(crate) fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Resu
         // Not every host allows dual-stack sockets; IPv6 alone still works then.
         let _ = socket.set_only_v6(false);
     }
+    set_buffers(&socket, buffer_bytes)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Sets the kernel send and receive buffers of `socket` to `buffer_bytes` (0: leaves them).
+fn set_buffers(socket: &socket2::Socket, buffer_bytes: usize) -> std::io::Result<()> {
     if buffer_bytes > 0 {
         socket.set_recv_buffer_size(buffer_bytes)?;
         socket.set_send_buffer_size(buffer_bytes)?;
@@ -113,8 +120,7 @@ pub(crate) fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Resu
             );
         }
     }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
+    Ok(())
 }
 
 /// A quinn endpoint on `socket` on the current tokio runtime; a server if `server` is given.
@@ -127,6 +133,7 @@ pub(crate) fn endpoint(
 }
 
 impl Server {
+    /// Binds the UDP socket on `listen` and serves QUIC on it.
     pub fn bind(
         cfg: &QuicConfig,
         listen: SocketAddr,
@@ -134,13 +141,32 @@ impl Server {
         ingest: Arc<Ingest>,
         api: Arc<HttpApi>,
     ) -> Result<Self, QuicError> {
+        let socket = udp_socket(listen, cfg.socket_buffer_bytes)
+            .map_err(|source| QuicError::Bind { addr: listen, source })?;
+        Self::on_socket(cfg, socket, tls, ingest, api)
+    }
+
+    /// Serves QUIC on a UDP socket already bound (inherited from systemd), with the
+    /// configured buffer sizes.
+    pub fn on_socket(
+        cfg: &QuicConfig,
+        socket: UdpSocket,
+        tls: Arc<rustls::ServerConfig>,
+        ingest: Arc<Ingest>,
+        api: Arc<HttpApi>,
+    ) -> Result<Self, QuicError> {
+        let listen = socket.local_addr().map_err(|source| QuicError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let bind_error = |source| QuicError::Bind { addr: listen, source };
+        set_buffers(&socket2::SockRef::from(&socket), cfg.socket_buffer_bytes)
+            .map_err(bind_error)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| QuicError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(cfg)));
         server.max_incoming(cfg.max_connections.max(1) * 2);
-        let bind_error = |source| QuicError::Bind { addr: listen, source };
-        let socket = udp_socket(listen, cfg.socket_buffer_bytes).map_err(bind_error)?;
         let endpoint = endpoint(socket, Some(server)).map_err(bind_error)?;
         Ok(Self {
             endpoint,

@@ -24,4 +24,5 @@ mod publish;
 mod quic;
 mod spool;
 mod spooled;
+mod systemd;
 mod top;

@@ -562,13 +562,14 @@ impl BinaryRelay {
 
     /// Starts `edgerelay run` with its log on `stderr`.
     pub fn spawn(&self, stderr: Stdio) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_edgerelay"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap()
+        self.command().stderr(stderr).spawn().unwrap()
+    }
+
+    /// `edgerelay run --config …`, stdout to /dev/null: add environment, fds, stderr.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgerelay"));
+        cmd.args(["run", "--config"]).arg(&self.config).stdout(Stdio::null());
+        cmd
     }
 
     /// Waits (up to 15 s) until `/readyz` answers 200.
