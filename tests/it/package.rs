@@ -10,7 +10,7 @@ fn cargo_deb() -> PathBuf {
     if let Ok(p) = std::env::var("CARGO_DEB") {
         return p.into();
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/cargo-deb");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/cargo/bin/cargo-deb");
     assert!(p.exists(), "cargo-deb not found at {}: run scripts/setup-tools", p.display());
     p
 }
