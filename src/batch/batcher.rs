@@ -84,6 +84,13 @@ impl<T: Item> Batcher<T> {
         }
     }
 
+    /// Batches from now on follow `limits` (a reload). Open batches keep their linger
+    /// deadline; one already past the new `max_events` is flushed by its next item.
+    pub fn set_limits(&mut self, limits: Limits) {
+        assert!(limits.max_events > 0 && limits.max_bytes > 0, "limits must be positive");
+        self.limits = limits;
+    }
+
     /// Adds `item` at time `now`; batches that became ready are appended to `out`.
     pub fn push(&mut self, item: T, now: Instant, out: &mut Vec<Ready<T>>) {
         let size = item.size();
