@@ -95,7 +95,7 @@ impl fmt::Display for Reloaded {
             parts.insert(0, "certificate");
         }
         match parts.is_empty() {
-            true => f.write_str("nothing changed"),
+            true => f.write_str("nothing"),
             false => f.write_str(&parts.join(", ")),
         }
     }

@@ -228,6 +228,24 @@ mod tests {
     }
 
     #[test]
+    fn new_limits_apply_from_the_next_push() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(8, 1000, 50));
+        let mut out = Vec::new();
+        for i in 0..4 {
+            b.push(Ev("a", 10, i), t0, &mut out);
+        }
+        assert!(out.is_empty());
+        b.set_limits(limits(2, 1000, 50));
+        b.push(Ev("a", 10, 4), t0, &mut out);
+        b.push(Ev("a", 10, 5), t0, &mut out);
+        b.push(Ev("a", 10, 6), t0, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(ids(&out[0]), [0, 1, 2, 3, 4]);
+        assert_eq!(ids(&out[1]), [5, 6]);
+    }
+
+    #[test]
     fn flushes_by_bytes_before_exceeding() {
         let t0 = Instant::now();
         let mut b = Batcher::new(limits(100, 100, 50));
