@@ -99,11 +99,29 @@ impl Auth {
     /// Builds the stage from (validated) configuration. The provider's keys are fetched by
     /// [`Auth::key_store`]'s refresh task and on demand.
     pub fn new(cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, AuthError> {
+        Self::build(cfg, metrics, None)
+    }
+
+    /// A new stage for a reloaded `cfg` whose `auth.jwt` is unchanged: it keeps this stage's
+    /// provider keys (and their refresh task), but starts with an empty token cache and full
+    /// rate-limit buckets.
+    pub fn reloaded(&self, cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, AuthError> {
+        Self::build(cfg, metrics, self.key_store())
+    }
+
+    fn build(
+        cfg: &AuthConfig,
+        metrics: Arc<Metrics>,
+        keys: Option<Arc<idp::KeyStore>>,
+    ) -> Result<Self, AuthError> {
         let jwt = match &cfg.jwt {
             Some(j) => {
                 let roles = rbac::Roles::parse(&cfg.roles)?;
                 let validator = jwt::Validator::new(j, roles, cfg.rate_limit.tenant_claim.clone());
-                let keys = Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec(), metrics)?);
+                let keys = match keys {
+                    Some(k) => k,
+                    None => Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec(), metrics)?),
+                };
                 Some(Jwt { validator, keys })
             }
             None => None,

@@ -12,7 +12,7 @@ pub mod json;
 pub mod quic;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -52,7 +52,8 @@ pub struct EventIn {
 /// The shared ingest stage.
 #[derive(Debug)]
 pub struct Ingest {
-    auth: Arc<Auth>,
+    /// Swapped whole by a reload; each call reads the current one.
+    auth: RwLock<Arc<Auth>>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     queues: Arc<Queues>,
@@ -85,7 +86,7 @@ impl Ingest {
         sink: Arc<Sink>,
     ) -> Self {
         Self {
-            auth,
+            auth: RwLock::new(auth),
             audit,
             metrics,
             queues,
@@ -108,8 +109,19 @@ impl Ingest {
         }
     }
 
+    /// The authentication stage requests use now.
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Requests from now on go through `auth` (a reload); requests under way finish with the
+    /// stage they started with.
+    pub fn set_auth(&self, auth: Arc<Auth>) {
+        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
+    }
+
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
-        self.auth.authenticate(creds).await
+        self.auth().authenticate(creds).await
     }
 
     /// The identity of a connection's verified client certificate chain, if configured.
@@ -117,7 +129,7 @@ impl Ingest {
         &self,
         chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
     ) -> Option<Identity> {
-        self.auth.peer_identity(chain)
+        self.auth().peer_identity(chain)
     }
 
     /// Checks that `identity` may publish on `subject`: well-formed (400), captured by the
@@ -131,7 +143,7 @@ impl Ingest {
                 "subject is outside the subjects this relay publishes to",
             ));
         }
-        self.auth.authorize(identity, subject)
+        self.auth().authorize(identity, subject)
     }
 
     /// What answers call the stream and the batches.
@@ -208,7 +220,7 @@ impl Ingest {
         let at = Arrival::now();
         // The oldest Edge-Timestamp of the request, for the edge→ack histogram.
         let edge_ms = events.iter().map(|e| e.edge_time_unix_ms).filter(|t| *t > 0).min();
-        if let Err(r) = self.auth.limit(identity, events.len(), at.instant) {
+        if let Err(r) = self.auth().limit(identity, events.len(), at.instant) {
             self.audit.refused(protocol, Some(identity), None, &r);
             return vec![Err(r); events.len()];
         }

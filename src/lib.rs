@@ -21,6 +21,7 @@
 //! | reading batches back | [`tail`] |
 //! | a live terminal view of one relay | [`top`] |
 //! | readiness, watchdog and socket activation under systemd | [`systemd`] |
+//! | live reload of certificates, auth and batch parameters (SIGHUP) | [`reload`] |
 //!
 //! [`event`] is what travels along the path; [`error`] is how refusals are told; [`config`] is
 //! the one configuration file. [`Relay`] wires it all together; `main.rs` only parses the
@@ -39,6 +40,7 @@ pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod metrics;
+pub mod reload;
 pub mod sink;
 pub mod spool;
 pub mod subject;
@@ -56,7 +58,7 @@ pub mod proto {
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -69,6 +71,7 @@ use crate::batch::queue::Queues;
 use crate::config::{ms, Config};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadError, Reloaded};
 use crate::sink::{Sink, SinkError};
 use crate::systemd::{Notifier, Systemd};
 
@@ -113,6 +116,18 @@ pub struct Relay {
     grace: Duration,
     /// systemd's notification socket, for `STOPPING=1`.
     notifier: Option<Arc<Notifier>>,
+    /// What a reload can change, and the config it is compared against.
+    live: Live,
+}
+
+/// The parts of a running relay a reload swaps.
+struct Live {
+    /// The config in effect (a reload compares the new one with it).
+    config: Mutex<Config>,
+    cert: Arc<tls::CertSlot>,
+    ingest: Arc<Ingest>,
+    metrics: Arc<Metrics>,
+    batching: watch::Sender<batch::driver::Batching>,
 }
 
 /// What a shutdown achieved.
@@ -164,7 +179,7 @@ impl Relay {
         ));
         let key_store = auth.key_store();
         let health =
-            Arc::new(Health::new(sink.clone(), key_store.clone(), metrics, queues.clone()));
+            Arc::new(Health::new(sink.clone(), key_store.clone(), metrics.clone(), queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let mut background = sink.spawn_services(stop_rx.clone(), fatal_tx);
         if let Some(queue) = audit_queue {
@@ -185,12 +200,8 @@ impl Relay {
         }
 
         let client_ca = config.auth.mtls.as_ref().map(|m| m.ca_file.as_path());
-        let tls = tls::server_config(
-            &config.https.tls_cert,
-            &config.https.tls_key,
-            &ingest::https::ALPN,
-            client_ca,
-        )?;
+        let cert = tls::CertSlot::load(&config.https.tls_cert, &config.https.tls_key)?;
+        let tls = tls::server_config(cert.clone(), &ingest::https::ALPN, client_ca)?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
         let api =
             Arc::new(ingest::http_api::HttpApi::new(ingest.clone(), config.https.max_body_bytes));
@@ -207,11 +218,11 @@ impl Relay {
         let quic = match config.quic.listen {
             Some(listen) => {
                 let tls = tls::server_config(
-                    &config.https.tls_cert,
-                    &config.https.tls_key,
+                    cert.clone(),
                     &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
                     client_ca,
                 )?;
+                let ingest = ingest.clone();
                 Some(match sockets.quic {
                     Some(s) => ingest::quic::Server::on_socket(&config.quic, s, tls, ingest, api)?,
                     None => ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?,
@@ -231,11 +242,7 @@ impl Relay {
         .map_err(bind_err(config.admin.listen))?;
         let admin_addr = admin_listener.local_addr().map_err(bind_err(config.admin.listen))?;
 
-        let limits = batch::Limits {
-            max_events: config.batch.max_events,
-            max_bytes: config.batch.max_bytes,
-            linger: ms(config.batch.linger_ms),
-        };
+        let (batching, batching_rx) = watch::channel(batching_of(&config));
         let wedge = std::env::var(batch::driver::FAULT_WEDGE_FLUSH_ENV).is_ok_and(|v| v == "1");
         if wedge {
             tracing::warn!(
@@ -244,8 +251,6 @@ impl Relay {
             );
         }
         let options = batch::driver::Options {
-            limits,
-            flush_when_idle: config.batch.flush_when_idle,
             heartbeat: systemd::notify::heartbeat_tick(watchdog),
             wedge_after_first_batch: wedge,
         };
@@ -257,6 +262,7 @@ impl Relay {
                     queues.clone(),
                     i,
                     options,
+                    batching_rx.clone(),
                     sink.clone(),
                     heartbeats.clone(),
                     stop_rx.clone(),
@@ -306,7 +312,29 @@ impl Relay {
             fatal,
             grace: ms(config.relay.shutdown_grace_ms),
             notifier,
+            live: Live { config: Mutex::new(config), cert, ingest, metrics, batching },
         })
+    }
+
+    /// Applies a new (validated) config to the running relay without closing a connection: a
+    /// new certificate for new TLS handshakes, a new authentication stage for new requests, new
+    /// batch limits for the drivers' next round. If any field that only takes effect at
+    /// start-up differs (see [`reload`]), or the new certificate or auth settings are unusable,
+    /// nothing is applied and the relay keeps its previous config.
+    pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadError> {
+        let live = &self.live;
+        let mut config = live.config.lock().unwrap_or_else(|e| e.into_inner());
+        let (fields, restart) = reload::diff(&config, &new);
+        if !restart.is_empty() {
+            return Err(ReloadError::Restart(restart));
+        }
+        // Everything that can fail comes before the first swap.
+        let auth = live.ingest.auth().reloaded(&new.auth, live.metrics.clone())?;
+        let certificate = live.cert.reload(&new.https.tls_cert, &new.https.tls_key)?;
+        live.ingest.set_auth(Arc::new(auth));
+        live.batching.send_replace(batching_of(&new));
+        *config = new;
+        Ok(Reloaded { fields, certificate })
     }
 
     pub fn https_addr(&self) -> SocketAddr {
@@ -381,20 +409,41 @@ impl Relay {
 }
 
 /// Runs the relay (under `systemd`, when it started it) until `shutdown` resolves, then
-/// drains it.
+/// drains it. Each config from `reloads` is applied with [`Relay::reload`]; a refused one is
+/// logged and the relay goes on as it was.
 pub async fn run(
     config: Config,
     systemd: Systemd,
     shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
 ) -> Result<Drained, StartError> {
     let mut relay = Relay::start_with(config, systemd).await?;
-    tokio::select! {
-        _ = shutdown => Ok(relay.shutdown().await),
-        e = relay.fatal() => {
-            tracing::error!(error = %e, "stopping");
-            relay.shutdown().await;
-            Err(e.into())
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(relay.shutdown().await),
+            e = relay.fatal() => {
+                tracing::error!(error = %e, "stopping");
+                relay.shutdown().await;
+                return Err(e.into());
+            }
+            Some(new) = reloads.recv() => match relay.reload(new) {
+                Ok(r) => tracing::info!(changed = %r, "config reloaded"),
+                Err(e) => tracing::error!(error = %e, "config reload refused: still running on the previous config"),
+            },
         }
+    }
+}
+
+/// The batch parameters a driver follows, from `config`.
+fn batching_of(config: &Config) -> batch::driver::Batching {
+    batch::driver::Batching {
+        limits: batch::Limits {
+            max_events: config.batch.max_events,
+            max_bytes: config.batch.max_bytes,
+            linger: ms(config.batch.linger_ms),
+        },
+        flush_when_idle: config.batch.flush_when_idle,
     }
 }
 

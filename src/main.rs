@@ -147,8 +147,8 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&e),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
@@ -162,8 +162,9 @@ fn main() -> ExitCode {
                 }
             };
             runtime().block_on(async {
-                let shutdown = shutdown_signal();
-                match edgerelay::run(config, systemd, shutdown).await {
+                let (reload, reloads) = tokio::sync::mpsc::channel(1);
+                let shutdown = shutdown_signal(move || reload_config(&path, &reload));
+                match edgerelay::run(config, systemd, shutdown, reloads).await {
                     Ok(d) if d.complete => ExitCode::SUCCESS,
                     Ok(_) => {
                         eprintln!(
@@ -219,7 +220,9 @@ fn main() -> ExitCode {
         }
         Command::DevIdp { listen, algs } => {
             let algs: Vec<&str> = algs.iter().map(String::as_str).collect();
-            let serve = async { edgerelay::dev_idp::run(listen, &algs, shutdown_signal()).await };
+            let ignore = || tracing::info!("SIGHUP: the development IdP has nothing to reload");
+            let serve =
+                async { edgerelay::dev_idp::run(listen, &algs, shutdown_signal(ignore)).await };
             match runtime().block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -281,11 +284,25 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside
-/// the runtime), not when the future is first polled, so a signal during start-up is not
-/// lost. SIGHUP is taken too, and only logged: live reload is not there yet (it will be the
-/// unit's `ExecReload=`), and SIGHUP's default action would kill the relay.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// SIGHUP (`systemctl reload`): reads the config file again and, if it is valid, hands it to
+/// the relay; an invalid one is logged and the relay keeps its config.
+fn reload_config(path: &std::path::Path, reload: &tokio::sync::mpsc::Sender<Config>) {
+    match Config::load(path) {
+        Ok(config) => {
+            tracing::info!(config = %path.display(), "SIGHUP: reloading");
+            if reload.try_send(config).is_err() {
+                tracing::warn!("SIGHUP: a reload is already under way; send SIGHUP again");
+            }
+        }
+        Err(e) => tracing::error!(config = %path.display(),
+            "SIGHUP: invalid configuration, reload refused: still running on the previous config:\n{e}"),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT; calls `on_hup` on each SIGHUP (whose default action would
+/// kill the process). The handlers are installed when this is called (inside the runtime),
+/// not when the future is first polled, so a signal during start-up is not lost.
+fn shutdown_signal(mut on_hup: impl FnMut()) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
@@ -303,9 +320,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             tokio::select! {
                 _ = term.recv() => return tracing::info!("SIGTERM: draining"),
                 _ = int.recv() => return tracing::info!("SIGINT: draining"),
-                Some(()) = async { hup.as_mut()?.recv().await } => {
-                    tracing::warn!("SIGHUP: reloading is not supported yet; ignoring it (restart to apply a new config)");
-                }
+                Some(()) = async { hup.as_mut()?.recv().await } => on_hup(),
             }
         }
     }

@@ -1,12 +1,15 @@
-//! TLS plumbing: the one crypto provider (ring), server configs from PEM files, and
+//! TLS plumbing: the one crypto provider (ring), server configs presenting a certificate that
+//! can be swapped at run time (SIGHUP reload), and
 //! development certificates (a throw-away CA and a server certificate) for the demo and tests.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 /// Errors loading TLS material. Always the operator's side; a retry does not help.
 #[derive(Debug, thiserror::Error)]
@@ -45,15 +48,44 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A server config from PEM files, offering `alpn` protocols in order of preference. With
-/// `client_ca`, clients may present a certificate, which must then chain to it (clients
-/// without one are still served: they authenticate with tokens).
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
-    alpn: &[&[u8]],
-    client_ca: Option<&Path>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server certificate and key every TLS config of the relay presents, swappable at run
+/// time: a reload stores a new one, new handshakes pick it up, and connections already
+/// established keep the session they have.
+#[derive(Debug)]
+pub struct CertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertSlot {
+    /// A slot holding the certificate chain and key of these PEM files.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self { current: RwLock::new(certified_key(cert, key)?) }))
+    }
+
+    /// Reads the PEM files again and, if they are usable, serves them from the next handshake
+    /// on. Returns whether the leaf certificate changed. On error the slot keeps what it had.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<bool, TlsError> {
+        let new = certified_key(cert, key)?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let changed = current.end_entity_cert().ok() != new.end_entity_cert().ok();
+        *current = new;
+        Ok(changed)
+    }
+
+    /// The certificate and key served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A certificate chain and its key from PEM files, checked to belong together.
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let file_err = |path: &Path, message: String| TlsError::File { path: path.into(), message };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| file_err(cert, e.to_string()))?
@@ -63,6 +95,19 @@ pub fn server_config(
         return Err(file_err(cert, "no certificate in file".into()));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e.to_string()))?;
+    let certified = CertifiedKey::from_der(chain, key_der, &provider())?;
+    Ok(Arc::new(certified))
+}
+
+/// A server config presenting the certificate in `cert`, offering `alpn` protocols in order of
+/// preference. With `client_ca`, clients may present a certificate, which must then chain to it
+/// (clients without one are still served: they authenticate with tokens).
+pub fn server_config(
+    cert: Arc<CertSlot>,
+    alpn: &[&[u8]],
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let file_err = |path: &Path, message: String| TlsError::File { path: path.into(), message };
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
@@ -82,7 +127,7 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key_der)?;
+    let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

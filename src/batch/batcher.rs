@@ -84,6 +84,13 @@ impl<T: Item> Batcher<T> {
         }
     }
 
+    /// Batches from now on follow `limits` (a reload). Open batches keep their linger
+    /// deadline; one already past the new `max_events` is flushed by its next item.
+    pub fn set_limits(&mut self, limits: Limits) {
+        assert!(limits.max_events > 0 && limits.max_bytes > 0, "limits must be positive");
+        self.limits = limits;
+    }
+
     /// Adds `item` at time `now`; batches that became ready are appended to `out`.
     pub fn push(&mut self, item: T, now: Instant, out: &mut Vec<Ready<T>>) {
         let size = item.size();
@@ -218,6 +225,24 @@ mod tests {
         assert_eq!(ids(&out[1]), [3, 4, 5]);
         assert!(out.iter().all(|r| r.reason == FlushReason::Events && r.bytes == 30));
         assert_eq!(b.len(), 1);
+    }
+
+    #[test]
+    fn new_limits_apply_from_the_next_push() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(8, 1000, 50));
+        let mut out = Vec::new();
+        for i in 0..4 {
+            b.push(Ev("a", 10, i), t0, &mut out);
+        }
+        assert!(out.is_empty());
+        b.set_limits(limits(2, 1000, 50));
+        b.push(Ev("a", 10, 4), t0, &mut out);
+        b.push(Ev("a", 10, 5), t0, &mut out);
+        b.push(Ev("a", 10, 6), t0, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(ids(&out[0]), [0, 1, 2, 3, 4]);
+        assert_eq!(ids(&out[1]), [5, 6]);
     }
 
     #[test]

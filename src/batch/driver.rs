@@ -30,12 +30,18 @@ pub const FAULT_WEDGE_FLUSH_ENV: &str = "EDGERELAY_FAULT_WEDGE_FLUSH";
 /// A heartbeat value meaning "this driver has finished" (it drained and returned): not stuck.
 const DONE: u64 = u64::MAX;
 
-/// How a driver batches and paces itself.
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
+/// How a driver batches: the part of `[batch]` a reload may change. Drivers read it from a
+/// `watch` channel at the top of each loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
     pub limits: Limits,
     /// Flush open batches as soon as nothing is in flight (`batch.flush_when_idle`).
     pub flush_when_idle: bool,
+}
+
+/// How a driver paces itself (fixed for the life of the process).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
     /// The longest an idle driver waits on its queue before it records a heartbeat anyway.
     pub heartbeat: Duration,
     /// [`FAULT_WEDGE_FLUSH_ENV`]: block forever after the first batch (tests only).
@@ -85,11 +91,12 @@ pub async fn run(
     queues: Arc<Queues>,
     index: usize,
     options: Options,
+    batching: watch::Receiver<Batching>,
     sink: Arc<Sink>,
     heartbeats: Arc<Heartbeats>,
     stop: watch::Receiver<bool>,
 ) {
-    drive(&queues, index, options, &sink, &heartbeats, stop).await;
+    drive(&queues, index, options, batching, &sink, &heartbeats, stop).await;
     heartbeats.done(index);
 }
 
@@ -97,18 +104,25 @@ async fn drive(
     queues: &Queues,
     index: usize,
     options: Options,
+    mut batching: watch::Receiver<Batching>,
     sink: &Arc<Sink>,
     heartbeats: &Heartbeats,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Options { limits, flush_when_idle, heartbeat, wedge_after_first_batch } = options;
+    let Options { heartbeat, wedge_after_first_batch } = options;
     let shard = queues.shard(index);
+    let Batching { limits, mut flush_when_idle } = *batching.borrow_and_update();
     let mut batcher = Batcher::new(limits);
     let mut ready = Vec::new();
     let mut closing = *stop.borrow();
     loop {
         let now = Instant::now();
         heartbeats.beat(index, now);
+        if batching.has_changed().unwrap_or(false) {
+            let new = *batching.borrow_and_update();
+            batcher.set_limits(new.limits);
+            flush_when_idle = new.flush_when_idle;
+        }
         let mut popped = 0;
         while popped < POP_BUDGET {
             let Some(p) = shard.pop() else { break };

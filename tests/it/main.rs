@@ -22,6 +22,7 @@ mod nats_faults;
 mod package;
 mod publish;
 mod quic;
+mod reload;
 mod spool;
 mod spooled;
 mod systemd;

@@ -586,4 +586,20 @@ impl BinaryRelay {
     pub fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
+
+    /// The config file as it is now.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
+    }
+
+    /// Replaces the config file (the relay reads it again on SIGHUP).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Sends SIGHUP to the relay `child`, as `systemctl reload` does.
+    pub fn hup(child: &Child) {
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    }
 }

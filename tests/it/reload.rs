@@ -1,0 +1,235 @@
+//! Live reload of the real binary on SIGHUP: a new certificate and batch size under load with
+//! no failed request and no dropped connection, refused reloads that leave everything as it
+//! was, and static tokens added and removed.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgerelay::tls::DevCerts;
+
+use crate::support::*;
+
+/// Batches fill up to `max_events` (no idle flush; the linger is longer than a round trip).
+const BATCH: &str = "[relay]\nid = \"reload\"\n[batch]\nmax_events = 8\nlinger_ms = 100\n\
+                     flush_when_idle = false\n";
+
+/// Fresh certificates (a new CA and server certificate) written into `dir`.
+fn new_certs(dir: &Path) -> DevCerts {
+    let certs =
+        edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+    certs.write(dir).unwrap();
+    certs
+}
+
+/// The leaf certificate a new TLS connection to `port` is served, if it chains to `certs`' CA.
+async fn served_leaf(port: u16, certs: &DevCerts) -> Option<Vec<u8>> {
+    let tls = tls_client_config(certs, b"h2");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+    let tls = connector.connect(name, tcp).await.ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.first()?.as_ref().to_vec())
+}
+
+fn leaf_der(certs: &DevCerts) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(certs.server_cert.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// Waits (up to 10 s) until `log` holds `needle` `count` times.
+async fn until_logged(log: &Path, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never logged {needle:?} x{count}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spawn_logged(relay: &BinaryRelay, log: &Path) -> Child {
+    relay.spawn(Stdio::from(std::fs::File::create(log).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_request() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
+    let log = setup.dir.path().join("relay.log");
+    let mut child = spawn_logged(&relay, &log);
+    relay.wait_ready().await;
+    let new_dir = setup.dir.path().join("new-certs");
+    let fresh = new_certs(&new_dir);
+    assert_eq!(served_leaf(relay.port, &setup.certs).await, Some(leaf_der(&setup.certs)));
+
+    // 8 clients (HTTP/2 and HTTP/1.1) publishing back to back. They trust only the old CA: a
+    // connection closed by the reload would have to reconnect, meet the new certificate and
+    // fail — so zero failures also means no connection was dropped.
+    let reloaded = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|c| {
+            let client = client(&setup.certs, c % 2 == 0);
+            let (before, after) =
+                (relay.url("/v1/publish/edge.rl.before"), relay.url("/v1/publish/edge.rl.after"));
+            let (reloaded, stop) = (reloaded.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let url = if reloaded.load(Ordering::Relaxed) { &after } else { &before };
+                    sent += 1;
+                    match client
+                        .post(url)
+                        .bearer_auth(TOKEN)
+                        .body(format!("c{c}-{sent}"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 202 => {}
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cfg = relay
+        .config_text()
+        .replace(
+            &setup.config.https.tls_cert.display().to_string(),
+            &new_dir.join("cert.pem").display().to_string(),
+        )
+        .replace(
+            &setup.config.https.tls_key.display().to_string(),
+            &new_dir.join("key.pem").display().to_string(),
+        )
+        .replace("max_events = 8", "max_events = 3");
+    relay.write_config(&cfg);
+    BinaryRelay::hup(&child);
+    let text = until_logged(&log, "config reloaded", 1).await;
+    assert!(
+        text.contains("certificate, batch.max_events, https.tls_cert, https.tls_key"),
+        "{text}"
+    );
+    reloaded.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let (mut sent, mut failed) = (0, Vec::new());
+    for task in load {
+        let (s, f) = task.await.unwrap();
+        sent += s;
+        failed.extend(f);
+    }
+    assert!(failed.is_empty(), "{} of {sent} requests failed: {failed:?}", failed.len());
+
+    // New handshakes get the new certificate; the old CA no longer verifies it.
+    assert_eq!(served_leaf(relay.port, &fresh).await, Some(leaf_der(&fresh)));
+    assert_eq!(served_leaf(relay.port, &setup.certs).await, None);
+
+    let batches = read_stream(&nats.url()).await;
+    let sizes = |subject: &str| -> Vec<usize> {
+        batches.iter().filter(|m| m.subject == subject).map(|m| m.batch.events.len()).collect()
+    };
+    let (before, after) = (sizes("edge.rl.before"), sizes("edge.rl.after"));
+    eprintln!(
+        "reload under load: {sent} requests, {} failed; batch sizes before (max_events 8): max {:?} over {} batches, after (max_events 3): max {:?} over {} batches",
+        failed.len(),
+        before.iter().max(),
+        before.len(),
+        after.iter().max(),
+        after.len()
+    );
+    assert!(before.iter().max() > Some(&3), "before: {before:?}");
+    assert!(!after.is_empty() && after.iter().all(|&n| n <= 3), "after: {after:?}");
+    assert_eq!(after.iter().max(), Some(&3), "after: {after:?}");
+    for m in batches.iter().filter(|m| m.subject == "edge.rl.after") {
+        assert_eq!(m.events_header, m.batch.events.len().to_string());
+    }
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
+    let nats = NatsServer::start();
+    let setup = Setup::new(&nats.url());
+    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
+    let log = setup.dir.path().join("relay.log");
+    let mut child = spawn_logged(&relay, &log);
+    relay.wait_ready().await;
+    let original = relay.config_text();
+    let old_leaf = leaf_der(&setup.certs);
+    let new_dir = setup.dir.path().join("new-certs");
+    new_certs(&new_dir);
+    let h2 = client(&setup.certs, true);
+    let publish = |token: &'static str| {
+        let (h2, url) = (h2.clone(), relay.url("/v1/publish/edge.rl.tokens"));
+        async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
+    };
+    const NEW_TOKEN: &str = "test-token-reloaded-01";
+    let swap_tokens = |cfg: &str| {
+        cfg.replace(TOKEN, NEW_TOKEN)
+            .replace(
+                &setup.config.https.tls_cert.display().to_string(),
+                &new_dir.join("cert.pem").display().to_string(),
+            )
+            .replace(
+                &setup.config.https.tls_key.display().to_string(),
+                &new_dir.join("key.pem").display().to_string(),
+            )
+    };
+
+    // Not a valid config at all: Config::load refuses it.
+    relay.write_config(&swap_tokens(&original).replace("max_events = 8", "max_events = 0"));
+    BinaryRelay::hup(&child);
+    until_logged(&log, "batch.max_events must be > 0", 1).await;
+
+    // Valid, but it moves the listener: the whole reload is refused, the new certificate and
+    // tokens included.
+    let moved = format!("listen = \"127.0.0.1:{}\"", free_port());
+    let cfg =
+        swap_tokens(&original).replace(&format!("listen = \"127.0.0.1:{}\"", relay.port), &moved);
+    relay.write_config(&cfg);
+    BinaryRelay::hup(&child);
+    let text = until_logged(&log, "reload refused", 2).await;
+    assert!(text.contains("restart to apply: https.listen"), "{text}");
+    assert!(child.try_wait().unwrap().is_none(), "the relay must keep running");
+    assert_eq!(served_leaf(relay.port, &setup.certs).await, Some(old_leaf));
+    assert_eq!(publish(TOKEN).await, 202);
+    assert_eq!(publish(NEW_TOKEN).await, 401);
+
+    // A valid reload: the added token works, the removed one is refused.
+    relay.write_config(&swap_tokens(&original));
+    BinaryRelay::hup(&child);
+    until_logged(&log, "config reloaded", 1).await;
+    let fresh = DevCerts {
+        ca_cert: std::fs::read_to_string(new_dir.join("ca.pem")).unwrap(),
+        server_cert: std::fs::read_to_string(new_dir.join("cert.pem")).unwrap(),
+        server_key: String::new(),
+    };
+    let h2 = client(&fresh, true);
+    let url = relay.url("/v1/publish/edge.rl.tokens");
+    let status = |token| {
+        let (h2, url) = (h2.clone(), url.clone());
+        async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(NEW_TOKEN).await, 202);
+    assert_eq!(status(TOKEN).await, 401);
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
