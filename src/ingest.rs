@@ -135,6 +135,16 @@ impl Ingest {
     /// Checks that `identity` may publish on `subject`: well-formed (400), captured by the
     /// stream (403) and allowed by the identity's rules (403).
     pub fn check_subject(&self, identity: &Identity, subject: &str) -> Result<(), Refusal> {
+        self.check_subject_with(&self.auth(), identity, subject)
+    }
+
+    /// [`Ingest::check_subject`] with the auth stage the request already holds.
+    fn check_subject_with(
+        &self,
+        auth: &Auth,
+        identity: &Identity,
+        subject: &str,
+    ) -> Result<(), Refusal> {
         subject::validate(subject, self.max_subject_bytes)
             .map_err(|e| Refusal::new(ErrorCode::BadSubject, format!("invalid subject: {e}")))?;
         if !self.stream_subjects.iter().any(|p| p.matches(subject)) {
@@ -143,7 +153,7 @@ impl Ingest {
                 "subject is outside the subjects this relay publishes to",
             ));
         }
-        self.auth().authorize(identity, subject)
+        auth.authorize(identity, subject)
     }
 
     /// What answers call the stream and the batches.
@@ -220,14 +230,16 @@ impl Ingest {
         let at = Arrival::now();
         // The oldest Edge-Timestamp of the request, for the edge→ack histogram.
         let edge_ms = events.iter().map(|e| e.edge_time_unix_ms).filter(|t| *t > 0).min();
-        if let Err(r) = self.auth().limit(identity, events.len(), at.instant) {
+        // One auth stage for the whole request, even if a reload swaps it meanwhile.
+        let auth = self.auth();
+        if let Err(r) = auth.limit(identity, events.len(), at.instant) {
             self.audit.refused(protocol, Some(identity), None, &r);
             return vec![Err(r); events.len()];
         }
         let answers = Answers::new(events.len());
         let mut waiting = Vec::new();
         for (index, ev) in events.into_iter().enumerate() {
-            match self.submit(protocol, identity, ev, at, (answers.clone(), index)) {
+            match self.submit(&auth, protocol, identity, ev, at, (answers.clone(), index)) {
                 Ticket::Now(outcome) => answers.set(index, outcome),
                 Ticket::InSlot => {}
                 Ticket::Waiting(rx) => waiting.push((index, rx)),
@@ -285,13 +297,14 @@ impl Ingest {
 
     fn submit(
         &self,
+        auth: &Auth,
         protocol: Protocol,
         identity: &Identity,
         ev: EventIn,
         at: Arrival,
         slot: Slot,
     ) -> Ticket {
-        if let Err(r) = self.check(identity, &ev) {
+        if let Err(r) = self.check(auth, identity, &ev) {
             self.audit.refused(protocol, Some(identity), Some(&ev.subject), &r);
             return Ticket::Now(Err(r));
         }
@@ -335,8 +348,8 @@ impl Ingest {
         }
     }
 
-    fn check(&self, identity: &Identity, ev: &EventIn) -> Result<(), Refusal> {
-        self.check_subject(identity, &ev.subject)?;
+    fn check(&self, auth: &Auth, identity: &Identity, ev: &EventIn) -> Result<(), Refusal> {
+        self.check_subject_with(auth, identity, &ev.subject)?;
         let header_bytes: usize = ev.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         if ev.payload.len() + header_bytes > self.max_event_bytes {
             return Err(Refusal::new(
