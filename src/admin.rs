@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::idp::KeyStore;
 use crate::batch::queue::Queues;
+use crate::ingest::Ingest;
 use crate::metrics::hgrm;
 use crate::metrics::latency::{Range, Stage, WINDOW_SECS};
 use crate::metrics::Metrics;
@@ -41,8 +41,9 @@ pub struct Health {
     /// Set once shutdown began: not ready any more.
     pub draining: AtomicBool,
     pub sink: Arc<Sink>,
-    /// The identity provider's keys, when JWTs are configured.
-    pub keys: Option<Arc<KeyStore>>,
+    /// Its authentication stage holds the identity provider's keys, when JWTs are configured
+    /// (a reload may swap them).
+    pub ingest: Arc<Ingest>,
     /// Served on `/metrics`.
     pub metrics: Arc<Metrics>,
     /// For the queue depth gauge.
@@ -52,7 +53,7 @@ pub struct Health {
 impl Health {
     pub fn new(
         sink: Arc<Sink>,
-        keys: Option<Arc<KeyStore>>,
+        ingest: Arc<Ingest>,
         metrics: Arc<Metrics>,
         queues: Arc<Queues>,
     ) -> Self {
@@ -60,7 +61,7 @@ impl Health {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             sink,
-            keys,
+            ingest,
             metrics,
             queues,
         }
@@ -72,7 +73,7 @@ impl Health {
             Some("draining".into())
         } else if !self.listening.load(Ordering::Relaxed) {
             Some("listeners not bound yet".into())
-        } else if self.keys.as_ref().is_some_and(|k| !k.is_usable()) {
+        } else if self.ingest.auth().key_store().is_some_and(|k| !k.is_usable()) {
             Some("the identity provider's keys are not loaded, or older than max_stale_secs".into())
         } else {
             self.sink.unavailable().map(|r| r.message.into_owned())

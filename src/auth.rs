@@ -102,11 +102,16 @@ impl Auth {
         Self::build(cfg, metrics, None)
     }
 
-    /// A new stage for a reloaded `cfg` whose `auth.jwt` is unchanged: it keeps this stage's
-    /// provider keys (and their refresh task), but starts with an empty token cache and full
-    /// rate-limit buckets.
+    /// A new stage for a reloaded `cfg`. It starts with an empty token cache and full
+    /// rate-limit buckets. It keeps this stage's provider keys (and their refresh task) unless
+    /// `auth.jwt` changes where or how keys are fetched; a new key store is empty until loaded
+    /// (see [`Auth::key_store`]).
     pub fn reloaded(&self, cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, AuthError> {
-        Self::build(cfg, metrics, self.key_store())
+        let keys = match (self.key_store(), &cfg.jwt) {
+            (Some(keys), Some(j)) if keys.serves(j) => Some(keys),
+            _ => None,
+        };
+        Self::build(cfg, metrics, keys)
     }
 
     fn build(

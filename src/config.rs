@@ -442,7 +442,7 @@ pub struct RateLimitConfig {
 }
 
 /// Validation of JWT bearer tokens against the identity provider's published keys (JWKS).
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// The expected `iss` claim, exactly. With `discovery`, also where

@@ -58,7 +58,7 @@ pub mod proto {
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -122,12 +122,22 @@ pub struct Relay {
 
 /// The parts of a running relay a reload swaps.
 struct Live {
-    /// The config in effect (a reload compares the new one with it).
-    config: Mutex<Config>,
+    /// The config in effect and what runs for it; held for a whole reload, so reloads never
+    /// overlap.
+    current: tokio::sync::Mutex<Current>,
     cert: Arc<tls::CertSlot>,
+    clients: Arc<tls::ClientCerts>,
     ingest: Arc<Ingest>,
     metrics: Arc<Metrics>,
     batching: watch::Sender<batch::driver::Batching>,
+    stop: watch::Receiver<bool>,
+}
+
+struct Current {
+    /// A reload compares the new config with it.
+    config: Config,
+    /// The task keeping the identity provider's keys current, when JWTs are configured.
+    keys_refresh: Option<JoinHandle<()>>,
 }
 
 /// What a shutdown achieved.
@@ -177,9 +187,8 @@ impl Relay {
             queues.clone(),
             sink.clone(),
         ));
-        let key_store = auth.key_store();
         let health =
-            Arc::new(Health::new(sink.clone(), key_store.clone(), metrics.clone(), queues.clone()));
+            Arc::new(Health::new(sink.clone(), ingest.clone(), metrics.clone(), queues.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let mut background = sink.spawn_services(stop_rx.clone(), fatal_tx);
         if let Some(queue) = audit_queue {
@@ -192,16 +201,19 @@ impl Relay {
                 stop_rx.clone(),
             )));
         }
-        if let Some(keys) = key_store {
-            if let Err(e) = keys.load().await {
-                tracing::warn!(error = %e, "identity provider keys not loaded: refusing tokens (503) until they are");
+        let keys_refresh = match auth.key_store() {
+            Some(keys) => {
+                if let Err(e) = keys.load().await {
+                    tracing::warn!(error = %e, "identity provider keys not loaded: refusing tokens (503) until they are");
+                }
+                Some(tokio::spawn(keys.refresh(stop_rx.clone())))
             }
-            background.push(tokio::spawn(keys.refresh(stop_rx.clone())));
-        }
+            None => None,
+        };
 
-        let client_ca = config.auth.mtls.as_ref().map(|m| m.ca_file.as_path());
         let cert = tls::CertSlot::load(&config.https.tls_cert, &config.https.tls_key)?;
-        let tls = tls::server_config(cert.clone(), &ingest::https::ALPN, client_ca)?;
+        let clients = tls::ClientCerts::load(client_ca(&config))?;
+        let tls = tls::server_config(cert.clone(), clients.clone(), &ingest::https::ALPN)?;
         let bind_err = |addr| move |source| StartError::Bind { addr, source };
         let api =
             Arc::new(ingest::http_api::HttpApi::new(ingest.clone(), config.https.max_body_bytes));
@@ -219,8 +231,8 @@ impl Relay {
             Some(listen) => {
                 let tls = tls::server_config(
                     cert.clone(),
+                    clients.clone(),
                     &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
-                    client_ca,
                 )?;
                 let ingest = ingest.clone();
                 Some(match sockets.quic {
@@ -272,7 +284,7 @@ impl Relay {
         let admin = tokio::spawn(admin::serve(admin_listener, health.clone(), stop_rx.clone()));
         let mut servers = vec![tokio::spawn(https.serve(stop_rx.clone()))];
         if let Some(q) = quic {
-            servers.push(tokio::spawn(q.serve(stop_rx)));
+            servers.push(tokio::spawn(q.serve(stop_rx.clone())));
         }
         health.listening.store(true, Ordering::Relaxed);
         let notifier = notifier.map(Arc::new);
@@ -312,28 +324,53 @@ impl Relay {
             fatal,
             grace: ms(config.relay.shutdown_grace_ms),
             notifier,
-            live: Live { config: Mutex::new(config), cert, ingest, metrics, batching },
+            live: Live {
+                current: tokio::sync::Mutex::new(Current { config, keys_refresh }),
+                cert,
+                clients,
+                ingest,
+                metrics,
+                batching,
+                stop: stop_rx,
+            },
         })
     }
 
     /// Applies a new (validated) config to the running relay without closing a connection: a
-    /// new certificate for new TLS handshakes, a new authentication stage for new requests, new
-    /// batch limits for the drivers' next round. If any field that only takes effect at
-    /// start-up differs (see [`reload`]), or the new certificate or auth settings are unusable,
-    /// nothing is applied and the relay keeps its previous config.
-    pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadError> {
+    /// new certificate and client CA for new TLS handshakes, a new authentication stage for new
+    /// requests, new batch limits for the drivers' next round. When `auth.jwt` changes where or
+    /// how keys are fetched, the new identity provider's keys are loaded first. If any field
+    /// that only takes effect at start-up differs (see [`reload`]), or the new certificate,
+    /// CA, auth settings or keys are unusable, nothing is applied and the relay keeps its
+    /// previous config.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded, ReloadError> {
         let live = &self.live;
-        let mut config = live.config.lock().unwrap_or_else(|e| e.into_inner());
-        let (fields, restart) = reload::diff(&config, &new);
+        let mut current = live.current.lock().await;
+        let (fields, restart) = reload::diff(&current.config, &new);
         if !restart.is_empty() {
             return Err(ReloadError::Restart(restart));
         }
         // Everything that can fail comes before the first swap.
-        let auth = live.ingest.auth().reloaded(&new.auth, live.metrics.clone())?;
+        let old = live.ingest.auth();
+        let auth = Arc::new(old.reloaded(&new.auth, live.metrics.clone())?);
+        let kept =
+            |k: &Arc<auth::idp::KeyStore>| old.key_store().is_some_and(|o| Arc::ptr_eq(&o, k));
+        let new_keys = auth.key_store().filter(|k| !kept(k));
+        if let Some(keys) = &new_keys {
+            keys.load().await.map_err(ReloadError::Keys)?;
+        }
+        let clients = tls::ClientCerts::verifier(client_ca(&new))?;
         let certificate = live.cert.reload(&new.https.tls_cert, &new.https.tls_key)?;
-        live.ingest.set_auth(Arc::new(auth));
+        live.clients.store(clients);
+        if new_keys.is_some() || auth.key_store().is_none() {
+            if let Some(task) = current.keys_refresh.take() {
+                task.abort();
+            }
+            current.keys_refresh = new_keys.map(|k| tokio::spawn(k.refresh(live.stop.clone())));
+        }
+        live.ingest.set_auth(auth);
         live.batching.send_replace(batching_of(&new));
-        *config = new;
+        current.config = new;
         Ok(Reloaded { fields, certificate })
     }
 
@@ -385,6 +422,9 @@ impl Relay {
         for t in self.background {
             t.abort();
         }
+        if let Some(t) = self.live.current.lock().await.keys_refresh.take() {
+            t.abort();
+        }
         if let Some(spool) = &self.spool {
             spool.close().await;
             if !spool.is_empty() {
@@ -427,12 +467,17 @@ pub async fn run(
                 relay.shutdown().await;
                 return Err(e.into());
             }
-            Some(new) = reloads.recv() => match relay.reload(new) {
+            Some(new) = reloads.recv() => match relay.reload(new).await {
                 Ok(r) => tracing::info!(changed = %r, "config reloaded"),
                 Err(e) => tracing::error!(error = %e, "config reload refused: still running on the previous config"),
             },
         }
     }
+}
+
+/// The CA client certificates must chain to, when mTLS is on.
+fn client_ca(config: &Config) -> Option<&std::path::Path> {
+    config.auth.mtls.as_ref().map(|m| m.ca_file.as_path())
 }
 
 /// The batch parameters a driver follows, from `config`.

@@ -2,10 +2,11 @@
 //! running relay, and how a reload is told. [`crate::Relay::reload`] applies one.
 //!
 //! Reloadable: the TLS certificate and key (HTTPS, HTTP/3 and QUIC alike: new handshakes get the
-//! new certificate, established connections keep theirs), the authentication stage (static
-//! tokens, roles, rate limits, mTLS identities) and the batch parameters. Anything else that
-//! differs — listen addresses, NATS, the stream, the spool, `auth.jwt`, the mTLS CA … — refuses
-//! the whole reload, so a reload never half-applies.
+//! new certificate, established connections keep theirs), all of `[auth]` (static tokens, JWT
+//! settings and the identity provider, roles, rate limits, mTLS on or off, its CA and
+//! identities) and the batch parameters. Anything else that differs — listen addresses, NATS,
+//! the stream, the spool, the audit stream … — refuses the whole reload, so a reload never
+//! half-applies.
 
 use std::fmt;
 
@@ -17,10 +18,7 @@ use crate::config::Config;
 pub const RELOADABLE: &[&str] = &[
     "https.tls_cert",
     "https.tls_key",
-    "auth.static_tokens",
-    "auth.roles",
-    "auth.rate_limit",
-    "auth.mtls.identities",
+    "auth",
     "batch.max_events",
     "batch.max_bytes",
     "batch.linger_ms",
@@ -49,6 +47,10 @@ pub enum ReloadError {
     /// The new authentication settings cannot be used.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    /// The keys of the newly configured identity provider could not be loaded (the relay would
+    /// refuse every token).
+    #[error("auth.jwt: the identity provider's keys could not be loaded: {0}")]
+    Keys(crate::auth::idp::FetchError),
 }
 
 /// The fields that differ between `old` and `new`, split into (reloadable, restart-only).
@@ -119,17 +121,15 @@ mod tests {
     }
 
     #[test]
-    fn mtls_identities_reload_but_turning_mtls_on_needs_a_restart() {
-        let mut old = Config::default();
+    fn all_of_auth_reloads_mtls_and_jwt_switched_on_included() {
+        let old = Config::default();
         let mut new = old.clone();
         new.auth.mtls = Some(Default::default());
-        assert_eq!(diff(&old, &new).1, ["auth.mtls"]);
-        old.auth.mtls = Some(Default::default());
-        new.auth.mtls = Some(crate::config::MtlsConfig {
-            identities: vec![Default::default()],
-            ..Default::default()
-        });
-        assert_eq!(diff(&old, &new), (vec!["auth.mtls.identities".to_owned()], vec![]));
+        new.auth.jwt = Some(Default::default());
+        new.audit.enabled = !old.audit.enabled;
+        let (reload, restart) = diff(&old, &new);
+        assert_eq!(reload, ["auth.jwt", "auth.mtls"]);
+        assert_eq!(restart, ["audit.enabled"]);
     }
 
     #[test]
@@ -137,6 +137,7 @@ mod tests {
         assert!(reloadable("batch.max_events"));
         assert!(reloadable("auth.rate_limit.burst"));
         assert!(!reloadable("batch.max_events_x"));
-        assert!(!reloadable("auth.jwt"));
+        assert!(reloadable("auth.jwt.audiences"));
+        assert!(!reloadable("authx"));
     }
 }

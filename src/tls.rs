@@ -1,15 +1,18 @@
-//! TLS plumbing: the one crypto provider (ring), server configs presenting a certificate that
-//! can be swapped at run time (SIGHUP reload), and
-//! development certificates (a throw-away CA and a server certificate) for the demo and tests.
+//! TLS plumbing: the one crypto provider (ring), server configs whose certificate and client
+//! certificate trust can be swapped at run time (SIGHUP reload), and development certificates
+//! (a throw-away CA and a server certificate) for the demo and tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// Errors loading TLS material. Always the operator's side; a retry does not help.
 #[derive(Debug, thiserror::Error)]
@@ -99,35 +102,121 @@ fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError>
     Ok(Arc::new(certified))
 }
 
-/// A server config presenting the certificate in `cert`, offering `alpn` protocols in order of
-/// preference. With `client_ca`, clients may present a certificate, which must then chain to it
-/// (clients without one are still served: they authenticate with tokens).
+/// What checks client certificates: `None` when none are asked for.
+pub type ClientVerifier = Option<Arc<dyn ClientCertVerifier>>;
+
+/// Which client certificates the relay accepts (mTLS), swappable at run time like
+/// [`CertSlot`]: a reload stores a new CA (or turns client certificates on or off) for the
+/// next handshakes. Client certificates are optional: a client without one is still served
+/// and authenticates with a token; one that presents a certificate must chain to the CA.
+///
+/// The `certificate_authorities` hint of a certificate request is left empty (the CA can
+/// change under a handshake, and the hint would have to borrow it): a client offers the one
+/// certificate it has, which is what collectors do.
+#[derive(Debug)]
+pub struct ClientCerts {
+    current: RwLock<Option<Arc<dyn ClientCertVerifier>>>,
+    schemes: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ClientCerts {
+    /// Client certificates chaining to `ca`, or none asked for.
+    pub fn load(ca: Option<&Path>) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(Self::verifier(ca)?),
+            schemes: provider().signature_verification_algorithms,
+        }))
+    }
+
+    /// Reads the PEM CA certificates in `ca` into a verifier for [`ClientCerts::store`]: built
+    /// before it is stored, so a bad CA file changes nothing.
+    pub fn verifier(ca: Option<&Path>) -> Result<ClientVerifier, TlsError> {
+        let Some(ca) = ca else { return Ok(None) };
+        let file_err = |message: String| TlsError::File { path: ca.into(), message };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(e.to_string()))? {
+            roots.add(c.map_err(|e| file_err(e.to_string()))?)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| file_err(e.to_string()))?;
+        Ok(Some(verifier))
+    }
+
+    /// Handshakes from now on check client certificates with `verifier`.
+    pub fn store(&self, verifier: ClientVerifier) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = verifier;
+    }
+
+    fn current(&self) -> ClientVerifier {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientCertVerifier for ClientCerts {
+    fn offer_client_auth(&self) -> bool {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.current() {
+            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
+            // Client certificates were turned off during this handshake.
+            None => Err(rustls::Error::General("client certificates are not accepted".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.schemes)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.schemes)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes.supported_schemes()
+    }
+}
+
+/// A server config presenting the certificate in `cert` and checking client certificates with
+/// `clients`, offering `alpn` protocols in order of preference.
 pub fn server_config(
     cert: Arc<CertSlot>,
+    clients: Arc<ClientCerts>,
     alpn: &[&[u8]],
-    client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let file_err = |path: &Path, message: String| TlsError::File { path: path.into(), message };
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))? {
-                roots.add(c.map_err(|e| file_err(ca, e.to_string()))?)?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| file_err(ca, e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder.with_cert_resolver(cert);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(clients)
+        .with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -54,6 +54,8 @@ enum Source {
 /// The provider's key set, kept current.
 #[derive(Debug)]
 pub struct KeyStore {
+    /// The settings it was built from ([`KeyStore::settings`]).
+    settings: JwtConfig,
     keys: RwLock<Keys>,
     source: Source,
     http: reqwest::Client,
@@ -113,12 +115,34 @@ impl KeyStore {
             },
         };
         Ok(Self {
+            settings: Self::settings(cfg),
             keys: RwLock::new(Keys::new(policy, allowed)),
             source,
             http: http_client(cfg)?,
             fetching: Mutex::new(()),
             metrics,
         })
+    }
+
+    /// Whether this store fetches and keeps keys as `cfg` asks: a reload that changes only
+    /// how tokens are checked (audiences, leeway, lifetime, identity claim, cache size) keeps
+    /// the store and its keys.
+    pub fn serves(&self, cfg: &JwtConfig) -> bool {
+        self.settings == Self::settings(cfg)
+    }
+
+    /// The part of `cfg` a store is built from.
+    fn settings(cfg: &JwtConfig) -> JwtConfig {
+        let discovery = cfg.jwks_url.is_none() && cfg.jwks_file.is_none();
+        JwtConfig {
+            issuer: if discovery { cfg.issuer.clone() } else { String::new() },
+            audiences: Vec::new(),
+            leeway_secs: 0,
+            max_token_lifetime_secs: 0,
+            identity_claim: String::new(),
+            token_cache_entries: 0,
+            ..cfg.clone()
+        }
     }
 
     /// Fetches the key set once unless a usable one is loaded: at start-up, so the first

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use edgerelay::client::{ClientConfig, H3Client};
 use edgerelay::config::{CertIdentity, MtlsConfig};
+use edgerelay::tls::DevCerts;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -26,13 +27,13 @@ fn client_pki(dns_name: &str) -> (String, String, String) {
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
-/// An HTTP/2 client trusting the relay and presenting `cert`/`key`.
-fn h2_with_cert(setup: &Setup, cert: &str, key: &str) -> reqwest::Client {
+/// An HTTP/2 client trusting the relay's certificates `server` and presenting `cert`/`key`.
+fn h2_with_cert(server: &DevCerts, cert: &str, key: &str) -> reqwest::Client {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let server_side = tls_client_config(&setup.certs, b"h2");
+    let server_side = tls_client_config(server, b"h2");
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(setup.certs.ca_cert.as_bytes()).unwrap()).unwrap();
+    roots.add(CertificateDer::from_pem_slice(server.ca_cert.as_bytes()).unwrap()).unwrap();
     let chain =
         CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(edgerelay::tls::provider())
@@ -78,7 +79,7 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
     let relay = setup.start().await;
 
     // HTTPS: no Authorization header, the certificate speaks.
-    let h2 = h2_with_cert(&setup, &cert, &key);
+    let h2 = h2_with_cert(&setup.certs, &cert, &key);
     let ok = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("42").send().await.unwrap();
     assert_eq!(ok.status(), 202);
     let other = h2.post(relay.url("/v1/publish/edge.other.cpu")).body("42").send().await.unwrap();
@@ -109,7 +110,7 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
         relay.h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
     let (_, rogue_cert, rogue_key) = client_pki("collector-fra1.edge.test");
-    let rogue = h2_with_cert(&setup, &rogue_cert, &rogue_key);
+    let rogue = h2_with_cert(&setup.certs, &rogue_cert, &rogue_key);
     assert!(rogue
         .post(relay.url("/v1/publish/edge.collector.cpu"))
         .body("x")
@@ -128,7 +129,78 @@ async fn a_certificate_without_a_configured_name_needs_a_token() {
     let nats = NatsServer::start();
     let (setup, cert, key) = collector_setup(&nats, "unknown.edge.test");
     let relay = setup.start().await;
-    let h2 = h2_with_cert(&setup, &cert, &key);
+    let h2 = h2_with_cert(&setup.certs, &cert, &key);
     let resp = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 401);
+}
+
+/// Publishes one event on `edge.collector.reload` over HTTPS: the status, or `None` when the TLS
+/// handshake (or the connection) failed.
+async fn collector_publish(client: &reqwest::Client, relay: &TestRelay) -> Option<u16> {
+    let url = relay.url("/v1/publish/edge.collector.reload");
+    client.post(url).body("1").send().await.ok().map(|r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn the_client_ca_and_server_certificate_reload_on_https_h3_and_quic() {
+    let nats = NatsServer::start();
+    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
+    let relay = setup.start().await;
+    let before = h2_with_cert(&setup.certs, &cert, &key);
+    assert_eq!(collector_publish(&before, &relay).await, Some(202));
+
+    // A new collectors CA, and a new server certificate from a new server CA.
+    let (ca2, cert2, key2) = client_pki("collector-fra1.edge.test");
+    let mut cfg = setup.config.clone();
+    let mtls = cfg.auth.mtls.as_mut().unwrap();
+    mtls.ca_file = setup.dir.path().join("collectors-ca-2.pem");
+    std::fs::write(&mtls.ca_file, ca2).unwrap();
+    let server_dir = setup.dir.path().join("server-2");
+    let server =
+        edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+    server.write(&server_dir).unwrap();
+    cfg.https.tls_cert = server_dir.join("cert.pem");
+    cfg.https.tls_key = server_dir.join("key.pem");
+    let r = relay.reload(cfg.clone()).await.unwrap();
+    assert!(r.certificate, "{r}");
+    assert_eq!(r.fields, ["auth.mtls.ca_file", "https.tls_cert", "https.tls_key"]);
+
+    // The connection made before keeps its (already checked) identity; new handshakes meet the
+    // new server certificate and the new collectors CA.
+    assert_eq!(collector_publish(&before, &relay).await, Some(202));
+    assert_eq!(collector_publish(&h2_with_cert(&setup.certs, &cert2, &key2), &relay).await, None);
+    assert_eq!(collector_publish(&h2_with_cert(&server, &cert, &key), &relay).await, None);
+    let after = h2_with_cert(&server, &cert2, &key2);
+    assert_eq!(collector_publish(&after, &relay).await, Some(202));
+    let quic_cfg = |server: &DevCerts, cert: &str, key: &str| ClientConfig {
+        ca_pem: Some(server.ca_cert.clone()),
+        ..quic_config(&setup, &relay, cert, key)
+    };
+    let h3 = H3Client::connect(quic_cfg(&server, &cert2, &key2)).await.unwrap();
+    let (status, _, _) =
+        h3.post("/v1/publish/edge.collector.h3", &[], Bytes::from_static(b"1")).await.unwrap();
+    assert_eq!(status, 202);
+    let quic = edgerelay::client::Client::connect(quic_cfg(&server, &cert2, &key2)).await.unwrap();
+    let answer =
+        quic.publish(vec![edgerelay::client::event("edge.collector.quic", "1")]).await.unwrap();
+    assert!(answer.error.is_none(), "{answer:?}");
+    assert!(edgerelay::client::Client::connect(quic_cfg(&setup.certs, &cert2, &key2))
+        .await
+        .is_err());
+
+    // A CA file that is not PEM: refused whole, the new CA stays.
+    let mut bad = cfg.clone();
+    bad.auth.mtls.as_mut().unwrap().ca_file = setup.dir.path().join("key.pem");
+    let err = relay.reload(bad).await.unwrap_err().to_string();
+    assert!(err.contains("key.pem"), "{err}");
+    let again = h2_with_cert(&server, &cert2, &key2);
+    assert_eq!(collector_publish(&again, &relay).await, Some(202));
+
+    // mTLS off: no certificate is asked for, so the collector needs a token now.
+    let mut off = cfg.clone();
+    off.auth.mtls = None;
+    relay.reload(off).await.unwrap();
+    let no_mtls = h2_with_cert(&server, &cert2, &key2);
+    assert_eq!(collector_publish(&no_mtls, &relay).await, Some(401));
+    relay.shutdown().await;
 }

@@ -233,3 +233,77 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A publish over HTTPS with `token`: the status and, for a refusal, its reason.
+async fn publish_as(relay: &TestRelay, token: &str, subject: &str) -> (u16, String) {
+    let resp = relay
+        .h2
+        .post(relay.url(&format!("/v1/publish/{subject}")))
+        .bearer_auth(token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    (status, v["error"]["reason"].as_str().unwrap_or("").to_owned())
+}
+
+/// A token of tenant `acme` from `idp` for `aud`.
+fn tenant_token(idp: &TestIdp, aud: &str) -> String {
+    idp.token(serde_json::json!({"aud": aud, "scope": "edge:publish", "tenant": "acme"}))
+}
+
+#[tokio::test]
+async fn jwt_settings_and_the_identity_provider_reload_without_a_restart() {
+    let nats = NatsServer::start();
+    let (idp_a, idp_b) = (TestIdp::start().await, TestIdp::start().await);
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp_a);
+    let relay = setup.start().await;
+    let a_token = tenant_token(&idp_a, "edgerelay");
+    assert_eq!(publish_as(&relay, &a_token, "edge.acme.x").await.0, 202);
+
+    // A new audience only: the key store (and its keys) stays, nothing is fetched again.
+    let fetches = idp_a.idp.jwks_fetches();
+    let mut cfg = setup.config.clone();
+    cfg.auth.jwt.as_mut().unwrap().audiences = vec!["edgerelay-v2".into()];
+    let r = relay.reload(cfg.clone()).await.unwrap();
+    assert_eq!(r.fields, ["auth.jwt.audiences"]);
+    assert_eq!(idp_a.idp.jwks_fetches(), fetches);
+    assert_eq!(publish_as(&relay, &a_token, "edge.acme.x").await, (401, "wrong_audience".into()));
+    let a_v2 = tenant_token(&idp_a, "edgerelay-v2");
+    assert_eq!(publish_as(&relay, &a_v2, "edge.acme.x").await.0, 202);
+
+    // Another identity provider: its keys are loaded before the swap, A's tokens stop working.
+    cfg.auth.jwt.as_mut().unwrap().issuer = idp_b.issuer().into();
+    relay.reload(cfg.clone()).await.unwrap();
+    let b_token = tenant_token(&idp_b, "edgerelay-v2");
+    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await.0, 202);
+    assert_eq!(publish_as(&relay, &a_v2, "edge.acme.x").await.0, 401);
+    let ready = relay.h1.get(relay.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // An identity provider that does not answer: refused whole, B's tokens go on working.
+    let mut dead = cfg.clone();
+    dead.auth.jwt.as_mut().unwrap().issuer = format!("http://127.0.0.1:{}", free_port());
+    dead.auth.static_tokens.clear();
+    let err = relay.reload(dead).await.unwrap_err();
+    assert!(
+        matches!(err, edgerelay::reload::ReloadError::Keys(_)),
+        "{err}: a reload must not leave the relay unable to check tokens"
+    );
+    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await.0, 202);
+    assert_eq!(publish_as(&relay, TOKEN, "edge.acme.x").await.0, 202);
+
+    // JWTs off: tokens of B are unknown, the static token still publishes.
+    let mut off = cfg.clone();
+    off.auth.jwt = None;
+    off.auth.roles.clear();
+    relay.reload(off).await.unwrap();
+    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await, (401, "unknown_token".into()));
+    assert_eq!(publish_as(&relay, TOKEN, "edge.acme.x").await.0, 202);
+    let ready = relay.h1.get(relay.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    relay.shutdown().await;
+}

@@ -233,6 +233,15 @@ impl TestRelay {
         client.post(self.url(&format!("/v1/publish/{subject}"))).bearer_auth(TOKEN).body(body)
     }
 
+    /// Applies `config` as a SIGHUP would.
+    pub async fn reload(
+        &self,
+        config: Config,
+    ) -> Result<edgerelay::reload::Reloaded, edgerelay::reload::ReloadError> {
+        config.validate().expect("reloaded test config is valid");
+        self.relay.as_ref().unwrap().reload(config).await
+    }
+
     pub async fn shutdown(mut self) -> edgerelay::Drained {
         self.relay.take().unwrap().shutdown().await
     }
