@@ -122,8 +122,7 @@ pub struct Relay {
 
 /// The parts of a running relay a reload swaps.
 struct Live {
-    /// The config in effect and what runs for it; held for a whole reload, so reloads never
-    /// overlap.
+    /// Held for a whole reload, so reloads never overlap.
     current: tokio::sync::Mutex<Current>,
     cert: Arc<tls::CertSlot>,
     clients: Arc<tls::ClientCerts>,
@@ -133,6 +132,7 @@ struct Live {
     stop: watch::Receiver<bool>,
 }
 
+/// The config in effect, and the task started for it.
 struct Current {
     /// A reload compares the new config with it.
     config: Config,
