@@ -342,3 +342,34 @@ fn http_client(cfg: &JwtConfig) -> Result<reqwest::Client, FetchError> {
         .build()
         .map_err(|e| FetchError::Client(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_serves_configs_that_differ_only_in_how_tokens_are_checked() {
+        let cfg = JwtConfig {
+            issuer: "https://idp.example".into(),
+            jwks_url: Some("https://idp.example/jwks".into()),
+            ..Default::default()
+        };
+        let store = KeyStore::new(&cfg, Vec::new(), Arc::new(Metrics::new())).unwrap();
+        let with = |change: fn(&mut JwtConfig)| {
+            let mut c = cfg.clone();
+            change(&mut c);
+            store.serves(&c)
+        };
+        assert!(with(|c| c.audiences = vec!["other".into()]));
+        assert!(with(|c| c.leeway_secs = 99));
+        // Without discovery the issuer is only checked in tokens.
+        assert!(with(|c| c.issuer = "https://new.example".into()));
+        assert!(!with(|c| c.jwks_url = Some("https://idp.example/jwks2".into())));
+        assert!(!with(|c| c.algorithms = vec!["RS256".into()]));
+        assert!(!with(|c| c.max_stale_secs += 1));
+        assert!(!with(|c| {
+            c.jwks_url = None;
+            c.discovery = true;
+        }));
+    }
+}
