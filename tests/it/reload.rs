@@ -2,7 +2,7 @@
 //! no failed request and no dropped connection, refused reloads that leave everything as it
 //! was, and static tokens added and removed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,18 +55,27 @@ async fn until_logged(log: &Path, needle: &str, count: usize) -> String {
     }
 }
 
-fn spawn_logged(relay: &BinaryRelay, log: &Path) -> Child {
-    relay.spawn(Stdio::from(std::fs::File::create(log).unwrap()))
+/// The relay binary on `nats` with [`BATCH`], ready, logging to the returned file.
+async fn start_logged(nats: &NatsServer) -> (Setup, BinaryRelay, PathBuf, Child) {
+    let setup = Setup::new(&nats.url());
+    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
+    let log = setup.dir.path().join("relay.log");
+    let child = relay.spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
+    relay.wait_ready().await;
+    (setup, relay, log, child)
+}
+
+/// `cfg` with the certificate and key paths of `setup` replaced by those in `dir`.
+fn with_certs_in(cfg: &str, setup: &Setup, dir: &Path) -> String {
+    let path = |p: &Path| p.display().to_string();
+    cfg.replace(&path(&setup.config.https.tls_cert), &path(&dir.join("cert.pem")))
+        .replace(&path(&setup.config.https.tls_key), &path(&dir.join("key.pem")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_request() {
     let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
-    let log = setup.dir.path().join("relay.log");
-    let mut child = spawn_logged(&relay, &log);
-    relay.wait_ready().await;
+    let (setup, relay, log, mut child) = start_logged(&nats).await;
     let new_dir = setup.dir.path().join("new-certs");
     let fresh = new_certs(&new_dir);
     assert_eq!(served_leaf(relay.port, &setup.certs).await, Some(leaf_der(&setup.certs)));
@@ -105,16 +114,7 @@ async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_req
         .collect();
 
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let cfg = relay
-        .config_text()
-        .replace(
-            &setup.config.https.tls_cert.display().to_string(),
-            &new_dir.join("cert.pem").display().to_string(),
-        )
-        .replace(
-            &setup.config.https.tls_key.display().to_string(),
-            &new_dir.join("key.pem").display().to_string(),
-        )
+    let cfg = with_certs_in(&relay.config_text(), &setup, &new_dir)
         .replace("max_events = 8", "max_events = 3");
     relay.write_config(&cfg);
     BinaryRelay::hup(&child);
@@ -166,32 +166,18 @@ async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_req
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
-    let log = setup.dir.path().join("relay.log");
-    let mut child = spawn_logged(&relay, &log);
-    relay.wait_ready().await;
+    let (setup, relay, log, mut child) = start_logged(&nats).await;
     let original = relay.config_text();
     let old_leaf = leaf_der(&setup.certs);
     let new_dir = setup.dir.path().join("new-certs");
-    new_certs(&new_dir);
+    let fresh = new_certs(&new_dir);
     let h2 = client(&setup.certs, true);
     let publish = |token: &'static str| {
         let (h2, url) = (h2.clone(), relay.url("/v1/publish/edge.rl.tokens"));
         async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
     };
     const NEW_TOKEN: &str = "test-token-reloaded-01";
-    let swap_tokens = |cfg: &str| {
-        cfg.replace(TOKEN, NEW_TOKEN)
-            .replace(
-                &setup.config.https.tls_cert.display().to_string(),
-                &new_dir.join("cert.pem").display().to_string(),
-            )
-            .replace(
-                &setup.config.https.tls_key.display().to_string(),
-                &new_dir.join("key.pem").display().to_string(),
-            )
-    };
+    let swap_tokens = |cfg: &str| with_certs_in(&cfg.replace(TOKEN, NEW_TOKEN), &setup, &new_dir);
 
     // Not a valid config at all: Config::load refuses it.
     relay.write_config(&swap_tokens(&original).replace("max_events = 8", "max_events = 0"));
@@ -216,11 +202,6 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     relay.write_config(&swap_tokens(&original));
     BinaryRelay::hup(&child);
     until_logged(&log, "config reloaded", 1).await;
-    let fresh = DevCerts {
-        ca_cert: std::fs::read_to_string(new_dir.join("ca.pem")).unwrap(),
-        server_cert: std::fs::read_to_string(new_dir.join("cert.pem")).unwrap(),
-        server_key: String::new(),
-    };
     let h2 = client(&fresh, true);
     let url = relay.url("/v1/publish/edge.rl.tokens");
     let status = |token| {
