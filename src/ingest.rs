@@ -1,5 +1,6 @@
-//! Ingest: taking events in from the edge. The protocol front-ends ([`https`], and later QUIC
-//! and HTTP/3) only decode requests into [`EventIn`]s and encode answers; everything else —
+//! Ingest: taking events in from the edge. The protocol front-ends ([`https`] for HTTP/1.1 and
+//! HTTP/2, [`quic`] for HTTP/3 and the native `edgerelay/1` protocol, both HTTP versions through
+//! [`http_api`]) only decode requests into [`EventIn`]s and encode answers; everything else —
 //! authentication, authorization, validation, idempotency, enqueueing and waiting for the
 //! answer — is [`Ingest`], one code path for every protocol.
 
