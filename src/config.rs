@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::subject::Pattern;
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Identity of this relay instance and how it answers the edge.
@@ -42,7 +42,7 @@ pub struct Config {
 
 /// The disk spool (store-and-forward, see `spool`): append-only segment files under `dir`,
 /// replayed in order with their original Msg-Ids once a cluster is back.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpoolConfig {
     /// Keep batches on disk when no NATS cluster acknowledges them. Off: such events are
@@ -83,7 +83,7 @@ pub enum FsyncPolicy {
 
 /// Where audit records go. A structured log line (target `edgerelay::audit`) is written for
 /// each whatever this says.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Publish audit records to JetStream.
@@ -132,7 +132,7 @@ pub enum AckMode {
     Spooled,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
     /// Name of this relay, unique per PoP (e.g. `fra1-a`); first part of every `Nats-Msg-Id`.
@@ -148,7 +148,7 @@ pub struct RelayConfig {
     pub max_subject_bytes: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpsConfig {
     /// Address to listen on for HTTPS (TCP).
@@ -185,11 +185,12 @@ pub struct HttpsConfig {
     pub h2_max_local_error_reset_streams: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuicConfig {
     /// UDP address for QUIC, e.g. `0.0.0.0:8443`. Unset: no QUIC listener. Uses the
     /// certificate of `https.tls_cert` / `https.tls_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// QUIC connections open at once; more are refused.
     pub max_connections: usize,
@@ -218,7 +219,7 @@ pub struct QuicConfig {
     pub socket_buffer_bytes: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
     /// Flush a subject's batch once it holds this many events. `1` turns batching off.
@@ -242,7 +243,7 @@ pub struct BatchConfig {
 
 /// Where batches go: one NATS cluster (`urls` and the credentials here), or several
 /// (`[[nats.clusters]]`), of which the relay publishes to the nearest healthy one.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs of the cluster, e.g. `nats://10.0.0.1:4222`; the client picks and fails
@@ -258,20 +259,28 @@ pub struct NatsConfig {
     /// Client connection name, shown by the NATS server's monitoring.
     pub client_name: String,
     /// NATS credentials file (JWT + nkey seed), if the cluster uses decentralized auth.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
     /// User name (with `password`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Password (with `user`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Token authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// A file holding the NATS user's nkey seed (`SU…`), for nkey authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub nkey_seed_file: Option<PathBuf>,
     /// PEM CA that signed the NATS servers' certificates, to use TLS to NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate (with `tls_key`) for mutual TLS to NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
     /// Timeout of one connection attempt, milliseconds.
     pub connect_timeout_ms: u64,
@@ -290,7 +299,7 @@ pub struct NatsConfig {
 
 /// One NATS cluster of `[[nats.clusters]]`. Credential fields left out are taken from
 /// `[nats]`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Short name, used in logs, metrics (`cluster` label) and answers. Tokens of
@@ -301,20 +310,28 @@ pub struct ClusterConfig {
     /// Server URLs of this cluster.
     pub urls: Vec<String>,
     /// As `nats.creds_file`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
     /// As `nats.user`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// As `nats.password`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// As `nats.token`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// As `nats.nkey_seed_file`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub nkey_seed_file: Option<PathBuf>,
     /// As `nats.tls_ca`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
     /// As `nats.tls_cert`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// As `nats.tls_key`, for this cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
 }
 
@@ -324,7 +341,7 @@ pub struct ClusterConfig {
 /// trip; it leaves the active cluster as soon as it turns unhealthy (failover), and moves to a
 /// nearer one only after that one has been healthy for `failback_after_ms` and is nearer by
 /// `failback_margin_ms` (fail-back with hysteresis, so a flapping cluster is not followed).
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FailoverConfig {
     /// How often the round trip to every cluster is measured (a JetStream `STREAM.INFO`
@@ -352,7 +369,7 @@ pub enum Storage {
     Memory,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamConfig {
     /// Stream name.
@@ -380,24 +397,26 @@ pub struct StreamConfig {
     pub server_sync_always: bool,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Static bearer tokens, for development and tests; production uses `auth.jwt`.
     pub static_tokens: Vec<StaticToken>,
     /// OIDC / JWT bearer tokens from the company's identity provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
     /// What JWT claims grant: each role that applies to a token adds its patterns.
     pub roles: Vec<RoleConfig>,
     /// Events per second per identity (and per tenant); off by default.
     pub rate_limit: RateLimitConfig,
     /// Client certificates as identities (edge collectors), on HTTPS, HTTP/3 and QUIC.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsConfig>,
 }
 
 /// Mutual TLS: a client certificate that chains to `ca_file` and carries one of the
 /// configured DNS names is that identity; a request with a bearer token uses the token.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MtlsConfig {
     /// PEM CA certificate(s) that client certificates must chain to.
@@ -407,7 +426,7 @@ pub struct MtlsConfig {
 }
 
 /// One client-certificate identity.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CertIdentity {
     /// Identity name, recorded as `publisher`.
@@ -422,7 +441,7 @@ pub struct CertIdentity {
 
 /// Token buckets of events. Over the limit a request is refused as a whole with 429
 /// `rate_limited` and a `Retry-After` of when it would pass.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Events a second each identity (static token name or the JWT identity claim) may
@@ -432,6 +451,7 @@ pub struct RateLimitConfig {
     pub burst: u64,
     /// A JWT claim naming the tenant (e.g. `tenant`): with `tenant_events_per_sec`, all the
     /// identities of one tenant share one more bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_claim: Option<String>,
     /// Events a second per tenant; 0 = no tenant limit.
     pub tenant_events_per_sec: u64,
@@ -442,7 +462,7 @@ pub struct RateLimitConfig {
 }
 
 /// Validation of JWT bearer tokens against the identity provider's published keys (JWKS).
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// The expected `iss` claim, exactly. With `discovery`, also where
@@ -452,12 +472,15 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
     /// Where the keys come from — exactly one of `jwks_url`, `discovery` or `jwks_file`.
     /// `https://` (or `http://` on a loopback address, for the dev IdP).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// Find the JWKS through the issuer's OIDC discovery document.
     pub discovery: bool,
     /// A local JWKS file, read again at every refresh.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_file: Option<PathBuf>,
     /// PEM CA certificates to trust for the identity provider's TLS, besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Signature algorithms accepted: any of RS256, RS384, RS512, PS256, PS384, PS512, ES256,
     /// ES384, EdDSA. `none` and HMAC (HS*) cannot be configured.
@@ -487,7 +510,7 @@ pub struct JwtConfig {
 }
 
 /// One role: which claims it requires, and the subjects it grants.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoleConfig {
     /// Name, for logs and audit records.
@@ -505,7 +528,7 @@ pub struct RoleConfig {
 }
 
 /// One static bearer token and what its holder may publish.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StaticToken {
     /// Identity name recorded as `publisher` on every event and in logs.
@@ -518,7 +541,7 @@ pub struct StaticToken {
     pub deny: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// How long the result for an `Idempotency-Key` is remembered, milliseconds. A retry with
@@ -530,7 +553,7 @@ pub struct IdempotencyConfig {
     pub max_keys: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`, `/debug/latency`).
@@ -1423,15 +1446,55 @@ mod tests {
         }
     }
 
-    /// `(table, key)` of every field, as the TOML file spells them: every list of tables and
-    /// optional table given one default element so that its fields count too.
+    /// A config with every list of tables, optional table and optional value given one
+    /// element or value, so that serializing it shows every field (`None`s are skipped). A new
+    /// `Option` field must be set here too.
+    fn every_field_set() -> Config {
+        let path = |p: &str| Some(PathBuf::from(p));
+        let mut cfg = Config::default();
+        cfg.quic.listen = Some(SocketAddr::from(([0, 0, 0, 0], 8443)));
+        let n = &mut cfg.nats;
+        (n.creds_file, n.nkey_seed_file) = (path("/n.creds"), path("/n.seed"));
+        (n.user, n.password, n.token) = (Some("u".into()), Some("p".into()), Some("t".into()));
+        (n.tls_ca, n.tls_cert, n.tls_key) = (path("/ca"), path("/cert"), path("/key"));
+        cfg.nats.clusters.push(ClusterConfig {
+            name: "fra".into(),
+            region: "eu-central".into(),
+            urls: vec!["nats://10.0.0.1:4222".into()],
+            creds_file: path("/c.creds"),
+            user: Some("cu".into()),
+            password: Some("cp".into()),
+            token: Some("ct".into()),
+            nkey_seed_file: path("/c.seed"),
+            tls_ca: path("/cca"),
+            tls_cert: path("/ccert"),
+            tls_key: path("/ckey"),
+        });
+        cfg.auth.static_tokens.push(StaticToken::default());
+        cfg.auth.roles.push(RoleConfig {
+            require: [("org.tier".to_owned(), "gold".to_owned())].into(),
+            ..RoleConfig::default()
+        });
+        cfg.auth.rate_limit.tenant_claim = Some("tenant".into());
+        cfg.auth.jwt = Some(JwtConfig {
+            jwks_url: Some("https://idp.example.com/jwks".into()),
+            jwks_file: path("/jwks.json"),
+            ca_file: path("/idp-ca.pem"),
+            ..JwtConfig::default()
+        });
+        cfg.auth.mtls =
+            Some(MtlsConfig { identities: vec![CertIdentity::default()], ..Default::default() });
+        cfg
+    }
+
+    /// `(table, key)` of every field, as the TOML file spells them.
     fn every_field() -> Vec<(String, String)> {
         fn walk(table: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
             let Some(map) = v.as_object() else { return };
             for (key, value) in map {
                 let path = if table.is_empty() { key.clone() } else { format!("{table}.{key}") };
                 match value {
-                    serde_json::Value::Object(_) => walk(&path, value, out),
+                    serde_json::Value::Object(_) if key != "require" => walk(&path, value, out),
                     serde_json::Value::Array(items)
                         if items.first().is_some_and(|i| i.is_object()) =>
                     {
@@ -1441,16 +1504,25 @@ mod tests {
                 }
             }
         }
-        let mut cfg = Config::default();
-        cfg.nats.clusters.push(ClusterConfig::default());
-        cfg.auth.static_tokens.push(StaticToken::default());
-        cfg.auth.roles.push(RoleConfig::default());
-        cfg.auth.jwt = Some(JwtConfig::default());
-        cfg.auth.mtls =
-            Some(MtlsConfig { identities: vec![CertIdentity::default()], ..Default::default() });
         let mut out = Vec::new();
-        walk("", &serde_json::to_value(&cfg).unwrap(), &mut out);
+        walk("", &serde_json::to_value(every_field_set()).unwrap(), &mut out);
         out
+    }
+
+    #[test]
+    fn a_serialized_config_parses_back_to_the_same_config() {
+        let example = Config::parse(include_str!("../config/edgerelay.example.toml")).unwrap();
+        let mut spooled = Config::default();
+        spooled.relay.ack_mode = AckMode::Spooled;
+        spooled.spool =
+            SpoolConfig { enabled: true, fsync: FsyncPolicy::Interval, ..SpoolConfig::default() };
+        spooled.stream.storage = Storage::Memory;
+        for cfg in [example, Config::default(), every_field_set(), spooled] {
+            let text = toml::to_string(&cfg).unwrap();
+            assert_eq!(Config::parse(&text).as_ref(), Ok(&cfg), "{text}");
+        }
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert!(!text.contains("creds_file"), "None fields are left out:\n{text}");
     }
 
     #[test]
