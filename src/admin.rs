@@ -19,13 +19,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::batch::queue::Queues;
 use crate::ingest::Ingest;
 use crate::metrics::hgrm;
 use crate::metrics::latency::{Range, Stage, WINDOW_SECS};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 
 /// Where the exact latency percentiles are served.
@@ -82,7 +82,7 @@ impl Health {
 }
 
 /// Serves the admin endpoints until `stop` turns true.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: Shutdown) {
     loop {
         let (tcp, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -93,7 +93,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: watch::
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = stop.requested() => return,
         };
         let health = health.clone();
         tokio::spawn(async move {

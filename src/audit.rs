@@ -17,12 +17,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::config::AuditConfig;
 use crate::error::{Refusal, Side};
 use crate::metrics::{Metrics, Protocol, RefusalLabels};
+use crate::shutdown::Shutdown;
 
 /// Publishes awaiting their PubAck at most.
 const ACK_WINDOW: usize = 256;
@@ -166,7 +167,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Record>,
     client: async_nats::Client,
     cfg: AuditConfig,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let js = jetstream::new(client);
     if let Err(e) = js.get_or_create_stream(stream_config(&cfg)).await {
@@ -205,7 +206,7 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => audit.flush_counts(interval),
-            _ = stop.changed(), if !stopping => {
+            _ = stop.requested(), if !stopping => {
                 stopping = true;
                 audit.flush_counts(interval);
                 rx.close();

@@ -41,6 +41,7 @@ pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod reload;
+pub mod shutdown;
 pub mod sink;
 pub mod spool;
 pub mod subject;
@@ -103,7 +104,7 @@ pub struct Relay {
     https_addr: SocketAddr,
     quic_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop: shutdown::Trigger,
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     spool: Option<Arc<spool::Spool>>,
@@ -129,7 +130,7 @@ struct Live {
     ingest: Arc<Ingest>,
     metrics: Arc<Metrics>,
     batching: watch::Sender<batch::driver::Batching>,
-    stop: watch::Receiver<bool>,
+    stop: shutdown::Shutdown,
 }
 
 /// The config in effect, and the task started for it.
@@ -189,7 +190,7 @@ impl Relay {
         ));
         let health =
             Arc::new(Health::new(sink.clone(), ingest.clone(), metrics.clone(), queues.clone()));
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = shutdown::channel();
         let mut background = sink.spawn_services(stop_rx.clone(), fatal_tx);
         if let Some(queue) = audit_queue {
             let client = sink.client().clone();
@@ -405,7 +406,7 @@ impl Relay {
             n.send("STOPPING=1\nSTATUS=draining");
         }
         self.queues.close();
-        let _ = self.stop.send(true);
+        self.stop.signal();
         let queued = self.queues.depth();
         tracing::info!(queued, in_flight = self.sink.in_flight(), "draining");
         let mut complete = true;

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 
 use super::jwks::{Changes, Keys, Lookup, Missing, Policy};
 use crate::config::JwtConfig;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::shutdown::Shutdown;
 
 /// Largest JWKS or discovery document read.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -218,7 +219,7 @@ impl KeyStore {
 
     /// Keeps the key set current until `stop`: fetches at once, then at every refresh (or a
     /// cooldown after a failure).
-    pub async fn refresh(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn refresh(self: Arc<Self>, mut stop: Shutdown) {
         loop {
             {
                 let _flight = self.fetching.lock().await;
@@ -236,9 +237,9 @@ impl KeyStore {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
-                _ = stop.changed() => return,
+                _ = stop.requested() => return,
             }
-            if *stop.borrow() {
+            if stop.is_shutdown() {
                 return;
             }
         }

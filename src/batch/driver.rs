@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::batcher::{Batcher, FlushReason, Limits};
 use super::queue::Queues;
+use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 
 /// Events popped before the driver looks at deadlines and the sink again.
@@ -94,7 +95,7 @@ pub async fn run(
     batching: watch::Receiver<Batching>,
     sink: Arc<Sink>,
     heartbeats: Arc<Heartbeats>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) {
     drive(&queues, index, options, batching, &sink, &heartbeats, stop).await;
     heartbeats.done(index);
@@ -107,14 +108,14 @@ async fn drive(
     mut batching: watch::Receiver<Batching>,
     sink: &Arc<Sink>,
     heartbeats: &Heartbeats,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let Options { heartbeat, wedge_after_first_batch } = options;
     let shard = queues.shard(index);
     let Batching { limits, mut flush_when_idle } = *batching.borrow_and_update();
     let mut batcher = Batcher::new(limits);
     let mut ready = Vec::new();
-    let mut closing = *stop.borrow();
+    let mut closing = stop.is_shutdown();
     loop {
         let now = Instant::now();
         heartbeats.beat(index, now);
@@ -161,7 +162,7 @@ async fn drive(
             _ = sleep_until(deadline), if deadline.is_some() => {}
             // A missed wake-up here costs at most the linger time.
             _ = sink.idle(), if flush_when_idle && deadline.is_some() => {}
-            _ = stop.changed(), if !closing => closing = true,
+            _ = stop.requested(), if !closing => closing = true,
             // Idle, but alive: go round the loop to record a heartbeat.
             _ = tokio::time::sleep(heartbeat) => {}
         }

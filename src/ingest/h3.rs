@@ -9,12 +9,12 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::http_api::{refusal, HttpApi};
 use crate::auth::Identity;
 use crate::error::{ErrorCode, Refusal};
+use crate::shutdown::Shutdown;
 
 /// ALPN of HTTP/3.
 pub const ALPN_H3: &[u8] = b"h3";
@@ -22,11 +22,7 @@ pub const ALPN_H3: &[u8] = b"h3";
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Serves one QUIC connection that chose HTTP/3, until the client closes it or `stop`.
-pub async fn connection(
-    conn: quinn::Connection,
-    api: Arc<HttpApi>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Shutdown) {
     let peer = api.peer_identity(super::quic::peer_certificates(&conn).as_deref());
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
@@ -55,7 +51,7 @@ pub async fn connection(
                     break;
                 }
             },
-            _ = stop.changed() => {
+            _ = stop.requested() => {
                 // GOAWAY: no new requests; the ones under way finish below.
                 let _ = h3.shutdown(0).await;
                 break;

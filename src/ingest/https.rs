@@ -15,12 +15,13 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::http_api::HttpApi;
 use crate::config::{ms, HttpsConfig};
 use crate::metrics::Protocol;
+use crate::shutdown::Shutdown;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -120,20 +121,20 @@ impl Server {
 
     /// Accepts connections until `stop` turns true, then asks every connection to finish its
     /// requests and close, and returns once all have (the caller bounds the wait).
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+    pub async fn serve(self, mut stop: Shutdown) {
         let slots = Arc::new(Semaphore::new(self.max_connections));
         loop {
-            if *stop.borrow() {
+            if stop.is_shutdown() {
                 break;
             }
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                // Changed (to true) or the relay was dropped: stop either way.
-                _ = stop.changed() => break,
+                // Requested, or the relay was dropped: stop either way.
+                _ = stop.requested() => break,
             };
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
-                _ = stop.changed() => break,
+                _ = stop.requested() => break,
             };
             match accepted {
                 Ok((tcp, _peer)) => {
@@ -158,7 +159,7 @@ async fn connection(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     ctx: Arc<Ctx>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     _permit: OwnedSemaphorePermit,
 ) {
     let tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
@@ -199,11 +200,11 @@ async fn drive(
     conn: impl Graceful,
     activity: &Activity,
     idle_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     tokio::pin!(conn);
     let mut closing = false;
-    if *stop.borrow() {
+    if stop.is_shutdown() {
         conn.as_mut().graceful();
         closing = true;
     }
@@ -216,7 +217,7 @@ async fn drive(
                 }
                 return;
             }
-            _ = stop.changed(), if !closing => {
+            _ = stop.requested(), if !closing => {
                 conn.as_mut().graceful();
                 closing = true;
             }

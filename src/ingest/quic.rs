@@ -30,7 +30,6 @@ use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::framing::{self, FrameDecoder, FrameError};
@@ -41,6 +40,7 @@ use crate::config::{ms, QuicConfig};
 use crate::error::{ErrorCode, Refusal};
 use crate::metrics::Protocol;
 use crate::proto;
+use crate::shutdown::Shutdown;
 
 /// ALPN of the native protocol.
 pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
@@ -190,12 +190,12 @@ impl Server {
 
     /// Accepts connections until `stop` turns true; then lets every connection finish the
     /// streams it has, closes it, and returns.
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+    pub async fn serve(self, mut stop: Shutdown) {
         let mut connections = JoinSet::new();
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
-                _ = stop.changed() => break,
+                _ = stop.requested() => break,
             };
             while connections.try_join_next().is_some() {}
             let ip = incoming.remote_address().ip();
@@ -256,7 +256,7 @@ fn transport(cfg: &QuicConfig) -> TransportConfig {
     t
 }
 
-async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: Shutdown) {
     // A configured client certificate is every stream's identity until a token replaces it.
     let peer = ctx.ingest.peer_identity(peer_certificates(&conn).as_deref());
     let mut streams = JoinSet::new();
@@ -271,7 +271,7 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: watch::Rec
                     break;
                 }
             },
-            _ = stop.changed() => break,
+            _ = stop.requested() => break,
         }
         while streams.try_join_next().is_some() {}
     }
@@ -285,12 +285,12 @@ async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     ctx: Arc<Ctx>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
     mut identity: Option<Identity>,
 ) {
     let mut buf = BytesMut::new();
     let mut answers = FuturesOrdered::new();
-    let mut reading = !*stop.borrow();
+    let mut reading = !stop.is_shutdown();
     let mut broken: Option<(FrameError, u32)> = None;
     loop {
         // Take in the buffered frames, up to the in-flight limit: a chunk full of tiny frames
@@ -325,7 +325,7 @@ async fn stream(
                 Ok(None) => reading = false,
                 Err(_) => return, // reset by the client or the connection is gone
             },
-            _ = stop.changed(), if reading => {
+            _ = stop.requested(), if reading => {
                 reading = false;
                 let _ = recv.stop(VarInt::from_u32(STREAM_SHUTTING_DOWN));
             }

@@ -18,7 +18,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::cluster::{Cluster, ConnectionEvent, Probe};
@@ -30,6 +30,7 @@ use crate::event::{Ack, Names, Pending, Reply, Stored};
 use crate::metrics::latency::Stage;
 use crate::metrics::{FailoverLabels, Metrics, OutcomeLabels};
 use crate::proto::{self, SpoolRecord};
+use crate::shutdown::Shutdown;
 use crate::spool::{Spool, Spooled};
 
 /// Header carrying the number of events in a batch.
@@ -230,7 +231,7 @@ impl Sink {
     /// conflict an operator must fix is sent on `fatal`.
     pub fn spawn_services(
         self: &Arc<Self>,
-        stop: watch::Receiver<bool>,
+        stop: Shutdown,
         fatal: mpsc::Sender<SinkError>,
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
@@ -248,7 +249,7 @@ impl Sink {
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
                     Err(e) = sink.keep_stream(i) => { let _ = fatal.send(e).await; }
-                    _ = stop_keeper.changed() => {}
+                    _ = stop_keeper.requested() => {}
                 }
             }));
             tasks.push(tokio::spawn(self.clone().probe_rtt(i, stop.clone())));
@@ -354,13 +355,13 @@ impl Sink {
     /// Measures the round trip to cluster `i` every `failover.probe_interval_ms` until `stop`
     /// turns true ([`Cluster::probe`]); feeds the router and sets
     /// `edgerelay_nats_rtt_seconds{cluster}` (NaN when the probe failed).
-    async fn probe_rtt(self: Arc<Self>, i: usize, mut stop: watch::Receiver<bool>) {
+    async fn probe_rtt(self: Arc<Self>, i: usize, mut stop: Shutdown) {
         let mut tick = tokio::time::interval(ms(self.failover.probe_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.changed() => return,
+                _ = stop.requested() => return,
             }
             self.probe_once(i).await;
         }
@@ -658,7 +659,7 @@ impl Sink {
     /// cluster is active; marks each record done on its PubAck (a segment is deleted once all
     /// of its records are). On a failure it starts over from the oldest record not done:
     /// JetStream drops the copies it already has (duplicate window).
-    async fn replay(self: Arc<Self>, spool: Arc<Spool>, mut stop: watch::Receiver<bool>) {
+    async fn replay(self: Arc<Self>, spool: Arc<Spool>, mut stop: Shutdown) {
         let mut backoff = self.backoff;
         let mut replayed = 0u64;
         loop {
@@ -670,7 +671,7 @@ impl Sink {
                 tokio::select! {
                     _ = spool.appended() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.requested() => return,
                 }
                 continue;
             }
@@ -679,7 +680,7 @@ impl Sink {
                 tokio::select! {
                     _ = self.switched.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.requested() => return,
                 }
                 continue;
             }
