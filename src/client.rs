@@ -250,7 +250,7 @@ impl H3Client {
     /// Connects with ALPN `h3`; `config.token` goes in `Authorization` unless a request
     /// overrides it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = quic_endpoint(&config, crate::ingest::h3::ALPN_H3)?;
+        let endpoint = quic_endpoint(&config, crate::ingest::quic::ALPN_H3)?;
         let connecting = endpoint
             .connect(config.server, &config.server_name)
             .map_err(|e| ClientError::Connection(e.to_string()))?;

@@ -5,7 +5,6 @@
 //! answer — is [`Ingest`], one code path for every protocol.
 
 pub mod framing;
-pub mod h3;
 pub mod http_api;
 pub mod https;
 pub mod idempotency;

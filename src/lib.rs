@@ -233,7 +233,7 @@ impl Relay {
                 let tls = tls::server_config(
                     cert.clone(),
                     clients.clone(),
-                    &[ingest::quic::ALPN_EDGERELAY, ingest::h3::ALPN_H3],
+                    &[ingest::quic::ALPN_EDGERELAY, ingest::quic::ALPN_H3],
                 )?;
                 let ingest = ingest.clone();
                 Some(match sockets.quic {

@@ -1,5 +1,5 @@
 //! The HTTP API, whatever the HTTP version: routes, request decoding into [`EventIn`]s, and
-//! the answers. HTTPS (h1/h2, [`super::https`]) and HTTP/3 ([`super::h3`]) both call
+//! the answers. HTTPS (h1/h2, [`super::https`]) and HTTP/3 ([`super::quic::h3`]) both call
 //! [`HttpApi::handle`]; everything after decoding is the shared [`Ingest`] stage.
 //!
 //! Routes: `POST /v1/publish/{subject}` (body = one event's payload) and `POST /v1/publish`

@@ -1,10 +1,7 @@
-//! The QUIC front-end: the native `edgerelay/1` protocol on a UDP port (quinn + rustls), and
-//! HTTP/3 (ALPN `h3`, [`super::h3`]) on the same port, picked per connection by ALPN.
-//!
-//! On each bidirectional stream the client writes varint-length-delimited `PublishRequest`
-//! frames ([`super::framing`]) and reads `PublishResponse` frames back in the same order; many
-//! requests may be in flight per stream and many streams per connection. Everything after
-//! decoding is the shared [`Ingest`] stage.
+//! The QUIC front-end: one UDP endpoint (quinn + rustls) serving two protocols, picked per
+//! connection by ALPN — the native `edgerelay/1` protocol ([`native`]) and HTTP/3 ([`h3`], the
+//! same [`HttpApi`] as HTTPS). This module owns the endpoint, the accept loop and what both
+//! protocols share: the transport config and the connection limits.
 //!
 //! Limits, all sized so memory stays bounded: connections in total and per source address,
 //! concurrent streams per connection, per-stream and per-connection flow-control windows
@@ -13,47 +10,27 @@
 //! the prefix, before any of the body is buffered), the idle timeout, and address validation
 //! (Retry) once many handshakes are under way. 0-RTT is off: a replayed publish would be
 //! stored twice.
-//!
-//! A stream whose framing is broken (a length over the limit, a malformed prefix) gets a
-//! `PublishResponse` whose `error` says why, after the answers to its earlier requests; then the
-//! relay finishes its side and stops the client's side with STOP_SENDING and the code
-//! [`STREAM_FRAME_TOO_LARGE`] or [`STREAM_MALFORMED`]. The connection and its other streams go
-//! on. A request that decodes but is wrong (bad protobuf, no token) is answered with an error
-//! and the stream goes on.
+
+pub mod h3;
+pub mod native;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
-use futures::stream::{FuturesOrdered, StreamExt};
-use prost::Message;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio::task::JoinSet;
 
-use super::framing::{self, FrameDecoder, FrameError};
+use self::native::Native;
 use super::http_api::HttpApi;
-use super::{events_of, results_of, Ingest};
-use crate::auth::{Credentials, Identity};
+use super::Ingest;
 use crate::config::{ms, QuicConfig};
-use crate::error::{ErrorCode, Refusal};
 use crate::metrics::Protocol;
-use crate::proto;
 use crate::shutdown::Shutdown;
 
-/// ALPN of the native protocol.
-pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
-/// STOP_SENDING / RESET code: a frame's length prefix exceeded the limit.
-pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
-/// STOP_SENDING / RESET code: a frame's length prefix was malformed.
-pub const STREAM_MALFORMED: u32 = 0x11;
-/// STOP_SENDING code: the relay is draining and reads no more requests on this stream.
-pub const STREAM_SHUTTING_DOWN: u32 = 0x12;
-/// CONNECTION_CLOSE code when the relay shuts down.
-pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
-/// Bytes read from a stream at once.
-const READ_CHUNK: usize = 64 << 10;
+pub use self::h3::ALPN_H3;
+pub use self::native::ALPN_EDGERELAY;
 
 /// A bound QUIC endpoint, ready to serve.
 pub struct Server {
@@ -63,9 +40,8 @@ pub struct Server {
 
 struct Ctx {
     ingest: Arc<Ingest>,
+    native: Arc<Native>,
     api: Arc<HttpApi>,
-    decoder: FrameDecoder,
-    max_in_flight: usize,
     max_connections: usize,
     max_per_ip: usize,
     retry_above: usize,
@@ -171,10 +147,13 @@ impl Server {
         Ok(Self {
             endpoint,
             ctx: Arc::new(Ctx {
+                native: Arc::new(Native::new(
+                    ingest.clone(),
+                    cfg.max_frame_bytes,
+                    cfg.max_requests_in_flight_per_stream,
+                )),
                 ingest,
                 api,
-                decoder: FrameDecoder::new(cfg.max_frame_bytes),
-                max_in_flight: cfg.max_requests_in_flight_per_stream,
                 max_connections: cfg.max_connections,
                 max_per_ip: cfg.max_connections_per_ip,
                 retry_above: cfg.retry_above_handshakes,
@@ -224,13 +203,13 @@ impl Server {
                 };
                 ctx.handshaking.fetch_sub(1, Ordering::Relaxed);
                 match conn {
-                    Ok(conn) if alpn(&conn).as_deref() == Some(super::h3::ALPN_H3) => {
+                    Ok(conn) if alpn(&conn).as_deref() == Some(ALPN_H3) => {
                         let _open = ctx.ingest.connection_opened(Protocol::H3);
-                        super::h3::connection(conn, ctx.api.clone(), stop).await
+                        h3::connection(conn, ctx.api.clone(), stop).await
                     }
                     Ok(conn) => {
                         let _open = ctx.ingest.connection_opened(Protocol::Quic);
-                        connection(conn, ctx, stop).await
+                        native::connection(conn, ctx.native.clone(), stop).await
                     }
                     Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
                 }
@@ -256,153 +235,6 @@ fn transport(cfg: &QuicConfig) -> TransportConfig {
     t
 }
 
-async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>, mut stop: Shutdown) {
-    // A configured client certificate is every stream's identity until a token replaces it.
-    let peer = ctx.ingest.peer_identity(peer_certificates(&conn).as_deref());
-    let mut streams = JoinSet::new();
-    loop {
-        tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    streams.spawn(stream(send, recv, ctx.clone(), stop.clone(), peer.clone()));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "QUIC connection ended");
-                    break;
-                }
-            },
-            _ = stop.requested() => break,
-        }
-        while streams.try_join_next().is_some() {}
-    }
-    while streams.join_next().await.is_some() {}
-    conn.close(VarInt::from_u32(CONNECTION_SHUTTING_DOWN), b"shutting down");
-}
-
-/// Serves one stream: reads frames, answers each request in order. On shutdown it stops
-/// reading (STOP_SENDING [`STREAM_SHUTTING_DOWN`]) and answers what it has read.
-async fn stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    ctx: Arc<Ctx>,
-    mut stop: Shutdown,
-    mut identity: Option<Identity>,
-) {
-    let mut buf = BytesMut::new();
-    let mut answers = FuturesOrdered::new();
-    let mut reading = !stop.is_shutdown();
-    let mut broken: Option<(FrameError, u32)> = None;
-    loop {
-        // Take in the buffered frames, up to the in-flight limit: a chunk full of tiny frames
-        // must not queue more answers than that.
-        while broken.is_none() && answers.len() < ctx.max_in_flight {
-            match ctx.decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    let answer = request(frame, &mut identity, &ctx).await;
-                    answers.push_back(answer);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLong { .. } => STREAM_FRAME_TOO_LARGE,
-                        FrameError::BadLength => STREAM_MALFORMED,
-                    };
-                    broken = Some((e, code));
-                    reading = false;
-                    buf.clear();
-                }
-            }
-        }
-        let can_read = reading && answers.len() < ctx.max_in_flight;
-        tokio::select! {
-            Some(answer) = answers.next(), if !answers.is_empty() => {
-                if send.write_all(&framing::frame(&answer)).await.is_err() {
-                    return; // the client went away; what it was answered stays answered
-                }
-            }
-            chunk = recv.read_chunk(READ_CHUNK, true), if can_read => match chunk {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => reading = false,
-                Err(_) => return, // reset by the client or the connection is gone
-            },
-            _ = stop.requested(), if reading => {
-                reading = false;
-                let _ = recv.stop(VarInt::from_u32(STREAM_SHUTTING_DOWN));
-            }
-            else => break,
-        }
-    }
-    if let Some((e, code)) = broken {
-        let code_str = match e {
-            FrameError::TooLong { .. } => ErrorCode::TooLarge,
-            FrameError::BadLength => ErrorCode::BadRequest,
-        };
-        let r = Refusal::new(code_str, e.to_string());
-        ctx.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
-        let answer = refused(r);
-        let _ = send.write_all(&framing::frame(&answer)).await;
-        let _ = recv.stop(VarInt::from_u32(code));
-    }
-    let _ = send.finish();
-    let _ = send.stopped().await;
-}
-
-/// One request frame: authenticate (a token on the frame replaces the stream's identity),
-/// decode, and return the future of its answer. A refused request is counted and audited; an
-/// authentication refusal also drops the stream's identity.
-async fn request(
-    frame: bytes::Bytes,
-    identity: &mut Option<Identity>,
-    ctx: &Arc<Ctx>,
-) -> futures::future::BoxFuture<'static, proto::PublishResponse> {
-    ctx.ingest.received(Protocol::Quic, frame.len());
-    match admit(frame, identity, ctx).await {
-        Ok((id, events)) => {
-            let ingest = ctx.ingest.clone();
-            Box::pin(async move {
-                let outcomes = ingest.publish_all(Protocol::Quic, &id, events).await;
-                proto::PublishResponse {
-                    results: results_of(&outcomes, ingest.names()),
-                    error: None,
-                }
-            })
-        }
-        Err(r) => {
-            ctx.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
-            if r.code == ErrorCode::Unauthorized {
-                *identity = None;
-            }
-            Box::pin(std::future::ready(refused(r)))
-        }
-    }
-}
-
-/// Decodes a request frame and finds who sent it.
-async fn admit(
-    frame: bytes::Bytes,
-    identity: &mut Option<Identity>,
-    ctx: &Arc<Ctx>,
-) -> Result<(Identity, Vec<super::EventIn>), Refusal> {
-    let req = proto::PublishRequest::decode(frame)
-        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
-    if !req.token.is_empty() {
-        *identity = None;
-        let creds = Credentials { bearer: Some(&req.token), peer: None };
-        *identity = Some(ctx.ingest.authenticate(creds).await?);
-    }
-    let id = identity.clone().ok_or_else(|| {
-        Refusal::new(
-            ErrorCode::Unauthorized,
-            "missing credentials: the first request of a stream must carry a token",
-        )
-        .because("missing_token")
-    })?;
-    id.check_current()?;
-    let events = events_of(req);
-    ctx.ingest.check_request(&events)?;
-    Ok((id, events))
-}
-
 /// The client's verified certificate chain, if it presented one.
 pub(super) fn peer_certificates(
     conn: &quinn::Connection,
@@ -416,10 +248,6 @@ pub(super) fn peer_certificates(
 /// The protocol the handshake agreed on.
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
-}
-
-fn refused(r: Refusal) -> proto::PublishResponse {
-    proto::PublishResponse { results: Vec::new(), error: Some(super::proto_refusal(&r)) }
 }
 
 impl IpSlot {

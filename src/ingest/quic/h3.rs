@@ -11,9 +11,9 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::task::JoinSet;
 
-use super::http_api::{refusal, HttpApi};
 use crate::auth::Identity;
 use crate::error::{ErrorCode, Refusal};
+use crate::ingest::http_api::{refusal, HttpApi};
 use crate::shutdown::Shutdown;
 
 /// ALPN of HTTP/3.
@@ -23,7 +23,7 @@ type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Serves one QUIC connection that chose HTTP/3, until the client closes it or `stop`.
 pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Shutdown) {
-    let peer = api.peer_identity(super::quic::peer_certificates(&conn).as_deref());
+    let peer = api.peer_identity(super::peer_certificates(&conn).as_deref());
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
