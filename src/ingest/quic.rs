@@ -1,7 +1,8 @@
 //! The QUIC front-end: one UDP endpoint (quinn + rustls) serving two protocols, picked per
-//! connection by ALPN — the native `edgerelay/1` protocol ([`native`]) and HTTP/3 ([`h3`], the
-//! same [`HttpApi`] as HTTPS). This module owns the endpoint, the accept loop and what both
-//! protocols share: the transport config and the connection limits.
+//! connection by ALPN — the native `edgerelay/1` protocol ([`native`], each stream's rules in
+//! [`stream`]) and HTTP/3 ([`h3`], the same [`HttpApi`] as HTTPS). This module owns the
+//! endpoint, the accept loop and what both protocols share: the transport config and the
+//! connection limits.
 //!
 //! Limits, all sized so memory stays bounded: connections in total and per source address,
 //! concurrent streams per connection, per-stream and per-connection flow-control windows
@@ -13,6 +14,7 @@
 
 pub mod h3;
 pub mod native;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};

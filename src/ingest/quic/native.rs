@@ -6,26 +6,24 @@
 //! many requests may be in flight per stream and many streams per connection. Everything after
 //! decoding is the shared [`Ingest`] stage.
 //!
-//! A stream whose framing is broken (a length over the limit, a malformed prefix) gets a
-//! `PublishResponse` whose `error` says why, after the answers to its earlier requests; then the
-//! relay finishes its side and stops the client's side with STOP_SENDING and the code
-//! [`STREAM_FRAME_TOO_LARGE`] or [`STREAM_MALFORMED`]. The connection and its other streams go
-//! on. A request that decodes but is wrong (bad protobuf, no token) is answered with an error
-//! and the stream goes on.
+//! What a stream does — the in-flight cap, broken framing and its stop codes, end of stream and
+//! shutdown — is decided by [`StreamState`] ([`super::stream`]); this module only moves bytes
+//! between it, the QUIC stream and the ingest stage. A request that decodes but is wrong (bad
+//! protobuf, no token) is answered with an error and the stream goes on.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use bytes::BytesMut;
 use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
 use quinn::VarInt;
 use tokio::task::JoinSet;
 
+use super::stream::{Action, StreamState};
 use crate::auth::{Credentials, Identity};
 use crate::error::{ErrorCode, Refusal};
-use crate::ingest::framing::{self, FrameDecoder, FrameError};
+use crate::ingest::framing::{self, FrameDecoder};
 use crate::ingest::{events_of, proto_refusal, results_of, EventIn, Ingest};
 use crate::metrics::Protocol;
 use crate::proto;
@@ -33,12 +31,6 @@ use crate::shutdown::Shutdown;
 
 /// ALPN of the native protocol.
 pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
-/// STOP_SENDING / RESET code: a frame's length prefix exceeded the limit.
-pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
-/// STOP_SENDING / RESET code: a frame's length prefix was malformed.
-pub const STREAM_MALFORMED: u32 = 0x11;
-/// STOP_SENDING code: the relay is draining and reads no more requests on this stream.
-pub const STREAM_SHUTTING_DOWN: u32 = 0x12;
 /// CONNECTION_CLOSE code when the relay shuts down.
 pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
 /// Bytes read from a stream at once.
@@ -85,8 +77,7 @@ pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut
     conn.close(VarInt::from_u32(CONNECTION_SHUTTING_DOWN), b"shutting down");
 }
 
-/// Serves one stream: reads frames, answers each request in order. On shutdown it stops
-/// reading (STOP_SENDING [`STREAM_SHUTTING_DOWN`]) and answers what it has read.
+/// Serves one stream: carries out what its [`StreamState`] decides.
 async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -94,63 +85,44 @@ async fn stream(
     mut stop: Shutdown,
     mut identity: Option<Identity>,
 ) {
-    let mut buf = BytesMut::new();
-    let mut answers = FuturesOrdered::new();
-    let mut reading = !stop.is_shutdown();
-    let mut broken: Option<(FrameError, u32)> = None;
+    let mut state = StreamState::new(native.decoder, native.max_in_flight, stop.is_shutdown());
+    let mut answers = FuturesUnordered::new();
     loop {
-        // Take in the buffered frames, up to the in-flight limit: a chunk full of tiny frames
-        // must not queue more answers than that.
-        while broken.is_none() && answers.len() < native.max_in_flight {
-            match native.decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    let answer = request(frame, &mut identity, &native).await;
-                    answers.push_back(answer);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLong { .. } => STREAM_FRAME_TOO_LARGE,
-                        FrameError::BadLength => STREAM_MALFORMED,
-                    };
-                    broken = Some((e, code));
-                    reading = false;
-                    buf.clear();
-                }
+        match state.poll() {
+            Action::Decode { id, frame } => {
+                let answer = request(frame, &mut identity, &native).await;
+                answers.push(async move { (id, answer.await) });
             }
-        }
-        let can_read = reading && answers.len() < native.max_in_flight;
-        tokio::select! {
-            Some(answer) = answers.next(), if !answers.is_empty() => {
+            Action::Write(answer) => {
                 if send.write_all(&framing::frame(&answer)).await.is_err() {
                     return; // the client went away; what it was answered stays answered
                 }
             }
-            chunk = recv.read_chunk(READ_CHUNK, true), if can_read => match chunk {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => reading = false,
-                Err(_) => return, // reset by the client or the connection is gone
-            },
-            _ = stop.requested(), if reading => {
-                reading = false;
-                let _ = recv.stop(VarInt::from_u32(STREAM_SHUTTING_DOWN));
+            Action::Refuse(r) => {
+                native.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
+                let _ = send.write_all(&framing::frame(&refused(r))).await;
             }
-            else => break,
+            Action::Stop(code) => {
+                let _ = recv.stop(VarInt::from_u32(code));
+            }
+            Action::Finish => {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                return;
+            }
+            Action::Wait(wait) => tokio::select! {
+                Some((id, answer)) = answers.next(), if wait.answers => state.answered(id, answer),
+                chunk = recv.read_chunk(READ_CHUNK, true), if wait.read => match chunk {
+                    Ok(Some(chunk)) => state.received(&chunk.bytes),
+                    Ok(None) => state.end_of_stream(),
+                    Err(_) => return, // reset by the client or the connection is gone
+                },
+                _ = stop.requested(), if wait.shutdown => state.shutdown(),
+                // Never reached: a wait always asks for something.
+                else => return,
+            },
         }
     }
-    if let Some((e, code)) = broken {
-        let code_str = match e {
-            FrameError::TooLong { .. } => ErrorCode::TooLarge,
-            FrameError::BadLength => ErrorCode::BadRequest,
-        };
-        let r = Refusal::new(code_str, e.to_string());
-        native.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
-        let answer = refused(r);
-        let _ = send.write_all(&framing::frame(&answer)).await;
-        let _ = recv.stop(VarInt::from_u32(code));
-    }
-    let _ = send.finish();
-    let _ = send.stopped().await;
 }
 
 /// One request frame: authenticate (a token on the frame replaces the stream's identity),
