@@ -9,16 +9,17 @@
 //! call (the sink's publish waits at most `nats.publish_deadline_ms` for the ack window) stops
 //! the pings.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::batcher::{Batcher, FlushReason, Limits};
+use super::batcher::{Batcher, FlushReason, Limits, Ready};
 use super::queue::Queues;
+use crate::event::Pending;
 use crate::shutdown::Shutdown;
-use crate::sink::Sink;
 
 /// Events popped before the driver looks at deadlines and the sink again.
 const POP_BUDGET: usize = 4096;
@@ -30,6 +31,20 @@ pub const FAULT_WEDGE_FLUSH_ENV: &str = "EDGERELAY_FAULT_WEDGE_FLUSH";
 
 /// A heartbeat value meaning "this driver has finished" (it drained and returned): not stuck.
 const DONE: u64 = u64::MAX;
+
+/// Where a driver hands its ready batches: the sink ([`crate::sink::Sink`]), seen from the
+/// batch side so that batching does not depend on publishing.
+pub trait Publish: Send + Sync + 'static {
+    /// Publishes one ready batch. May wait for room in the ack window (at most the publish
+    /// deadline); every event of the batch is answered once, now or later.
+    fn publish(self: &Arc<Self>, batch: Ready<Pending>) -> impl Future<Output = ()> + Send;
+
+    /// Batches published and not yet answered.
+    fn in_flight(&self) -> usize;
+
+    /// Resolves the next time the last batch in flight is answered.
+    fn idle(&self) -> impl Future<Output = ()> + Send;
+}
 
 /// How a driver batches: the part of `[batch]` a reload may change. Drivers read it from a
 /// `watch` channel at the top of each loop.
@@ -88,12 +103,12 @@ impl Heartbeats {
 }
 
 /// Runs shard `index` until `stop` turns true and everything queued is handed to the sink.
-pub async fn run(
+pub async fn run<P: Publish>(
     queues: Arc<Queues>,
     index: usize,
     options: Options,
     batching: watch::Receiver<Batching>,
-    sink: Arc<Sink>,
+    sink: Arc<P>,
     heartbeats: Arc<Heartbeats>,
     stop: Shutdown,
 ) {
@@ -101,12 +116,12 @@ pub async fn run(
     heartbeats.done(index);
 }
 
-async fn drive(
+async fn drive<P: Publish>(
     queues: &Queues,
     index: usize,
     options: Options,
     mut batching: watch::Receiver<Batching>,
-    sink: &Arc<Sink>,
+    sink: &Arc<P>,
     heartbeats: &Heartbeats,
     mut stop: Shutdown,
 ) {

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::cluster::{Cluster, ConnectionEvent, Probe};
 use super::router::{Params, Reason, Router, Switch};
+use crate::batch::driver::Publish;
 use crate::batch::Ready;
 use crate::config::{ms, FailoverConfig, NatsConfig, StreamConfig};
 use crate::error::{ErrorCode, Refusal};
@@ -805,6 +806,23 @@ fn permanent(err: &PublishError) -> Option<Refusal> {
             })
         }
         _ => None,
+    }
+}
+
+impl Publish for Sink {
+    fn publish(
+        self: &Arc<Self>,
+        batch: Ready<Pending>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        Sink::publish(self, batch)
+    }
+
+    fn in_flight(&self) -> usize {
+        Sink::in_flight(self)
+    }
+
+    fn idle(&self) -> impl std::future::Future<Output = ()> + Send {
+        Sink::idle(self)
     }
 }
 
