@@ -1,6 +1,6 @@
 //! One batch's life on its way to JetStream, as a sans-IO state machine.
 //!
-//! The publish window (`super::jetstream`) makes a [`Flight`] per batch, tells it the time and
+//! The publish window ([`super::window`]) makes a [`Flight`] per batch, tells it the time and
 //! what happened — the batch was sent, JetStream acknowledged it, an attempt failed (classified
 //! permanent or retryable), the spool took it or not — together with where batches can go now
 //! ([`Active`]), and does what the returned [`Step`] says. The flight reads no clock, touches no

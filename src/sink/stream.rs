@@ -1,6 +1,6 @@
 //! The configured JetStream stream: the config the relay wants, and the comparison with an
 //! existing stream that decides whether the relay may use it. Pure functions; the NATS calls
-//! live in [`super::jetstream`].
+//! live in [`super::cluster`].
 
 use std::time::Duration;
 
