@@ -320,6 +320,8 @@ impl Flight {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::OnceLock;
+
     use super::*;
 
     use Active::{Cluster, NoServer, NoStream};
@@ -349,12 +351,17 @@ mod tests {
         }
     }
 
-    /// Feeds `table`'s inputs to a flight sent at `t0` and checks each step (`None` for the
-    /// inputs that return none); returns the `edgerelay_batches_total` outcomes counted.
-    fn run(params: Params, t0: Instant, table: &[(Input, Option<Step>)]) -> Vec<&'static str> {
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut f = Flight::new(t0, params);
-        let mut outcomes = Vec::new();
+    /// The simulated clock: `at(ms)` is `ms` milliseconds after the batch was sent.
+    fn at(ms: u64) -> Instant {
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(Instant::now) + Duration::from_millis(ms)
+    }
+
+    /// Feeds `table`'s inputs to a flight sent at `at(0)` and checks each step (`None` for
+    /// the inputs that return none), then the `edgerelay_batches_total` outcomes counted.
+    fn check(params: Params, table: &[(Input, Option<Step>)], outcomes: &[&str]) {
+        let mut f = Flight::new(at(0), params);
+        let mut counted = Vec::new();
         for (i, (input, want)) in table.iter().enumerate() {
             let step = match input {
                 Start(ms, active) => Some(f.start(at(*ms), *active)),
@@ -371,13 +378,13 @@ mod tests {
                 SpoolRefused(refusal) => Some(f.spool_refused(refusal.clone())),
             };
             assert_eq!(&step, want, "row {i}: {input:?}");
-            outcomes.extend(step.as_ref().and_then(Step::batch_outcome));
+            counted.extend(step.as_ref().and_then(Step::batch_outcome));
         }
-        outcomes
+        assert_eq!(counted, outcomes, "edgerelay_batches_total");
     }
 
-    fn retry_at(t0: Instant, ms: u64) -> Option<Step> {
-        Some(Step::Retry { at: t0 + Duration::from_millis(ms) })
+    fn retry_at(ms: u64) -> Option<Step> {
+        Some(Step::Retry { at: at(ms) })
     }
 
     fn publish(cluster: usize) -> Option<Step> {
@@ -403,299 +410,227 @@ mod tests {
         Refusal::new(ErrorCode::Rejected, "the stream is full").because("stream_full")
     }
 
+    /// A retryable failure at `ms` with cluster 0 still active.
+    fn fail(ms: u64) -> Input {
+        Failed(ms, Failure::Retryable, Cluster(0))
+    }
+
+    fn tell(refusal: Refusal) -> Option<Step> {
+        Some(Step::Tell(refusal))
+    }
+
+    fn spool(cause: Cause) -> Option<Step> {
+        Some(Step::Spool(cause))
+    }
+
     #[test]
     fn an_acknowledged_batch_is_answered_stored_by_the_cluster_that_stored_it() {
-        let t0 = Instant::now();
-        let outcomes = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(1)), publish(1)),
-                (Sent, None),
-                (Acked(1, 42), done(End::Stored { cluster: 1, seq: 42, late: false })),
-            ],
-        );
-        assert_eq!(outcomes, ["stored"]);
+        let stored = done(End::Stored { cluster: 1, seq: 42, late: false });
+        let table = [(Start(0, Cluster(1)), publish(1)), (Sent, None), (Acked(1, 42), stored)];
+        check(params(false), &table, &["stored"]);
     }
 
     #[test]
     fn a_504_at_the_deadline_keeps_the_keys_and_the_batch_is_still_retried() {
-        let t0 = Instant::now();
-        let outcomes = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                // No PubAck within ack_timeout: retried after 100 ms, then 200 ms.
-                (Failed(300, Failure::Retryable, Cluster(0)), retry_at(t0, 400)),
-                (Retry(400, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(700, Failure::Retryable, Cluster(0)), retry_at(t0, 900)),
-                (Retry(900, Cluster(0)), publish(0)),
-                (Sent, None),
-                // The next pause would end past the deadline: the requests are told 504 now…
-                (Failed(1_000, Failure::Retryable, Cluster(0)), Some(Step::Tell(ack_timeout()))),
-                // …and the batch goes on being published with its Msg-Id.
-                (Told, retry_at(t0, 1_400)),
-                (Retry(1_400, Cluster(0)), publish(0)),
-            ],
-        );
-        assert_eq!(outcomes, ["timeout"]);
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            // No PubAck within ack_timeout: retried after 100 ms, then 200 ms.
+            (fail(300), retry_at(400)),
+            (Retry(400, Cluster(0)), publish(0)),
+            (fail(700), retry_at(900)),
+            (Retry(900, Cluster(0)), publish(0)),
+            // The next pause would end past the deadline: the requests are told 504 now…
+            (fail(1_000), tell(ack_timeout())),
+            // …and the batch goes on being published with its Msg-Id.
+            (Told, retry_at(1_400)),
+            (Retry(1_400, Cluster(0)), publish(0)),
+        ];
+        check(params(false), &table, &["timeout"]);
     }
 
     #[test]
     fn a_late_ack_after_the_504_answers_the_kept_keys_stored_late() {
-        let t0 = Instant::now();
-        let outcomes = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(950, Failure::Retryable, Cluster(0)), Some(Step::Tell(ack_timeout()))),
-                (Told, retry_at(t0, 1_050)),
-                (Retry(1_050, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Acked(0, 7), done(End::Stored { cluster: 0, seq: 7, late: true })),
-            ],
-        );
-        assert_eq!(outcomes, ["timeout", "stored_late"]);
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (fail(950), tell(ack_timeout())),
+            (Told, retry_at(1_050)),
+            (Retry(1_050, Cluster(0)), publish(0)),
+            (Acked(0, 7), done(End::Stored { cluster: 0, seq: 7, late: true })),
+        ];
+        check(params(false), &table, &["timeout", "stored_late"]);
     }
 
     #[test]
     fn retries_after_the_deadline_back_off_to_a_second_and_end_with_the_duplicate_window() {
-        let t0 = Instant::now();
-        let fail = |ms| Failed(ms, Failure::Retryable, Cluster(0));
-        let outcomes = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (fail(100), retry_at(t0, 200)),
-                (Retry(200, Cluster(0)), publish(0)),
-                (fail(300), retry_at(t0, 500)),
-                (Retry(500, Cluster(0)), publish(0)),
-                (fail(600), Some(Step::Tell(ack_timeout()))),
-                (Told, retry_at(t0, 1_000)),
-                (Retry(1_000, Cluster(0)), publish(0)),
-                (fail(1_500), retry_at(t0, 2_300)),
-                (Retry(2_300, Cluster(0)), publish(0)),
-                (fail(2_800), retry_at(t0, 3_800)),
-                (Retry(3_800, Cluster(0)), publish(0)),
-                (fail(4_300), retry_at(t0, 5_300)),
-                (Retry(5_300, Cluster(0)), publish(0)),
-                // Past the duplicate window a retry could store it twice: give up, 504.
-                (fail(5_800), refused(ack_timeout(), Why::Unresolved)),
-            ],
-        );
-        assert_eq!(outcomes, ["timeout"], "the give-up was counted when it was told");
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (fail(100), retry_at(200)),
+            (Retry(200, Cluster(0)), publish(0)),
+            (fail(300), retry_at(500)),
+            (Retry(500, Cluster(0)), publish(0)),
+            (fail(600), tell(ack_timeout())),
+            (Told, retry_at(1_000)),
+            (Retry(1_000, Cluster(0)), publish(0)),
+            (fail(1_500), retry_at(2_300)),
+            (Retry(2_300, Cluster(0)), publish(0)),
+            (fail(2_800), retry_at(3_800)),
+            (Retry(3_800, Cluster(0)), publish(0)),
+            (fail(4_300), retry_at(5_300)),
+            (Retry(5_300, Cluster(0)), publish(0)),
+            // Past the duplicate window a retry could store it twice: give up, 504. Counted as
+            // `timeout` when it was told, not again.
+            (fail(5_800), refused(ack_timeout(), Why::Unresolved)),
+        ];
+        check(params(false), &table, &["timeout"]);
     }
 
     #[test]
     fn a_failover_retries_the_batch_on_the_new_cluster_within_the_same_deadline() {
         // `Step::Publish` names a cluster and nothing else: the window publishes the flight's
         // one encoded batch, with its one Msg-Id, wherever the step says.
-        let t0 = Instant::now();
         let mut table = vec![
             (Start(0, Cluster(0)), publish(0)),
             (Sent, None),
             // Cluster 0 went silent and the router moved to cluster 1.
-            (Failed(300, Failure::Retryable, Cluster(1)), retry_at(t0, 400)),
+            (Failed(300, Failure::Retryable, Cluster(1)), retry_at(400)),
             (Retry(400, Cluster(1)), publish(1)),
-            (Sent, None),
         ];
-        let stored = [(Acked(1, 3), done(End::Stored { cluster: 1, seq: 3, late: false }))];
-        let outcomes = run(params(false), t0, &[&table[..], &stored[..]].concat());
-        assert_eq!(outcomes, ["stored"], "the edge sees a slower answer, not an error");
-        // The deadline still counts from the first send.
-        table.push((Failed(950, Failure::Retryable, Cluster(1)), Some(Step::Tell(ack_timeout()))));
-        assert_eq!(run(params(false), t0, &table), ["timeout"]);
+        // The edge sees a slower answer, not an error…
+        let stored = (Acked(1, 3), done(End::Stored { cluster: 1, seq: 3, late: false }));
+        check(params(false), &[&table[..], &[stored]].concat(), &["stored"]);
+        // …and the deadline still counts from the first send.
+        table.push((Failed(950, Failure::Retryable, Cluster(1)), tell(ack_timeout())));
+        check(params(false), &table, &["timeout"]);
     }
 
     #[test]
     fn a_permanent_error_answers_at_once_even_after_the_504() {
-        let t0 = Instant::now();
-        let at_once = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (
-                    Failed(2, Failure::Permanent(stream_full()), Cluster(0)),
-                    refused(stream_full(), Why::Permanent),
-                ),
-            ],
-        );
-        assert_eq!(at_once, ["refused"]);
-        let after_504 = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(990, Failure::Retryable, Cluster(0)), Some(Step::Tell(ack_timeout()))),
-                (Told, retry_at(t0, 1_090)),
-                (Retry(1_090, Cluster(0)), publish(0)),
-                (
-                    Failed(1_100, Failure::Permanent(stream_full()), Cluster(0)),
-                    refused(stream_full(), Why::Permanent),
-                ),
-            ],
-        );
-        assert_eq!(after_504, ["timeout", "refused"]);
+        let permanent = || Failed(2, Failure::Permanent(stream_full()), Cluster(0));
+        let at_once = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (permanent(), refused(stream_full(), Why::Permanent)),
+        ];
+        check(params(false), &at_once, &["refused"]);
+        let after_504 = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (fail(990), tell(ack_timeout())),
+            (Told, retry_at(1_090)),
+            (Retry(1_090, Cluster(0)), publish(0)),
+            (permanent(), refused(stream_full(), Why::Permanent)),
+        ];
+        check(params(false), &after_504, &["timeout", "refused"]);
     }
 
     #[test]
     fn with_the_spool_a_batch_no_cluster_can_take_is_spooled_at_once() {
-        let t0 = Instant::now();
         for active in [NoServer, NoStream] {
-            let outcomes = run(
-                params(true),
-                t0,
-                &[
-                    (Start(0, active), Some(Step::Spool(Cause::NoCluster))),
-                    (Spooled, done(End::Spooled)),
-                ],
-            );
-            assert_eq!(outcomes, ["spooled"]);
+            let table =
+                [(Start(0, active), spool(Cause::NoCluster)), (Spooled, done(End::Spooled))];
+            check(params(true), &table, &["spooled"]);
         }
         // Also when the active cluster is lost between two attempts.
-        let outcomes = run(
-            params(true),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(300, Failure::Retryable, NoServer), retry_at(t0, 400)),
-                (Retry(400, NoServer), Some(Step::Spool(Cause::NoCluster))),
-                (Spooled, done(End::Spooled)),
-            ],
-        );
-        assert_eq!(outcomes, ["spooled"]);
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (Failed(300, Failure::Retryable, NoServer), retry_at(400)),
+            (Retry(400, NoServer), spool(Cause::NoCluster)),
+            (Spooled, done(End::Spooled)),
+        ];
+        check(params(true), &table, &["spooled"]);
     }
 
     #[test]
     fn with_the_spool_a_silent_cluster_gets_the_batch_until_the_deadline_then_the_spool() {
-        let t0 = Instant::now();
-        let outcomes = run(
-            params(true),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(500, Failure::Retryable, Cluster(0)), retry_at(t0, 600)),
-                (Retry(600, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(900, Failure::Retryable, Cluster(0)), Some(Step::Spool(Cause::Deadline))),
-                (Spooled, done(End::Spooled)),
-            ],
-        );
-        assert_eq!(outcomes, ["spooled"]);
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (fail(500), retry_at(600)),
+            (Retry(600, Cluster(0)), publish(0)),
+            (fail(900), spool(Cause::Deadline)),
+            (Spooled, done(End::Spooled)),
+        ];
+        check(params(true), &table, &["spooled"]);
     }
 
     #[test]
     fn a_spool_that_refuses_the_batch_refuses_its_events() {
-        let t0 = Instant::now();
         let full = Refusal::new(ErrorCode::QueueFull, "the relay's disk spool is full")
             .because("spool_full");
-        let outcomes = run(
-            params(true),
-            t0,
-            &[
-                (Start(0, NoServer), Some(Step::Spool(Cause::NoCluster))),
-                (SpoolRefused(full.clone()), refused(full, Why::SpoolRefused)),
-            ],
-        );
-        assert_eq!(outcomes, ["refused"]);
+        let table = [
+            (Start(0, NoServer), spool(Cause::NoCluster)),
+            (SpoolRefused(full.clone()), refused(full, Why::SpoolRefused)),
+        ];
+        check(params(true), &table, &["refused"]);
     }
 
     #[test]
     fn without_the_spool_silence_gives_up_at_the_deadline_with_why_nothing_took_it() {
-        let t0 = Instant::now();
         let unreachable = Refusal::new(ErrorCode::NatsUnavailable, "no NATS server is reachable");
         let no_stream =
             Refusal::new(ErrorCode::NatsUnavailable, "the JetStream stream is not available yet");
         // No cluster all along: retried (it may come back) until the deadline, never sent.
-        let outcomes = run(
-            params(false),
-            t0,
-            &[
-                (Start(0, NoServer), retry_at(t0, 100)),
-                (Retry(100, NoServer), retry_at(t0, 300)),
-                (Retry(300, NoStream), retry_at(t0, 700)),
-                (Retry(700, NoServer), refused(unreachable, Why::NeverReached)),
-            ],
-        );
-        assert_eq!(outcomes, ["timeout"]);
+        let table = [
+            (Start(0, NoServer), retry_at(100)),
+            (Retry(100, NoServer), retry_at(300)),
+            (Retry(300, NoStream), retry_at(700)),
+            (Retry(700, NoServer), refused(unreachable, Why::NeverReached)),
+        ];
+        check(params(false), &table, &["timeout"]);
         // A cluster whose connection refuses every send: nothing reached it, so nothing can
         // be stored; the refusal names what is missing when it comes.
         for (active, refusal) in [(Cluster(0), ack_timeout()), (NoStream, no_stream)] {
-            run(
-                params(false),
-                t0,
-                &[
-                    (Start(0, Cluster(0)), publish(0)),
-                    (Failed(950, Failure::Retryable, active), refused(refusal, Why::NeverReached)),
-                ],
-            );
+            let never = refused(refusal, Why::NeverReached);
+            let table = [
+                (Start(0, Cluster(0)), publish(0)),
+                (Failed(950, Failure::Retryable, active), never),
+            ];
+            check(params(false), &table, &["timeout"]);
         }
     }
 
     #[test]
     fn a_full_window_spools_the_batch_or_refuses_it_as_never_sent() {
-        let t0 = Instant::now();
         let window_full = Refusal::new(
             ErrorCode::QueueFull,
             "JetStream has not acknowledged the batches in flight for 1000 ms; retry with the same Idempotency-Key",
         )
         .because("ack_window_full");
-        let outcomes =
-            run(params(false), t0, &[(NoRoom, refused(window_full.clone(), Why::WindowFull))]);
-        assert_eq!(outcomes, ["refused"]);
         assert_eq!((window_full.code.status(), window_full.retry_after.is_some()), (503, true));
-        let outcomes = run(
-            params(true),
-            t0,
-            &[(NoRoom, Some(Step::Spool(Cause::WindowFull))), (Spooled, done(End::Spooled))],
-        );
-        assert_eq!(outcomes, ["spooled"]);
+        let refuse = [(NoRoom, refused(window_full, Why::WindowFull))];
+        check(params(false), &refuse, &["refused"]);
+        let spooled = [(NoRoom, spool(Cause::WindowFull)), (Spooled, done(End::Spooled))];
+        check(params(true), &spooled, &["spooled"]);
     }
 
     #[test]
     fn told_past_the_duplicate_window_gives_up_right_after_telling() {
-        let t0 = Instant::now();
         let short_window = Params { resolve_within: Duration::from_millis(500), ..params(false) };
-        run(
-            short_window,
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(950, Failure::Retryable, Cluster(0)), Some(Step::Tell(ack_timeout()))),
-                (Told, refused(ack_timeout(), Why::Unresolved)),
-            ],
-        );
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (fail(950), tell(ack_timeout())),
+            (Told, refused(ack_timeout(), Why::Unresolved)),
+        ];
+        check(short_window, &table, &["timeout"]);
     }
 
     #[test]
     fn the_504_is_a_503_when_no_cluster_is_usable_at_the_deadline() {
-        let t0 = Instant::now();
         let unreachable = Refusal::new(ErrorCode::NatsUnavailable, "no NATS server is reachable");
-        run(
-            params(false),
-            t0,
-            &[
-                (Start(0, Cluster(0)), publish(0)),
-                (Sent, None),
-                (Failed(950, Failure::Retryable, NoServer), Some(Step::Tell(unreachable))),
-                (Told, retry_at(t0, 1_050)),
-                // Still resolving: with no cluster it waits for one instead of spooling.
-                (Retry(1_050, NoServer), retry_at(t0, 1_250)),
-                (Retry(1_250, Cluster(1)), publish(1)),
-            ],
-        );
+        let table = [
+            (Start(0, Cluster(0)), publish(0)),
+            (Sent, None),
+            (Failed(950, Failure::Retryable, NoServer), tell(unreachable)),
+            (Told, retry_at(1_050)),
+            // Still resolving: with no cluster it waits for one instead of spooling.
+            (Retry(1_050, NoServer), retry_at(1_250)),
+            (Retry(1_250, Cluster(1)), publish(1)),
+        ];
+        check(params(false), &table, &["timeout"]);
     }
 }
