@@ -30,15 +30,16 @@
 //! requests that were in flight on it are not retried (their answers never came: retry them
 //! with the same event ids, and the relay's idempotency answers the duplicates).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use prost::Message;
-use tokio::sync::Mutex;
-
 use edgerelay_proto::framing::{self, FrameDecoder};
 use edgerelay_proto::{ALPN_EDGERELAY, ALPN_H3};
+use prost::Message;
+use tokio::sync::Mutex;
 
 /// The wire messages (`Event`, `PublishRequest`, `PublishResponse`, ...).
 pub use edgerelay_proto as proto;
