@@ -11,7 +11,7 @@ use edgerelay::auth::jwt::{self, Validator};
 use edgerelay::auth::rbac::Roles;
 use edgerelay::auth::static_tokens::StaticTokens;
 use edgerelay::config::{JwtConfig, RoleConfig, StaticToken};
-use edgerelay::dev_idp::{DevIdp, MintRequest};
+use edgerelay_ops::dev_idp::{DevIdp, MintRequest};
 
 const ALGS: [&str; 3] = ["ES256", "RS256", "EdDSA"];
 

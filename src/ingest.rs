@@ -4,12 +4,14 @@
 //! authentication, authorization, validation, idempotency, enqueueing and waiting for the
 //! answer — is [`Ingest`], one code path for every protocol.
 
-pub mod framing;
 pub mod http_api;
 pub mod https;
 pub mod idempotency;
 pub mod json;
 pub mod quic;
+
+/// The native protocol's framing, shared with the client (`edgerelay-proto`).
+pub use edgerelay_proto::framing;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

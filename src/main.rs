@@ -1,5 +1,5 @@
 //! The `edgerelay` binary: parses the command line, loads the config, starts logging and
-//! hands over to the library.
+//! hands over to the library (the relay) or to `edgerelay-ops` (the operator tools).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -180,7 +180,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Tail { nats_url, subject, stream, from_seq, count, idle_timeout_ms } => {
-            let opts = edgerelay::tail::TailOptions {
+            let opts = edgerelay_ops::tail::TailOptions {
                 nats_url,
                 subject,
                 stream,
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             };
             let mut out = std::io::stdout();
             let wanted = opts.count;
-            match runtime().block_on(edgerelay::tail::run(opts, &mut out)) {
+            match runtime().block_on(edgerelay_ops::tail::run(opts, &mut out)) {
                 Ok(n) => {
                     if wanted.is_some_and(|c| n < c) {
                         eprintln!("edgerelay tail: stopped after {n} events: nothing more arrived");
@@ -204,11 +204,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Top { admin, interval_ms } => {
-            let opts =
-                edgerelay::top::TopOptions { admin, interval: Duration::from_millis(interval_ms) };
-            match runtime().block_on(edgerelay::top::run(opts)) {
+            let opts = edgerelay_ops::top::TopOptions {
+                admin,
+                interval: Duration::from_millis(interval_ms),
+            };
+            match runtime().block_on(edgerelay_ops::top::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ edgerelay::top::TopError::BadAdmin { .. }) => {
+                Err(e @ edgerelay_ops::top::TopError::BadAdmin { .. }) => {
                     eprintln!("edgerelay top: {e}");
                     ExitCode::from(EX_USAGE)
                 }
@@ -222,7 +224,7 @@ fn main() -> ExitCode {
             let algs: Vec<&str> = algs.iter().map(String::as_str).collect();
             let ignore = || tracing::info!("SIGHUP: the development IdP has nothing to reload");
             let serve =
-                async { edgerelay::dev_idp::run(listen, &algs, shutdown_signal(ignore)).await };
+                async { edgerelay_ops::dev_idp::run(listen, &algs, shutdown_signal(ignore)).await };
             match runtime().block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -255,7 +257,7 @@ fn main() -> ExitCode {
             }
         }
         Command::DevCerts { out, names } => {
-            match edgerelay::tls::generate_dev_certs(&names).and_then(|c| c.write(&out)) {
+            match edgerelay_ops::dev_certs::generate_dev_certs(&names).and_then(|c| c.write(&out)) {
                 Ok(()) => {
                     println!("wrote {}/{{ca,cert,key}}.pem", out.display());
                     ExitCode::SUCCESS

@@ -1,6 +1,6 @@
-//! TLS plumbing: the one crypto provider (ring), server configs whose certificate and client
-//! certificate trust can be swapped at run time (SIGHUP reload), and development certificates
-//! (a throw-away CA and a server certificate) for the demo and tests.
+//! TLS plumbing: the one crypto provider (ring), and server configs whose certificate and
+//! client certificate trust can be swapped at run time (SIGHUP reload). Development
+//! certificates are `edgerelay-ops`'s (`edgerelay dev-certs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -23,20 +23,6 @@ pub enum TlsError {
     /// The certificate and key do not make a usable server config.
     #[error("TLS config: {0}")]
     Config(#[from] rustls::Error),
-    /// Generating development certificates failed.
-    #[error("generating certificates: {0}")]
-    Generate(#[from] rcgen::Error),
-    /// Writing development certificates failed.
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
-
-/// Development certificates, PEM-encoded.
-#[derive(Clone, Debug)]
-pub struct DevCerts {
-    pub ca_cert: String,
-    pub server_cert: String,
-    pub server_key: String,
 }
 
 /// The crypto provider every TLS config of the relay uses. async-nats brings ring; naming it
@@ -219,51 +205,4 @@ pub fn server_config(
         .with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
-}
-
-/// Generates a CA and a server certificate for `names` (DNS names or IP addresses).
-pub fn generate_dev_certs(names: &[String]) -> Result<DevCerts, TlsError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "edgerelay dev CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(names.to_vec())?;
-    params.distinguished_name.push(DnType::CommonName, "edgerelay dev server");
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(DevCerts {
-        ca_cert: ca_cert.pem(),
-        server_cert: cert.pem(),
-        server_key: key.serialize_pem(),
-    })
-}
-
-impl DevCerts {
-    /// Writes `ca.pem`, `cert.pem` and `key.pem` (mode 0600) into `dir`.
-    pub fn write(&self, dir: &Path) -> Result<(), TlsError> {
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|source| TlsError::Write { path, source })
-        };
-        std::fs::create_dir_all(dir)
-            .map_err(|source| TlsError::Write { path: dir.into(), source })?;
-        write("ca.pem", &self.ca_cert)?;
-        write("cert.pem", &self.server_cert)?;
-        write("key.pem", &self.server_key)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let path = dir.join("key.pem");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|source| TlsError::Write { path, source })?;
-        }
-        Ok(())
-    }
 }

@@ -89,7 +89,7 @@ impl Identity {
             }
             None => {
                 let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-                let dev = edgerelay::tls::generate_dev_certs(&names)?;
+                let dev = edgerelay_ops::dev_certs::generate_dev_certs(&names)?;
                 Self::from_pem(
                     dev.server_cert.as_bytes(),
                     dev.server_key.as_bytes(),

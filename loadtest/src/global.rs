@@ -42,8 +42,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use edgerelay::top::latency::{Latency, Summary as StageSummary};
-use edgerelay::top::{prom, state::names};
+use edgerelay_ops::top::latency::{Latency, Summary as StageSummary};
+use edgerelay_ops::top::{prom, state::names};
 use futures::future::join_all;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -618,9 +618,12 @@ impl Topology {
             .context("creating a temporary directory")?;
         let logs = args.out.join("logs");
         let certs = work.path().join("certs");
-        edgerelay::tls::generate_dev_certs(&["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .and_then(|c| c.write(&certs))
-            .context("generating the relays' certificates")?;
+        edgerelay_ops::dev_certs::generate_dev_certs(&[
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .and_then(|c| c.write(&certs))
+        .context("generating the relays' certificates")?;
 
         let mut children = Children::default();
         let mut proxies = Vec::new();
@@ -1169,7 +1172,7 @@ mod tests {
         ] {
             latency.stages.insert(
                 name.into(),
-                edgerelay::top::latency::Stage {
+                edgerelay_ops::top::latency::Stage {
                     window: summary(window),
                     since_start: summary(since),
                 },

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use edgerelay::client::H3Client;
+use edgerelay_client::H3Client;
 use futures::future::try_join_all;
 use tokio::sync::watch;
 use tokio::time::timeout;

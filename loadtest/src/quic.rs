@@ -1,4 +1,4 @@
-//! `loadtest quic`: drives the native `edgerelay/1` protocol through [`edgerelay::client`].
+//! `loadtest quic`: drives the native `edgerelay/1` protocol through [`edgerelay_client`].
 //!
 //! Shape: `--connections` clients (each its own UDP socket and QUIC connection), `--streams`
 //! bidirectional streams on each, and up to `--in-flight` requests pipelined on each stream.
@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use edgerelay::client::{self, Client, ClientConfig, ClientError, PublishStream};
 use edgerelay::error::ErrorCode;
 use edgerelay::proto;
+use edgerelay_client::{self as client, Client, ClientConfig, ClientError, PublishStream};
 use futures::future::{join_all, try_join_all};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;

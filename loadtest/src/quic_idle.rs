@@ -41,7 +41,7 @@ pub struct Args {
 pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let ca_pem = std::fs::read_to_string(&args.ca)
         .with_context(|| format!("reading {}", args.ca.display()))?;
-    let config = edgerelay::client::ClientConfig {
+    let config = edgerelay_client::ClientConfig {
         server: args.addr,
         server_name: args.server_name.clone(),
         ca_pem: Some(ca_pem),
@@ -49,7 +49,7 @@ pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<
         client_cert: None,
     };
     let endpoint =
-        edgerelay::client::quic_endpoint(&config, edgerelay::ingest::quic::ALPN_EDGERELAY)?;
+        edgerelay_client::quic_endpoint(&config, edgerelay::ingest::quic::ALPN_EDGERELAY)?;
     let started = Instant::now();
     let results: Vec<_> = stream::iter(0..args.connections)
         .map(|_| {

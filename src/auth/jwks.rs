@@ -302,7 +302,7 @@ fn algorithm_of(a: KeyAlgorithm) -> Option<Algorithm> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dev_idp::SigningKey;
+    use edgerelay_ops::dev_idp::SigningKey;
 
     const ALLOWED: [Algorithm; 3] = [Algorithm::ES256, Algorithm::RS256, Algorithm::EdDSA];
 

@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use edgerelay::dev_idp::{encode_part, SigningKey};
 use edgerelay::error::ErrorCode;
+use edgerelay_ops::dev_idp::{encode_part, SigningKey};
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -207,7 +207,7 @@ async fn over_quic(
     subject: &str,
 ) -> (String, String) {
     let client = setup.quic_client(relay, token).await;
-    let answer = client.publish(vec![edgerelay::client::event(subject, "hostile")]).await.unwrap();
+    let answer = client.publish(vec![edgerelay_client::event(subject, "hostile")]).await.unwrap();
     let refused = answer.error.or_else(|| {
         answer.results.into_iter().find_map(|r| match r.outcome {
             Some(edgerelay::proto::event_result::Outcome::Refused(r)) => Some(r),
@@ -438,15 +438,15 @@ async fn a_quic_stream_keeps_its_identity_only_until_the_token_expires() {
     let short = idp.token(claims_with(&idp, json!({"iat": now, "exp": now + 2})));
     let client = setup.quic_client(&relay, &short).await;
     let mut stream = client.stream().await.unwrap();
-    stream.send(vec![edgerelay::client::event("edge.acme.a", "1")]).await.unwrap();
+    stream.send(vec![edgerelay_client::event("edge.acme.a", "1")]).await.unwrap();
     let first = stream.recv().await.unwrap();
     assert!(first.error.is_none(), "{first:?}");
     // Later requests on the stream carry no token: the stream's identity answers for them...
-    stream.send(vec![edgerelay::client::event("edge.acme.b", "2")]).await.unwrap();
+    stream.send(vec![edgerelay_client::event("edge.acme.b", "2")]).await.unwrap();
     assert!(stream.recv().await.unwrap().error.is_none());
     // ...until its token expires.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
-    stream.send(vec![edgerelay::client::event("edge.acme.c", "3")]).await.unwrap();
+    stream.send(vec![edgerelay_client::event("edge.acme.c", "3")]).await.unwrap();
     let late = stream.recv().await.unwrap().error.expect("refused");
     assert_eq!((late.code.as_str(), late.reason.as_str()), ("unauthorized", "token_expired"));
     assert_eq!(stream_messages(&nats.url()).await, 2);
@@ -476,7 +476,7 @@ async fn rate_limits_answer_429_with_retry_after_then_recover() {
     assert_eq!(error_code(over).await.1, "rate_limited");
     // The native protocol refuses each event with the same code and a retry delay.
     let client = setup.quic_client(&relay, TOKEN).await;
-    let answer = client.publish(vec![edgerelay::client::event("edge.rl.q", "x")]).await.unwrap();
+    let answer = client.publish(vec![edgerelay_client::event("edge.rl.q", "x")]).await.unwrap();
     match &answer.results[0].outcome {
         Some(edgerelay::proto::event_result::Outcome::Refused(r)) => {
             assert_eq!(r.code, "rate_limited");

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use edgerelay::client::event;
 use edgerelay::metrics::latency::histogram;
+use edgerelay_client::event;
 use futures::StreamExt as _;
 use serde_json::Value;
 

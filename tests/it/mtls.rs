@@ -3,9 +3,9 @@
 //! other certificates and no credentials are refused.
 
 use bytes::Bytes;
-use edgerelay::client::{ClientConfig, H3Client};
 use edgerelay::config::{CertIdentity, MtlsConfig};
-use edgerelay::tls::DevCerts;
+use edgerelay_client::{ClientConfig, H3Client};
+use edgerelay_ops::dev_certs::DevCerts;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -100,9 +100,9 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
         h3.post("/v1/publish/edge.collector.h3", &[], Bytes::from_static(b"1")).await.unwrap();
     assert_eq!(status, 202);
     let quic =
-        edgerelay::client::Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+        edgerelay_client::Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
     let answer =
-        quic.publish(vec![edgerelay::client::event("edge.collector.quic", "1")]).await.unwrap();
+        quic.publish(vec![edgerelay_client::event("edge.collector.quic", "1")]).await.unwrap();
     assert!(answer.error.is_none(), "{answer:?}");
 
     // Without a certificate or token: 401; with a certificate from another CA: no TLS at all.
@@ -157,7 +157,8 @@ async fn the_client_ca_and_server_certificate_reload_on_https_h3_and_quic() {
     std::fs::write(&mtls.ca_file, ca2).unwrap();
     let server_dir = setup.dir.path().join("server-2");
     let server =
-        edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
     server.write(&server_dir).unwrap();
     cfg.https.tls_cert = server_dir.join("cert.pem");
     cfg.https.tls_key = server_dir.join("key.pem");
@@ -180,11 +181,11 @@ async fn the_client_ca_and_server_certificate_reload_on_https_h3_and_quic() {
     let (status, _, _) =
         h3.post("/v1/publish/edge.collector.h3", &[], Bytes::from_static(b"1")).await.unwrap();
     assert_eq!(status, 202);
-    let quic = edgerelay::client::Client::connect(quic_cfg(&server, &cert2, &key2)).await.unwrap();
+    let quic = edgerelay_client::Client::connect(quic_cfg(&server, &cert2, &key2)).await.unwrap();
     let answer =
-        quic.publish(vec![edgerelay::client::event("edge.collector.quic", "1")]).await.unwrap();
+        quic.publish(vec![edgerelay_client::event("edge.collector.quic", "1")]).await.unwrap();
     assert!(answer.error.is_none(), "{answer:?}");
-    assert!(edgerelay::client::Client::connect(quic_cfg(&setup.certs, &cert2, &key2))
+    assert!(edgerelay_client::Client::connect(quic_cfg(&setup.certs, &cert2, &key2))
         .await
         .is_err());
 

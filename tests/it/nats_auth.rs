@@ -81,7 +81,8 @@ async fn mutual_tls_to_nats() {
     // The dev certificate has no extended key usage, so it serves as server and client cert.
     let dir = tempfile::tempdir().unwrap();
     let certs =
-        edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
     certs.write(dir.path()).unwrap();
     let path = |f: &str| dir.path().join(f).display().to_string();
     let nats = NatsServer::start_with_config(&format!(

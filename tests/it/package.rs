@@ -85,7 +85,7 @@ fn the_package_installs_the_relay_its_unit_user_and_a_config_that_checks() {
     assert_eq!(before.status.code(), Some(78), "no certificate yet");
     let errors = String::from_utf8_lossy(&before.stderr);
     assert!(errors.lines().filter(|l| l.contains("https.tls_")).count() >= 2, "{errors}");
-    edgerelay::tls::generate_dev_certs(&["localhost".into()])
+    edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into()])
         .unwrap()
         .write(&etc.join("tls"))
         .unwrap();

@@ -199,7 +199,7 @@ async fn health_readiness_and_tail() {
         assert_eq!(relay.publish(&relay.h1, "edge.tail", body).send().await.unwrap().status(), 202);
     }
     let mut out = Vec::new();
-    let opts = edgerelay::tail::TailOptions {
+    let opts = edgerelay_ops::tail::TailOptions {
         nats_url: nats.url(),
         subject: "edge.>".into(),
         stream: Some(STREAM.into()),
@@ -207,7 +207,7 @@ async fn health_readiness_and_tail() {
         count: Some(3),
         idle_timeout: Some(std::time::Duration::from_secs(5)),
     };
-    assert_eq!(edgerelay::tail::run(opts, &mut out).await.unwrap(), 3);
+    assert_eq!(edgerelay_ops::tail::run(opts, &mut out).await.unwrap(), 3);
     let lines: Vec<serde_json::Value> =
         String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let payloads: Vec<&str> = lines.iter().map(|l| l["payload"].as_str().unwrap()).collect();

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use edgerelay::client::event;
 use edgerelay::ingest::framing;
 use edgerelay::proto::{self, event_result::Outcome};
+use edgerelay_client::event;
 
 use crate::support::*;
 

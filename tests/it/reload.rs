@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgerelay::tls::DevCerts;
+use edgerelay_ops::dev_certs::DevCerts;
 
 use crate::support::*;
 
@@ -19,7 +19,8 @@ const BATCH: &str = "[relay]\nid = \"reload\"\n[batch]\nmax_events = 8\nlinger_m
 /// Fresh certificates (a new CA and server certificate) written into `dir`.
 fn new_certs(dir: &Path) -> DevCerts {
     let certs =
-        edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
     certs.write(dir).unwrap();
     certs
 }

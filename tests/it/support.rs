@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use edgerelay::config::{Config, StaticToken};
 use edgerelay::proto;
-use edgerelay::tls::DevCerts;
 use edgerelay::Relay;
+use edgerelay_ops::dev_certs::DevCerts;
 use prost::Message;
 
 /// May publish on `edge.>` except `edge.secret.>`.
@@ -136,7 +136,8 @@ impl Setup {
         edgerelay::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let certs =
-            edgerelay::tls::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+            edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
+                .unwrap();
         certs.write(dir.path()).unwrap();
         let mut config = Config::default();
         config.relay.id = "test-relay".into();
@@ -170,8 +171,8 @@ impl Setup {
     }
 
     /// Where and how a QUIC or HTTP/3 client reaches `relay`, with `token`.
-    pub fn client_config(&self, relay: &TestRelay, token: &str) -> edgerelay::client::ClientConfig {
-        edgerelay::client::ClientConfig {
+    pub fn client_config(&self, relay: &TestRelay, token: &str) -> edgerelay_client::ClientConfig {
+        edgerelay_client::ClientConfig {
             server: relay.quic_addr(),
             server_name: "localhost".into(),
             ca_pem: Some(self.certs.ca_cert.clone()),
@@ -181,8 +182,8 @@ impl Setup {
     }
 
     /// A native-protocol client of `relay` with `token`.
-    pub async fn quic_client(&self, relay: &TestRelay, token: &str) -> edgerelay::client::Client {
-        edgerelay::client::Client::connect(self.client_config(relay, token))
+    pub async fn quic_client(&self, relay: &TestRelay, token: &str) -> edgerelay_client::Client {
+        edgerelay_client::Client::connect(self.client_config(relay, token))
             .await
             .expect("QUIC connect")
     }
@@ -391,7 +392,7 @@ pub fn token_toml() -> String {
 
 /// A dev identity provider served in-process on a loopback port.
 pub struct TestIdp {
-    pub idp: std::sync::Arc<edgerelay::dev_idp::DevIdp>,
+    pub idp: std::sync::Arc<edgerelay_ops::dev_idp::DevIdp>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -399,13 +400,13 @@ pub struct TestIdp {
 impl TestIdp {
     /// Starts one with ES256 and RS256 keys.
     pub async fn start() -> Self {
-        let listener = edgerelay::dev_idp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = edgerelay_ops::dev_idp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let issuer = format!("http://{}", listener.local_addr().unwrap());
         let idp = std::sync::Arc::new(
-            edgerelay::dev_idp::DevIdp::new(&issuer, &["ES256", "RS256"]).unwrap(),
+            edgerelay_ops::dev_idp::DevIdp::new(&issuer, &["ES256", "RS256"]).unwrap(),
         );
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(edgerelay::dev_idp::serve(idp.clone(), listener, stop_rx));
+        let task = tokio::spawn(edgerelay_ops::dev_idp::serve(idp.clone(), listener, stop_rx));
         Self { idp, stop: Some(stop), task: Some(task) }
     }
 
@@ -416,7 +417,7 @@ impl TestIdp {
     /// A token with these claims (over the defaults: iss, aud `edgerelay`, sub, iat, exp).
     pub fn token(&self, claims: serde_json::Value) -> String {
         self.idp
-            .mint(&edgerelay::dev_idp::MintRequest {
+            .mint(&edgerelay_ops::dev_idp::MintRequest {
                 claims: claims.as_object().cloned().unwrap_or_default(),
                 ..Default::default()
             })
@@ -496,8 +497,8 @@ pub async fn h3_client(
     setup: &Setup,
     relay: &TestRelay,
     token: &str,
-) -> edgerelay::client::H3Client {
-    edgerelay::client::H3Client::connect(setup.client_config(relay, token))
+) -> edgerelay_client::H3Client {
+    edgerelay_client::H3Client::connect(setup.client_config(relay, token))
         .await
         .expect("HTTP/3 connect")
 }

@@ -122,9 +122,12 @@ impl Lab {
         // Under the log directory, so every child's command line names the run's directory.
         let dir = tempfile::Builder::new().prefix("lab-").tempdir_in(&logs)?;
         let certs = dir.path().join("certs");
-        edgerelay::tls::generate_dev_certs(&["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .and_then(|c| c.write(&certs))
-            .context("generating the relay's certificates")?;
+        edgerelay_ops::dev_certs::generate_dev_certs(&[
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .and_then(|c| c.write(&certs))
+        .context("generating the relay's certificates")?;
         Ok(Lab {
             ca: certs.join("ca.pem"),
             certs,
@@ -533,7 +536,7 @@ mod tests {
     fn the_generated_config_is_valid_for_the_relay() {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        edgerelay::tls::generate_dev_certs(&["localhost".to_owned()])
+        edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".to_owned()])
             .and_then(|c| c.write(&certs))
             .unwrap();
         let lab = Lab {

@@ -16,8 +16,7 @@ use crate::error::{ErrorCode, Refusal};
 use crate::ingest::http_api::{refusal, HttpApi};
 use crate::shutdown::Shutdown;
 
-/// ALPN of HTTP/3.
-pub const ALPN_H3: &[u8] = b"h3";
+pub use edgerelay_proto::ALPN_H3;
 
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 

@@ -29,8 +29,8 @@ use crate::metrics::Protocol;
 use crate::proto;
 use crate::shutdown::Shutdown;
 
-/// ALPN of the native protocol.
-pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
+pub use edgerelay_proto::ALPN_EDGERELAY;
+
 /// CONNECTION_CLOSE code when the relay shuts down.
 pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
 /// Bytes read from a stream at once.

@@ -330,7 +330,7 @@ mod tests {
 
     #[test]
     fn reads_the_names_metrics_rs_registers() {
-        use crate::metrics::*;
+        use edgerelay::metrics::*;
         let m = Metrics::new();
         // A family is only announced once it has a label set.
         let _ = m.accepted.get_or_create(&ProtocolLabels { protocol: Protocol::Https });

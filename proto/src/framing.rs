@@ -96,7 +96,7 @@ fn read_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto;
+    use crate as proto;
 
     #[test]
     fn frames_round_trip_and_split_anywhere() {

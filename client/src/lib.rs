@@ -1,9 +1,10 @@
-//! A Rust client for the native QUIC protocol (`edgerelay/1`), for edge collectors, the load
-//! generator and tests.
+//! A Rust client for edgerelay's native QUIC protocol (`edgerelay/1`), for edge collectors,
+//! the load generator and tests, plus a minimal HTTP/3 client of its HTTP API. It depends on
+//! the wire format (`edgerelay-proto`, re-exported as [`proto`]), not on the relay.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), edgerelay::client::ClientError> {
-//! use edgerelay::client::{Client, ClientConfig};
+//! # async fn demo() -> Result<(), edgerelay_client::ClientError> {
+//! use edgerelay_client::{Client, ClientConfig};
 //! let client = Client::connect(ClientConfig {
 //!     server: "127.0.0.1:8443".parse().unwrap(),
 //!     server_name: "localhost".into(),
@@ -13,11 +14,11 @@
 //! })
 //! .await?;
 //! // One request on its own stream...
-//! let answer = client.publish(vec![edgerelay::client::event("edge.demo", "hello")]).await?;
+//! let answer = client.publish(vec![edgerelay_client::event("edge.demo", "hello")]).await?;
 //! // ...or many pipelined on one stream, answers in order.
 //! let mut stream = client.stream().await?;
 //! for i in 0..10 {
-//!     stream.send(vec![edgerelay::client::event("edge.demo", format!("e{i}"))]).await?;
+//!     stream.send(vec![edgerelay_client::event("edge.demo", format!("e{i}"))]).await?;
 //! }
 //! for _ in 0..10 {
 //!     let answer = stream.recv().await?;
@@ -29,16 +30,19 @@
 //! requests that were in flight on it are not retried (their answers never came: retry them
 //! with the same event ids, and the relay's idempotency answers the duplicates).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use edgerelay_proto::framing::{self, FrameDecoder};
+use edgerelay_proto::{ALPN_EDGERELAY, ALPN_H3};
 use prost::Message;
 use tokio::sync::Mutex;
 
-use crate::ingest::framing::{self, FrameDecoder};
-use crate::ingest::quic::ALPN_EDGERELAY;
-use crate::proto;
+/// The wire messages (`Event`, `PublishRequest`, `PublishResponse`, ...).
+pub use edgerelay_proto as proto;
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
@@ -209,7 +213,9 @@ pub fn quic_endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoi
             roots.add(cert.map_err(|e| setup(&e))?).map_err(|e| setup(&e))?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    // ring, as the relay and async-nats use: rustls panics if it has to pick between two.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| setup(&e))?
         .with_root_certificates(roots);
@@ -232,11 +238,24 @@ pub fn quic_endpoint(config: &ClientConfig, alpn: &[u8]) -> Result<quinn::Endpoi
     } else {
         SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
     };
-    let socket =
-        crate::ingest::quic::udp_socket(bind, CLIENT_SOCKET_BUFFER_BYTES).map_err(|e| setup(&e))?;
-    let mut endpoint = crate::ingest::quic::endpoint(socket, None).map_err(|e| setup(&e))?;
+    let socket = udp_socket(bind).map_err(|e| setup(&e))?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|e| setup(&e))?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     Ok(endpoint)
+}
+
+/// A UDP socket on `bind` with [`CLIENT_SOCKET_BUFFER_BYTES`] kernel buffers (as much of them
+/// as the kernel allows).
+fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_recv_buffer_size(CLIENT_SOCKET_BUFFER_BYTES)?;
+    socket.set_send_buffer_size(CLIENT_SOCKET_BUFFER_BYTES)?;
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
 }
 
 /// A minimal HTTP/3 client of the relay's HTTP API (for tests and the load generator).
@@ -250,7 +269,7 @@ impl H3Client {
     /// Connects with ALPN `h3`; `config.token` goes in `Authorization` unless a request
     /// overrides it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = quic_endpoint(&config, crate::ingest::quic::ALPN_H3)?;
+        let endpoint = quic_endpoint(&config, ALPN_H3)?;
         let connecting = endpoint
             .connect(config.server, &config.server_name)
             .map_err(|e| ClientError::Connection(e.to_string()))?;

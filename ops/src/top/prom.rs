@@ -200,9 +200,9 @@ edgerelay_broken{unterminated="x 1
 
     #[test]
     fn reads_what_the_relay_serves() {
-        let m = crate::metrics::Metrics::new();
-        let _ = m.accepted.get_or_create(&crate::metrics::ProtocolLabels {
-            protocol: crate::metrics::Protocol::H3,
+        let m = edgerelay::metrics::Metrics::new();
+        let _ = m.accepted.get_or_create(&edgerelay::metrics::ProtocolLabels {
+            protocol: edgerelay::metrics::Protocol::H3,
         });
         m.queue_depth.set(3);
         let s = parse(&m.render());

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use prost::Message;
 use serde::Serialize;
 
-use crate::proto;
+use edgerelay_proto as proto;
 
 /// What to read.
 #[derive(Clone, Debug)]
