@@ -2,7 +2,12 @@
 //! answer ([`Outcome`]). Every `Pending` is answered exactly once — by the sink on PubAck or
 //! failure, or with `shutting_down` if it is dropped unanswered — so no edge request waits
 //! forever and no idempotency key stays claimed.
+//!
+//! A leaf: ingest makes these, the queues and batches carry them, the sink answers them, and
+//! this module depends on none of those. The idempotency cache a [`Reply`] settles is seen
+//! through [`Remember`].
 
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -10,9 +15,7 @@ use std::time::Instant;
 
 use futures::task::AtomicWaker;
 
-use crate::batch::batcher::Item;
 use crate::error::{ErrorCode, Refusal};
-use crate::ingest::idempotency::{Idempotency, Key};
 use crate::proto;
 
 /// Where JetStream stored an event. Plain numbers (`Copy`, no shared strings): one is made,
@@ -134,16 +137,30 @@ impl Answers {
     }
 }
 
+/// An idempotency key as scoped by the relay: a 128-bit fingerprint of (identity, client
+/// key), made by the idempotency cache (`ingest::idempotency`), which also hashes it. The cache
+/// keeps fingerprints rather than strings: hashed once per event, 16 bytes per entry, no
+/// allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key(pub(crate) u128);
+
+/// Where a keyed event's final outcome is remembered, so that a retry with the same key is
+/// answered from it: the idempotency cache, as a [`Reply`] sees it.
+pub trait Remember: fmt::Debug + Send + Sync {
+    /// Records the outcome of the claimed `key` at `now` and wakes the retries waiting for it.
+    fn complete(&self, key: Key, outcome: &Outcome, now: Instant);
+}
+
 /// Answers one event: to the waiting request (if any) and to the idempotency cache (if the
 /// event carried a key).
 #[derive(Debug, Default)]
 pub struct Reply {
     request: Option<Slot>,
-    key: Option<(Arc<Idempotency>, Key)>,
+    key: Option<(Arc<dyn Remember>, Key)>,
 }
 
 impl Reply {
-    pub fn new(request: Option<Slot>, key: Option<(Arc<Idempotency>, Key)>) -> Self {
+    pub fn new(request: Option<Slot>, key: Option<(Arc<dyn Remember>, Key)>) -> Self {
         Self { request, key }
     }
 
@@ -186,16 +203,6 @@ impl Drop for Reply {
                 "the relay stopped before the event was acknowledged",
             )));
         }
-    }
-}
-
-impl Item for Pending {
-    fn subject(&self) -> &str {
-        &self.event.subject
-    }
-
-    fn size(&self) -> usize {
-        self.size
     }
 }
 

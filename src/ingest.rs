@@ -26,7 +26,7 @@ use crate::auth::{Auth, Credentials, Identity};
 use crate::batch::queue::{PushError, Queues};
 use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal, Side};
-use crate::event::{Ack, Answers, Names, Outcome, Pending, Reply, Slot};
+use crate::event::{Ack, Answers, Names, Outcome, Pending, Remember, Reply, Slot};
 use crate::metrics::latency::Stage;
 use crate::metrics::{Metrics, Protocol};
 use crate::proto;
@@ -332,7 +332,7 @@ impl Ingest {
         };
         let len = event.encoded_len();
         let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-        let key = key.map(|k| (self.idempotency.clone(), k));
+        let key = key.map(|k| (self.idempotency.clone() as Arc<dyn Remember>, k));
         let (request, ticket) = match self.ack_mode {
             AckMode::Durable | AckMode::Spooled => (Some(slot), Ticket::InSlot),
             AckMode::Accepted => (None, Ticket::Now(Ok(Ack::Queued))),

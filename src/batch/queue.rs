@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
 
+use super::batcher::Item;
 use crate::event::Pending;
 
 /// Why an event was not queued.
@@ -113,6 +114,16 @@ fn shard_index(subject: &str, shards: usize) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h % shards as u64) as usize
+}
+
+impl Item for Pending {
+    fn subject(&self) -> &str {
+        &self.event.subject
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
 }
 
 #[cfg(test)]

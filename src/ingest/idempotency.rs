@@ -27,19 +27,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::event::{Ack, Outcome, Stored};
+pub use crate::event::Key;
+use crate::event::{Ack, Outcome, Remember, Stored};
 
 /// Independently locked parts of the cache, so concurrent requests rarely wait on each other.
 const SHARDS: usize = 16;
 
-/// An idempotency key as scoped by the relay: a 128-bit fingerprint of (identity, client
-/// key) under two randomly seeded SipHash keys, made by [`Idempotency::key`]. The cache keeps
-/// fingerprints rather than strings: hashed once per event, 16 bytes per entry, no allocation.
-/// Two distinct keys share a fingerprint with probability about 2^-128 per pair, and since
-/// the seeds are secret, clients cannot search for a collision offline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Key(u128);
-
+// A [`Key`] is a fingerprint under two randomly seeded SipHash keys, made by
+// [`Idempotency::key`]. Two distinct keys share a fingerprint with probability about 2^-128 per
+// pair, and since the seeds are secret, clients cannot search for a collision offline.
 impl Hash for Key {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Already a keyed hash: its low half is the table's hash, its high half picks the shard.
@@ -294,6 +290,12 @@ impl Filter {
     fn may_contain(&self, key: Key) -> bool {
         let (block, mut bits) = self.bits(key);
         bits.all(|(word, mask)| self.blocks[block][word] & mask != 0)
+    }
+}
+
+impl Remember for Idempotency {
+    fn complete(&self, key: Key, outcome: &Outcome, now: Instant) {
+        Idempotency::complete(self, key, outcome, now);
     }
 }
 
