@@ -1,5 +1,5 @@
 //! Live reload (SIGHUP, `systemctl reload`): which parts of a new [`Config`] can be applied to a
-//! running relay, and how a reload is told. [`crate::Relay::reload`] applies one.
+//! running relay, how a reload is told, and [`Relay::reload`], which applies one.
 //!
 //! Reloadable: the TLS certificate and key (HTTPS, HTTP/3 and QUIC alike: new handshakes get the
 //! new certificate, established connections keep theirs), all of `[auth]` (static tokens, JWT
@@ -9,10 +9,21 @@
 //! half-applies.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
 
+use super::build::{batching_of, client_ca};
+use super::Relay;
+use crate::auth::idp::KeyStore;
+use crate::batch::driver::Batching;
 use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::tls;
 
 /// The config fields (dotted paths, and everything under them) a running relay can change.
 pub const RELOADABLE: &[&str] = &[
@@ -51,6 +62,65 @@ pub enum ReloadError {
     /// refuse every token).
     #[error("auth.jwt: the identity provider's keys could not be loaded: {0}")]
     Keys(crate::auth::idp::FetchError),
+}
+
+/// The parts of a running relay a reload swaps.
+pub(super) struct Live {
+    /// Held for a whole reload, so reloads never overlap.
+    pub current: Mutex<Current>,
+    pub cert: Arc<tls::CertSlot>,
+    pub clients: Arc<tls::ClientCerts>,
+    pub ingest: Arc<Ingest>,
+    pub metrics: Arc<Metrics>,
+    pub batching: watch::Sender<Batching>,
+    pub stop: Shutdown,
+}
+
+/// The config in effect, and the task started for it.
+pub(super) struct Current {
+    /// A reload compares the new config with it.
+    pub config: Config,
+    /// The task keeping the identity provider's keys current, when JWTs are configured.
+    pub keys_refresh: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Applies a new (validated) config to the running relay without closing a connection: a
+    /// new certificate and client CA for new TLS handshakes, a new authentication stage for new
+    /// requests, new batch limits for the drivers' next round. When `auth.jwt` changes where or
+    /// how keys are fetched, the new identity provider's keys are loaded first. If any field
+    /// that only takes effect at start-up differs (see [`RELOADABLE`]), or the new certificate,
+    /// CA, auth settings or keys are unusable, nothing is applied and the relay keeps its
+    /// previous config.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded, ReloadError> {
+        let live = &self.live;
+        let mut current = live.current.lock().await;
+        let (fields, restart) = diff(&current.config, &new);
+        if !restart.is_empty() {
+            return Err(ReloadError::Restart(restart));
+        }
+        // Everything that can fail comes before the first swap.
+        let old = live.ingest.auth();
+        let auth = Arc::new(old.reloaded(&new.auth, live.metrics.clone())?);
+        let kept = |k: &Arc<KeyStore>| old.key_store().is_some_and(|o| Arc::ptr_eq(&o, k));
+        let new_keys = auth.key_store().filter(|k| !kept(k));
+        if let Some(keys) = &new_keys {
+            keys.load().await.map_err(ReloadError::Keys)?;
+        }
+        let clients = tls::ClientCerts::verifier(client_ca(&new))?;
+        let certificate = live.cert.reload(&new.https.tls_cert, &new.https.tls_key)?;
+        live.clients.store(clients);
+        if new_keys.is_some() || auth.key_store().is_none() {
+            if let Some(task) = current.keys_refresh.take() {
+                task.abort();
+            }
+            current.keys_refresh = new_keys.map(|k| tokio::spawn(k.refresh(live.stop.clone())));
+        }
+        live.ingest.set_auth(auth);
+        live.batching.send_replace(batching_of(&new));
+        current.config = new;
+        Ok(Reloaded { fields, certificate })
+    }
 }
 
 /// The fields that differ between `old` and `new`, split into (reloadable, restart-only).
