@@ -6,7 +6,8 @@
 //!   of validated tokens.
 //! - [`jwks`]: the provider's keys by `kid`, with refresh, cooldown and grace rules (sans-IO).
 //! - [`idp`]: fetching the keys (URL, OIDC discovery or file) and keeping them current.
-//! - [`rbac`]: roles mapping claims to subject patterns, with claim templating (sans-IO).
+//! - [`rbac`]: roles mapping claims to subject patterns (sans-IO).
+//! - [`template`]: subject patterns with claims filled in from a token (sans-IO).
 //! - [`mtls`]: client certificates as identities.
 //! - [`rules`]: allow/deny subject patterns (sans-IO).
 //! - [`static_tokens`]: bearer tokens from the config (development and tests).
@@ -19,6 +20,7 @@ pub mod rate_limit;
 pub mod rbac;
 pub mod rules;
 pub mod static_tokens;
+pub mod template;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -88,7 +90,7 @@ struct Jwt {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("auth.roles: {0}")]
-    Roles(#[from] rbac::RoleError),
+    Roles(#[from] template::RoleError),
     #[error("auth.jwt: {0}")]
     Keys(#[from] idp::FetchError),
     #[error("auth.mtls: {0}")]
