@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgerelay::auth::config::{JwtConfig, RoleConfig, StaticToken};
 use edgerelay::auth::jwks::{Keys, Lookup, Policy};
 use edgerelay::auth::jwt::{self, Validator};
 use edgerelay::auth::rbac::Roles;
 use edgerelay::auth::static_tokens::StaticTokens;
-use edgerelay::config::{JwtConfig, RoleConfig, StaticToken};
 use edgerelay_ops::dev_idp::{DevIdp, MintRequest};
 
 const ALGS: [&str; 3] = ["ES256", "RS256", "EdDSA"];

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgerelay::auth::config::RoleConfig;
 use edgerelay::auth::rbac::Roles;
-use edgerelay::config::RoleConfig;
 use edgerelay::subject::{self, Pattern};
 
 const MAX_SUBJECT_BYTES: usize = 256;

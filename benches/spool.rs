@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgerelay::config::{FsyncPolicy, SpoolConfig};
 use edgerelay::metrics::Metrics;
 use edgerelay::proto::SpoolRecord;
+use edgerelay::spool::config::{FsyncPolicy, SpoolConfig};
 use edgerelay::spool::Spool;
 
 const APPENDS: u64 = 256;

@@ -5,6 +5,10 @@
 //! `/metrics` is the Prometheus (OpenMetrics) exposition of [`crate::metrics`];
 //! `/debug/latency` and `/debug/latency/{stage}.hgrm` the exact percentiles of
 //! [`crate::metrics::latency`]; `/debug/clusters` the state of every NATS cluster (JSON).
+//!
+//! [`config`] is the `[admin]` section of the config file.
+
+pub mod config;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

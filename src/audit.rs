@@ -8,6 +8,10 @@
 //! (`edgerelay_audit_dropped_total`). Refusals that are not the edge's fault (NATS down,
 //! queues full) are counted in the metrics but not audited: they say nothing about who tried
 //! what, and would flood the trail exactly when NATS cannot take it.
+//!
+//! [`config`] is the `[audit]` section of the config file.
+
+pub mod config;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -20,10 +24,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::config::AuditConfig;
 use crate::error::{Refusal, Side};
 use crate::metrics::{Metrics, Protocol, RefusalLabels};
 use crate::shutdown::Shutdown;
+use config::AuditConfig;
 
 /// Publishes awaiting their PubAck at most.
 const ACK_WINDOW: usize = 256;

@@ -2,6 +2,7 @@
 //! protocol it came in on. It turns credentials into an [`Identity`], and an identity plus a
 //! subject into yes or no. Publishing is the only thing the edge can ever be allowed to do.
 //!
+//! - [`config`]: the `[auth]` section of the config file, its defaults and checks.
 //! - [`jwt`]: OIDC / JWT bearer tokens: header, signature and claims (sans-IO), and the cache
 //!   of validated tokens.
 //! - [`jwks`]: the provider's keys by `kid`, with refresh, cooldown and grace rules (sans-IO).
@@ -12,6 +13,7 @@
 //! - [`rules`]: allow/deny subject patterns (sans-IO).
 //! - [`static_tokens`]: bearer tokens from the config (development and tests).
 
+pub mod config;
 pub mod idp;
 pub mod jwks;
 pub mod jwt;
@@ -27,9 +29,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
 
-use crate::config::AuthConfig;
 use crate::error::{ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use config::AuthConfig;
 
 /// What a request presents to prove who it is.
 #[derive(Clone, Copy, Debug, Default)]

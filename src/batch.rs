@@ -1,7 +1,9 @@
 //! Batching: events wait in bounded, sharded lock-free queues ([`queue`]); one task per shard
 //! ([`driver`]) feeds them to the sans-IO [`batcher`] and hands ready batches to the sink.
+//! [`config`] is the `[batch]` section of the config file.
 
 pub mod batcher;
+pub mod config;
 pub mod driver;
 pub mod queue;
 

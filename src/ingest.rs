@@ -4,6 +4,7 @@
 //! authentication, authorization, validation, idempotency, enqueueing and waiting for the
 //! answer — is [`Ingest`], one code path for every protocol.
 
+pub mod config;
 pub mod http_api;
 pub mod https;
 pub mod idempotency;
@@ -24,14 +25,15 @@ use tokio::sync::oneshot;
 use crate::audit::Audit;
 use crate::auth::{Auth, Credentials, Identity};
 use crate::batch::queue::{PushError, Queues};
-use crate::config::{AckMode, Config};
 use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Remember, Reply, Slot};
 use crate::metrics::latency::Stage;
 use crate::metrics::{Metrics, Protocol};
 use crate::proto;
+use crate::section::ms;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
+use config::{AckMode, Settings};
 use idempotency::{Claim, Idempotency};
 
 /// Most headers one event may carry.
@@ -80,7 +82,7 @@ enum Ticket {
 
 impl Ingest {
     pub fn new(
-        cfg: &Config,
+        cfg: &Settings,
         auth: Arc<Auth>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
@@ -94,20 +96,19 @@ impl Ingest {
             queues,
             sink,
             idempotency: Arc::new(Idempotency::new(
-                crate::config::ms(cfg.idempotency.window_ms),
+                ms(cfg.idempotency.window_ms),
                 cfg.idempotency.max_keys,
             )),
             stream_subjects: cfg
-                .stream
-                .subjects
+                .stream_subjects
                 .iter()
                 .filter_map(|s| Pattern::parse(s).ok())
                 .collect(),
-            ack_mode: cfg.relay.ack_mode,
-            wait_for_first: crate::config::ms(cfg.nats.publish_deadline_ms),
-            max_subject_bytes: cfg.relay.max_subject_bytes,
-            max_event_bytes: cfg.https.max_event_bytes,
-            max_events_per_request: cfg.https.max_events_per_request,
+            ack_mode: cfg.ack_mode,
+            wait_for_first: cfg.wait_for_first,
+            max_subject_bytes: cfg.max_subject_bytes,
+            max_event_bytes: cfg.max_event_bytes,
+            max_events_per_request: cfg.max_events_per_request,
         }
     }
 

@@ -26,7 +26,7 @@
 //! |---|---|
 //! | what travels along the path: an event, its answer, exactly once | [`event`] (a leaf) |
 //! | how refusals are told: status, result code, metric label | [`error`] |
-//! | the configuration file | [`config`] |
+//! | the configuration file; each component owns its section (`ingest::config`, …) | [`config`], [`section`] |
 //! | start, drain, live reload (SIGHUP); [`Relay`] and [`run`] | [`relay`], [`shutdown`] |
 //! | health, readiness, `/metrics`, `/debug/latency` | [`admin`] |
 //! | metric names, exact latency percentiles (HdrHistogram) | [`metrics`] |
@@ -49,6 +49,7 @@ pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod relay;
+pub mod section;
 pub mod shutdown;
 pub mod sink;
 pub mod spool;

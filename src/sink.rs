@@ -14,8 +14,10 @@
 //! - [`connect`]: connecting the clusters, the start-up checks and the background tasks.
 //! - [`probe`]: the stream keeper and the round-trip probe of each cluster.
 //! - [`cluster`]: one cluster's connection, stream check and round-trip probe.
+//! - [`config`]: the `[nats]` and `[stream]` sections of the config file.
 
 pub mod cluster;
+pub mod config;
 pub mod connect;
 pub mod flight;
 pub mod probe;
@@ -31,9 +33,9 @@ use std::time::Instant;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use self::cluster::{Cluster, ConnectionEvent};
+use self::config::{FailoverConfig, StreamConfig};
 use self::flight::Active;
 use self::router::{Reason, Router, Switch};
-use crate::config::{FailoverConfig, StreamConfig};
 use crate::error::Refusal;
 use crate::event::Names;
 use crate::metrics::{FailoverLabels, Metrics};

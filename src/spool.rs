@@ -6,7 +6,7 @@
 //! published: its `Nats-Msg-Id`, subject and encoded `Batch`.
 //!
 //! - [`Spool::append`] stores a record; it returns once the record is durable per
-//!   `spool.fsync` (see [`FsyncPolicy`](crate::config::FsyncPolicy)): `always` after an fsync
+//!   `spool.fsync` (see [`FsyncPolicy`](config::FsyncPolicy)): `always` after an fsync
 //!   (appends waiting together share one, group commit), `interval` after the write with an
 //!   fsync at most `fsync_interval_ms` later, `never` after the write. `always` survives a power
 //!   loss; `interval` and `never` survive a crash of the relay process (the data is in the
@@ -22,6 +22,7 @@
 //!   the last one (a write cut short), counts damaged records (skipped), and reports it all in a
 //!   [`Recovery`] for the caller to log.
 //! - [`inspect`] reads a spool directory without changing it (`edgerelay spool inspect`).
+//! - [`config`] is the `[spool]` section of the config file.
 //!
 //! # Restart semantics
 //!
@@ -35,6 +36,7 @@
 //! `<dir>/lock`. [`inspect`] takes no lock and never writes, so it is safe beside a running
 //! relay (a record being written at that moment may show as a torn tail).
 
+pub mod config;
 pub mod segment;
 
 mod inspect;

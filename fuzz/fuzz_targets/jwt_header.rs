@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use edgerelay::auth::jwt::Validator;
 use edgerelay::auth::rbac::Roles;
-use edgerelay::config::JwtConfig;
+use edgerelay::auth::config::JwtConfig;
 use libfuzzer_sys::fuzz_target;
 
 fn validator() -> &'static Validator {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use edgerelay::auth::rbac::Roles;
-use edgerelay::config::RoleConfig;
+use edgerelay::auth::config::RoleConfig;
 use libfuzzer_sys::fuzz_target;
 
 fn roles() -> &'static Roles {

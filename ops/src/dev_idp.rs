@@ -407,7 +407,7 @@ mod tests {
             let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(key.jwk()).unwrap();
             let decoding = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
             let mut v =
-                jsonwebtoken::Validation::new(edgerelay::auth::jwt::algorithm(alg).unwrap());
+                jsonwebtoken::Validation::new(edgerelay::auth::config::algorithm(alg).unwrap());
             v.set_audience(&["edgerelay"]);
             let data = jsonwebtoken::decode::<Map<String, Value>>(&token, &decoding, &v);
             assert!(data.is_ok(), "{alg}: {data:?}");

@@ -2,7 +2,6 @@
 //! discovery or from a file, and keeping [`Keys`] current — a refresh task in the background,
 //! and single-flight fetches when a token names a `kid` the set lacks.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -11,8 +10,8 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::config::{check_url, JwtConfig};
 use super::jwks::{Changes, Keys, Lookup, Missing, Policy};
-use crate::config::JwtConfig;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::shutdown::Shutdown;
 
@@ -75,24 +74,6 @@ struct JwksDocument {
 struct Discovery {
     issuer: String,
     jwks_uri: String,
-}
-
-/// Checks that a provider URL is `https://`, or `http://` on a loopback address (the dev IdP).
-pub fn check_url(url: &str) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    match parsed.scheme() {
-        "https" => Ok(()),
-        "http" => {
-            let host = parsed.host_str().unwrap_or_default();
-            let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>();
-            if host == "localhost" || ip.is_ok_and(|ip| ip.is_loopback()) {
-                Ok(())
-            } else {
-                Err(format!("{url:?}: plain http is only allowed on loopback; use https"))
-            }
-        }
-        other => Err(format!("{url:?}: scheme {other:?} is not http(s)")),
-    }
 }
 
 impl KeyStore {

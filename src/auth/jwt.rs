@@ -24,10 +24,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 
+use super::config::{algorithm, JwtConfig};
 use super::jwks::Key;
 use super::rbac::Roles;
 use super::Identity;
-use crate::config::JwtConfig;
 use crate::error::{ErrorCode, Refusal};
 
 /// Longest token accepted.
@@ -69,23 +69,6 @@ struct Cache {
     /// Token digest → (result, key set generation, remembered until: unix seconds).
     entries: HashMap<[u8; 32], (Valid, u64, u64)>,
     max: usize,
-}
-
-/// The algorithm a configured or header name stands for, if it is an allowed kind: asymmetric
-/// signatures only. `none` and `HS*` are not in the list, so they cannot be configured.
-pub fn algorithm(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
 }
 
 /// A 401 with a finer reason.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 
+use super::config::MtlsConfig;
 use super::{Identity, Rules};
-use crate::config::MtlsConfig;
 use crate::subject::SubjectError;
 
 /// The configured certificate identities.

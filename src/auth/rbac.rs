@@ -11,9 +11,9 @@
 
 use serde_json::{Map, Value};
 
+use super::config::RoleConfig;
 use super::rules::Rules;
 use super::template::{lookup, RoleError, Template};
-use crate::config::RoleConfig;
 use crate::subject::Pattern;
 
 /// The configured roles.

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::config::StaticToken;
 use super::{Identity, Rules};
-use crate::config::StaticToken;
 
 #[derive(Debug, Default)]
 pub struct StaticTokens {

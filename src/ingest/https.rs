@@ -18,9 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::config::HttpsConfig;
 use super::http_api::HttpApi;
-use crate::config::{ms, HttpsConfig};
 use crate::metrics::Protocol;
+use crate::section::ms;
 use crate::shutdown::Shutdown;
 
 /// ALPN protocols offered, in order of preference.

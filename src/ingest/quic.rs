@@ -25,10 +25,11 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio::task::JoinSet;
 
 use self::native::Native;
+use super::config::QuicConfig;
 use super::http_api::HttpApi;
 use super::Ingest;
-use crate::config::{ms, QuicConfig};
 use crate::metrics::Protocol;
+use crate::section::ms;
 use crate::shutdown::Shutdown;
 
 pub use self::h3::ALPN_H3;

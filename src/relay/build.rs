@@ -19,10 +19,12 @@ use crate::audit::{self, Audit};
 use crate::auth::Auth;
 use crate::batch::driver::{self, Batching, Heartbeats, Options};
 use crate::batch::queue::Queues;
-use crate::config::{ms, Config, SpoolConfig};
+use crate::config::Config;
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
+use crate::section::ms;
 use crate::sink::Sink;
+use crate::spool::config::SpoolConfig;
 use crate::spool::{Spool, SpoolError};
 use crate::systemd::listen::Inherited;
 use crate::{batch, systemd, tls};
@@ -94,12 +96,12 @@ pub fn ingest(
     metrics: &Arc<Metrics>,
 ) -> Result<Stage, StartError> {
     let sink = &upstream.sink;
-    let queues = Arc::new(Queues::new(config.shards(), config.batch.queue_capacity));
+    let queues = Arc::new(Queues::new(config.batch.shard_count(), config.batch.queue_capacity));
     let auth = Arc::new(Auth::new(&config.auth, metrics.clone())?);
     let (audit, audit_queue) = Audit::new(&config.audit, &config.relay.id, metrics.clone());
     let audit = Arc::new(audit);
     let ingest = Arc::new(Ingest::new(
-        config,
+        &config.ingest(),
         auth.clone(),
         audit.clone(),
         metrics.clone(),

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, Notify};
 
+use super::config::{ClusterConfig, NatsConfig, StreamConfig};
 use super::stream;
 use super::SinkError;
-use crate::config::{ms, ClusterConfig, NatsConfig, StreamConfig};
 use crate::metrics::{ClusterLabels, Metrics};
+use crate::section::ms;
 
 /// What a cluster's connection reports to the sink.
 #[derive(Clone, Copy, Debug)]

@@ -10,12 +10,13 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::cluster::Cluster;
+use super::config::{NatsConfig, StreamConfig};
 use super::flight;
 use super::router::{Params, Router};
 use super::{Sink, SinkError, NONE};
-use crate::config::{ms, NatsConfig, StreamConfig};
 use crate::event::Names;
 use crate::metrics::Metrics;
+use crate::section::ms;
 use crate::shutdown::Shutdown;
 use crate::spool::Spool;
 

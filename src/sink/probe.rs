@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::cluster::{Cluster, Probe};
 use super::{Sink, SinkError};
-use crate::config::ms;
+use crate::section::ms;
 use crate::shutdown::Shutdown;
 
 impl Sink {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config as StreamSpec, StorageType};
 
-use crate::config::{Storage, StreamConfig};
+use super::config::{Storage, StreamConfig};
 
 /// The stream config the relay creates when the stream is missing.
 pub fn spec(cfg: &StreamConfig) -> StreamSpec {

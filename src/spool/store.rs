@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::config::{FsyncPolicy, SpoolConfig};
 use super::segment::{self, Header, HEADER_BYTES};
 use super::{list_segments, segment_name, SpoolError};
-use crate::config::{FsyncPolicy, SpoolConfig};
 use crate::metrics::Metrics;
 use crate::proto::SpoolRecord;
 

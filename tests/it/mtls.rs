@@ -3,7 +3,7 @@
 //! other certificates and no credentials are refused.
 
 use bytes::Bytes;
-use edgerelay::config::{CertIdentity, MtlsConfig};
+use edgerelay::auth::config::{CertIdentity, MtlsConfig};
 use edgerelay_client::{ClientConfig, H3Client};
 use edgerelay_ops::dev_certs::DevCerts;
 use rcgen::{

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use edgerelay::config::AckMode;
+use edgerelay::ingest::config::AckMode;
 use edgerelay::proto;
 use prost::Message;
 

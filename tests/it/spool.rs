@@ -4,9 +4,9 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use edgerelay::config::{FsyncPolicy, SpoolConfig};
 use edgerelay::metrics::Metrics;
 use edgerelay::proto::SpoolRecord;
+use edgerelay::spool::config::{FsyncPolicy, SpoolConfig};
 use edgerelay::spool::{segment, Spool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edgerelay");

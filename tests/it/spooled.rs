@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use edgerelay::config::AckMode;
+use edgerelay::ingest::config::AckMode;
 
 use crate::support::*;
 

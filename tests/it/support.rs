@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgerelay::config::{Config, StaticToken};
+use edgerelay::auth::config::StaticToken;
+use edgerelay::config::Config;
 use edgerelay::proto;
 use edgerelay::Relay;
 use edgerelay_ops::dev_certs::DevCerts;
@@ -289,7 +290,7 @@ pub fn use_clusters(config: &mut Config, clusters: &[(&str, String)]) {
     config.nats.urls.clear();
     config.nats.clusters = clusters
         .iter()
-        .map(|(name, url)| edgerelay::config::ClusterConfig {
+        .map(|(name, url)| edgerelay::sink::config::ClusterConfig {
             name: (*name).into(),
             region: format!("region-{name}"),
             urls: vec![url.clone()],
@@ -438,14 +439,14 @@ impl TestIdp {
 impl Setup {
     /// Accept JWTs from `idp` (found through OIDC discovery) with the tenant roles: scope
     /// `edge:publish` may publish on `edge.{tenant}.>` except `edge.{tenant}.admin.>`.
-    pub fn with_jwt(&mut self, idp: &TestIdp) -> &mut edgerelay::config::JwtConfig {
-        self.config.auth.roles = vec![edgerelay::config::RoleConfig {
+    pub fn with_jwt(&mut self, idp: &TestIdp) -> &mut edgerelay::auth::config::JwtConfig {
+        self.config.auth.roles = vec![edgerelay::auth::config::RoleConfig {
             name: "tenant".into(),
             require: [("scope".to_string(), "edge:publish".to_string())].into(),
             allow: vec!["edge.{claims.tenant}.>".into()],
             deny: vec!["edge.{claims.tenant}.admin.>".into()],
         }];
-        self.config.auth.jwt = Some(edgerelay::config::JwtConfig {
+        self.config.auth.jwt = Some(edgerelay::auth::config::JwtConfig {
             issuer: idp.issuer().into(),
             audiences: vec!["edgerelay".into()],
             discovery: true,

@@ -1,0 +1,82 @@
+//! The `[batch]` section: how events are coalesced into batches, with its defaults and checks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::section::Problems;
+
+/// How events are coalesced into batches.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Flush a subject's batch once it holds this many events. `1` turns batching off.
+    pub max_events: usize,
+    /// Flush a subject's batch before it would exceed this many bytes of encoded events. Keep
+    /// it under the NATS server's `max_payload` (1 MiB by default).
+    pub max_bytes: usize,
+    /// Flush a batch this long after its first event arrived, milliseconds, even if not full.
+    /// The main latency/throughput knob.
+    pub linger_ms: u64,
+    /// Publish at once when no batch is waiting for its PubAck, and linger only while acks are
+    /// outstanding: unbatched latency at low rates, full batches under load (the ack clock
+    /// sets the batch size). Off: every batch waits `linger_ms` unless it fills up.
+    pub flush_when_idle: bool,
+    /// Number of queue shards (each with its own batcher task). 0 = number of CPUs. Events of
+    /// one subject always go to the same shard, so their order is kept.
+    pub shards: usize,
+    /// Capacity of each shard's lock-free queue, events. A full queue answers 503.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 256,
+            max_bytes: 512 << 10,
+            linger_ms: 2,
+            flush_when_idle: true,
+            shards: 0,
+            queue_capacity: 16_384,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// Everything wrong with this section.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Problems::default();
+        p.bad(self.max_events == 0, "batch.max_events must be > 0 (1 turns batching off)");
+        p.bad(self.max_bytes > 8 << 20, "batch.max_bytes must be at most 8 MiB (NATS max_payload)");
+        p.nonzero("batch.queue_capacity", self.queue_capacity);
+        p.bad(self.shards > 1024, "batch.shards must be at most 1024");
+        p.into_vec()
+    }
+
+    /// Number of queue shards to run: `shards`, or one per CPU when it is 0.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_settings_are_checked() {
+        let batch =
+            BatchConfig { max_events: 0, max_bytes: 9 << 20, shards: 2048, ..Default::default() };
+        assert_eq!(
+            batch.problems(),
+            [
+                "batch.max_events must be > 0 (1 turns batching off)",
+                "batch.max_bytes must be at most 8 MiB (NATS max_payload)",
+                "batch.shards must be at most 1024",
+            ]
+        );
+        assert!(BatchConfig::default().problems().is_empty());
+        assert!(BatchConfig::default().shard_count() >= 1);
+    }
+}
