@@ -17,13 +17,12 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use edgerelay::proto;
 use futures::StreamExt as _;
-use hdrhistogram::Histogram;
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::events::{self, Stamp};
-use crate::report;
+use crate::model::E2e;
 use crate::schedule::parse_duration;
 
 /// How often the end-of-run check looks whether the consumer has caught up.
@@ -98,23 +97,6 @@ pub struct Acked<'a> {
     /// The accepted measured requests.
     pub requests: &'a [u64],
     pub events_per_request: u32,
-}
-
-/// End-to-end delivery of one run's acknowledged events.
-#[derive(Debug)]
-pub struct E2e {
-    /// Intended send time -> consumer, µs, one value per acknowledged event seen.
-    pub latency: Histogram<u64>,
-    /// Acknowledged events of the measured phase (requests with every event accepted).
-    pub expected: u64,
-    /// Of those, the ones the consumer saw.
-    pub seen: u64,
-    /// Of those, the ones it did not see within `--consume-grace`.
-    pub missing: u64,
-    /// Events delivered more than once (whole run).
-    pub duplicates: u64,
-    /// Messages or events on the subjects that were not decodable (whole run).
-    pub undecodable: u64,
 }
 
 impl Consumer {
@@ -228,20 +210,6 @@ impl Acked<'_> {
             let first = seq.saturating_mul(per);
             first..first.saturating_add(per)
         })
-    }
-}
-
-impl E2e {
-    /// Nothing expected, nothing seen.
-    fn empty(undecodable: u64) -> Self {
-        E2e {
-            latency: report::histogram(),
-            expected: 0,
-            seen: 0,
-            missing: 0,
-            duplicates: 0,
-            undecodable,
-        }
     }
 }
 

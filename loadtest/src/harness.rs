@@ -1,9 +1,12 @@
-//! What every mode shares above one measured run: `--consume` (a consumer reading the stream
-//! during the run, see `consume`) and `--find-max` (a ramp of runs that finds the highest
-//! rate whose p99 stays under an SLO). `compare` uses the same pieces for several modes.
+//! One harness for every mode: what sits above one measured run. It builds the run's
+//! schedule and events, connects the mode ([`Mode::connect`]), drives its workers with
+//! `schedule`, and adds what is the same for every mode: `--consume` (a consumer reading the
+//! stream during the run, see `consume`), `--relay-pid` (the relay's CPU time over the run)
+//! and `--find-max` (a ramp of runs that finds the highest rate whose p99 stays under an SLO).
+//! The scenarios (`compare`, `global`) use the same [`Target`] for several modes.
 //!
-//! A mode only knows how to measure one run at a given load shape ([`Target::measure`]); it is
-//! handed the [`RunArgs`] to use, so a ramp can change the rate without touching its flags.
+//! A mode only knows how to connect and send; it is handed the [`RunArgs`] to use, so a ramp can
+//! change the rate without touching its flags.
 
 use std::time::Duration;
 
@@ -11,10 +14,13 @@ use anyhow::{bail, ensure};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::consume::{ConsumeArgs, Consumer, Decoding, E2e, Source};
-use crate::report::{self, ReportArgs, RunInfo};
-use crate::schedule::{parse_duration, Measurements, RunArgs, Schedule};
-use crate::{direct_js, events, h3, https, probe, quic};
+use crate::consume::{ConsumeArgs, Consumer, Source};
+use crate::events::{self, EventArgs, Events};
+use crate::mode::{Connected, Mode};
+use crate::model::{FindMax, Measured, Percentiles, Run, Step};
+use crate::probe;
+use crate::report::{self, ReportArgs};
+use crate::schedule::{self, parse_duration, RunArgs};
 
 /// NATS server of the consumer when nothing says otherwise.
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
@@ -64,147 +70,79 @@ pub struct FindMaxArgs {
     pub find_max_time: Duration,
 }
 
-/// A mode with its flags, ready to be measured at any load shape.
+/// The flags of a mode's own subcommand: the mode's, then the event shape, the load shape,
+/// the report and the harness flags every mode shares.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ModeArgs<M: clap::Args> {
+    #[command(flatten)]
+    pub mode: M,
+
+    #[command(flatten)]
+    pub events: EventArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    #[command(flatten)]
+    pub report: ReportArgs,
+
+    #[command(flatten)]
+    pub harness: HarnessArgs,
+}
+
+/// A mode with the events it sends and the relay it loads, ready to be measured at any load
+/// shape.
 #[derive(Clone, Debug)]
-pub enum Target {
-    Https(Box<https::Args>),
-    H3(Box<h3::Args>),
-    Quic(Box<quic::Args>),
-    DirectJs(Box<direct_js::Args>),
-    /// `loadtest https` against the bare server: the HTTP stack's ceiling.
-    Bare(Box<https::Args>),
+pub struct Target<M> {
+    pub mode: M,
+    pub events: EventArgs,
+    /// The relay whose CPU time is read over each run (`--relay-pid`).
+    pub relay_pid: Option<u32>,
 }
 
-/// What a mode measured in one run.
-#[derive(Debug)]
-pub struct Measured {
-    pub info: RunInfo,
-    pub schedule: Schedule,
-    pub measurements: Measurements,
-}
-
-/// One run of a mode, with what the consumer saw.
-#[derive(Debug)]
-pub struct Run {
-    pub info: RunInfo,
-    pub schedule: Schedule,
-    pub measurements: Measurements,
-    /// With `--consume`, for modes that publish to a stream.
-    pub e2e: Option<E2e>,
-    /// With `--relay-pid`: the relay's CPU time over the run (warm-up, measurement and the
-    /// drain of answers; the consumer's catch-up after it excluded).
-    pub relay_cpu: Option<Duration>,
-}
-
-/// One step of a `--find-max` search.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Step {
-    /// Offered events/s.
-    pub rate: f64,
-    pub achieved_rate: f64,
-    pub errors: u64,
-    pub p99_ms: f64,
-    /// send→consumer p99, with `--consume`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub e2e_p99_ms: Option<f64>,
-    /// Met the SLO with no errors (and nothing missing).
-    pub ok: bool,
-    /// Why not, when not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub why: Option<String>,
-}
-
-/// The outcome of a `--find-max` search.
-#[derive(Debug)]
-pub struct FindMax {
-    pub slo_p99_ms: f64,
-    pub steps: Vec<Step>,
-    /// The run at the highest rate that met the SLO, if any did.
-    pub best: Option<Run>,
-}
-
-impl Target {
+impl<M: Mode> Target<M> {
     /// The mode's name in reports.
     pub fn name(&self) -> &'static str {
-        match self {
-            Target::Https(_) => "https",
-            Target::H3(_) => "h3",
-            Target::Quic(_) => "quic",
-            Target::DirectJs(_) => "direct-js",
-            Target::Bare(_) => "bare",
-        }
+        self.mode.name()
     }
 
-    /// The mode's own `--rate`... flags, report flags and harness flags.
-    fn flags(&self) -> (&RunArgs, &ReportArgs, &HarnessArgs) {
-        match self {
-            Target::Https(a) | Target::Bare(a) => (&a.run, &a.report, &a.harness),
-            Target::H3(a) => (&a.run, &a.report, &a.harness),
-            Target::Quic(a) => (&a.run, &a.report, &a.harness),
-            Target::DirectJs(a) => (&a.run, &a.report, &a.harness),
-        }
+    /// The subject prefix in use: `--subject-prefix` or the mode's default.
+    fn prefix(&self) -> String {
+        let default = self.mode.default_subject_prefix();
+        self.events.subject_prefix.clone().unwrap_or_else(|| default.to_owned())
     }
 
-    /// Where `--consume` reads this mode's events; `None` for the bare server, which stores
-    /// nothing.
+    /// Where `--consume` reads this mode's events; `None` when nothing stores them.
     fn source(&self, consume: &ConsumeArgs) -> Option<Source> {
-        let nats = |default: Option<&str>| {
-            consume
-                .consume_nats
-                .clone()
-                .unwrap_or_else(|| default.unwrap_or(DEFAULT_NATS).to_owned())
-        };
-        let prefix = |events: &events::EventArgs, default: &str| {
-            events.subject_prefix.clone().unwrap_or_else(|| default.to_owned())
-        };
-        let (nats_url, prefix, decoding) = match self {
-            Target::Bare(_) => return None,
-            Target::Https(a) => {
-                (nats(None), prefix(&a.events, https::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
-            }
-            Target::H3(a) => {
-                (nats(None), prefix(&a.events, h3::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
-            }
-            Target::Quic(a) => {
-                (nats(None), prefix(&a.events, quic::DEFAULT_SUBJECT_PREFIX), Decoding::Batch)
-            }
-            Target::DirectJs(a) => (
-                nats(Some(&a.nats_url)),
-                prefix(&a.events, direct_js::DEFAULT_SUBJECT_PREFIX),
-                Decoding::Raw,
-            ),
-        };
-        Some(Source { nats_url, prefix, decoding })
+        let stored = self.mode.stored()?;
+        let nats_url = consume
+            .consume_nats
+            .clone()
+            .or(stored.nats_url)
+            .unwrap_or_else(|| DEFAULT_NATS.to_owned());
+        Some(Source { nats_url, prefix: self.prefix(), decoding: stored.decoding })
     }
 
-    /// Measures one run at the load shape of `run`, payloads stamped with `stamp`.
-    pub(crate) async fn measure(
+    /// Measures one run at the load shape of `run`, payloads stamped with `stamp` (and accepted
+    /// requests tracked, for a consumer).
+    pub async fn measure(
         &self,
         run: &RunArgs,
         stamp: Option<u64>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Measured> {
-        let mut measured = match self {
-            Target::Https(a) | Target::Bare(a) => https::measure(a, run, stamp, stop).await?,
-            Target::H3(a) => h3::measure(a, run, stamp, stop).await?,
-            Target::Quic(a) => quic::measure(a, run, stamp, stop).await?,
-            Target::DirectJs(a) => direct_js::measure(a, run, stamp, stop).await?,
-        };
-        measured.info.mode = self.name();
-        Ok(measured)
-    }
-
-    /// Before the consumer starts: direct-js creates its stream if missing, so the consumer
-    /// finds it.
-    async fn prepare(&self) -> anyhow::Result<()> {
-        if let Target::DirectJs(a) = self {
-            let client = async_nats::connect(a.nats_url.as_str()).await?;
-            let js = async_nats::jetstream::new(client);
-            let prefix =
-                a.events.subject_prefix.as_deref().unwrap_or(direct_js::DEFAULT_SUBJECT_PREFIX);
-            direct_js::ensure_stream(&js, &a.stream, prefix).await?;
+        ensure!(!run.timeout.is_zero(), "--timeout must be positive");
+        let schedule =
+            run.schedule(self.mode.events_per_request())?.tracking_acked(stamp.is_some());
+        let events =
+            Events::new(&self.events, self.mode.default_subject_prefix())?.stamped(stamp)?;
+        let Connected { mut info, workers, close } = self.mode.connect(run, events).await?;
+        info.mode = self.name();
+        let measurements = schedule::run(schedule, run, workers, stop).await;
+        if let Some(close) = close {
+            close.await;
         }
-        Ok(())
+        Ok(Measured { info, schedule, measurements: measurements? })
     }
 
     /// One run at `run`, with a consumer when `consume.consume` asks for one.
@@ -217,13 +155,13 @@ impl Target {
         let source = consume.consume.then(|| self.source(consume)).flatten();
         let (consumer, stamp) = match &source {
             Some(source) => {
-                self.prepare().await?;
+                self.mode.prepare(&source.prefix).await?;
                 let nonce = events::nonce();
                 (Some(Consumer::start(source, nonce, consume.consume_grace).await?), Some(nonce))
             }
             None => (None, None),
         };
-        let pid = self.flags().2.relay_pid;
+        let pid = self.relay_pid;
         let cpu_before = pid.map(probe::cpu_time).transpose()?;
         let Measured { info, schedule, measurements } = self.measure(run, stamp, stop).await?;
         let relay_cpu = match (pid, cpu_before) {
@@ -330,9 +268,9 @@ impl Search {
 
 /// How a run at `rate` did against the SLO.
 fn judge(rate: f64, run: &Run, slo: f64) -> Step {
-    let latency = report::Percentiles::of(&run.measurements.latency);
+    let latency = Percentiles::of(&run.measurements.latency);
     let errors = run.measurements.measured.failures();
-    let e2e = run.e2e.as_ref().map(|e| (report::Percentiles::of(&e.latency), e.missing));
+    let e2e = run.e2e.as_ref().map(|e| (Percentiles::of(&e.latency), e.missing));
     let why = if errors > 0 {
         Some(format!("{errors} errors"))
     } else if latency.count == 0 {
@@ -364,11 +302,15 @@ fn judge(rate: f64, run: &Run, slo: f64) -> Step {
 
 /// Runs one mode from its own subcommand: one run (or a `--find-max` search), then the table,
 /// `--json` and `--hgrm`.
-pub async fn run_single(target: &Target, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let (run, report_args, harness) = target.flags();
+pub async fn run_single<M: Mode + clap::Args>(
+    args: ModeArgs<M>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let ModeArgs { mode, events, run, report: report_args, harness } = args;
+    let target = Target { mode, events, relay_pid: harness.relay_pid };
     if harness.find_max.find_max {
-        let found = target.find_max(run, &harness.consume, &harness.find_max, stop).await?;
-        report::emit_find_max(report_args, &found)?;
+        let found = target.find_max(&run, &harness.consume, &harness.find_max, stop).await?;
+        report::emit_find_max(&report_args, &found)?;
         let Some(best) = &found.best else {
             bail!(
                 "no rate tried met p99 <= {} ms without errors (lowest tried: {:.0}/s)",
@@ -384,8 +326,8 @@ pub async fn run_single(target: &Target, stop: watch::Receiver<bool>) -> anyhow:
         );
         Ok(())
     } else {
-        let measured = target.run(run, &harness.consume, stop).await?;
-        report::emit(report_args, &measured, None)
+        let measured = target.run(&run, &harness.consume, stop).await?;
+        report::emit(&report_args, &measured, None)
     }
 }
 

@@ -2,33 +2,36 @@
 //!
 //! # Layout
 //!
+//! Layered like quinn's `perf`: data at the bottom, modes in the middle, scenarios on top;
+//! each layer uses only the ones below it.
+//!
+//! - `model`: the data: a run's timetable, what became of each request, what a run measured,
+//!   its JSON summary. Plain types, no I/O.
+//! - `events`: the subjects, payload and idempotency keys of the generated events; `token`:
+//!   the bearer token; `backoff`: reconnect pacing.
 //! - `schedule`: the constant-rate driver every mode shares. It decides when each request is
 //!   due, runs the workers and measures latency from the intended send time; `--rate 0` turns
 //!   it into a closed loop that measures the maximum rate.
-//! - `report`: the end-of-run table, `--json` summary and `--hgrm` distribution.
-//! - `events`: the subjects, payload and idempotency keys of the generated events.
-//! - `backoff`: reconnect pacing.
-//! - one module per mode that only knows how to send a request: `https` (HTTP/1.1 and HTTP/2
-//!   over TLS), `h3` (the same over HTTP/3), `quic` (the native `edgerelay/1` protocol, pipelined, one or more events per
-//!   request) and `direct_js` (the baseline without the relay: one JetStream publish per
-//!   event); `quic_idle` holds idle connections open to measure the relay's memory.
-//! - `wan`: the WAN emulator (`wan-proxy`), a TCP/UDP delay proxy also started in-process by
-//!   scenarios through `wan::spawn`.
-//! - `bare`: the bare hyper + rustls server that answers 202 doing nothing (the HTTP stack's
-//!   ceiling), standalone (`bare-server`) or in-process for `compare`.
-//! - `harness`: what sits above one run of any mode: `--consume` (with `consume`: a JetStream
-//!   consumer that measures send→consumer per event) and `--find-max` (ramp + bisection).
-//! - `compare`: several modes in one invocation, one table with ratios to the baselines, the
-//!   `.hgrm` files, `summary.json` and the percentile plot drawn by `plot` (hand-written SVG).
+//! - `consume`: the JetStream consumer of `--consume` (send→consumer per event).
+//! - `report`: the end-of-run table, `--json` summary and `--hgrm` distribution; `plot`: the
+//!   percentile spectrum as hand-written SVG.
 //! - `probe`: what the generator reads from the relay it loads: CPU time from `/proc/PID/stat`
 //!   (`--relay-pid`) and exact ingest→ack percentiles from its admin `/debug/latency`.
-//! - `global`: the WAN scenario: nats-server and one relay per region behind `wan` proxies,
-//!   loaded at once, with one consumer; send→consumer per region against the delivery budget.
-//! - `procs`: process control both scenario modes share (children killed on drop, free ports,
+//! - `mode`: one module per way of sending, behind the one `Mode` trait: `https` (HTTP/1.1 and
+//!   HTTP/2 over TLS), `h3` (the same over HTTP/3), `quic` (the native `edgerelay/1`
+//!   protocol, pipelined, one or more events per request), `direct_js` (the baseline without
+//!   the relay: one JetStream publish per event), `bare` (the bare hyper + rustls server that
+//!   answers 202 doing nothing, and `https` against it); `quic_idle` holds idle connections
+//!   open to measure the relay's memory.
+//! - `harness`: one run of any mode through the `Mode` trait, with `--consume`, `--relay-pid`
+//!   and `--find-max` (ramp + bisection); the subcommand of each mode.
+//! - `wan`: the WAN emulator (`wan-proxy`), a TCP/UDP delay proxy also started in-process by
+//!   scenarios through `wan::spawn`.
+//! - `procs`: process control the scenarios share (children killed on drop, free ports,
 //!   readiness, signals, the admin listener, memory from `/proc`).
-//! - `chaos`: the fault-injection suite: a ledger client, process control for nats-server
-//!   (alone or a 3-node cluster) and relays, faults under load, and a verifier that reads the
-//!   stream back against the ledger.
+//! - `scenario`: several runs and processes in one invocation: `compare` (modes side by side),
+//!   `global` (regions behind WAN proxies), `chaos` (faults under load, checked against a
+//!   ledger).
 
 #![forbid(unsafe_code)]
 
@@ -38,27 +41,27 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backoff;
-mod bare;
-mod chaos;
-mod compare;
 mod consume;
-mod direct_js;
 mod events;
-mod global;
-mod h3;
 mod harness;
-mod https;
+mod mode;
+mod model;
 mod plot;
 mod probe;
 mod procs;
-mod quic;
-mod quic_idle;
 mod report;
+mod scenario;
 mod schedule;
+#[cfg(test)]
+mod testing;
 mod token;
 mod wan;
 
 use clap::{Parser, Subcommand};
+
+use harness::run_single;
+use mode::{bare, direct_js, h3, https, quic, quic_idle};
+use scenario::{chaos, compare, global};
 
 /// Open-loop load generator for the edgerelay API: offers a constant event rate and reports
 /// coordinated-omission-corrected latency (from each request's intended send time). `--rate 0`
@@ -67,20 +70,20 @@ use clap::{Parser, Subcommand};
 #[command(name = "loadtest", version)]
 struct Cli {
     #[command(subcommand)]
-    mode: Mode,
+    command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-enum Mode {
+enum Command {
     /// POST /v1/publish/{subject} over HTTPS, HTTP/1.1 or HTTP/2.
-    Https(Box<https::Args>),
+    Https(Box<harness::ModeArgs<https::Args>>),
     /// POST /v1/publish/{subject} over HTTP/3 on the relay's QUIC port.
-    H3(Box<h3::Args>),
+    H3(Box<harness::ModeArgs<h3::Args>>),
     /// The native QUIC protocol (edgerelay/1): requests of one or more events, pipelined on
     /// several streams per connection.
-    Quic(Box<quic::Args>),
+    Quic(Box<harness::ModeArgs<quic::Args>>),
     /// The baseline without the relay: one JetStream publish per event, straight to NATS.
-    DirectJs(Box<direct_js::Args>),
+    DirectJs(Box<harness::ModeArgs<direct_js::Args>>),
     /// Open many idle QUIC connections and hold them (the relay's memory per connection).
     QuicIdle(Box<quic_idle::Args>),
     /// A userspace WAN emulator: a TCP and UDP proxy that adds delay, jitter and loss in front
@@ -110,17 +113,29 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let stop = schedule::stop_on_ctrl_c();
-        match cli.mode {
-            Mode::Https(args) => https::run(*args, stop).await,
-            Mode::H3(args) => h3::run(*args, stop).await,
-            Mode::Quic(args) => quic::run(*args, stop).await,
-            Mode::DirectJs(args) => direct_js::run(*args, stop).await,
-            Mode::QuicIdle(args) => quic_idle::run(*args, stop).await,
-            Mode::WanProxy(args) => wan::run(*args, stop).await,
-            Mode::BareServer(args) => bare::run(*args, stop).await,
-            Mode::Compare(args) => compare::run(*args, stop).await,
-            Mode::Global(args) => global::run(*args, stop).await,
-            Mode::Chaos(args) => chaos::run(*args, stop).await,
+        match cli.command {
+            Command::Https(args) => run_single(*args, stop).await,
+            Command::H3(args) => run_single(*args, stop).await,
+            Command::Quic(args) => run_single(*args, stop).await,
+            Command::DirectJs(args) => run_single(*args, stop).await,
+            Command::QuicIdle(args) => quic_idle::run(*args, stop).await,
+            Command::WanProxy(args) => wan::run(*args, stop).await,
+            Command::BareServer(args) => bare::run(*args, stop).await,
+            Command::Compare(args) => compare::run(*args, stop).await,
+            Command::Global(args) => global::run(*args, stop).await,
+            Command::Chaos(args) => chaos::run(*args, stop).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

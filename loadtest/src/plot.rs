@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use crate::report;
+use crate::model;
 
 /// Plot size in SVG user units (pixels).
 const WIDTH: f64 = 1000.0;
@@ -43,7 +43,7 @@ impl Series {
             Vec::new()
         } else {
             hist.iter_quantiles(5)
-                .map(|step| (step.quantile_iterated_to(), report::millis(step.value_iterated_to())))
+                .map(|step| (step.quantile_iterated_to(), model::millis(step.value_iterated_to())))
                 .collect()
         };
         Self { name: name.into(), points, dashed }
@@ -265,7 +265,7 @@ mod tests {
     use super::*;
 
     fn hist(values_us: impl IntoIterator<Item = u64>) -> Histogram<u64> {
-        let mut h = report::histogram();
+        let mut h = model::histogram();
         for v in values_us {
             h.record(v).unwrap();
         }
@@ -344,7 +344,7 @@ mod tests {
         let series = vec![
             Series::of("fast", &hist([50, 60, 70]), false),
             Series::of("slow", &hist([500_000, 900_000]), false),
-            Series::of("none", &report::histogram(), false),
+            Series::of("none", &model::histogram(), false),
         ];
         let svg = spectrum("t", &series, None);
         assert!(well_formed(&svg), "{svg}");

@@ -69,11 +69,6 @@ fn ticks_to_duration(ticks: u64) -> Duration {
     Duration::from_micros(ticks.saturating_mul(1_000_000 / TICKS_PER_SEC))
 }
 
-/// CPU microseconds per event; `None` without events.
-pub fn micros_per_event(cpu: Duration, events: u64) -> Option<f64> {
-    (events > 0).then(|| (cpu.as_micros() as f64 / events as f64 * 100.0).round() / 100.0)
-}
-
 /// Scrapes `GET {admin}/debug/latency` (plain HTTP, e.g. `http://127.0.0.1:9090`) and returns
 /// the `ingest_to_ack` stage over its sliding window (the last `window_secs`, 10 s).
 pub async fn ingest_to_ack(admin: &str) -> anyhow::Result<RelayLatency> {
@@ -155,13 +150,6 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_time(pid).is_ok());
         assert!(cpu_time(u32::MAX).is_err());
-    }
-
-    #[test]
-    fn cpu_per_event() {
-        assert_eq!(micros_per_event(Duration::from_millis(30), 1000), Some(30.0));
-        assert_eq!(micros_per_event(Duration::from_millis(10), 3), Some(3333.33));
-        assert_eq!(micros_per_event(Duration::from_secs(1), 0), None);
     }
 
     #[test]

@@ -275,10 +275,12 @@ fn compare_reports_relay_cpu_and_the_run_at_a_fraction_of_max() {
     }
     assert!(stdout.contains("CPU µs/ev"), "{stdout}");
     assert!(stdout.contains("at 0.5 of each mode's max rate"), "{stdout}");
-    // Without --relay-admin the relay's ingest->ack is not measured: the targets say N/A.
-    let targets = summary["targets"].as_array().unwrap();
-    assert!(!targets.is_empty(), "{summary}");
-    assert!(targets.iter().all(|t| t["verdict"] == "N/A"), "{targets:?}");
+    // Without --relay-admin the relay's ingest->ack is not measured; the summary holds
+    // measurements only, no verdicts.
+    for m in summary["modes"].as_array().unwrap() {
+        assert!(m["at_fraction"].get("relay_ingest_to_ack_ms").is_none(), "{m}");
+    }
+    assert!(summary.get("targets").is_none(), "{summary}");
     let svg = std::fs::read_to_string(out.join("percentiles-at-fraction.svg")).unwrap();
     assert!(svg.starts_with("<svg"));
 }

@@ -6,7 +6,7 @@
 //! backoff; requests that fail meanwhile are counted, the run goes on.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,21 +19,19 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::tls::tls_config;
+use super::{Connected, Mode, Stored};
 use crate::backoff::Backoff;
-use crate::events::{self, EventArgs, Events};
-use crate::harness::{self, HarnessArgs, Measured};
-use crate::report::{ReportArgs, RunInfo};
-use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
+use crate::events::{self, Events};
+use crate::model::{Failure, Outcome, RunInfo};
+use crate::schedule::{RunArgs, Worker};
 
 /// Largest response body read; the relay's answers are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -43,9 +41,6 @@ const H2_STREAM_WINDOW: u32 = 1 << 20;
 
 /// HTTP/2 per-connection receive window.
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
-
-/// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
-pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const EDGE_TIMESTAMP: HeaderName = HeaderName::from_static("edge-timestamp");
@@ -86,18 +81,6 @@ pub struct Args {
     /// evenly over the connections.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) concurrency: u32,
-
-    #[command(flatten)]
-    pub(crate) events: EventArgs,
-
-    #[command(flatten)]
-    pub(crate) run: RunArgs,
-
-    #[command(flatten)]
-    pub(crate) report: ReportArgs,
-
-    #[command(flatten)]
-    pub(crate) harness: HarnessArgs,
 }
 
 /// `--http`.
@@ -132,8 +115,14 @@ struct Requests {
     content_type: HeaderValue,
 }
 
+/// A worker of either HTTP version.
+pub enum HttpsWorker {
+    H1(H1Worker),
+    H2(H2Worker),
+}
+
 /// An HTTP/1.1 worker: owns one connection and uses it for one request at a time.
-struct H1Worker {
+pub struct H1Worker {
     target: Arc<Target>,
     requests: Arc<Requests>,
     timeout: Duration,
@@ -155,7 +144,7 @@ struct H2Slot {
 }
 
 /// An HTTP/2 worker: one request at a time on its pool slot's connection.
-struct H2Worker {
+pub struct H2Worker {
     pool: Arc<H2Pool>,
     slot: usize,
     requests: Arc<Requests>,
@@ -163,14 +152,9 @@ struct H2Worker {
     sender: Option<http2::SendRequest<Full<Bytes>>>,
 }
 
-/// Verifier for `--insecure`: accepts any certificate but still checks handshake signatures.
-#[derive(Debug)]
-struct AcceptAnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
 impl HttpVersion {
-    fn alpn(self) -> &'static [u8] {
+    /// The ALPN protocol id.
+    pub fn alpn(self) -> &'static [u8] {
         match self {
             HttpVersion::Http1 => b"http/1.1",
             HttpVersion::Http2 => b"h2",
@@ -206,7 +190,7 @@ impl Target {
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .adaptive_window(false);
 
-        let config = tls_config(args.ca.as_deref(), args.insecure, args.http)?;
+        let config = tls_config(args.ca.as_deref(), args.insecure, args.http.alpn())?;
         Ok(Self {
             addrs,
             server_name,
@@ -267,10 +251,9 @@ impl Target {
 }
 
 impl Requests {
-    fn new(args: &Args, token: &str, stamp: Option<u64>) -> anyhow::Result<Self> {
+    fn new(args: &Args, token: &str, events: Events) -> anyhow::Result<Self> {
         let authority = args.url.authority().context("--url needs a host")?.as_str().to_owned();
         let base = args.url.path().trim_end_matches('/');
-        let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?;
         let uris = events
             .subjects()
             .iter()
@@ -424,6 +407,15 @@ impl Worker for H1Worker {
     }
 }
 
+impl Worker for HttpsWorker {
+    async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
+        match self {
+            HttpsWorker::H1(worker) => worker.send(seq, intended_unix_ns).await,
+            HttpsWorker::H2(worker) => worker.send(seq, intended_unix_ns).await,
+        }
+    }
+}
+
 impl Worker for H2Worker {
     async fn send(&mut self, seq: u64, intended_unix_ns: u64) -> Outcome {
         let deadline = Instant::now() + self.timeout;
@@ -435,117 +427,84 @@ impl Worker for H2Worker {
     }
 }
 
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
+impl Mode for Args {
+    type Worker = HttpsWorker;
+
+    fn name(&self) -> &'static str {
+        "https"
+    }
+
+    fn stored(&self) -> Option<Stored> {
+        Some(Stored::relay())
+    }
+
+    async fn connect(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Runs `loadtest https`.
-pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    harness::run_single(&harness::Target::Https(Box::new(args)), stop).await
-}
-
-/// One measured run of `args` at the load shape of `run`; with `stamp`, payloads carry the
-/// [`crate::events::Stamp`] of that run nonce and accepted requests are tracked.
-pub(crate) async fn measure(
-    args: &Args,
-    run: &RunArgs,
-    stamp: Option<u64>,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Measured> {
-    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(run, 1)?.tracking_acked(stamp.is_some());
-    let target = Arc::new(Target::new(args).await?);
-    let token = args.token.resolve().await?;
-    let requests = Arc::new(Requests::new(args, &token, stamp)?);
-    let timeout = run.timeout;
-    let connections = args.connections as usize;
-    let concurrency = args.concurrency as usize;
-
-    let (info, measured) = match args.http {
-        HttpVersion::Http1 => {
-            // One request at a time per connection: in flight = connections.
-            let n = connections.min(concurrency);
-            if concurrency != n || connections != n {
-                eprintln!(
-                    "note: HTTP/1.1 sends one request at a time per connection: using {n} \
-                     connections, {n} in flight"
-                );
-            }
-            let conns = try_join_all((0..n).map(|_| target.connect_h1()))
-                .await
-                .context("opening HTTP/1.1 connections")?;
-            let workers: Vec<H1Worker> = conns
-                .into_iter()
-                .map(|conn| H1Worker {
-                    target: Arc::clone(&target),
-                    requests: Arc::clone(&requests),
-                    timeout,
-                    conn: Some(conn),
-                    backoff: Backoff::default(),
-                })
-                .collect();
-            let info = run_info(args.http, n, n);
-            (info, schedule::run(schedule, run, workers, stop).await?)
-        }
-        HttpVersion::Http2 => {
-            let connections = connections.min(concurrency);
-            let senders = try_join_all((0..connections).map(|_| target.connect_h2()))
-                .await
-                .context("opening HTTP/2 connections")?;
-            let pool = Arc::new(H2Pool {
-                target: Arc::clone(&target),
-                slots: senders
+        run: &RunArgs,
+        events: Events,
+    ) -> anyhow::Result<Connected<HttpsWorker>> {
+        let target = Arc::new(Target::new(self).await?);
+        let token = self.token.resolve().await?;
+        let requests = Arc::new(Requests::new(self, &token, events)?);
+        let timeout = run.timeout;
+        let connections = self.connections as usize;
+        let concurrency = self.concurrency as usize;
+        match self.http {
+            HttpVersion::Http1 => {
+                // One request at a time per connection: in flight = connections.
+                let n = connections.min(concurrency);
+                if concurrency != n || connections != n {
+                    eprintln!(
+                        "note: HTTP/1.1 sends one request at a time per connection: using {n} \
+                         connections, {n} in flight"
+                    );
+                }
+                let conns = try_join_all((0..n).map(|_| target.connect_h1()))
+                    .await
+                    .context("opening HTTP/1.1 connections")?;
+                let workers = conns
                     .into_iter()
-                    .map(|sender| {
-                        Mutex::new(H2Slot { sender: Some(sender), backoff: Backoff::default() })
+                    .map(|conn| {
+                        HttpsWorker::H1(H1Worker {
+                            target: Arc::clone(&target),
+                            requests: Arc::clone(&requests),
+                            timeout,
+                            conn: Some(conn),
+                            backoff: Backoff::default(),
+                        })
                     })
-                    .collect(),
-            });
-            let workers: Vec<H2Worker> = (0..concurrency)
-                .map(|w| H2Worker {
-                    pool: Arc::clone(&pool),
-                    slot: w % connections,
-                    requests: Arc::clone(&requests),
-                    timeout,
-                    sender: None,
-                })
-                .collect();
-            let info = run_info(args.http, connections, concurrency);
-            (info, schedule::run(schedule, run, workers, stop).await?)
+                    .collect();
+                Ok(Connected::new(run_info(self.http, n, n), workers))
+            }
+            HttpVersion::Http2 => {
+                let connections = connections.min(concurrency);
+                let senders = try_join_all((0..connections).map(|_| target.connect_h2()))
+                    .await
+                    .context("opening HTTP/2 connections")?;
+                let pool = Arc::new(H2Pool {
+                    target: Arc::clone(&target),
+                    slots: senders
+                        .into_iter()
+                        .map(|sender| {
+                            Mutex::new(H2Slot { sender: Some(sender), backoff: Backoff::default() })
+                        })
+                        .collect(),
+                });
+                let workers = (0..concurrency)
+                    .map(|w| {
+                        HttpsWorker::H2(H2Worker {
+                            pool: Arc::clone(&pool),
+                            slot: w % connections,
+                            requests: Arc::clone(&requests),
+                            timeout,
+                            sender: None,
+                        })
+                    })
+                    .collect();
+                Ok(Connected::new(run_info(self.http, connections, concurrency), workers))
+            }
         }
-    };
-    Ok(Measured { info, schedule, measurements: measured })
+    }
 }
 
 fn run_info(http: HttpVersion, connections: usize, concurrency: usize) -> RunInfo {
@@ -588,64 +547,25 @@ fn url_host(url: &Uri) -> anyhow::Result<&str> {
     Ok(host.trim_start_matches('[').trim_end_matches(']'))
 }
 
-/// rustls client config on the ring provider, with the ALPN of `http`.
-pub(crate) fn tls_config(
-    ca: Option<&Path>,
-    insecure: bool,
-    http: HttpVersion,
-) -> anyhow::Result<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
-    let mut config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate {
-                algorithms: provider.signature_verification_algorithms,
-            }))
-            .with_no_client_auth()
-    } else {
-        let path = ca.context("--ca FILE is required unless --insecure")?;
-        builder.with_root_certificates(load_roots(path)?).with_no_client_auth()
-    };
-    config.alpn_protocols = vec![http.alpn().to_vec()];
-    Ok(config)
-}
-
-/// The certificates of a PEM file as trust anchors.
-fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut roots = RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
-        roots.add(cert).with_context(|| format!("bad CA certificate in {}", path.display()))?;
-    }
-    ensure!(!roots.is_empty(), "{} contains no PEM certificate", path.display());
-    Ok(roots)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::mode::RELAY_SUBJECT_PREFIX;
+    use crate::testing::{self, Flags};
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
+    fn parse(extra: &[&str]) -> Flags<Args> {
+        let base = ["loadtest", "--insecure", "--token", "t", "--rate", "100"];
+        testing::parse(&[&base[..], extra].concat()).unwrap()
     }
 
-    fn parse(extra: &[&str]) -> Args {
-        let base = ["loadtest", "--insecure", "--token", "t", "--rate", "100"];
-        Cli::try_parse_from(base.iter().chain(extra)).unwrap().args
+    fn requests(flags: &Flags<Args>) -> Requests {
+        Requests::new(&flags.mode, "t", flags.events(RELAY_SUBJECT_PREFIX)).unwrap()
     }
 
     #[test]
     fn requests_carry_the_relay_headers() {
-        let args = parse(&["--subjects", "3", "--payload-bytes", "16", "--http", "1"]);
-        let requests = Requests::new(&args, "t", None).unwrap();
+        let requests =
+            requests(&parse(&["--subjects", "3", "--payload-bytes", "16", "--http", "1"]));
         let req = requests.build(4, 0);
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "/v1/publish/edge.load.1");
@@ -661,8 +581,12 @@ mod tests {
 
     #[test]
     fn http2_requests_use_absolute_uris() {
-        let args = parse(&["--url", "https://relay.example:9443/base/", "--subject-prefix", "a.b"]);
-        let requests = Requests::new(&args, "t", None).unwrap();
+        let requests = requests(&parse(&[
+            "--url",
+            "https://relay.example:9443/base/",
+            "--subject-prefix",
+            "a.b",
+        ]));
         let req = requests.build(0, 0);
         assert_eq!(req.uri(), "https://relay.example:9443/base/v1/publish/a.b.0");
         assert!(req.headers().get(HOST).is_none());
@@ -678,12 +602,14 @@ mod tests {
 
     #[test]
     fn ca_is_required_unless_insecure() {
-        let err = Cli::try_parse_from(["loadtest", "--token", "t", "--rate", "1"]).unwrap_err();
+        let err = testing::parse::<Flags<Args>>(&["loadtest", "--token", "t", "--rate", "1"])
+            .unwrap_err();
         assert!(err.to_string().contains("--ca"), "{err}");
-        let args = parse(&[]);
+        let flags = parse(&[]);
+        let args = &flags.mode;
         assert_eq!(args.http, HttpVersion::Http2);
         assert_eq!(args.connections, 4);
         assert_eq!(args.concurrency, 256);
-        assert_eq!(args.run.duration, Duration::from_secs(10));
+        assert_eq!(flags.run.duration, Duration::from_secs(10));
     }
 }

@@ -23,23 +23,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Context as _};
+use anyhow::Context as _;
 use edgerelay::error::ErrorCode;
 use edgerelay::proto;
 use edgerelay_client::{self as client, Client, ClientConfig, ClientError, PublishStream};
 use futures::future::{join_all, try_join_all};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
+use super::{Connected, Mode, Stored};
 use crate::backoff::Backoff;
-use crate::events::{self, EventArgs, Events};
-use crate::harness::{self, HarnessArgs, Measured};
-use crate::report::{ReportArgs, RunInfo};
-use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
-
-/// Subjects are `edge.load.N` unless `--subject-prefix` says otherwise.
-pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "edge.load";
+use crate::events::{self, Events};
+use crate::model::{Failure, Outcome, RunInfo};
+use crate::schedule::{RunArgs, Worker};
 
 /// How long the stream drivers get to finish their streams once the run is over.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -66,18 +63,6 @@ pub struct Args {
     /// Events per request. --rate stays in events per second (requests/s = rate / E).
     #[arg(long, value_name = "E", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) events_per_request: u32,
-
-    #[command(flatten)]
-    pub(crate) events: EventArgs,
-
-    #[command(flatten)]
-    pub(crate) run: RunArgs,
-
-    #[command(flatten)]
-    pub(crate) report: ReportArgs,
-
-    #[command(flatten)]
-    pub(crate) harness: HarnessArgs,
 }
 
 /// Builds the events of request `seq`; shared by all workers.
@@ -123,7 +108,7 @@ struct Notes {
 }
 
 /// One unit of concurrency: one request at a time, through its stream's driver.
-struct QuicWorker {
+pub struct QuicWorker {
     jobs: mpsc::Sender<Job>,
     requests: Arc<Requests>,
     timeout: Duration,
@@ -291,71 +276,74 @@ impl Worker for QuicWorker {
     }
 }
 
-/// Runs `loadtest quic`.
-pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    harness::run_single(&harness::Target::Quic(Box::new(args)), stop).await
-}
+impl Mode for Args {
+    type Worker = QuicWorker;
 
-/// One measured run of `args` at the load shape of `run` (see `https::measure`).
-pub(crate) async fn measure(
-    args: &Args,
-    run: &RunArgs,
-    stamp: Option<u64>,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Measured> {
-    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
-    let schedule =
-        Schedule::from_args(run, args.events_per_request)?.tracking_acked(stamp.is_some());
-    let requests = Arc::new(Requests {
-        events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?,
-        per_request: args.events_per_request,
-    });
-    let config = args.target.clone().client_config().await?;
-    let server = config.server;
-    let connect = try_join_all((0..args.connections).map(|_| Client::connect(config.clone())));
-    let clients = timeout(run.timeout, connect)
-        .await
-        .map_err(|_| anyhow::anyhow!("no QUIC handshake with {server} within --timeout"))?
-        .with_context(|| format!("connecting to {server} over QUIC"))?;
+    fn name(&self) -> &'static str {
+        "quic"
+    }
 
-    let notes = Arc::new(Notes::default());
-    let in_flight = args.in_flight as usize;
-    let mut drivers: Vec<JoinHandle<()>> = Vec::new();
-    let mut workers = Vec::new();
-    let clients: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
-    for client in &clients {
-        for _ in 0..args.streams {
-            let (tx, rx) = mpsc::channel(in_flight);
-            let lane = Lane {
-                client: Arc::clone(client),
-                jobs: rx,
-                in_flight,
-                timeout: run.timeout,
-                notes: Arc::clone(&notes),
-            };
-            drivers.push(tokio::spawn(lane.drive()));
-            workers.extend((0..in_flight).map(|_| QuicWorker {
-                jobs: tx.clone(),
-                requests: Arc::clone(&requests),
-                timeout: run.timeout,
-            }));
+    fn events_per_request(&self) -> u32 {
+        self.events_per_request
+    }
+
+    fn stored(&self) -> Option<Stored> {
+        Some(Stored::relay())
+    }
+
+    async fn connect(
+        &self,
+        run: &RunArgs,
+        events: Events,
+    ) -> anyhow::Result<Connected<QuicWorker>> {
+        let requests = Arc::new(Requests { events, per_request: self.events_per_request });
+        let config = self.target.clone().client_config().await?;
+        let server = config.server;
+        let connect = try_join_all((0..self.connections).map(|_| Client::connect(config.clone())));
+        let clients = timeout(run.timeout, connect)
+            .await
+            .map_err(|_| anyhow::anyhow!("no QUIC handshake with {server} within --timeout"))?
+            .with_context(|| format!("connecting to {server} over QUIC"))?;
+
+        let notes = Arc::new(Notes::default());
+        let in_flight = self.in_flight as usize;
+        let mut drivers: Vec<JoinHandle<()>> = Vec::new();
+        let mut workers = Vec::new();
+        let clients: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+        for client in &clients {
+            for _ in 0..self.streams {
+                let (tx, rx) = mpsc::channel(in_flight);
+                let lane = Lane {
+                    client: Arc::clone(client),
+                    jobs: rx,
+                    in_flight,
+                    timeout: run.timeout,
+                    notes: Arc::clone(&notes),
+                };
+                drivers.push(tokio::spawn(lane.drive()));
+                workers.extend((0..in_flight).map(|_| QuicWorker {
+                    jobs: tx.clone(),
+                    requests: Arc::clone(&requests),
+                    timeout: run.timeout,
+                }));
+            }
         }
+        let info = RunInfo {
+            mode: "quic",
+            http: None,
+            connections: clients.len(),
+            concurrency: workers.len(),
+            answer: "answer",
+            detail: Some(format!("streams={} in_flight={in_flight}", self.streams)),
+        };
+        Ok(Connected::new(info, workers).closing_with(async move {
+            // The workers are gone with the run, so each driver finishes its stream and ends.
+            let _ = timeout(DRAIN_GRACE, join_all(drivers)).await;
+            for client in &clients {
+                client.close();
+            }
+        }))
     }
-    let info = RunInfo {
-        mode: "quic",
-        http: None,
-        connections: clients.len(),
-        concurrency: workers.len(),
-        answer: "answer",
-        detail: Some(format!("streams={} in_flight={in_flight}", args.streams)),
-    };
-    let measured = schedule::run(schedule, run, workers, stop).await;
-    // The workers are gone with the run, so each driver finishes its stream and ends.
-    let _ = timeout(DRAIN_GRACE, join_all(drivers)).await;
-    for client in &clients {
-        client.close();
-    }
-    Ok(Measured { info, schedule, measurements: measured? })
 }
 
 /// The next answer on `stream`; never resolves without a stream. Cancel-safe: an answer read
@@ -461,18 +449,13 @@ fn addr_host(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::mode::RELAY_SUBJECT_PREFIX;
+    use crate::testing::{self, Flags};
     use edgerelay::proto::event_result::Outcome as Result_;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
-    fn parse(extra: &[&str]) -> Args {
+    fn parse(extra: &[&str]) -> Flags<Args> {
         let base = ["loadtest", "--ca", "ca.pem", "--token", "t", "--rate", "100"];
-        Cli::try_parse_from(base.iter().chain(extra)).unwrap().args
+        testing::parse(&[&base[..], extra].concat()).unwrap()
     }
 
     fn accepted() -> proto::EventResult {
@@ -546,10 +529,10 @@ mod tests {
 
     #[test]
     fn requests_carry_consecutive_events() {
-        let args = parse(&["--events-per-request", "4", "--subjects", "3"]);
+        let flags = parse(&["--events-per-request", "4", "--subjects", "3"]);
         let requests = Requests {
-            events: Events::new(&args.events, DEFAULT_SUBJECT_PREFIX).unwrap(),
-            per_request: args.events_per_request,
+            events: flags.events(RELAY_SUBJECT_PREFIX),
+            per_request: flags.mode.events_per_request,
         };
         let events = requests.build(2, 0);
         assert_eq!(events.len(), 4);
@@ -562,11 +545,13 @@ mod tests {
 
     #[test]
     fn defaults_and_server_names() {
-        let args = parse(&[]);
+        let args = parse(&[]).mode;
         assert_eq!(args.target.addr, "127.0.0.1:8443");
         assert_eq!((args.connections, args.streams, args.in_flight), (4, 4, 8));
         assert_eq!(args.events_per_request, 1);
-        assert!(Cli::try_parse_from(["loadtest", "--token", "t", "--rate", "1"]).is_err());
+        assert!(
+            testing::parse::<Flags<Args>>(&["loadtest", "--token", "t", "--rate", "1"]).is_err()
+        );
         assert_eq!(addr_host("127.0.0.1:8443"), "127.0.0.1");
         assert_eq!(addr_host("[::1]:8443"), "::1");
         assert_eq!(addr_host("relay.example:443"), "relay.example");

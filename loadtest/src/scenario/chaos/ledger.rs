@@ -34,7 +34,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::backoff::Backoff;
 use crate::events;
-use crate::https::{tls_config, HttpVersion};
+use crate::mode::https::HttpVersion;
+use crate::mode::tls::tls_config;
 
 /// Largest answer body kept; the relay's are well under 2 KiB.
 const MAX_BODY: usize = 16 * 1024;
@@ -325,7 +326,7 @@ impl Load {
 
 impl Pool {
     fn new(target: &Target, connections: usize) -> anyhow::Result<Self> {
-        let config = tls_config(Some(&target.ca), false, HttpVersion::Http2)?;
+        let config = tls_config(Some(&target.ca), false, HttpVersion::Http2.alpn())?;
         let server_name = ServerName::try_from(target.addr.ip().to_string())?;
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())

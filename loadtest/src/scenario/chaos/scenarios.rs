@@ -9,8 +9,8 @@ use async_nats::jetstream::stream::{Config as StreamSpec, DiscardPolicy, Storage
 use super::ledger::{Answer, Ledger};
 use super::verify::{read_streams, MarkKind, Stored, Timeline};
 use super::{lab, Cx, Outcome};
+use crate::model::{self, Percentiles};
 use crate::procs::local;
-use crate::report::{self, Percentiles};
 use crate::wan::{self, Limits, Model, Route};
 
 /// Longest the verifier may take to read a stream back.
@@ -261,7 +261,7 @@ pub async fn slow_nats(cx: &Cx) -> anyhow::Result<Outcome> {
     // Refusals of attempts sent while the path was slow or dark (after the first deadline's
     // worth, when nothing sent before the fault can still be waiting).
     let windows = [(slow + deadline, restored), (dark + deadline, lit)];
-    let mut latency = report::histogram();
+    let mut latency = model::histogram();
     let (mut refused, mut without_retry_after, mut other) = (0u64, 0u64, 0u64);
     for a in ledger.events.iter().flat_map(|e| &e.attempts) {
         if !windows.iter().any(|(from, to)| a.sent >= *from && a.sent <= *to) {
@@ -348,7 +348,7 @@ pub async fn stream_full(cx: &Cx) -> anyhow::Result<Outcome> {
 
     let mut codes = Vec::new();
     let (mut refused, mut unclear) = (0u64, 0u64);
-    let mut latency = report::histogram();
+    let mut latency = model::histogram();
     for a in ledger.events.iter().flat_map(|e| &e.attempts) {
         if a.answer.is_success() {
             continue;
@@ -438,7 +438,7 @@ pub async fn overload(cx: &Cx) -> anyhow::Result<Outcome> {
     let ledger = cx.load(&target, spec).await?.finish().await?;
     let stored = read_back(&nats.url(), "CHAOS", ledger.nonce).await?;
     let (mut refusals, mut without) = (0u64, 0u64);
-    let mut ok_latency = report::histogram();
+    let mut ok_latency = model::histogram();
     for a in ledger.events.iter().flat_map(|e| &e.attempts) {
         match &a.answer {
             Answer::Status { status: 429 | 503, retry_after, .. } => {

@@ -4,6 +4,9 @@
 //! measures what TLS + HTTP + the generator cost on this machine; the relay's HTTPS rate as a
 //! ratio of it is what the relay adds.
 //!
+//! The `bare` mode is `https` against it: the same flags and workers, under its own name, and
+//! with nothing to consume (it stores nothing).
+//!
 //! It serves the relay's certificate (`--cert`/`--key`) or a throw-away one made at start-up,
 //! whose CA it writes to `--ca-out` (or keeps in memory for `loadtest compare`, which starts it
 //! in-process).
@@ -26,6 +29,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use super::{https, Connected, Mode, Stored};
+use crate::events::Events;
+use crate::schedule::RunArgs;
 
 /// The relay's defaults for its HTTP/2 windows (`https.h2_*_window_bytes`), so the two
 /// stacks differ only in what happens behind them.
@@ -67,6 +74,10 @@ pub struct BareServer {
     ca_pem: Option<String>,
     stop: watch::Sender<bool>,
 }
+
+/// The `bare` mode: `https` flags aimed at a bare server.
+#[derive(Clone, Debug)]
+pub struct Bare(pub https::Args);
 
 /// Certificate chain and key to serve.
 struct Identity {
@@ -150,6 +161,26 @@ impl BareServer {
 impl Drop for BareServer {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+impl Mode for Bare {
+    type Worker = https::HttpsWorker;
+
+    fn name(&self) -> &'static str {
+        "bare"
+    }
+
+    fn stored(&self) -> Option<Stored> {
+        None
+    }
+
+    fn connect(
+        &self,
+        run: &RunArgs,
+        events: Events,
+    ) -> impl std::future::Future<Output = anyhow::Result<Connected<Self::Worker>>> + Send {
+        self.0.connect(run, events)
     }
 }
 

@@ -16,23 +16,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Context as _};
+use anyhow::Context as _;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::{self, Context};
 use async_nats::Subject;
 use futures::future::try_join_all;
-use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
-use crate::events::{EventArgs, Events};
-use crate::harness::{self, HarnessArgs, Measured};
-use crate::report::{ReportArgs, RunInfo};
-use crate::schedule::{self, Failure, Outcome, RunArgs, Schedule, Worker};
+use super::{Connected, Mode, Stored};
+use crate::consume::Decoding;
+use crate::events::Events;
+use crate::model::{Failure, Outcome, RunInfo};
+use crate::schedule::{RunArgs, Worker};
 
 /// Subjects are `direct.load.N` unless `--subject-prefix` says otherwise.
-pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "direct.load";
+const DEFAULT_SUBJECT_PREFIX: &str = "direct.load";
 
 /// Flags of `loadtest direct-js`.
 #[derive(Clone, Debug, clap::Args)]
@@ -53,18 +53,6 @@ pub struct Args {
     /// Publishes awaiting their PubAck at most, in total (the ack window).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_inflight: u32,
-
-    #[command(flatten)]
-    pub(crate) events: EventArgs,
-
-    #[command(flatten)]
-    pub(crate) run: RunArgs,
-
-    #[command(flatten)]
-    pub(crate) report: ReportArgs,
-
-    #[command(flatten)]
-    pub(crate) harness: HarnessArgs,
 }
 
 /// Builds the publish of event `seq`; shared by all workers.
@@ -77,7 +65,7 @@ struct Publishes {
 }
 
 /// One unit of concurrency: one publish awaiting its PubAck at a time.
-struct JsWorker {
+pub struct JsWorker {
     js: Context,
     publishes: Arc<Publishes>,
     timeout: Duration,
@@ -130,72 +118,79 @@ impl Worker for JsWorker {
     }
 }
 
-/// Runs `loadtest direct-js`.
-pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    harness::run_single(&harness::Target::DirectJs(Box::new(args)), stop).await
-}
+impl Mode for Args {
+    type Worker = JsWorker;
 
-/// One measured run of `args` at the load shape of `run` (see `https::measure`).
-pub(crate) async fn measure(
-    args: &Args,
-    run: &RunArgs,
-    stamp: Option<u64>,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Measured> {
-    ensure!(!run.timeout.is_zero(), "--timeout must be positive");
-    let schedule = Schedule::from_args(run, 1)?.tracking_acked(stamp.is_some());
-    let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX)?.stamped(stamp)?;
-    let clients = try_join_all((0..args.connections).map(|n| {
-        async_nats::ConnectOptions::new()
-            .name(format!("loadtest-direct-js-{n}"))
-            .connect(args.nats_url.as_str())
-    }))
-    .await
-    .with_context(|| format!("connecting to {}", args.nats_url))?;
-
-    // Room for every ack of the window on any one connection, so async-nats never holds a
-    // publish back on its own.
-    let ack_capacity = args.max_inflight as usize * 2;
-    let contexts: Vec<Context> = clients
-        .iter()
-        .map(|client| {
-            jetstream::ContextBuilder::new()
-                .timeout(run.timeout)
-                .ack_timeout(run.timeout)
-                .max_ack_inflight(ack_capacity)
-                .backpressure_on_inflight(true)
-                .build(client.clone())
-        })
-        .collect();
-    ensure_stream(&contexts[0], &args.stream, events.prefix()).await?;
-
-    let publishes = Arc::new(Publishes::new(events));
-    let workers: Vec<JsWorker> = (0..args.max_inflight as usize)
-        .map(|w| JsWorker {
-            js: contexts[w % contexts.len()].clone(),
-            publishes: Arc::clone(&publishes),
-            timeout: run.timeout,
-        })
-        .collect();
-    let info = RunInfo {
-        mode: "direct-js",
-        http: None,
-        connections: clients.len(),
-        concurrency: workers.len(),
-        answer: "PubAck",
-        detail: Some(format!("stream={}", args.stream)),
-    };
-    let measurements = schedule::run(schedule, run, workers, stop).await?;
-    for client in &clients {
-        // Best effort: the run is measured already.
-        let _ = client.flush().await;
+    fn name(&self) -> &'static str {
+        "direct-js"
     }
-    Ok(Measured { info, schedule, measurements })
+
+    fn default_subject_prefix(&self) -> &'static str {
+        DEFAULT_SUBJECT_PREFIX
+    }
+
+    fn stored(&self) -> Option<Stored> {
+        Some(Stored { nats_url: Some(self.nats_url.clone()), decoding: Decoding::Raw })
+    }
+
+    async fn prepare(&self, prefix: &str) -> anyhow::Result<()> {
+        let client = async_nats::connect(self.nats_url.as_str()).await?;
+        ensure_stream(&jetstream::new(client), &self.stream, prefix).await
+    }
+
+    async fn connect(&self, run: &RunArgs, events: Events) -> anyhow::Result<Connected<JsWorker>> {
+        let clients = try_join_all((0..self.connections).map(|n| {
+            async_nats::ConnectOptions::new()
+                .name(format!("loadtest-direct-js-{n}"))
+                .connect(self.nats_url.as_str())
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", self.nats_url))?;
+
+        // Room for every ack of the window on any one connection, so async-nats never holds a
+        // publish back on its own.
+        let ack_capacity = self.max_inflight as usize * 2;
+        let contexts: Vec<Context> = clients
+            .iter()
+            .map(|client| {
+                jetstream::ContextBuilder::new()
+                    .timeout(run.timeout)
+                    .ack_timeout(run.timeout)
+                    .max_ack_inflight(ack_capacity)
+                    .backpressure_on_inflight(true)
+                    .build(client.clone())
+            })
+            .collect();
+        ensure_stream(&contexts[0], &self.stream, events.prefix()).await?;
+
+        let publishes = Arc::new(Publishes::new(events));
+        let workers: Vec<JsWorker> = (0..self.max_inflight as usize)
+            .map(|w| JsWorker {
+                js: contexts[w % contexts.len()].clone(),
+                publishes: Arc::clone(&publishes),
+                timeout: run.timeout,
+            })
+            .collect();
+        let info = RunInfo {
+            mode: "direct-js",
+            http: None,
+            connections: clients.len(),
+            concurrency: workers.len(),
+            answer: "PubAck",
+            detail: Some(format!("stream={}", self.stream)),
+        };
+        Ok(Connected::new(info, workers).closing_with(async move {
+            for client in &clients {
+                // Best effort: the run is measured already.
+                let _ = client.flush().await;
+            }
+        }))
+    }
 }
 
 /// Creates stream `name` capturing `<prefix>.>` if it is missing; says so when an existing
 /// stream may not capture the subjects.
-pub(crate) async fn ensure_stream(js: &Context, name: &str, prefix: &str) -> anyhow::Result<()> {
+async fn ensure_stream(js: &Context, name: &str, prefix: &str) -> anyhow::Result<()> {
     let wanted = format!("{prefix}.>");
     let config = StreamConfig {
         name: name.to_owned(),
@@ -254,34 +249,28 @@ fn failure(kind: PublishErrorKind) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::testing::{self, Flags};
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
-    fn parse(extra: &[&str]) -> Args {
+    fn parse(extra: &[&str]) -> Flags<Args> {
         let base = ["loadtest", "--rate", "0"];
-        Cli::try_parse_from(base.iter().chain(extra)).unwrap().args
+        testing::parse(&[&base[..], extra].concat()).unwrap()
     }
 
     #[test]
     fn defaults_suit_a_local_nats_server() {
-        let args = parse(&[]);
+        let flags = parse(&[]);
+        let args = &flags.mode;
         assert_eq!(args.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(args.stream, "LOADTEST_DIRECT");
         assert_eq!((args.connections, args.max_inflight), (1, 256));
-        assert_eq!(args.run.rate, 0.0);
-        let events = Events::new(&args.events, DEFAULT_SUBJECT_PREFIX).unwrap();
-        assert_eq!(events.prefix(), "direct.load");
+        assert_eq!(flags.run.rate, 0.0);
+        assert_eq!(flags.events(args.default_subject_prefix()).prefix(), "direct.load");
     }
 
     #[test]
     fn events_go_to_their_subjects_round_robin() {
-        let args = parse(&["--subjects", "2", "--payload-bytes", "10"]);
-        let publishes = Publishes::new(Events::new(&args.events, DEFAULT_SUBJECT_PREFIX).unwrap());
+        let flags = parse(&["--subjects", "2", "--payload-bytes", "10"]);
+        let publishes = Publishes::new(flags.events(DEFAULT_SUBJECT_PREFIX));
         let (subject, _) = publishes.build(3, 0);
         assert_eq!(subject.as_str(), "direct.load.1");
         let (subject, _) = publishes.build(4, 0);

@@ -33,7 +33,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::ledger::Ledger;
 use crate::events::Stamp;
-use crate::report::{self, Percentiles};
+use crate::model::{self, Percentiles};
 
 /// What happened when, on the load's clock.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -245,7 +245,7 @@ pub fn gap_threshold(rate: f64) -> Duration {
 /// Holds the ledger against what is stored and the timeline; see the module docs.
 pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duration) -> Verdict {
     let mut v = Verdict { sent: ledger.events.len() as u64, ..Verdict::default() };
-    let mut latency = report::histogram();
+    let mut latency = model::histogram();
     let restarts: Vec<Duration> = timeline.restarts().collect();
     let mut ack_times = Vec::new();
     for e in &ledger.events {

@@ -51,19 +51,20 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use crate::consume::{Acked, ConsumeArgs, Consumer, Decoding, Source};
+use crate::consume::{Acked, Consumer, Decoding, Source};
 use crate::events::{self, EventArgs};
-use crate::harness::{FindMaxArgs, HarnessArgs, Measured, Target};
-use crate::https::HttpVersion;
+use crate::harness::Target;
+use crate::mode::https::HttpVersion;
+use crate::mode::{h3, https, quic, Mode};
+use crate::model::{E2e, Measured, Percentiles, Summary};
 use crate::plot::{self, Series};
 use crate::procs::{
     admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
 };
-use crate::report::{self, Percentiles, ReportArgs};
+use crate::report;
 use crate::schedule::{parse_duration, RunArgs};
 use crate::token::TokenArgs;
 use crate::wan::{self, Limits, Model, Route};
-use crate::{h3, https, quic};
 
 /// The regions when no `--region` is given: name, edge RTT ms, relay↔NATS RTT ms.
 const DEFAULT_REGIONS: [(&str, u64, u64); 3] =
@@ -203,6 +204,13 @@ struct Topology {
     consumer_nats: String,
 }
 
+/// Every region's load, over one mode for all.
+enum Loads {
+    Https(Vec<Target<https::Args>>),
+    H3(Vec<Target<h3::Args>>),
+    Quic(Vec<Target<quic::Args>>),
+}
+
 /// One region's running relay and where to reach it.
 struct RegionSite {
     region: Region,
@@ -335,81 +343,84 @@ impl Args {
         }
     }
 
-    /// The mode's flags aimed at `site`'s edge proxy.
-    fn target(&self, site: &RegionSite, ca: &Path, token: &str) -> anyhow::Result<Target> {
+    /// Every region's load over `--mode`, aimed at its edge proxy.
+    fn loads(&self, sites: &[RegionSite], ca: &Path, token: &str) -> anyhow::Result<Loads> {
         let token = TokenArgs {
             token: Some(token.to_owned()),
             token_from: None,
             token_claims: String::new(),
             token_lifetime_secs: 0,
         };
-        let events = EventArgs {
-            subjects: self.subjects,
-            subject_prefix: Some(site.region.subject_prefix()),
-            payload_bytes: self.payload_bytes,
-            no_keys: false,
-        };
-        // The consumer is run here, once for every region; the modes only measure.
-        let harness = HarnessArgs {
-            relay_pid: None,
-            consume: ConsumeArgs {
-                consume: false,
-                consume_nats: None,
-                consume_grace: self.consume_grace,
-            },
-            find_max: FindMaxArgs {
-                find_max: false,
-                slo_p99_ms: None,
-                find_max_steps: 1,
-                find_max_time: Duration::ZERO,
-            },
-        };
-        let report = ReportArgs { label: Some(site.region.name.clone()), json: None, hgrm: None };
-        let quic_target = || quic::Target {
+        let quic_target = |site: &RegionSite| quic::Target {
             addr: site.edge.to_string(),
             server_name: None,
             ca: ca.to_owned(),
             token: token.clone(),
         };
         Ok(match self.mode {
-            GlobalMode::Https => Target::Https(Box::new(https::Args {
-                url: format!("https://{}", site.edge).parse().context("edge proxy URL")?,
-                server_name: None,
-                ca: Some(ca.to_owned()),
-                insecure: false,
-                token: token.clone(),
-                http: HttpVersion::Http2,
-                connections: self.connections,
-                concurrency: self.concurrency,
-                events,
-                run: self.run_args(),
-                report,
-                harness,
-            })),
-            GlobalMode::H3 => Target::H3(Box::new(h3::Args {
-                target: quic_target(),
-                connections: self.connections,
-                concurrency: self.concurrency,
-                events,
-                run: self.run_args(),
-                report,
-                harness,
-            })),
+            GlobalMode::Https => Loads::Https(
+                sites
+                    .iter()
+                    .map(|site| {
+                        let url = format!("https://{}", site.edge).parse();
+                        let args = https::Args {
+                            url: url.context("edge proxy URL")?,
+                            server_name: None,
+                            ca: Some(ca.to_owned()),
+                            insecure: false,
+                            token: token.clone(),
+                            http: HttpVersion::Http2,
+                            connections: self.connections,
+                            concurrency: self.concurrency,
+                        };
+                        Ok(self.target(site, args))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            GlobalMode::H3 => Loads::H3(
+                sites
+                    .iter()
+                    .map(|site| {
+                        let args = h3::Args {
+                            target: quic_target(site),
+                            connections: self.connections,
+                            concurrency: self.concurrency,
+                        };
+                        self.target(site, args)
+                    })
+                    .collect(),
+            ),
             GlobalMode::Quic => {
                 let lanes = self.connections * self.streams;
-                Target::Quic(Box::new(quic::Args {
-                    target: quic_target(),
-                    connections: self.connections,
-                    streams: self.streams,
-                    in_flight: self.concurrency.div_ceil(lanes).max(1),
-                    events_per_request: self.events_per_request,
-                    events,
-                    run: self.run_args(),
-                    report,
-                    harness,
-                }))
+                Loads::Quic(
+                    sites
+                        .iter()
+                        .map(|site| {
+                            let args = quic::Args {
+                                target: quic_target(site),
+                                connections: self.connections,
+                                streams: self.streams,
+                                in_flight: self.concurrency.div_ceil(lanes).max(1),
+                                events_per_request: self.events_per_request,
+                            };
+                            self.target(site, args)
+                        })
+                        .collect(),
+                )
             }
         })
+    }
+
+    /// `mode` sending `site`'s events. The consumer is run here, once for every region; the
+    /// modes only measure.
+    fn target<M>(&self, site: &RegionSite, mode: M) -> Target<M> {
+        let events = EventArgs {
+            subjects: self.subjects,
+            subject_prefix: Some(site.region.subject_prefix()),
+            payload_bytes: self.payload_bytes,
+            no_keys: false,
+        };
+        Target { mode, events, relay_pid: None }
     }
 
     /// The longest the whole scenario may take.
@@ -424,6 +435,22 @@ impl GlobalMode {
             GlobalMode::Https => "https",
             GlobalMode::H3 => "h3",
             GlobalMode::Quic => "quic",
+        }
+    }
+}
+
+impl Loads {
+    /// Every region's run at once, each stamped with its own nonce (in region order).
+    async fn measure(
+        &self,
+        run: &RunArgs,
+        nonces: &[u64],
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<anyhow::Result<Measured>> {
+        match self {
+            Loads::Https(targets) => measure_all(targets, run, nonces, stop).await,
+            Loads::H3(targets) => measure_all(targets, run, nonces, stop).await,
+            Loads::Quic(targets) => measure_all(targets, run, nonces, stop).await,
         }
     }
 }
@@ -471,6 +498,17 @@ fn with_sigterm(mut stop: watch::Receiver<bool>) -> anyhow::Result<watch::Receiv
     Ok(rx)
 }
 
+/// One run per target at once, target `i` stamped with `nonces[i]`.
+async fn measure_all<M: Mode>(
+    targets: &[Target<M>],
+    run: &RunArgs,
+    nonces: &[u64],
+    stop: &watch::Receiver<bool>,
+) -> Vec<anyhow::Result<Measured>> {
+    let runs = targets.iter().zip(nonces).map(|(t, n)| t.measure(run, Some(*n), stop.clone()));
+    join_all(runs).await
+}
+
 /// Starts everything, runs the load, reports; every process is stopped on return.
 async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let regions = args.regions();
@@ -481,11 +519,7 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
     eprint!("{}", arithmetic(args, &regions));
 
     let ca = topology.work.path().join("certs").join("ca.pem");
-    let targets = topology
-        .regions
-        .iter()
-        .map(|site| args.target(site, &ca, &token))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let loads = args.loads(&topology.regions, &ca, &token)?;
     let nonces: Vec<u64> = regions.iter().map(|_| events::nonce()).collect();
     let source = Source {
         nats_url: topology.consumer_nats.clone(),
@@ -512,13 +546,7 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
     let run = args.run_args();
     let (done, sampling) = watch::channel(false);
     let load = async {
-        let measured = join_all(
-            targets
-                .iter()
-                .zip(&nonces)
-                .map(|(t, nonce)| t.measure(&run, Some(*nonce), stop.clone())),
-        )
-        .await;
+        let measured = loads.measure(&run, &nonces, &stop).await;
         let _ = done.send(true);
         measured
     };
@@ -562,8 +590,7 @@ async fn scenario(args: &Args, stop: watch::Receiver<bool>) -> anyhow::Result<()
         let path = args.out.join(format!("{}.hgrm", region.name));
         report::write(&path, &report::hgrm(&m.measurements.latency))?;
         report::write(&report::e2e_path(&path), &report::hgrm(&e2e.latency))?;
-        let run_summary =
-            report::Summary::new(region.name.clone(), &m.info, &m.schedule, &m.measurements);
+        let run_summary = Summary::new(region.name.clone(), &m.info, &m.schedule, &m.measurements);
         summaries.push(region_summary(args, region, run_summary, e2e, share));
     }
     let summary = GlobalSummary {
@@ -848,8 +875,8 @@ fn round3(x: f64) -> f64 {
 fn region_summary(
     args: &Args,
     region: &Region,
-    run: report::Summary,
-    e2e: &crate::consume::E2e,
+    run: Summary,
+    e2e: &E2e,
     share: anyhow::Result<RelayShare>,
 ) -> RegionSummary {
     let send_to_consumer_ms = Percentiles::of(&e2e.latency);
@@ -1057,12 +1084,7 @@ fn markdown(s: &GlobalSummary) -> String {
 }
 
 /// Every region's send→consumer (solid) and send→ack (dashed) percentile spectrum.
-fn svg(
-    args: &Args,
-    regions: &[Region],
-    measured: &[Measured],
-    e2e: &[crate::consume::E2e],
-) -> String {
+fn svg(args: &Args, regions: &[Region], measured: &[Measured], e2e: &[E2e]) -> String {
     let mut series = Vec::new();
     for ((region, m), e) in regions.iter().zip(measured).zip(e2e) {
         series.push(Series::of(format!("{} send->consumer", region.name), &e.latency, false));
@@ -1116,12 +1138,10 @@ fn parse_positive(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::testing;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        testing::parse(argv)
     }
 
     fn summary(p99: f64) -> StageSummary {
@@ -1130,16 +1150,13 @@ mod tests {
 
     #[test]
     fn regions_parse_and_default_to_three() {
-        let cli = Cli::try_parse_from(["global", "--out", "o"]).unwrap();
-        let regions = cli.args.regions();
+        let regions = parse(&["global", "--out", "o"]).unwrap().regions();
         assert_eq!(regions.len(), 3);
         assert_eq!((regions[2].name.as_str(), regions[2].edge_rtt_ms), ("far", 120));
-        let cli = Cli::try_parse_from([
-            "global", "--out", "o", "--region", "a:5:1", "--region", "b-2:10:2",
-        ])
-        .unwrap();
+        let args =
+            parse(&["global", "--out", "o", "--region", "a:5:1", "--region", "b-2:10:2"]).unwrap();
         assert_eq!(
-            cli.args.regions(),
+            args.regions(),
             [
                 Region { name: "a".into(), edge_rtt_ms: 5, nats_rtt_ms: 1 },
                 Region { name: "b-2".into(), edge_rtt_ms: 10, nats_rtt_ms: 2 }
@@ -1149,9 +1166,8 @@ mod tests {
             assert!(parse_region(bad).is_err(), "{bad}");
         }
         let dup =
-            Cli::try_parse_from(["global", "--out", "o", "--region", "a:1:1", "--region", "a:2:2"])
-                .unwrap();
-        assert!(dup.args.validate().is_err());
+            parse(&["global", "--out", "o", "--region", "a:1:1", "--region", "a:2:2"]).unwrap();
+        assert!(dup.validate().is_err());
     }
 
     #[test]
