@@ -3,7 +3,7 @@
 //! signals, the relay's admin listener, and a process's memory from `/proc`.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -174,6 +174,22 @@ where
             logs.display()
         );
         sleep(READY_POLL).await;
+    }
+}
+
+/// The nats-server to run: `--nats-server-bin` (or `$NATS_SERVER_BIN`), else `nats-server` on
+/// the PATH.
+pub fn nats_server_bin(given: Option<&Path>) -> PathBuf {
+    given.map_or_else(|| "nats-server".into(), Path::to_path_buf)
+}
+
+/// The relay to run: `--relay-bin`, else `edgerelay` next to this loadtest binary.
+pub fn relay_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(bin) => Ok(bin.to_path_buf()),
+        None => Ok(std::env::current_exe()
+            .context("locating the loadtest binary")?
+            .with_file_name("edgerelay")),
     }
 }
 

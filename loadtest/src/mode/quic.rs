@@ -114,6 +114,22 @@ pub struct QuicWorker {
     timeout: Duration,
 }
 
+impl Args {
+    /// `connections` × `streams` lanes reaching `target`, with `concurrency` requests in flight
+    /// spread over them (at least one per lane).
+    pub fn spread(
+        target: Target,
+        connections: u32,
+        streams: u32,
+        concurrency: u32,
+        events_per_request: u32,
+    ) -> Self {
+        let lanes = connections * streams;
+        let in_flight = concurrency.div_ceil(lanes).max(1);
+        Self { target, connections, streams, in_flight, events_per_request }
+    }
+}
+
 impl Requests {
     /// Request `seq`: events `seq·E .. seq·E + E`, each with its own subject (round robin),
     /// idempotency key and the current time as the edge timestamp.

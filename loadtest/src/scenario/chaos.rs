@@ -37,12 +37,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use crate::procs::Memory;
+use crate::procs::{self, Memory};
 use crate::report;
 use ledger::{Ledger, Load, LoadSpec, RetryPolicy, Target};
 use verify::{Stored, Timeline, Verdict};
@@ -455,13 +454,8 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         args.payload_bytes >= crate::events::STAMP_LEN,
         "--payload-bytes must be >= 24"
     );
-    let nats_bin = args.nats_server_bin.clone().unwrap_or_else(|| "nats-server".into());
-    let relay_bin = match &args.relay_bin {
-        Some(bin) => bin.clone(),
-        None => std::env::current_exe()
-            .context("locating the loadtest binary")?
-            .with_file_name("edgerelay"),
-    };
+    let nats_bin = procs::nats_server_bin(args.nats_server_bin.as_deref());
+    let relay_bin = procs::relay_bin(args.relay_bin.as_deref())?;
     let scenarios =
         if args.scenarios.is_empty() { Scenario::ALL.to_vec() } else { args.scenarios.clone() };
     let mut rows = Vec::new();

@@ -286,14 +286,14 @@ impl Args {
 
     /// `quic` with `--events-per-request`, or `quic-e1` with one event per request.
     fn quic_mode_target(&self, name: ModeName) -> Target<quic::Args> {
-        let lanes = self.connections * self.streams;
-        let args = quic::Args {
-            target: self.quic_target(),
-            connections: self.connections,
-            streams: self.streams,
-            in_flight: self.concurrency.div_ceil(lanes).max(1),
-            events_per_request: if name == ModeName::QuicE1 { 1 } else { self.events_per_request },
-        };
+        let events_per_request = if name == ModeName::QuicE1 { 1 } else { self.events_per_request };
+        let args = quic::Args::spread(
+            self.quic_target(),
+            self.connections,
+            self.streams,
+            self.concurrency,
+            events_per_request,
+        );
         self.target(name, args)
     }
 
@@ -573,28 +573,23 @@ mod tests {
     use super::*;
     use crate::testing;
 
+    /// What every `compare` needs.
+    const BASE: [&str; 9] =
+        ["compare", "--ca", "ca.pem", "--token", "t", "--rate", "500", "--out", "o"];
+
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
         testing::parse(argv)
     }
 
     #[test]
     fn flags_parse_and_fill_every_mode() {
-        let args = parse(&[
-            "compare",
-            "--ca",
-            "ca.pem",
-            "--token",
-            "t",
-            "--rate",
-            "500",
-            "--out",
-            "o",
-            "--modes",
-            "https,quic,direct-js,bare",
-            "--consume",
-            "--concurrency",
-            "64",
-        ])
+        let args = parse(
+            &[
+                &BASE[..],
+                &["--modes", "https,quic,direct-js,bare", "--consume", "--concurrency", "64"],
+            ]
+            .concat(),
+        )
         .unwrap();
         assert_eq!(
             args.modes,
@@ -612,27 +607,24 @@ mod tests {
 
     #[test]
     fn nobatch_and_e1_modes_load_their_own_relay() {
-        let args = parse(&[
-            "compare",
-            "--ca",
-            "ca.pem",
-            "--token",
-            "t",
-            "--rate",
-            "500",
-            "--out",
-            "o",
-            "--modes",
-            "https,https-nobatch,quic,quic-e1,direct-js",
-            "--events-per-request",
-            "16",
-            "--relay-https-nobatch",
-            "https://127.0.0.1:9443",
-            "--relay-pid",
-            "11",
-            "--relay-nobatch-pid",
-            "22",
-        ])
+        let args = parse(
+            &[
+                &BASE[..],
+                &[
+                    "--modes",
+                    "https,https-nobatch,quic,quic-e1,direct-js",
+                    "--events-per-request",
+                    "16",
+                    "--relay-https-nobatch",
+                    "https://127.0.0.1:9443",
+                    "--relay-pid",
+                    "11",
+                    "--relay-nobatch-pid",
+                    "22",
+                ],
+            ]
+            .concat(),
+        )
         .unwrap();
         let https = args.https_target(ModeName::Https).unwrap();
         assert_eq!(https.relay_pid, Some(11));
@@ -649,15 +641,14 @@ mod tests {
         let js = args.direct_js_target();
         assert_eq!(js.relay_pid, None);
 
-        let without =
-            parse(&["compare", "--ca", "c", "--token", "t", "--rate", "5", "--out", "o"]).unwrap();
+        let without = parse(&BASE).unwrap();
         let err = without.https_target(ModeName::HttpsNobatch).unwrap_err();
         assert!(err.to_string().contains("--relay-https-nobatch"), "{err}");
     }
 
     #[test]
     fn at_fraction_needs_find_max_and_a_fraction() {
-        let base = ["compare", "--ca", "c", "--token", "t", "--rate", "5", "--out", "o"];
+        let base = BASE;
         assert!(parse(&[&base[..], &["--at-fraction", "0.5"]].concat()).is_err());
         let find = ["--find-max", "--slo-p99-ms", "25", "--at-fraction"];
         let ok = parse(&[&base[..], &find, &["0.5"]].concat()).unwrap();
@@ -670,7 +661,7 @@ mod tests {
 
     #[test]
     fn find_max_needs_an_slo() {
-        let base = ["compare", "--ca", "c", "--token", "t", "--rate", "5", "--out", "o"];
+        let base = BASE;
         let err = parse(&[&base[..], &["--find-max"]].concat()).unwrap_err();
         assert!(err.to_string().contains("--slo-p99-ms"), "{err}");
         assert!(parse(&[&base[..], &["--find-max", "--slo-p99-ms", "100"]].concat()).is_ok());

@@ -59,7 +59,7 @@ use crate::mode::{h3, https, quic, Mode};
 use crate::model::{E2e, Measured, Percentiles, Summary};
 use crate::plot::{self, Series};
 use crate::procs::{
-    admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
+    self, admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
 };
 use crate::report;
 use crate::schedule::{parse_duration, RunArgs};
@@ -390,24 +390,21 @@ impl Args {
                     })
                     .collect(),
             ),
-            GlobalMode::Quic => {
-                let lanes = self.connections * self.streams;
-                Loads::Quic(
-                    sites
-                        .iter()
-                        .map(|site| {
-                            let args = quic::Args {
-                                target: quic_target(site),
-                                connections: self.connections,
-                                streams: self.streams,
-                                in_flight: self.concurrency.div_ceil(lanes).max(1),
-                                events_per_request: self.events_per_request,
-                            };
-                            self.target(site, args)
-                        })
-                        .collect(),
-                )
-            }
+            GlobalMode::Quic => Loads::Quic(
+                sites
+                    .iter()
+                    .map(|site| {
+                        let args = quic::Args::spread(
+                            quic_target(site),
+                            self.connections,
+                            self.streams,
+                            self.concurrency,
+                            self.events_per_request,
+                        );
+                        self.target(site, args)
+                    })
+                    .collect(),
+            ),
         })
     }
 
@@ -627,13 +624,8 @@ impl Topology {
         token: &str,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
-        let nats_bin = args.nats_server_bin.clone().unwrap_or_else(|| "nats-server".into());
-        let relay_bin = match &args.relay_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()
-                .context("locating the loadtest binary")?
-                .with_file_name("edgerelay"),
-        };
+        let nats_bin = procs::nats_server_bin(args.nats_server_bin.as_deref());
+        let relay_bin = procs::relay_bin(args.relay_bin.as_deref())?;
         ensure!(
             relay_bin.exists(),
             "relay binary {} not found: build it (cargo build -p edgerelay) or pass --relay-bin",

@@ -131,21 +131,7 @@ pub fn table(summary: &CompareSummary, find_max: bool) -> String {
             continue;
         };
         let offered = s.offered_rate.map_or_else(|| "max".to_owned(), |r| format!("{r:.0}"));
-        let l = &s.latency_ms;
-        let _ = write!(
-            out,
-            "{:<24} {:>10} {:>11.1} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}",
-            format!("{} send->{}", m.mode, answer_of(m.mode)),
-            offered,
-            s.achieved_rate,
-            s.error_total,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
-            cpu_of(s)
-        );
+        out.push_str(&row(m.mode, &offered, s));
         for b in &present {
             match m.ratios.get(b) {
                 Some(r) => {
@@ -179,6 +165,24 @@ fn answer_of(mode: &str) -> &'static str {
     } else {
         "202"
     }
+}
+
+/// A mode's send→answer row (no newline): `offered` events/s and what `s` measured.
+fn row(mode: &str, offered: &str, s: &Summary) -> String {
+    let l = &s.latency_ms;
+    format!(
+        "{:<24} {:>10} {:>11.1} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}",
+        format!("{mode} send->{}", answer_of(mode)),
+        offered,
+        s.achieved_rate,
+        s.error_total,
+        l.p50,
+        l.p90,
+        l.p99,
+        l.p999,
+        l.max,
+        cpu_of(s)
+    )
 }
 
 /// The relay CPU column: µs per event, `-` when not measured.
@@ -242,21 +246,8 @@ fn at_fraction_table(out: &mut String, summary: &CompareSummary, fraction: f64) 
                 writeln!(out, "{:<24} no result: {}", m.mode, at.failed.as_deref().unwrap_or("-"));
             continue;
         };
-        let l = &s.latency_ms;
-        let _ = writeln!(
-            out,
-            "{:<24} {:>10.0} {:>11.1} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9}",
-            format!("{} send->{}", m.mode, answer_of(m.mode)),
-            at.rate,
-            s.achieved_rate,
-            s.error_total,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
-            cpu_of(s)
-        );
+        out.push_str(&row(m.mode, &format!("{:.0}", at.rate), s));
+        out.push('\n');
         e2e_row(out, m.mode, s);
         if let Some(r) = &at.relay_ingest_to_ack_ms {
             let _ = writeln!(
