@@ -1,0 +1,227 @@
+//! The processes and proxies of `loadtest global`: one nats-server, per region a relay behind
+//! an edge proxy and in front of a NATS proxy, and the consumer's proxy; each relay's generated
+//! config. Everything is stopped when the [`Topology`] is dropped.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::{Args, Region, STREAM, SUBJECT_ROOT};
+use crate::procs::{
+    self, admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
+};
+use crate::report;
+use crate::wan::{self, Limits, Model, Route};
+
+/// Everything running for the scenario; dropping it kills the processes, stops the proxies
+/// and removes the temporary directory, in that order (fields drop in declaration order).
+pub(super) struct Topology {
+    pub(super) children: Children,
+    /// Every proxy, kept alive for the run.
+    pub(super) _proxies: Vec<wan::Proxy>,
+    /// The temporary store, certificates and configs.
+    pub(super) work: tempfile::TempDir,
+    pub(super) regions: Vec<RegionSite>,
+    /// Where the consumer connects: the consumer proxy in front of NATS.
+    pub(super) consumer_nats: String,
+}
+
+/// One region's running relay and where to reach it.
+pub(super) struct RegionSite {
+    pub(super) region: Region,
+    /// Where the load goes: the edge proxy in front of the relay (TCP and UDP, one port).
+    pub(super) edge: SocketAddr,
+    /// The relay's admin listener (direct, not through a proxy).
+    pub(super) admin: SocketAddr,
+}
+
+impl Topology {
+    /// nats-server, the consumer proxy, then per region its NATS proxy, its relay (ready) and
+    /// its edge proxy. The first relay creates the stream; the others find it as configured.
+    pub(super) async fn start(
+        args: &Args,
+        regions: &[Region],
+        token: &str,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let nats_bin = procs::nats_server_bin(args.nats_server_bin.as_deref());
+        let relay_bin = procs::relay_bin(args.relay_bin.as_deref())?;
+        ensure!(
+            relay_bin.exists(),
+            "relay binary {} not found: build it (cargo build -p edgerelay) or pass --relay-bin",
+            relay_bin.display()
+        );
+        let work = tempfile::Builder::new()
+            .prefix("loadtest-global-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let logs = args.out.join("logs");
+        let certs = work.path().join("certs");
+        edgerelay_ops::dev_certs::generate_dev_certs(&[
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .and_then(|c| c.write(&certs))
+        .context("generating the relays' certificates")?;
+
+        let mut children = Children::default();
+        let mut proxies = Vec::new();
+        let nats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+        children.spawn(
+            "nats-server",
+            Command::new(&nats_bin)
+                .args(["-js", "-a", "127.0.0.1", "-p", &nats.port().to_string(), "-sd"])
+                .arg(work.path().join("jetstream")),
+            &logs.join("nats-server.log"),
+        )?;
+        wait_ready(&mut children, &logs, stop, "nats-server", || async move {
+            TcpStream::connect(nats).await.is_ok()
+        })
+        .await?;
+
+        let consumer_proxy = tcp_proxy(nats, args.consumer_rtt_ms, 0).await?;
+        let consumer_nats = format!("nats://{}", consumer_proxy.local_addr());
+        proxies.push(consumer_proxy);
+
+        let mut sites = Vec::with_capacity(regions.len());
+        for (i, region) in regions.iter().enumerate() {
+            let seed = 1 + i as u64;
+            let nats_proxy = tcp_proxy(nats, region.nats_rtt_ms, seed).await?;
+            let relay = SocketAddr::from((Ipv4Addr::LOCALHOST, free_shared_port()?));
+            let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+            let config = work.path().join(format!("relay-{}.toml", region.name));
+            let text = relay_config(region, relay, admin, nats_proxy.local_addr(), &certs, token);
+            report::write(&config, &text)?;
+            let name = format!("relay {}", region.name);
+            children.spawn(
+                &name,
+                Command::new(&relay_bin)
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .env("EDGERELAY_LOG", "warn"),
+                &logs.join(format!("relay-{}.log", region.name)),
+            )?;
+            wait_ready(&mut children, &logs, stop, &name, || async move {
+                matches!(admin_get(admin, "/readyz").await, Ok((200, _)))
+            })
+            .await?;
+            let edge = wan::spawn(
+                &Route { listen: local(0), upstream: relay, tcp: true, udp: true },
+                &model(region.edge_rtt_ms, seed + 100),
+            )
+            .await
+            .with_context(|| format!("starting region {}'s edge proxy", region.name))?;
+            eprintln!(
+                "global: region {}: edge proxy {} ({} ms) -> relay {relay} (admin {admin}) -> \
+                 NATS proxy {} ({} ms) -> nats-server {nats}",
+                region.name,
+                edge.local_addr(),
+                region.edge_rtt_ms,
+                nats_proxy.local_addr(),
+                region.nats_rtt_ms,
+            );
+            sites.push(RegionSite { region: region.clone(), edge: edge.local_addr(), admin });
+            proxies.push(nats_proxy);
+            proxies.push(edge);
+        }
+        eprintln!(
+            "global: consumer -> consumer proxy {consumer_nats} ({} ms) -> nats-server {nats}",
+            args.consumer_rtt_ms
+        );
+        Ok(Self { children, _proxies: proxies, work, regions: sites, consumer_nats })
+    }
+}
+
+/// A proxy model with `rtt_ms` and nothing else (no jitter, no loss).
+fn model(rtt_ms: u64, seed: u64) -> Model {
+    Model {
+        rtt: Duration::from_millis(rtt_ms),
+        jitter: Duration::ZERO,
+        loss: 0.0,
+        seed,
+        limits: Limits::default(),
+    }
+}
+
+/// A TCP-only proxy to `upstream` with `rtt_ms`.
+async fn tcp_proxy(upstream: SocketAddr, rtt_ms: u64, seed: u64) -> anyhow::Result<wan::Proxy> {
+    let route = Route { listen: local(0), upstream, tcp: true, udp: false };
+    wan::spawn(&route, &model(rtt_ms, seed)).await.context("starting a NATS proxy")
+}
+
+/// The relay config of `region`: HTTPS (TCP) and QUIC (UDP) on the same port, so one edge
+/// proxy carries both; the shared stream; a token that may publish only on the region's
+/// subjects; no audit stream.
+fn relay_config(
+    region: &Region,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    nats: SocketAddr,
+    certs: &Path,
+    token: &str,
+) -> String {
+    let s = |text: &str| toml_string(text);
+    let path = |name: &str| toml_string(&certs.join(name).to_string_lossy());
+    format!(
+        r#"# Generated by `loadtest global` for region {name}.
+[relay]
+id = {id}
+[https]
+listen = "{listen}"
+tls_cert = {cert}
+tls_key = {key}
+[quic]
+listen = "{listen}"
+[admin]
+listen = "{admin}"
+[nats]
+urls = ["nats://{nats}"]
+client_name = {client}
+[stream]
+name = "{STREAM}"
+subjects = ["{SUBJECT_ROOT}.>"]
+[audit]
+enabled = false
+[[auth.static_tokens]]
+name = {id}
+token = {token}
+allow = [{allow}]
+"#,
+        name = region.name,
+        id = s(&region.name),
+        cert = path("cert.pem"),
+        key = path("key.pem"),
+        client = s(&format!("edgerelay-{}", region.name)),
+        token = s(token),
+        allow = s(&format!("{}.>", region.subject_prefix())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_is_valid_toml_for_the_relay() {
+        let region = Region { name: "near".into(), edge_rtt_ms: 20, nats_rtt_ms: 10 };
+        let text = relay_config(
+            &region,
+            local(8443),
+            local(9090),
+            local(4222),
+            Path::new("/tmp/we\"ird\\certs"),
+            "tok",
+        );
+        let config = edgerelay::config::Config::parse(&text).unwrap();
+        assert_eq!(config.relay.id, "near");
+        assert_eq!(config.stream.subjects, ["global.>"]);
+        assert_eq!(config.auth.static_tokens[0].allow, ["global.near.>"]);
+        assert_eq!(config.https.tls_cert, Path::new("/tmp/we\"ird\\certs/cert.pem"));
+        assert!(!config.audit.enabled);
+    }
+}
