@@ -29,23 +29,23 @@
 //! stops forwarding in both directions while keeping every socket open (a path that goes dark
 //! without a reset: TCP bytes wait in the proxy, or behind a full queue in the kernel, and flow
 //! again when the hole closes; UDP datagrams are dropped and counted as lost).
+//!
+//! The TCP side is `wan/tcp.rs`, the UDP side `wan/udp.rs`; this file holds the model, the
+//! route and its handle, and the `wan-proxy` command line.
 
-use std::collections::{BinaryHeap, HashMap};
+mod tcp;
+mod udp;
+
 use std::fmt;
-use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{sleep_until, Instant};
 
 /// Largest read from a TCP socket, and so the largest chunk one delay applies to.
 const TCP_CHUNK: usize = 64 * 1024;
@@ -151,57 +151,6 @@ struct Stats {
 /// SplitMix64: small, fast, and good enough to pick delays and losses.
 #[derive(Clone, Debug)]
 struct Rng(u64);
-
-/// Release times of one TCP direction: each chunk's delay, clamped so the stream stays in order.
-#[derive(Debug)]
-struct InOrder {
-    model: Model,
-    rng: Rng,
-    last: Option<Instant>,
-}
-
-/// Datagrams of one UDP direction waiting for their release time, bounded in bytes.
-#[derive(Debug)]
-struct DatagramQueue {
-    heap: BinaryHeap<Due>,
-    bytes: usize,
-    max_bytes: usize,
-    seq: u64,
-}
-
-/// A queued datagram, ordered earliest release (then arrival) first.
-#[derive(Debug)]
-struct Due {
-    at: Instant,
-    seq: u64,
-    data: Bytes,
-}
-
-/// What one TCP direction passes on, after its delay.
-#[derive(Debug)]
-enum Segment {
-    /// Bytes, holding their share of the direction's byte budget until written.
-    Data(Bytes, OwnedSemaphorePermit),
-    /// The sender half-closed: shut down the write side.
-    Fin,
-    /// Reading failed (e.g. a reset): close the whole connection.
-    Reset(io::Error),
-}
-
-/// Where a UDP direction delivers: the upstream (connected socket) or a client.
-#[derive(Clone, Debug)]
-enum Dest {
-    Upstream(Arc<UdpSocket>),
-    Client(Arc<UdpSocket>, SocketAddr),
-}
-
-/// One client's UDP session; dropping it stops its tasks and closes its upstream socket.
-#[derive(Debug)]
-struct Session {
-    to_upstream: mpsc::Sender<(Instant, Bytes)>,
-    last_active: Arc<AtomicU64>,
-    _tasks: JoinSet<()>,
-}
 
 /// Flags of `loadtest wan-proxy`.
 #[derive(Debug, clap::Args)]
@@ -382,64 +331,6 @@ impl Rng {
     }
 }
 
-impl InOrder {
-    fn new(model: Model, rng: Rng) -> Self {
-        InOrder { model, rng, last: None }
-    }
-
-    /// When a chunk read at `now` may be written: after its delay, and not before the last one.
-    fn release(&mut self, now: Instant) -> Instant {
-        let mut at = now + self.model.one_way(&mut self.rng);
-        if let Some(last) = self.last {
-            at = at.max(last);
-        }
-        self.last = Some(at);
-        at
-    }
-}
-
-impl DatagramQueue {
-    fn new(max_bytes: usize) -> Self {
-        DatagramQueue { heap: BinaryHeap::new(), bytes: 0, max_bytes, seq: 0 }
-    }
-
-    /// Queues `data` for release at `at`; false (and nothing queued) if it would exceed the
-    /// byte bound.
-    fn push(&mut self, at: Instant, data: Bytes) -> bool {
-        if self.bytes + data.len() > self.max_bytes {
-            return false;
-        }
-        self.bytes += data.len();
-        self.seq += 1;
-        self.heap.push(Due { at, seq: self.seq, data });
-        true
-    }
-
-    /// The earliest release time queued.
-    fn next_deadline(&self) -> Option<Instant> {
-        self.heap.peek().map(|d| d.at)
-    }
-
-    /// The next datagram due at `now`, if any.
-    fn pop_due(&mut self, now: Instant) -> Option<Bytes> {
-        if self.heap.peek()?.at > now {
-            return None;
-        }
-        let due = self.heap.pop()?;
-        self.bytes -= due.data.len();
-        Some(due.data)
-    }
-}
-
-impl Dest {
-    async fn send(&self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            Dest::Upstream(socket) => socket.send(data).await,
-            Dest::Client(socket, to) => socket.send_to(data, to).await,
-        }
-    }
-}
-
 impl RouteSpec {
     /// The route with the process-wide flags filled in where it has no override of its own.
     async fn resolve(
@@ -506,27 +397,6 @@ impl fmt::Display for Counters {
     }
 }
 
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Due {}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Due {
-    /// Reversed: `BinaryHeap` is a max-heap and the earliest release must come out first.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// Starts one route. With both TCP and UDP on port 0, both listen on the same free port.
 pub async fn spawn(route: &Route, model: &Model) -> anyhow::Result<Proxy> {
     model.validate()?;
@@ -536,11 +406,17 @@ pub async fn spawn(route: &Route, model: &Model) -> anyhow::Result<Proxy> {
     let control = Arc::new(Control::new());
     let mut tasks = JoinSet::new();
     if let Some(listener) = tcp {
-        tasks.spawn(accept_tcp(listener, route.upstream, *model, stats.clone(), control.clone()));
+        tasks.spawn(tcp::accept_tcp(
+            listener,
+            route.upstream,
+            *model,
+            stats.clone(),
+            control.clone(),
+        ));
     }
     if let Some(socket) = udp {
         let socket = Arc::new(socket);
-        tasks.spawn(serve_udp(socket, route.upstream, *model, stats.clone(), control.clone()));
+        tasks.spawn(udp::serve_udp(socket, route.upstream, *model, stats.clone(), control.clone()));
     }
     Ok(Proxy { addr, stats, control, _tasks: tasks })
 }
@@ -653,309 +529,6 @@ async fn bind(
     }
 }
 
-/// Accepts TCP connections and proxies each until the route is dropped.
-async fn accept_tcp(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    model: Model,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
-) {
-    let mut conns = JoinSet::new();
-    let mut next_id: u64 = 0;
-    let listen = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
-                    next_id += 1;
-                    Stats::add(&stats.connections, 1);
-                    let (stats, control) = (stats.clone(), control.clone());
-                    conns.spawn(proxy_tcp(client, upstream, model, next_id, stats, control));
-                }
-                // Out of file descriptors and the like: wait instead of spinning.
-                Err(e) => {
-                    eprintln!("wan-proxy: accept on {listen}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next() => {}
-        }
-    }
-}
-
-/// One proxied TCP connection: both directions, until both are closed or one fails.
-async fn proxy_tcp(
-    client: TcpStream,
-    upstream: SocketAddr,
-    model: Model,
-    id: u64,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
-) {
-    let server = match TcpStream::connect(upstream).await {
-        Ok(server) => server,
-        Err(_) => {
-            // Dropping the client closes it, as an unreachable upstream would.
-            Stats::add(&stats.connect_failures, 1);
-            return;
-        }
-    };
-    // The proxy adds its delay on purpose; Nagle must not add more.
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    let up = pump(
-        client_read,
-        server_write,
-        InOrder::new(model, model.rng(id << 1)),
-        &model,
-        &stats,
-        &control,
-    );
-    let down = pump(
-        server_read,
-        client_write,
-        InOrder::new(model, model.rng(id << 1 | 1)),
-        &model,
-        &stats,
-        &control,
-    );
-    // An error in either direction drops all four halves: both sockets close.
-    let _ = tokio::try_join!(up, down);
-}
-
-/// One TCP direction: reads chunks, and writes each at its release time, in order.
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    mut order: InOrder,
-    model: &Model,
-    stats: &Stats,
-    control: &Control,
-) -> io::Result<()> {
-    let budget = model.limits.max_queued_bytes;
-    let chunk = TCP_CHUNK.min(budget);
-    let queued = Arc::new(Semaphore::new(budget));
-    // Unbounded in count, but every Data segment holds at least one permit of the byte budget
-    // and at most one Fin or Reset follows them.
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Segment)>();
-    let read = async move {
-        let mut buf = BytesMut::with_capacity(chunk);
-        loop {
-            buf.reserve(chunk);
-            let segment = match (&mut from).take(chunk as u64).read_buf(&mut buf).await {
-                Ok(0) => Segment::Fin,
-                Ok(n) => {
-                    let now = Instant::now();
-                    let data = buf.split().freeze();
-                    // n <= chunk <= budget, so this waits for room rather than forever.
-                    let permit = queued
-                        .clone()
-                        .acquire_many_owned(n as u32)
-                        .await
-                        .map_err(|_| io::Error::other("byte budget closed"))?;
-                    let at = order.release(now) + control.extra_delay();
-                    if tx.send((at, Segment::Data(data, permit))).is_err() {
-                        return Ok(());
-                    }
-                    continue;
-                }
-                Err(e) => Segment::Reset(e),
-            };
-            let _ = tx.send((order.release(Instant::now()) + control.extra_delay(), segment));
-            return Ok::<(), io::Error>(());
-        }
-    };
-    let write = async move {
-        while let Some((at, segment)) = rx.recv().await {
-            if at > Instant::now() {
-                sleep_until(at).await;
-            }
-            // A black hole holds everything (a FIN or reset too) until it closes.
-            control.open().await;
-            match segment {
-                Segment::Data(data, permit) => {
-                    to.write_all(&data).await?;
-                    Stats::add(&stats.tcp_bytes, data.len() as u64);
-                    drop(permit);
-                }
-                Segment::Fin => {
-                    to.shutdown().await?;
-                    return Ok(());
-                }
-                Segment::Reset(e) => return Err(e),
-            }
-        }
-        Ok(())
-    };
-    tokio::try_join!(read, write).map(|_| ())
-}
-
-/// Receives client datagrams, keeps one session per client address, and expires idle ones.
-async fn serve_udp(
-    socket: Arc<UdpSocket>,
-    upstream: SocketAddr,
-    model: Model,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
-) {
-    let epoch = Instant::now();
-    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
-    let mut next_id: u64 = 0;
-    let mut sweep =
-        tokio::time::interval((model.limits.udp_idle / 2).max(Duration::from_millis(10)));
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        let (n, from) = tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
-                Ok(r) => r,
-                // e.g. ICMP errors surfacing on the listening socket: nothing to forward.
-                Err(_) => continue,
-            },
-            _ = sweep.tick() => {
-                let now = millis_since(epoch);
-                let idle = model.limits.udp_idle.as_millis() as u64;
-                sessions.retain(|_, s| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) < idle);
-                continue;
-            }
-        };
-        let now = Instant::now();
-        if !sessions.contains_key(&from) {
-            if sessions.len() >= model.limits.max_udp_sessions {
-                Stats::add(&stats.datagrams_overflow, 1);
-                continue;
-            }
-            next_id += 1;
-            let opened =
-                open_session(&socket, from, upstream, &model, next_id, epoch, &stats, &control);
-            match opened.await {
-                Ok(session) => {
-                    Stats::add(&stats.udp_sessions, 1);
-                    sessions.insert(from, session);
-                }
-                Err(e) => {
-                    eprintln!("wan-proxy: opening a UDP session to {upstream}: {e}");
-                    Stats::add(&stats.datagrams_overflow, 1);
-                    continue;
-                }
-            }
-        }
-        let Some(session) = sessions.get(&from) else { continue };
-        session.last_active.store(millis_since(epoch), Ordering::Relaxed);
-        if session.to_upstream.try_send((now, Bytes::copy_from_slice(&buf[..n]))).is_err() {
-            Stats::add(&stats.datagrams_overflow, 1);
-        }
-    }
-}
-
-/// Opens a client's session: an upstream socket and the tasks of both directions.
-#[allow(clippy::too_many_arguments)] // the route's shared state, passed down unbundled
-async fn open_session(
-    listen: &Arc<UdpSocket>,
-    client: SocketAddr,
-    upstream: SocketAddr,
-    model: &Model,
-    id: u64,
-    epoch: Instant,
-    stats: &Arc<Stats>,
-    control: &Arc<Control>,
-) -> io::Result<Session> {
-    let local: SocketAddr = if upstream.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let up_socket = Arc::new(UdpSocket::bind(local).await?);
-    up_socket.connect(upstream).await?;
-    let last_active = Arc::new(AtomicU64::new(millis_since(epoch)));
-    let (to_upstream, up_rx) = mpsc::channel(UDP_CHANNEL);
-    let (to_client, down_rx) = mpsc::channel(UDP_CHANNEL);
-    let mut tasks = JoinSet::new();
-    tasks.spawn(delay_datagrams(
-        up_rx,
-        Dest::Upstream(up_socket.clone()),
-        *model,
-        model.rng(id << 1),
-        stats.clone(),
-        control.clone(),
-    ));
-    tasks.spawn(delay_datagrams(
-        down_rx,
-        Dest::Client(listen.clone(), client),
-        *model,
-        model.rng(id << 1 | 1),
-        stats.clone(),
-        control.clone(),
-    ));
-    let active = last_active.clone();
-    let stats = stats.clone();
-    tasks.spawn(async move {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        loop {
-            match up_socket.recv(&mut buf).await {
-                Ok(n) => {
-                    let now = Instant::now();
-                    active.store(millis_since(epoch), Ordering::Relaxed);
-                    if to_client.try_send((now, Bytes::copy_from_slice(&buf[..n]))).is_err() {
-                        Stats::add(&stats.datagrams_overflow, 1);
-                    }
-                }
-                // A connected UDP socket reports an earlier datagram's ICMP error here
-                // (upstream not listening); keep the session, as a real path would.
-                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-        }
-    });
-    Ok(Session { to_upstream, last_active, _tasks: tasks })
-}
-
-/// One UDP direction: applies loss, queues each datagram until its own release time, sends.
-async fn delay_datagrams(
-    mut rx: mpsc::Receiver<(Instant, Bytes)>,
-    dest: Dest,
-    model: Model,
-    mut rng: Rng,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
-) {
-    let mut queue = DatagramQueue::new(model.limits.max_queued_bytes);
-    let mut open = true;
-    while open || queue.next_deadline().is_some() {
-        let deadline = queue.next_deadline();
-        tokio::select! {
-            received = rx.recv(), if open => match received {
-                Some((arrived, data)) => {
-                    if model.lost(&mut rng) {
-                        Stats::add(&stats.datagrams_lost, 1);
-                    } else if !queue.push(arrived + model.one_way(&mut rng) + control.extra_delay(), data) {
-                        Stats::add(&stats.datagrams_overflow, 1);
-                    }
-                }
-                None => open = false,
-            },
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                let now = Instant::now();
-                while let Some(data) = queue.pop_due(now) {
-                    if *control.blackhole.borrow() {
-                        Stats::add(&stats.datagrams_lost, 1);
-                        continue;
-                    }
-                    // Like a router's output queue: a send error (buffer full, ICMP) loses it.
-                    if dest.send(&data).await.is_ok() {
-                        Stats::add(&stats.datagrams_forwarded, 1);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn millis_since(epoch: Instant) -> u64 {
-    epoch.elapsed().as_millis() as u64
-}
-
 /// Parses `--loss`.
 fn parse_probability(s: &str) -> Result<f64, String> {
     let p: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
@@ -1008,13 +581,18 @@ fn parse_route(s: &str) -> Result<RouteSpec, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::sync::atomic::AtomicU64;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::Instant;
 
     use super::*;
 
     const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
-    fn model(rtt_ms: u64, jitter_ms: u64, loss: f64) -> Model {
+    pub(super) fn model(rtt_ms: u64, jitter_ms: u64, loss: f64) -> Model {
         Model {
             rtt: Duration::from_millis(rtt_ms),
             jitter: Duration::from_millis(jitter_ms),
@@ -1110,40 +688,6 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
-    }
-
-    #[test]
-    fn tcp_release_times_never_go_backwards() {
-        let m = model(20, 15, 0.0);
-        let mut order = InOrder::new(m, m.rng(1));
-        let start = Instant::now();
-        let mut last = start;
-        for i in 0..10_000u64 {
-            let at = order.release(start + Duration::from_micros(i * 100));
-            assert!(at >= last);
-            last = at;
-        }
-    }
-
-    #[test]
-    fn datagram_queue_releases_by_time_and_bounds_bytes() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let mut q = DatagramQueue::new(10);
-        assert!(q.push(t0 + ms(30), Bytes::from_static(b"late")));
-        assert!(q.push(t0 + ms(10), Bytes::from_static(b"soon")));
-        // 8 bytes queued: two more fit, three do not.
-        assert!(!q.push(t0 + ms(5), Bytes::from_static(b"abc")));
-        assert!(q.push(t0 + ms(10), Bytes::from_static(b"ab")));
-        assert_eq!(q.next_deadline(), Some(t0 + ms(10)));
-        assert_eq!(q.pop_due(t0), None);
-        // Released by time (reordered against arrival), ties in arrival order.
-        assert_eq!(q.pop_due(t0 + ms(10)).as_deref(), Some(&b"soon"[..]));
-        assert_eq!(q.pop_due(t0 + ms(10)).as_deref(), Some(&b"ab"[..]));
-        assert_eq!(q.pop_due(t0 + ms(10)), None);
-        assert_eq!(q.pop_due(t0 + ms(30)).as_deref(), Some(&b"late"[..]));
-        assert_eq!(q.next_deadline(), None);
-        assert!(q.push(t0, Bytes::from_static(b"0123456789")));
     }
 
     #[test]
