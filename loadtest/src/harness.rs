@@ -100,6 +100,16 @@ pub struct Target<M> {
     pub relay_pid: Option<u32>,
 }
 
+/// Ramp, then bisection: the rates a `--find-max` search tries, given what passed.
+#[derive(Clone, Debug)]
+struct Search {
+    next: Option<f64>,
+    /// Highest rate that passed.
+    good: Option<f64>,
+    /// Lowest rate that failed.
+    bad: Option<f64>,
+}
+
 impl<M: Mode> Target<M> {
     /// The mode's name in reports.
     pub fn name(&self) -> &'static str {
@@ -220,16 +230,6 @@ impl<M: Mode> Target<M> {
         }
         Ok(result)
     }
-}
-
-/// Ramp, then bisection: the rates a `--find-max` search tries, given what passed.
-#[derive(Clone, Debug)]
-struct Search {
-    next: Option<f64>,
-    /// Highest rate that passed.
-    good: Option<f64>,
-    /// Lowest rate that failed.
-    bad: Option<f64>,
 }
 
 impl Search {
