@@ -48,20 +48,36 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(ticks_to_duration(ticks))
 }
 
-/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks. The second
-/// field, the command name, is in parentheses and may itself hold spaces and parentheses, so
-/// fields are counted from the last `)`.
+/// User + system CPU time of this process's children that have exited and been waited for
+/// (`cutime + cstime`): before and after a child `loadtest` run, what that run cost.
+pub fn children_cpu_time() -> anyhow::Result<Duration> {
+    let path = "/proc/self/stat";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let ticks =
+        stat_ticks(&text, 13, ["cutime", "cstime"]).with_context(|| format!("parsing {path}"))?;
+    Ok(ticks_to_duration(ticks))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks.
 pub fn stat_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    stat_ticks(stat, 11, ["utime", "stime"])
+}
+
+/// The sum of two adjacent tick fields of a `/proc/PID/stat` line, `first` counted from the
+/// field after the command name. That second field, the command name, is in parentheses and
+/// may itself hold spaces and parentheses, so fields are counted from the last `)`.
+fn stat_ticks(stat: &str, first: usize, names: [&str; 2]) -> anyhow::Result<u64> {
     let Some(close) = stat.rfind(')') else { bail!("no `(comm)` field") };
-    // After `comm`: field 3 (state) is the first, so utime (14) is the 12th, stime (15) the 13th.
+    // After `comm`: field 3 (state) is the first, so utime (14) is the 12th, stime (15) the
+    // 13th, cutime (16) and cstime (17) the 14th and 15th.
     let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    ensure!(fields.len() >= 13, "only {} fields after the command name", fields.len());
+    ensure!(fields.len() > first + 1, "only {} fields after the command name", fields.len());
     let field = |i: usize, name: &str| -> anyhow::Result<u64> {
         fields[i].parse().with_context(|| format!("{name} `{}` is not a number", fields[i]))
     };
-    let utime = field(11, "utime")?;
-    let stime = field(12, "stime")?;
-    utime.checked_add(stime).context("utime + stime overflows")
+    let a = field(first, names[0])?;
+    let b = field(first + 1, names[1])?;
+    a.checked_add(b).with_context(|| format!("{} + {} overflows", names[0], names[1]))
 }
 
 /// Clock ticks to a duration.
@@ -149,6 +165,7 @@ mod tests {
     fn our_own_cpu_time_is_readable() {
         let pid = std::process::id();
         assert!(cpu_time(pid).is_ok());
+        assert!(children_cpu_time().is_ok());
         assert!(cpu_time(u32::MAX).is_err());
     }
 

@@ -55,6 +55,11 @@ impl Children {
         Ok(())
     }
 
+    /// The process id of the child started as `name`, while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| n == name).and_then(|(_, child)| child.id())
+    }
+
     /// Fails if a child has exited, naming it and pointing at its log.
     pub fn check_alive(&mut self, logs: &Path) -> anyhow::Result<()> {
         for (name, child) in &mut self.0 {
