@@ -71,10 +71,13 @@ pub struct Args {
     /// The quic mode's events per request (quic-e1 sends one).
     #[arg(long, env = "EVENTS_PER_REQUEST", default_value_t = 16)]
     events_per_request: u32,
+    /// Connections per mode.
     #[arg(long, env = "CONNECTIONS", default_value_t = 4)]
     connections: u32,
+    /// Requests in flight per mode (direct-js: its ack window).
     #[arg(long, env = "CONCURRENCY", default_value_t = 256)]
     concurrency: u32,
+    /// quic: streams per connection.
     #[arg(long, env = "STREAMS", default_value_t = 4)]
     streams: u32,
     /// HTTP version of https and bare: 1 or 2.
@@ -83,6 +86,7 @@ pub struct Args {
     /// Payload bytes.
     #[arg(long, env = "PAYLOAD", default_value_t = 256)]
     payload: u32,
+    /// Subjects the events are spread over.
     #[arg(long, env = "SUBJECTS", default_value_t = 8)]
     subjects: u32,
     /// 0 skips the global phase.
@@ -213,7 +217,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         std::iter::once(exe.to_string_lossy().as_ref()).chain(compare.iter().map(String::as_str)),
     );
     record = record.replace(&format!("{}/", root.display()), "").replace(&stack.token, "$TOKEN");
-    write(&out.join("compare.cmd"), &record)?;
+    write(&out.join("compare.cmd"), &format!("{record}\n"))?;
     let status = Command::new(&exe)
         .args(&compare)
         .env("EDGERELAY_TOKEN", &stack.token)
