@@ -15,8 +15,9 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::rounds::Launch;
 use super::Binaries;
-use crate::procs::{admin_get, free_tcp_port, local, wait_ready, Children};
+use crate::procs::{admin_get, free_tcp_port, local, relay_bin, wait_ready, Children};
 
 /// nats-server and whatever else a benchmark starts beside it.
 pub struct Stack {
@@ -48,15 +49,10 @@ impl Stack {
         out: &Path,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
-        let relay_bin = match &bins.relay_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()
-                .context("locating the loadtest binary")?
-                .with_file_name("edgerelay"),
-        };
+        let relay_bin = relay_bin(bins.relay_bin.as_deref())?;
         ensure!(
             relay_bin.exists(),
-            "relay binary {} not found: build it (cargo build -p edgerelay) or pass --relay-bin",
+            "no relay binary at {}: build it or pass --relay-bin",
             relay_bin.display()
         );
         if out.exists() {
@@ -171,6 +167,18 @@ impl Stack {
         })
         .await?;
         Ok(format!("http://{addr}"))
+    }
+
+    /// A `loadtest` run against this stack (its token; nats-server's and the relay's CPU).
+    pub fn launch<'a>(&'a self, args: &'a [String], stem: PathBuf, relay_pid: u32) -> Launch<'a> {
+        Launch {
+            args,
+            stem,
+            token: &self.token,
+            relay_pid: Some(relay_pid),
+            nats_pid: self.nats_pid,
+            limit: None,
+        }
     }
 
     /// Stops every process and deletes the JetStream store.
