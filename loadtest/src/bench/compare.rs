@@ -218,15 +218,9 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     );
     record = record.replace(&format!("{}/", root.display()), "").replace(&stack.token, "$TOKEN");
     write(&out.join("compare.cmd"), &format!("{record}\n"))?;
-    let status = Command::new(&exe)
-        .args(&compare)
-        .env("EDGERELAY_TOKEN", &stack.token)
-        .stdin(Stdio::null())
-        .stdout(create(&out.join("compare.txt"))?)
-        .stderr(create(&out.join("compare.log"))?)
-        .status()
-        .await
-        .context("running loadtest compare")?;
+    let mut command = Command::new(&exe);
+    command.args(&compare).env("EDGERELAY_TOKEN", &stack.token);
+    let status = run_logged(&mut command, &out, "compare.txt", "compare.log").await?;
     // A mode without a result makes compare exit non-zero; the report still shows the others.
     if !status.success() {
         eprintln!(
@@ -281,18 +275,14 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
 /// as the report words it.
 async fn global(args: &Args, exe: &Path, out: &Path) -> anyhow::Result<String> {
     eprintln!("bench: global ...");
-    let status = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("global")
         .arg("--out")
         .arg(out.join("global"))
         .args(args.global_args.split_whitespace())
-        .env("NATS_SERVER_BIN", &args.bins.nats_server_bin)
-        .stdin(Stdio::null())
-        .stdout(create(&out.join("global.md"))?)
-        .stderr(create(&out.join("global.log"))?)
-        .status()
-        .await
-        .context("running loadtest global")?;
+        .env("NATS_SERVER_BIN", &args.bins.nats_server_bin);
+    let status = run_logged(&mut command, out, "global.md", "global.log").await?;
     print!("{}", std::fs::read_to_string(out.join("global.md")).unwrap_or_default());
     Ok(if status.success() {
         "ok".to_owned()
@@ -352,6 +342,22 @@ fn shell_words<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
         }
     };
     words.into_iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
+/// Runs `command` to its end, stdout to `out/stdout`, stderr to `out/stderr`.
+async fn run_logged(
+    command: &mut Command,
+    out: &Path,
+    stdout: &str,
+    stderr: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    command
+        .stdin(Stdio::null())
+        .stdout(create(&out.join(stdout))?)
+        .stderr(create(&out.join(stderr))?)
+        .status()
+        .await
+        .with_context(|| format!("running loadtest (output in {stdout})"))
 }
 
 fn create(path: &Path) -> anyhow::Result<std::fs::File> {

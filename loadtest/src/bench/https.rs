@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context as _};
 use edgerelay::config::Config;
 use tokio::sync::watch;
 
-use super::rounds::{alternating, median, ms_per_k, Launch, Run};
+use super::rounds::{alternating, median, ms_per_k, Run};
 use super::stack::{Relay, Stack};
 use super::{duration_text, Binaries};
 
@@ -143,14 +143,8 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
             "--label".into(),
             variant.to_owned(),
         ];
-        let launch = Launch {
-            args: &loadtest,
-            stem: args.out.join(format!("{variant}-{round}")),
-            token: &stack.token,
-            relay_pid: Some(relays[i].pid),
-            nats_pid: stack.nats_pid,
-            limit: None,
-        };
+        let launch =
+            stack.launch(&loadtest, args.out.join(format!("{variant}-{round}")), relays[i].pid);
         let run = launch
             .run()
             .await?

@@ -120,77 +120,60 @@ impl Args {
         let (base, nokey) = strip(variant, "-nokey");
         let (base, jwt) = strip(base, "-jwt");
         let ca = stack.ca().to_string_lossy().into_owned();
-        let quic = relay.quic.clone();
-        let mut args: Vec<String> = match base {
-            "direct-js" => vec![
-                "direct-js".into(),
-                "--nats-url".into(),
-                stack.nats_url(),
-                "--stream".into(),
-                STREAMS[1].into(),
-                "--max-inflight".into(),
-                self.window.to_string(),
-            ],
-            "h2" => vec![
-                "https".into(),
-                "--url".into(),
-                relay.https.clone(),
-                "--ca".into(),
-                ca,
-                "--http".into(),
-                "2".into(),
-                "--connections".into(),
-                self.connections.to_string(),
-                "--concurrency".into(),
-                self.window.to_string(),
-            ],
-            "h3" => vec![
-                "h3".into(),
-                "--addr".into(),
-                quic,
-                "--ca".into(),
-                ca,
-                "--connections".into(),
-                self.connections.to_string(),
-                "--concurrency".into(),
-                self.window.to_string(),
-            ],
-            _ => match base.strip_prefix("quic-e").filter(|n| n.parse::<u32>().is_ok()) {
-                Some(events) => vec![
-                    "quic".into(),
-                    "--addr".into(),
-                    quic,
-                    "--ca".into(),
-                    ca,
-                    "--connections".into(),
-                    self.connections.to_string(),
-                    "--streams".into(),
-                    self.streams.to_string(),
-                    "--in-flight".into(),
-                    self.in_flight.to_string(),
-                    "--events-per-request".into(),
-                    events.to_owned(),
+        let connections = self.connections.to_string();
+        let window = self.window.to_string();
+        let (mode, mut flags): (&str, Vec<(&str, String)>) = match base {
+            "direct-js" => (
+                "direct-js",
+                vec![
+                    ("--nats-url", stack.nats_url()),
+                    ("--stream", STREAMS[1].into()),
+                    ("--max-inflight", window),
                 ],
+            ),
+            "h2" => (
+                "https",
+                vec![("--url", relay.https.clone()), ("--ca", ca), ("--http", "2".into())],
+            ),
+            "h3" => ("h3", vec![("--addr", relay.quic.clone()), ("--ca", ca)]),
+            _ => match base.strip_prefix("quic-e").filter(|n| n.parse::<u32>().is_ok()) {
+                Some(events) => (
+                    "quic",
+                    vec![
+                        ("--addr", relay.quic.clone()),
+                        ("--ca", ca),
+                        ("--connections", connections.clone()),
+                        ("--streams", self.streams.to_string()),
+                        ("--in-flight", self.in_flight.to_string()),
+                        ("--events-per-request", events.to_owned()),
+                    ],
+                ),
                 None => bail!("unknown variant {variant}"),
             },
         };
-        for (flag, value) in [
+        if matches!(base, "h2" | "h3") {
+            flags.extend([
+                ("--connections", connections),
+                ("--concurrency", self.window.to_string()),
+            ]);
+        }
+        flags.extend([
             ("--duration", self.duration.clone()),
             ("--warmup", self.warmup.clone()),
             ("--subjects", self.subjects.to_string()),
             ("--payload-bytes", self.payload.to_string()),
             ("--pacer-spin", "0".into()),
             ("--label", variant.to_owned()),
-        ] {
-            args.push(flag.into());
-            args.push(value);
+        ]);
+        let mut args = vec![mode.to_owned()];
+        for (flag, value) in flags {
+            args.extend([flag.to_owned(), value]);
         }
         if nokey {
             args.push("--no-keys".into());
         }
         if jwt {
-            args.push("--token-from".into());
-            args.push(relay.idp.clone());
+            args.extend(["--token-from".to_owned(), relay.idp.clone()]);
         }
         Ok(args)
     }
@@ -313,13 +296,10 @@ impl Phases<'_> {
             }
             let mut run_args = self.loadtest[i].clone();
             run_args.extend(["--rate".to_owned(), rate.to_string()]);
+            let stem = self.args.out.join(format!("{name}-{variant}-{round}"));
             let launch = Launch {
-                args: &run_args,
-                stem: self.args.out.join(format!("{name}-{variant}-{round}")),
-                token: &self.stack.token,
-                relay_pid: Some(self.relay_pid),
-                nats_pid: self.stack.nats_pid,
                 limit: Some(self.limit),
+                ..self.stack.launch(&run_args, stem, self.relay_pid)
             };
             match launch.run().await? {
                 Some(run) => runs[i].push(run),
