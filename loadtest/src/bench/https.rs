@@ -9,8 +9,12 @@
 //! waits `linger_ms` unless full), and `before` (the default config run by the edgerelay
 //! binary in `BEFORE_BIN`, an earlier build: an A/B of a change to the relay, e.g.
 //! `BEFORE_BIN=... VARIANTS="before batched"`).
+//!
+//! `PROTOCOLS="https quic"` also loads every relay over its native QUIC listener (one event
+//! per request), alternating with the HTTPS runs: an A/B of two builds over both front-ends
+//! in one invocation, a table per protocol.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context as _};
 use edgerelay::config::Config;
@@ -19,6 +23,7 @@ use tokio::sync::watch;
 use super::rounds::{alternating, median, ms_per_k, Run};
 use super::stack::{Relay, Stack};
 use super::{duration_text, Binaries};
+use crate::procs::{free_shared_port, local};
 
 /// Flags of `loadtest bench https`; each also reads the environment variable named.
 #[derive(Debug, clap::Args)]
@@ -45,6 +50,11 @@ pub struct Args {
     /// the ratios.
     #[arg(long, env = "VARIANTS", default_value = "batched unbatched")]
     variants: String,
+    /// Space-separated: how the load reaches each relay, `https` and/or `quic` (the native
+    /// protocol, one event per request, CONNECTIONS connections): with both, an A/B of two
+    /// builds over both paths in one run, each protocol its own table.
+    #[arg(long, env = "PROTOCOLS", default_value = "https")]
+    protocols: String,
     /// The earlier edgerelay binary the `before` variant runs.
     #[arg(long, env = "BEFORE_BIN")]
     before_bin: Option<PathBuf>,
@@ -82,8 +92,11 @@ impl Row {
 }
 
 /// The relay config of `variant` (its own stream on `edge.VARIANT.>`).
-fn config(stack: &Stack, variant: &str) -> anyhow::Result<Config> {
+fn config(stack: &Stack, variant: &str, quic: bool) -> anyhow::Result<Config> {
     let mut config = stack.relay_config(variant)?;
+    if quic {
+        config.quic.listen = Some(local(free_shared_port()?));
+    }
     match variant {
         "batched" | "before" => {}
         "unbatched" => config.batch.max_events = 1,
@@ -95,6 +108,50 @@ fn config(stack: &Stack, variant: &str) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+impl Args {
+    /// The loadtest arguments of one run of `variant` over `protocol` against `relay`.
+    fn loadtest(&self, protocol: &str, variant: &str, relay: &Relay, ca: &Path) -> Vec<String> {
+        let ca = ca.to_string_lossy().into_owned();
+        let mut flags: Vec<(&str, String)> = match (protocol, relay.quic) {
+            ("quic", Some(quic)) => vec![("--addr", quic.to_string()), ("--ca", ca)],
+            _ => vec![
+                ("--url", format!("https://{}", relay.https)),
+                ("--ca", ca),
+                ("--http", self.http.clone()),
+            ],
+        };
+        flags.extend([
+            ("--connections", self.connections.to_string()),
+            ("--rate", self.rate.to_string()),
+            ("--duration", self.duration.clone()),
+            ("--warmup", "2s".into()),
+            ("--subjects", "8".into()),
+            ("--subject-prefix", format!("edge.{variant}.load")),
+            ("--payload-bytes", self.payload.to_string()),
+            ("--pacer-spin", "0".into()),
+            ("--label", variant.to_owned()),
+        ]);
+        let mut args = vec![protocol.to_owned()];
+        for (flag, value) in flags {
+            args.extend([flag.to_owned(), value]);
+        }
+        args
+    }
+
+    /// The first line above a protocol's table.
+    fn heading(&self, protocol: &str) -> String {
+        let path = match protocol {
+            "quic" => "QUIC (edgerelay/1, one event per request)".to_owned(),
+            _ => format!("HTTP/{}", self.http),
+        };
+        format!(
+            "offered {}/s, {} per run, {path}, {} connections, {} B payloads, median of {} \
+             alternating rounds",
+            self.rate, self.duration, self.connections, self.payload, self.rounds
+        )
+    }
+}
+
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let variants: Vec<&str> = args.variants.split_whitespace().collect();
     ensure!(!variants.is_empty(), "no VARIANTS");
@@ -102,65 +159,60 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
         (None, true) => bail!("variant before: set BEFORE_BIN to the earlier edgerelay binary"),
         (bin, _) => bin.as_deref(),
     };
+    let protocols: Vec<&str> = args.protocols.split_whitespace().collect();
+    ensure!(
+        !protocols.is_empty() && protocols.iter().all(|p| matches!(*p, "https" | "quic")),
+        "PROTOCOLS must name https and/or quic, not `{}`",
+        args.protocols
+    );
     let mut stack = Stack::start(&args.bins, &args.out, &stop).await?;
     let mut relays: Vec<Relay> = Vec::with_capacity(variants.len());
     for variant in &variants {
-        let config = config(&stack, variant)?;
+        let config = config(&stack, variant, protocols.contains(&"quic"))?;
         let bin = if *variant == "before" { before } else { None };
         relays.push(stack.start_relay(variant, &config, bin).await?);
     }
 
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
-    let order: Vec<usize> = (0..variants.len()).collect();
-    for (round, &i) in alternating(args.rounds, &order) {
+    // Every (protocol, variant) once per round, protocol by protocol.
+    let combos: Vec<(usize, usize)> =
+        (0..protocols.len()).flat_map(|p| (0..variants.len()).map(move |v| (p, v))).collect();
+    let mut runs: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); variants.len()]; protocols.len()];
+    for (round, &(p, i)) in alternating(args.rounds, &combos) {
         ensure!(!*stop.borrow(), "interrupted");
-        let variant = variants[i];
-        eprintln!("==> round {round}: {variant}");
-        let loadtest = [
-            "https".to_owned(),
-            "--url".into(),
-            format!("https://{}", relays[i].https),
-            "--ca".into(),
-            stack.ca().to_string_lossy().into_owned(),
-            "--http".into(),
-            args.http.clone(),
-            "--connections".into(),
-            args.connections.to_string(),
-            "--rate".into(),
-            args.rate.to_string(),
-            "--duration".into(),
-            args.duration.clone(),
-            "--warmup".into(),
-            "2s".into(),
-            "--subjects".into(),
-            "8".into(),
-            "--subject-prefix".into(),
-            format!("edge.{variant}.load"),
-            "--payload-bytes".into(),
-            args.payload.to_string(),
-            "--pacer-spin".into(),
-            "0".into(),
-            "--label".into(),
-            variant.to_owned(),
-        ];
-        let launch =
-            stack.launch(&loadtest, args.out.join(format!("{variant}-{round}")), relays[i].pid);
-        let run = launch
-            .run()
-            .await?
-            .with_context(|| format!("loadtest https failed: see {}", launch.log().display()))?;
+        let (protocol, variant) = (protocols[p], variants[i]);
+        let name = match protocol {
+            "https" => format!("{variant}-{round}"),
+            _ => format!("{variant}-{protocol}-{round}"),
+        };
+        if protocols.len() > 1 {
+            eprintln!("==> round {round}: {variant} over {protocol}");
+        } else {
+            eprintln!("==> round {round}: {variant}");
+        }
+        let loadtest = args.loadtest(protocol, variant, &relays[i], &stack.ca());
+        let launch = stack.launch(&loadtest, args.out.join(name), relays[i].pid);
+        let run = launch.run().await?.with_context(|| {
+            format!("loadtest {protocol} failed: see {}", launch.log().display())
+        })?;
         let text = std::fs::read_to_string(launch.txt()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         eprintln!("{}", lines[lines.len().saturating_sub(9)..].join("\n"));
-        runs[i].push(run);
+        runs[p][i].push(run);
     }
     stack.stop().await;
 
-    println!(
-        "offered {}/s, {} per run, HTTP/{}, {} connections, {} B payloads, median of {} \
-         alternating rounds",
-        args.rate, args.duration, args.http, args.connections, args.payload, args.rounds
-    );
+    for (p, protocol) in protocols.iter().enumerate() {
+        if p > 0 {
+            println!();
+        }
+        print_table(&args.heading(protocol), &variants, &runs[p]);
+    }
+    Ok(())
+}
+
+/// One protocol's table of medians, and each variant against the first.
+fn print_table(heading: &str, variants: &[&str], runs: &[Vec<Run>]) {
+    println!("{heading}");
     println!();
     println!(
         "| relay | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | relay CPU ms / 1k \
@@ -188,5 +240,4 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
             u.nats_cpu / b.nats_cpu
         );
     }
-    Ok(())
 }
