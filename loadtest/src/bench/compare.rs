@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::rounds::command;
 use super::stack::Stack;
 use super::{duration_text, markdown, Binaries};
 use crate::procs::free_shared_port;
@@ -135,50 +136,46 @@ impl Args {
         let certs = out.join("certs");
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let mut flags: Vec<(&str, String)> = vec![
-            ("modes", self.modes.clone()),
-            ("relay-https", format!("https://{}", relay.batched.https)),
+            ("--modes", self.modes.clone()),
+            ("--relay-https", format!("https://{}", relay.batched.https)),
         ];
         if let Some(quic) = relay.batched.quic {
-            flags.push(("relay-quic", quic.to_string()));
+            flags.push(("--relay-quic", quic.to_string()));
         }
         flags.extend([
-            ("relay-https-nobatch", format!("https://{}", relay.nobatch.https)),
-            ("relay-pid", relay.batched.pid.to_string()),
-            ("relay-nobatch-pid", relay.nobatch.pid.to_string()),
-            ("relay-admin", format!("http://{}", relay.batched.admin)),
-            ("relay-nobatch-admin", format!("http://{}", relay.nobatch.admin)),
-            ("nats", stack.nats_url()),
-            ("direct-stream", "BENCH5_DIRECT".into()),
-            ("ca", path(certs.join("ca.pem"))),
-            ("bare-cert", path(certs.join("cert.pem"))),
-            ("bare-key", path(certs.join("key.pem"))),
-            ("http", self.http.clone()),
-            ("connections", self.connections.to_string()),
-            ("concurrency", self.concurrency.to_string()),
-            ("streams", self.streams.to_string()),
-            ("events-per-request", self.events_per_request.to_string()),
-            ("subjects", self.subjects.to_string()),
-            ("payload-bytes", self.payload.to_string()),
-            ("pacer-spin", "0".into()),
-            ("rate", self.start_rate.to_string()),
-            ("duration", self.duration.clone()),
-            ("warmup", self.warmup.clone()),
+            ("--relay-https-nobatch", format!("https://{}", relay.nobatch.https)),
+            ("--relay-pid", relay.batched.pid.to_string()),
+            ("--relay-nobatch-pid", relay.nobatch.pid.to_string()),
+            ("--relay-admin", format!("http://{}", relay.batched.admin)),
+            ("--relay-nobatch-admin", format!("http://{}", relay.nobatch.admin)),
+            ("--nats", stack.nats_url()),
+            ("--direct-stream", "BENCH5_DIRECT".into()),
+            ("--ca", path(certs.join("ca.pem"))),
+            ("--bare-cert", path(certs.join("cert.pem"))),
+            ("--bare-key", path(certs.join("key.pem"))),
+            ("--http", self.http.clone()),
+            ("--connections", self.connections.to_string()),
+            ("--concurrency", self.concurrency.to_string()),
+            ("--streams", self.streams.to_string()),
+            ("--events-per-request", self.events_per_request.to_string()),
+            ("--subjects", self.subjects.to_string()),
+            ("--payload-bytes", self.payload.to_string()),
+            ("--pacer-spin", "0".into()),
+            ("--rate", self.start_rate.to_string()),
+            ("--duration", self.duration.clone()),
+            ("--warmup", self.warmup.clone()),
         ]);
-        let mut args = vec!["compare".to_owned()];
-        for (name, value) in flags {
-            args.extend([format!("--{name}"), value]);
-        }
+        // The search for each mode's max, then the runs at a fraction of it.
+        let search = [
+            ("--slo-p99-ms", self.slo_ms.to_string()),
+            ("--find-max-steps", self.find_max_steps.to_string()),
+            ("--find-max-time", self.find_max_time.clone()),
+            ("--at-fraction", self.at_fraction.to_string()),
+            ("--at-fraction-duration", self.at_duration.clone()),
+            ("--out", path(out.join("compare"))),
+        ];
+        let mut args = command("compare", flags.into_iter().chain(search));
         args.extend(["--consume".to_owned(), "--find-max".to_owned()]);
-        for (name, value) in [
-            ("slo-p99-ms", self.slo_ms.to_string()),
-            ("find-max-steps", self.find_max_steps.to_string()),
-            ("find-max-time", self.find_max_time.clone()),
-            ("at-fraction", self.at_fraction.to_string()),
-            ("at-fraction-duration", self.at_duration.clone()),
-            ("out", path(out.join("compare"))),
-        ] {
-            args.extend([format!("--{name}"), value]);
-        }
         args
     }
 }

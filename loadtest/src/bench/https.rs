@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context as _};
 use edgerelay::config::Config;
 use tokio::sync::watch;
 
-use super::rounds::{alternating, median, ms_per_k, Run};
+use super::rounds::{alternating, command, median, ms_per_k, shared_flags, Run};
 use super::stack::{Relay, Stack};
 use super::{duration_text, Binaries};
 use crate::procs::{free_shared_port, local};
@@ -123,19 +123,10 @@ impl Args {
         flags.extend([
             ("--connections", self.connections.to_string()),
             ("--rate", self.rate.to_string()),
-            ("--duration", self.duration.clone()),
-            ("--warmup", "2s".into()),
-            ("--subjects", "8".into()),
             ("--subject-prefix", format!("edge.{variant}.load")),
-            ("--payload-bytes", self.payload.to_string()),
-            ("--pacer-spin", "0".into()),
-            ("--label", variant.to_owned()),
         ]);
-        let mut args = vec![protocol.to_owned()];
-        for (flag, value) in flags {
-            args.extend([flag.to_owned(), value]);
-        }
-        args
+        let shared = shared_flags(&self.duration, "2s", 8, self.payload, variant);
+        command(protocol, flags.into_iter().chain(shared))
     }
 
     /// The first line above a protocol's table.

@@ -30,7 +30,7 @@ use anyhow::{bail, ensure, Context as _};
 use edgerelay::auth::config::{JwtConfig, RoleConfig};
 use tokio::sync::watch;
 
-use super::rounds::{alternating, median, ms_per_k, Launch, Run};
+use super::rounds::{alternating, command, median, ms_per_k, shared_flags, Launch, Run};
 use super::stack::Stack;
 use super::{duration_text, Binaries};
 use crate::schedule::parse_duration;
@@ -157,18 +157,9 @@ impl Args {
                 ("--concurrency", self.window.to_string()),
             ]);
         }
-        flags.extend([
-            ("--duration", self.duration.clone()),
-            ("--warmup", self.warmup.clone()),
-            ("--subjects", self.subjects.to_string()),
-            ("--payload-bytes", self.payload.to_string()),
-            ("--pacer-spin", "0".into()),
-            ("--label", variant.to_owned()),
-        ]);
-        let mut args = vec![mode.to_owned()];
-        for (flag, value) in flags {
-            args.extend([flag.to_owned(), value]);
-        }
+        let shared =
+            shared_flags(&self.duration, &self.warmup, self.subjects, self.payload, variant);
+        let mut args = command(mode, flags.into_iter().chain(shared));
         if nokey {
             args.push("--no-keys".into());
         }

@@ -62,6 +62,34 @@ pub struct Launch<'a> {
     pub limit: Option<Duration>,
 }
 
+/// `loadtest MODE` and its flags (pairs of a flag and its value).
+pub fn command<'a>(mode: &str, flags: impl IntoIterator<Item = (&'a str, String)>) -> Vec<String> {
+    let mut args = vec![mode.to_owned()];
+    for (flag, value) in flags {
+        args.extend([flag.to_owned(), value]);
+    }
+    args
+}
+
+/// The flags every benchmark's run shares, after the mode's own: the timing, the events, no
+/// pacer spinning, and the variant as the label.
+pub fn shared_flags(
+    duration: &str,
+    warmup: &str,
+    subjects: u32,
+    payload: u32,
+    label: &str,
+) -> [(&'static str, String); 6] {
+    [
+        ("--duration", duration.to_owned()),
+        ("--warmup", warmup.to_owned()),
+        ("--subjects", subjects.to_string()),
+        ("--payload-bytes", payload.to_string()),
+        ("--pacer-spin", "0".to_owned()),
+        ("--label", label.to_owned()),
+    ]
+}
+
 /// Every variant once per round, in the given order, for `rounds` rounds: `(round, variant)`
 /// with rounds counted from 1.
 pub fn alternating<T>(rounds: u32, variants: &[T]) -> impl Iterator<Item = (u32, &T)> {
