@@ -31,9 +31,8 @@
 //!   readiness, signals, the admin listener, memory from `/proc`).
 //! - `scenario`: several runs and processes in one invocation: `compare` (modes side by side),
 //!   `global` (regions behind WAN proxies), `chaos` (faults under load, checked against a
-//!   ledger).
-//! - `bench`: the repository's benchmarks (`scripts/bench*`): nats-server and relays started
-//!   here, `loadtest` runs in alternating rounds, the markdown of BENCHMARKS.md.
+//!   ledger), `bench` (the repository's benchmarks, `scripts/bench*`: nats-server and relays
+//!   started here, `loadtest` runs in alternating rounds, the markdown of BENCHMARKS.md).
 
 #![forbid(unsafe_code)]
 
@@ -43,7 +42,6 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backoff;
-mod bench;
 mod consume;
 mod events;
 mod harness;
@@ -111,7 +109,7 @@ enum Command {
     Chaos(Box<chaos::Args>),
     /// The repository's benchmarks (what scripts/bench* run): nats-server and relays started
     /// here, variants in alternating rounds, markdown for BENCHMARKS.md.
-    Bench(Box<bench::Args>),
+    Bench(Box<scenario::bench::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,7 +128,7 @@ fn main() -> anyhow::Result<()> {
             Command::Compare(args) => compare::run(*args, stop).await,
             Command::Global(args) => global::run(*args, stop).await,
             Command::Chaos(args) => chaos::run(*args, stop).await,
-            Command::Bench(args) => bench::run(*args, stop).await,
+            Command::Bench(args) => scenario::bench::run(*args, stop).await,
         }
     })
 }

@@ -1,6 +1,8 @@
 //! The scenarios: several runs, modes and processes in one invocation, on top of the harness
 //! and the modes. Each writes its own tables and files; none of them is a mode.
 //!
+//! - `bench`: the repository's benchmarks (`scripts/bench*`): the stacks, alternating rounds and
+//!   the markdown blocks of BENCHMARKS.md.
 //! - `compare`: several modes one after the other at the same offered load (or each its own
 //!   `--find-max`) against a running relay and NATS, one table with ratios to the baselines.
 //! - `global`: nats-server and one relay per region behind `wan` proxies, loaded at once, one
@@ -9,6 +11,7 @@
 //!   (alone or a 3-node cluster) and relays, faults under load, and a verifier that reads the
 //!   stream back against the ledger.
 
+pub mod bench;
 pub mod chaos;
 pub mod compare;
 pub mod global;

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::bench::markdown::{float, grouped, today};
+use crate::scenario::bench::markdown::{float, grouped, today};
 
 /// What the block is made from.
 pub struct Inputs<'a> {
