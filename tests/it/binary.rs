@@ -3,6 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edgerelay::config::Config;
+
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_edgerelay");
@@ -36,12 +38,13 @@ fn check_config_reports_every_problem_and_exits_78() {
 async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(
-        &setup,
-        &nats.url(),
-        "",
-        "[relay]\nid = \"sigterm\"\nshutdown_grace_ms = 8000\n[batch]\nlinger_ms = 20",
-    );
+    let config = setup.binary_config(|c| {
+        c.id("sigterm").with(|c| {
+            c.relay.shutdown_grace_ms = 8_000;
+            c.batch.linger_ms = 20;
+        })
+    });
+    let relay = BinaryRelay::new(&setup, config);
     let mut child = relay.spawn(Stdio::inherit());
     relay.wait_ready().await;
 
@@ -101,9 +104,10 @@ async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     }
 }
 
-/// Runs the binary with `sections` of config until it is ready, stops it, and returns its log.
-async fn log_of_a_start(nats: &NatsServer, setup: &Setup, sections: &str) -> String {
-    let relay = BinaryRelay::new(setup, &nats.url(), "", sections);
+/// Runs the binary with its config changed by `change` until it is ready, stops it, and
+/// returns its log.
+async fn log_of_a_start(setup: &Setup, change: impl FnOnce(&mut Config)) -> String {
+    let relay = BinaryRelay::new(setup, setup.binary_config(|c| c.with(change)));
     let log = setup.dir.path().join("relay.log");
     let mut child = relay.spawn(std::fs::File::create(&log).unwrap().into());
     relay.wait_ready().await;
@@ -116,9 +120,9 @@ async fn log_of_a_start(nats: &NatsServer, setup: &Setup, sections: &str) -> Str
 async fn an_r1_stream_on_lazily_syncing_servers_is_warned_about_at_start() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let log = log_of_a_start(&nats, &setup, "").await;
+    let log = log_of_a_start(&setup, |_| {}).await;
     assert!(log.contains("the stream has 1 replica"), "{log}");
     assert!(log.contains("sync_interval"), "{log}");
-    let log = log_of_a_start(&nats, &setup, "[stream]\nserver_sync_always = true").await;
+    let log = log_of_a_start(&setup, |c| c.stream.server_sync_always = true).await;
     assert!(!log.contains("the stream has 1 replica"), "{log}");
 }

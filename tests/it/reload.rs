@@ -8,13 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgerelay::config::Config;
 use edgerelay_ops::dev_certs::DevCerts;
+use edgerelay_testkit::{local, RelayConfigBuilder};
 
 use crate::support::*;
 
-/// Batches fill up to `max_events` (no idle flush; the linger is longer than a round trip).
-const BATCH: &str = "[relay]\nid = \"reload\"\n[batch]\nmax_events = 8\nlinger_ms = 100\n\
-                     flush_when_idle = false\n";
+/// Batches fill up to `max_events` = 8 (no idle flush; the linger is longer than a round trip).
+fn batches_of_8(config: RelayConfigBuilder) -> RelayConfigBuilder {
+    config.id("reload").with(|c| {
+        c.batch.max_events = 8;
+        c.batch.linger_ms = 100;
+        c.batch.flush_when_idle = false;
+    })
+}
 
 /// Fresh certificates (a new CA and server certificate) written into `dir`.
 fn new_certs(dir: &Path) -> DevCerts {
@@ -56,21 +63,22 @@ async fn until_logged(log: &Path, needle: &str, count: usize) -> String {
     }
 }
 
-/// The relay binary on `nats` with [`BATCH`], ready, logging to the returned file.
+/// The relay binary on `nats` with [`batches_of_8`], ready, logging to the returned file.
 async fn start_logged(nats: &NatsServer) -> (Setup, BinaryRelay, PathBuf, Child) {
     let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(&setup, &nats.url(), "", BATCH);
+    let relay = BinaryRelay::new(&setup, setup.binary_config(batches_of_8));
     let log = setup.dir.path().join("relay.log");
     let child = relay.spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
     relay.wait_ready().await;
     (setup, relay, log, child)
 }
 
-/// `cfg` with the certificate and key paths of `setup` replaced by those in `dir`.
-fn with_certs_in(cfg: &str, setup: &Setup, dir: &Path) -> String {
-    let path = |p: &Path| p.display().to_string();
-    cfg.replace(&path(&setup.config.https.tls_cert), &path(&dir.join("cert.pem")))
-        .replace(&path(&setup.config.https.tls_key), &path(&dir.join("key.pem")))
+/// `config` with the certificate and key in `dir`.
+fn with_certs_in(config: &Config, dir: &Path) -> Config {
+    let mut config = config.clone();
+    config.https.tls_cert = dir.join("cert.pem");
+    config.https.tls_key = dir.join("key.pem");
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,8 +123,8 @@ async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_req
         .collect();
 
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let cfg = with_certs_in(&relay.config_text(), &setup, &new_dir)
-        .replace("max_events = 8", "max_events = 3");
+    let mut cfg = with_certs_in(&relay.config, &new_dir);
+    cfg.batch.max_events = 3;
     relay.write_config(&cfg);
     BinaryRelay::hup(&child);
     let text = until_logged(&log, "config reloaded", 1).await;
@@ -168,7 +176,7 @@ async fn reload_under_load_swaps_certificate_and_batch_size_without_a_failed_req
 async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     let nats = NatsServer::start();
     let (setup, relay, log, mut child) = start_logged(&nats).await;
-    let original = relay.config_text();
+    let original = &relay.config;
     let old_leaf = leaf_der(&setup.certs);
     let new_dir = setup.dir.path().join("new-certs");
     let fresh = new_certs(&new_dir);
@@ -178,18 +186,23 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
         async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
     };
     const NEW_TOKEN: &str = "test-token-reloaded-01";
-    let swap_tokens = |cfg: &str| with_certs_in(&cfg.replace(TOKEN, NEW_TOKEN), &setup, &new_dir);
+    let swapped = || {
+        let mut cfg = with_certs_in(original, &new_dir);
+        cfg.auth.static_tokens[0].token = NEW_TOKEN.into();
+        cfg
+    };
 
     // Not a valid config at all: Config::load refuses it.
-    relay.write_config(&swap_tokens(&original).replace("max_events = 8", "max_events = 0"));
+    let mut cfg = swapped();
+    cfg.batch.max_events = 0;
+    relay.write_config(&cfg);
     BinaryRelay::hup(&child);
     until_logged(&log, "batch.max_events must be > 0", 1).await;
 
     // Valid, but it moves the listener: the whole reload is refused, the new certificate and
     // tokens included.
-    let moved = format!("listen = \"127.0.0.1:{}\"", free_port());
-    let cfg =
-        swap_tokens(&original).replace(&format!("listen = \"127.0.0.1:{}\"", relay.port), &moved);
+    let mut cfg = swapped();
+    cfg.https.listen = local(free_port());
     relay.write_config(&cfg);
     BinaryRelay::hup(&child);
     let text = until_logged(&log, "reload refused", 2).await;
@@ -200,7 +213,7 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     assert_eq!(publish(NEW_TOKEN).await, 401);
 
     // A valid reload: the added token works, the removed one is refused.
-    relay.write_config(&swap_tokens(&original));
+    relay.write_config(&swapped());
     BinaryRelay::hup(&child);
     until_logged(&log, "config reloaded", 1).await;
     let h2 = client(&fresh, true);

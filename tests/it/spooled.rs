@@ -164,15 +164,16 @@ async fn a_relay_killed_with_a_spool_replays_it_at_the_next_start() {
     let mut nats = NatsServer::start();
     nats.stop();
     let setup = spooled_setup(&nats);
-    let binary = BinaryRelay::new(
-        &setup,
-        &nats.url(),
-        "connect_timeout_ms = 300",
-        &format!(
-            "[relay]\nack_mode = \"spooled\"\n[spool]\nenabled = true\ndir = \"{}\"\nsegment_bytes = 1048576",
-            setup.config.spool.dir.display()
-        ),
-    );
+    let config = setup.binary_config(|c| {
+        c.with(|c| {
+            c.nats.connect_timeout_ms = 300;
+            c.relay.ack_mode = AckMode::Spooled;
+            c.spool.enabled = true;
+            c.spool.dir = setup.config.spool.dir.clone();
+            c.spool.segment_bytes = 1 << 20;
+        })
+    });
+    let binary = BinaryRelay::new(&setup, config);
     let start = || binary.spawn(Stdio::inherit());
     let mut relay = start();
     binary.wait_ready().await;

@@ -1,129 +1,26 @@
-//! Test support: a real nats-server per test (killed on drop), a relay started in-process on
-//! `127.0.0.1:0` with freshly generated certificates, HTTP/1.1 and HTTP/2 clients that trust
-//! them, and an independent reader of the stream.
+//! What only the daemon's integration tests need, on top of the shared test kit
+//! (`edgerelay-testkit`: nats-server, free ports, the delay proxy, the relay-config builder):
+//! a relay started in-process on `127.0.0.1:0` with freshly generated certificates, the relay
+//! binary run with a config file, HTTP/1.1, HTTP/2, QUIC and HTTP/3 clients that trust them,
+//! an identity provider, and independent readers of the stream, the audit trail and metrics.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgerelay::auth::config::StaticToken;
 use edgerelay::config::Config;
 use edgerelay::proto;
 use edgerelay::Relay;
 use edgerelay_ops::dev_certs::DevCerts;
+pub use edgerelay_testkit::{delay_proxy, free_port, NatsServer, TOKEN};
+use edgerelay_testkit::{relay_config, RelayConfigBuilder};
 use prost::Message;
 
-/// May publish on `edge.>` except `edge.secret.>`.
-pub const TOKEN: &str = "test-token-edge-0001";
-/// May publish on `edge.other.>` only.
+/// May publish on `edge.other.>` only. ([`TOKEN`] may publish on `edge.>` except
+/// `edge.secret.>`.)
 pub const OTHER_TOKEN: &str = "test-token-other-001";
 pub const STREAM: &str = "EDGE";
-
-/// A nats-server with JetStream on a free loopback port, with its own store directory.
-pub struct NatsServer {
-    child: Option<Child>,
-    pub port: u16,
-    store: tempfile::TempDir,
-    config: Option<PathBuf>,
-}
-
-impl NatsServer {
-    pub fn start() -> Self {
-        let mut s = Self {
-            child: None,
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
-            config: None,
-        };
-        s.spawn();
-        s
-    }
-
-    /// Starts one with a configuration file (authorization, TLS, ...) besides the usual flags.
-    pub fn start_with_config(conf: &str) -> Self {
-        let store = tempfile::tempdir().unwrap();
-        let config = store.path().join("nats.conf");
-        std::fs::write(&config, conf).unwrap();
-        let mut s = Self { child: None, port: free_port(), store, config: Some(config) };
-        s.spawn();
-        s
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (SIGKILL) and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port and store.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its sockets but answers
-    /// nothing, like a server that lost its network for a while.
-    pub fn freeze(&self, frozen: bool) {
-        let pid = self.child.as_ref().expect("server running").id();
-        let sig = if frozen { "-STOP" } else { "-CONT" };
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    fn spawn(&mut self) {
-        let mut cmd = Command::new(nats_server_bin());
-        if let Some(config) = &self.config {
-            cmd.arg("-c").arg(config);
-        }
-        let child = cmd
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        wait_for_port(self.port);
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A frozen server ignores SIGKILL only until it is continued; be sure.
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
-        }
-        self.stop();
-    }
-}
-
-pub fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");
-    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
-    p
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Certificates and a config pointing at `nats_url`, listening on ephemeral loopback ports.
 pub struct Setup {
@@ -133,42 +30,36 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// The kit's defaults plus QUIC, small event and body limits, two shards, a 5 ms linger,
+    /// `edge.secret.>` denied to [`TOKEN`] and a second token, [`OTHER_TOKEN`].
     pub fn new(nats_url: &str) -> Self {
         edgerelay::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
-        let certs =
-            edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".into(), "127.0.0.1".into()])
-                .unwrap();
-        certs.write(dir.path()).unwrap();
-        let mut config = Config::default();
-        config.relay.id = "test-relay".into();
-        config.relay.shutdown_grace_ms = 5_000;
-        config.https.listen = "127.0.0.1:0".parse().unwrap();
-        config.https.tls_cert = dir.path().join("cert.pem");
-        config.https.tls_key = dir.path().join("key.pem");
-        config.https.max_event_bytes = 4096;
-        config.https.max_body_bytes = 64 << 10;
-        config.admin.listen = "127.0.0.1:0".parse().unwrap();
-        config.quic.listen = Some("127.0.0.1:0".parse().unwrap());
-        config.nats.urls = vec![nats_url.to_owned()];
-        config.nats.connect_timeout_ms = 2_000;
-        config.batch.shards = 2;
-        config.batch.linger_ms = 5;
-        config.auth.static_tokens = vec![
-            StaticToken {
-                name: "edge-test".into(),
-                token: TOKEN.into(),
-                allow: vec!["edge.>".into()],
-                deny: vec!["edge.secret.>".into()],
-            },
-            StaticToken {
-                name: "other".into(),
-                token: OTHER_TOKEN.into(),
-                allow: vec!["edge.other.>".into()],
-                deny: vec![],
-            },
-        ];
+        let certs = relay_config::dev_certs(dir.path()).unwrap();
+        let config = RelayConfigBuilder::new(nats_url)
+            .certs_in(dir.path())
+            .quic()
+            .token("other", OTHER_TOKEN, &["edge.other.>"], &[])
+            .with(|c| {
+                c.auth.static_tokens[0].deny = vec!["edge.secret.>".into()];
+                c.https.max_event_bytes = 4096;
+                c.https.max_body_bytes = 64 << 10;
+                c.batch.shards = 2;
+                c.batch.linger_ms = 5;
+            })
+            .build();
         Self { dir, certs, config }
+    }
+
+    /// A relay process's config for this setup: the kit's defaults (not this setup's
+    /// in-process extras) with its NATS and certificates, changed by `change`, every listener
+    /// on a free port.
+    pub fn binary_config(
+        &self,
+        change: impl FnOnce(RelayConfigBuilder) -> RelayConfigBuilder,
+    ) -> Config {
+        let base = RelayConfigBuilder::new(&self.config.nats.urls[0]).certs_in(self.dir.path());
+        change(base).free_ports().build()
     }
 
     /// Where and how a QUIC or HTTP/3 client reaches `relay`, with `token`.
@@ -384,13 +275,6 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
     (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
 }
 
-/// Keeps the shared test token list in one place for tests that write config files.
-pub fn token_toml() -> String {
-    format!(
-        "[[auth.static_tokens]]\nname = \"edge-test\"\ntoken = \"{TOKEN}\"\nallow = [\"edge.>\"]\n"
-    )
-}
-
 /// A dev identity provider served in-process on a loopback port.
 pub struct TestIdp {
     pub idp: std::sync::Arc<edgerelay_ops::dev_idp::DevIdp>,
@@ -504,71 +388,22 @@ pub async fn h3_client(
         .expect("HTTP/3 connect")
 }
 
-/// A TCP proxy on a free loopback port that delays every chunk by `delay` each way: a NATS
-/// cluster farther away than the one on loopback. Runs until the test's runtime ends.
-pub async fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener as Listener, TcpStream as Stream};
-
-    async fn pump(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        delay: Duration,
-    ) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-        tokio::spawn(async move {
-            while let Some((due, chunk)) = rx.recv().await {
-                tokio::time::sleep_until(due.into()).await;
-                if to.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n @ 1..) = from.read(&mut buf).await {
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
-                return;
-            }
-        }
-    }
-
-    let listener = Listener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = Stream::connect(upstream).await else { continue };
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, delay));
-            tokio::spawn(pump(sr, cw, delay));
-        }
-    });
-    addr
-}
-
-/// The `edgerelay` binary with a config file written for `setup`: HTTPS and admin on free
-/// loopback ports, NATS at `nats_url` (plus `nats_lines` in `[nats]`), the test tokens, and
-/// `sections`: whole TOML tables of its own (`[relay]`, `[spool]`, …).
+/// The `edgerelay` binary with a config file ([`Setup::binary_config`]) in the setup's
+/// directory.
 pub struct BinaryRelay {
     pub port: u16,
     pub admin: u16,
-    config: PathBuf,
+    /// The config it was started with.
+    pub config: Config,
+    path: PathBuf,
 }
 
 impl BinaryRelay {
-    pub fn new(setup: &Setup, nats_url: &str, nats_lines: &str, sections: &str) -> Self {
-        let (port, admin) = (free_port(), free_port());
-        let cfg = format!(
-            "{sections}\n[https]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\n\
-             tls_key = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [nats]\nurls = [\"{nats_url}\"]\n{nats_lines}\n{}",
-            setup.config.https.tls_cert.display(),
-            setup.config.https.tls_key.display(),
-            token_toml(),
-        );
-        let config = setup.dir.path().join("relay.toml");
-        std::fs::write(&config, cfg).unwrap();
-        Self { port, admin, config }
+    pub fn new(setup: &Setup, config: Config) -> Self {
+        let path = setup.dir.path().join("relay.toml");
+        relay_config::write_toml(&config, &path).unwrap();
+        let (port, admin) = (config.https.listen.port(), config.admin.listen.port());
+        Self { port, admin, config, path }
     }
 
     /// Starts `edgerelay run` with its log on `stderr`.
@@ -579,7 +414,7 @@ impl BinaryRelay {
     /// `edgerelay run --config …`, stdout to /dev/null: add environment, fds, stderr.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgerelay"));
-        cmd.args(["run", "--config"]).arg(&self.config).stdout(Stdio::null());
+        cmd.args(["run", "--config"]).arg(&self.path).stdout(Stdio::null());
         cmd
     }
 
@@ -598,14 +433,9 @@ impl BinaryRelay {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
 
-    /// The config file as it is now.
-    pub fn config_text(&self) -> String {
-        std::fs::read_to_string(&self.config).unwrap()
-    }
-
     /// Replaces the config file (the relay reads it again on SIGHUP).
-    pub fn write_config(&self, text: &str) {
-        std::fs::write(&self.config, text).unwrap();
+    pub fn write_config(&self, config: &Config) {
+        relay_config::write_toml(config, &self.path).unwrap();
     }
 
     /// Sends SIGHUP to the relay `child`, as `systemctl reload` does.

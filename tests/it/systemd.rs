@@ -179,7 +179,7 @@ async fn publish_one(setup: &Setup, relay: &BinaryRelay, body: &str) {
 async fn notify_socket_gets_ready_status_watchdog_and_stopping() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(&setup, &nats.url(), "", "[relay]\nid = \"sdnotify\"");
+    let relay = BinaryRelay::new(&setup, setup.binary_config(|c| c.id("sdnotify")));
     let notify = NotifySocket::new(false);
     let mut child = spawn_notifying(&relay, &notify, false);
 
@@ -214,7 +214,7 @@ async fn notify_socket_gets_ready_status_watchdog_and_stopping() {
 async fn watchdog_pings_stop_when_the_flush_path_is_wedged() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let relay = BinaryRelay::new(&setup, &nats.url(), "", "[relay]\nid = \"sdwedge\"");
+    let relay = BinaryRelay::new(&setup, setup.binary_config(|c| c.id("sdwedge")));
     let notify = NotifySocket::new(true); // and an abstract socket, as systemd often uses
     let mut child = spawn_notifying(&relay, &notify, true);
 
@@ -239,10 +239,7 @@ async fn watchdog_pings_stop_when_the_flush_path_is_wedged() {
 async fn serves_on_https_admin_and_quic_sockets_passed_as_listen_fds() {
     let nats = NatsServer::start();
     let setup = Setup::new(&nats.url());
-    let quic_port = free_port();
-    let sections =
-        format!("[relay]\nid = \"sdsockets\"\n[quic]\nlisten = \"127.0.0.1:{quic_port}\"");
-    let mut relay = BinaryRelay::new(&setup, &nats.url(), "", &sections);
+    let mut relay = BinaryRelay::new(&setup, setup.binary_config(|c| c.id("sdsockets").quic()));
     // What systemd would bind from the socket units: the config's ports stay unused.
     let https = TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").unwrap();
