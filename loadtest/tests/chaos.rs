@@ -8,9 +8,11 @@
 
 use std::process::Command;
 
+use edgerelay_testkit::nats_server_bin;
+
 #[path = "support/bins.rs"]
 mod bins;
-use bins::{nats_server_bin, relay_bin};
+use bins::relay_bin;
 
 const SCENARIOS: [&str; 7] =
     ["chaos", "nats-kill", "failover", "spool-outage", "drain", "stream-full", "spool-corrupt"];

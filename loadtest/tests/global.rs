@@ -8,9 +8,11 @@
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 
+use edgerelay_testkit::nats_server_bin;
+
 #[path = "support/bins.rs"]
 mod bins;
-use bins::{nats_server_bin, relay_bin};
+use bins::relay_bin;
 
 #[test]
 fn global_runs_three_regions_through_their_proxies() {

@@ -4,16 +4,16 @@
 //! consumer saw every acknowledged event; no timing is asserted.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edgerelay_testkit::{relay_config, NatsServer, RelayConfigBuilder, TOKEN};
+
 #[path = "support/bins.rs"]
 mod bins;
-use bins::{nats_server_bin, relay_bin};
-
-const TOKEN: &str = "smoke-token-0123456789";
+use bins::relay_bin;
 
 /// Child processes killed when the test ends, however it ends.
 struct Processes(Vec<Child>);
@@ -25,14 +25,6 @@ impl Drop for Processes {
             let _ = child.wait();
         }
     }
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Waits until `GET path` on `port` answers 200.
@@ -55,21 +47,13 @@ fn wait_ok(port: u16, path: &str, what: &str, relay: &mut Child) {
     }
 }
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A nats-server and a relay (HTTPS + QUIC, stream `SMOKE` on `edge.>`) in a temp dir.
 struct Setup {
     /// First, so the processes are stopped before their directory is removed.
     _procs: Processes,
+    nats: NatsServer,
     _dir: tempfile::TempDir,
     dir: PathBuf,
-    nats_port: u16,
     https_port: u16,
     quic_port: u16,
     certs: PathBuf,
@@ -81,55 +65,25 @@ fn start() -> Setup {
     let dir = tmp.path().to_owned();
     let relay = relay_bin();
     let mut procs = Processes(Vec::new());
+    let nats = NatsServer::start();
 
-    let nats_port = free_tcp_port();
-    procs.0.push(
-        Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
-            .arg(dir.join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nats-server"),
-    );
-    wait_port(nats_port);
-
+    let certs = dir.join("certs");
     let status = Command::new(&relay)
         .args(["dev-certs", "--out"])
-        .arg(dir.join("certs"))
+        .arg(&certs)
         .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(status.success());
 
-    let (https_port, quic_port, admin_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
-    let certs = dir.join("certs");
-    let config = format!(
-        r#"
-[relay]
-id = "smoke"
-[https]
-listen = "127.0.0.1:{https_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-[quic]
-listen = "127.0.0.1:{quic_port}"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-[nats]
-urls = ["nats://127.0.0.1:{nats_port}"]
-[stream]
-name = "SMOKE"
-subjects = ["edge.>"]
-[[auth.static_tokens]]
-name = "smoke"
-token = "{TOKEN}"
-allow = ["edge.>"]
-"#,
-        cert = certs.join("cert.pem").display(),
-        key = certs.join("key.pem").display(),
-    );
-    std::fs::write(dir.join("relay.toml"), config).unwrap();
+    let config = RelayConfigBuilder::new(&nats.url())
+        .id("smoke")
+        .certs_in(&certs)
+        .quic()
+        .stream("SMOKE", &["edge.>"])
+        .free_ports()
+        .build();
+    relay_config::write_toml(&config, &dir.join("relay.toml")).unwrap();
     let mut child = Command::new(&relay)
         .args(["run", "--config"])
         .arg(dir.join("relay.toml"))
@@ -137,10 +91,19 @@ allow = ["edge.>"]
         .stdout(Stdio::null())
         .spawn()
         .expect("starting the relay");
-    wait_ok(admin_port, "/readyz", "the relay", &mut child);
+    wait_ok(config.admin.listen.port(), "/readyz", "the relay", &mut child);
     let relay_pid = child.id();
     procs.0.push(child);
-    Setup { _procs: procs, _dir: tmp, dir, nats_port, https_port, quic_port, certs, relay_pid }
+    Setup {
+        _procs: procs,
+        nats,
+        _dir: tmp,
+        dir,
+        https_port: config.https.listen.port(),
+        quic_port: config.quic.listen.expect("QUIC is on").port(),
+        certs,
+        relay_pid,
+    }
 }
 
 /// `loadtest compare` against `setup` with `args`, output in `out`.
@@ -173,7 +136,7 @@ fn compare(setup: &Setup, out: &Path, args: &[&str]) -> (serde_json::Value, Stri
         .args(args)
         .args(["--relay-https", &format!("https://127.0.0.1:{}", setup.https_port)])
         .args(["--relay-quic", &format!("127.0.0.1:{}", setup.quic_port)])
-        .args(["--nats", &format!("nats://127.0.0.1:{}", setup.nats_port)])
+        .args(["--nats", &setup.nats.url()])
         .arg("--ca")
         .arg(setup.certs.join("ca.pem"))
         .arg("--out")

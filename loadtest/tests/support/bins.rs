@@ -1,16 +1,6 @@
-//! The binaries the loadtest smoke tests run: nats-server and this workspace's relay.
+//! The relay binary the loadtest tests run (nats-server comes from the test kit).
 
 use std::path::{Path, PathBuf};
-
-/// `$NATS_SERVER_BIN`, or the one `scripts/setup-tools` installs.
-pub fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
-    assert!(p.exists(), "nats-server not found at {}: run scripts/setup-tools", p.display());
-    p
-}
 
 /// The relay binary, built by cargo next to `loadtest`.
 pub fn relay_bin() -> PathBuf {
