@@ -7,22 +7,12 @@ use crate::support::*;
 
 #[tokio::test]
 async fn publish_counts_per_identity_reach_the_audit_stream() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.audit.counts_interval_secs = 1;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| c.audit.counts_interval_secs = 1).await;
     for _ in 0..3 {
         let resp = relay.publish(&relay.h2, "edge.audit.a", "x").send().await.unwrap();
         assert_eq!(resp.status(), 202);
     }
-    let other = relay
-        .h2
-        .post(relay.url("/v1/publish/edge.other.b"))
-        .bearer_auth(OTHER_TOKEN)
-        .body("y")
-        .send()
-        .await
-        .unwrap();
+    let other = relay.publish_as(&relay.h2, OTHER_TOKEN, "edge.other.b", "y").send().await.unwrap();
     assert_eq!(other.status(), 202);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let records = audit_records(&nats.url(), 1).await;
@@ -35,18 +25,10 @@ async fn publish_counts_per_identity_reach_the_audit_stream() {
 
 #[tokio::test]
 async fn a_full_audit_queue_drops_and_counts_records_and_requests_are_still_answered() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.audit.queue_capacity = 1;
-    let relay = setup.start().await;
-    let answers = futures::future::join_all((0..200).map(|_| {
-        relay
-            .h2
-            .post(relay.url("/v1/publish/edge.x"))
-            .bearer_auth("not-a-valid-token")
-            .body("x")
-            .send()
-    }))
+    let (_nats, _setup, relay) = start_relay(|c| c.audit.queue_capacity = 1).await;
+    let answers = futures::future::join_all(
+        (0..200).map(|_| relay.publish_as(&relay.h2, "not-a-valid-token", "edge.x", "x").send()),
+    )
     .await;
     assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|r| r.status() == 401)));
     let sample =

@@ -4,108 +4,50 @@ use crate::support::*;
 
 #[tokio::test]
 async fn bad_requests_are_refused_with_clear_codes_and_nothing_is_published() {
-    let nats = NatsServer::start();
-    let relay = Setup::new(&nats.url()).start().await;
+    let (nats, _setup, relay) = start_relay(|_| {}).await;
     let c = &relay.h2;
-    let big = "x".repeat(5000);
     let url = |p: &str| relay.url(p);
+    // One event to `subject`, with no credentials yet.
+    let to = |subject: &str| c.post(url(&format!("/v1/publish/{subject}")));
+    // One event to `subject` with the test token.
+    let publish = |subject: &str| to(subject).bearer_auth(TOKEN);
+    // A multi-event request of `content_type` with the test token.
+    let events = |content_type: &str| {
+        c.post(url("/v1/publish")).bearer_auth(TOKEN).header("Content-Type", content_type)
+    };
+    let json = "application/json";
+    let too_long = format!("edge.{}", "a".repeat(300));
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        (
-            "wildcard *",
-            c.post(url("/v1/publish/edge.*")).bearer_auth(TOKEN).body("x"),
-            400,
-            "bad_subject",
-        ),
-        (
-            "wildcard >",
-            c.post(url("/v1/publish/edge.>")).bearer_auth(TOKEN).body("x"),
-            400,
-            "bad_subject",
-        ),
-        (
-            "empty token",
-            c.post(url("/v1/publish/edge..x")).bearer_auth(TOKEN).body("x"),
-            400,
-            "bad_subject",
-        ),
-        (
-            "bad char",
-            c.post(url("/v1/publish/edge.a%20b")).bearer_auth(TOKEN).body("x"),
-            400,
-            "bad_subject",
-        ),
-        (
-            "too long",
-            c.post(url(&format!("/v1/publish/edge.{}", "a".repeat(300))))
-                .bearer_auth(TOKEN)
-                .body("x"),
-            400,
-            "bad_subject",
-        ),
-        (
-            "oversize",
-            c.post(url("/v1/publish/edge.big")).bearer_auth(TOKEN).body(big.clone()),
-            413,
-            "too_large",
-        ),
-        ("no token", c.post(url("/v1/publish/edge.x")).body("x"), 401, "unauthorized"),
+        ("wildcard *", publish("edge.*").body("x"), 400, "bad_subject"),
+        ("wildcard >", publish("edge.>").body("x"), 400, "bad_subject"),
+        ("empty token", publish("edge..x").body("x"), 400, "bad_subject"),
+        ("bad char", publish("edge.a%20b").body("x"), 400, "bad_subject"),
+        ("too long", publish(&too_long).body("x"), 400, "bad_subject"),
+        ("oversize", publish("edge.big").body("x".repeat(5000)), 413, "too_large"),
+        ("no token", to("edge.x").body("x"), 401, "unauthorized"),
         (
             "unknown token",
-            c.post(url("/v1/publish/edge.x")).bearer_auth("nope-nope-nope-nope").body("x"),
+            to("edge.x").bearer_auth("nope-nope-nope-nope").body("x"),
             401,
             "unauthorized",
         ),
-        (
-            "basic auth",
-            c.post(url("/v1/publish/edge.x")).basic_auth("a", Some("b")).body("x"),
-            401,
-            "unauthorized",
-        ),
-        (
-            "denied subject",
-            c.post(url("/v1/publish/edge.secret.x")).bearer_auth(TOKEN).body("x"),
-            403,
-            "forbidden",
-        ),
-        (
-            "outside rules",
-            c.post(url("/v1/publish/edge.x")).bearer_auth(OTHER_TOKEN).body("x"),
-            403,
-            "forbidden",
-        ),
-        (
-            "outside stream",
-            c.post(url("/v1/publish/other.x")).bearer_auth(TOKEN).body("x"),
-            403,
-            "forbidden",
-        ),
+        ("basic auth", to("edge.x").basic_auth("a", Some("b")).body("x"), 401, "unauthorized"),
+        ("denied subject", publish("edge.secret.x").body("x"), 403, "forbidden"),
+        ("outside rules", to("edge.x").bearer_auth(OTHER_TOKEN).body("x"), 403, "forbidden"),
+        ("outside stream", publish("other.x").body("x"), 403, "forbidden"),
         (
             "bad edge ts",
-            c.post(url("/v1/publish/edge.x"))
-                .bearer_auth(TOKEN)
-                .header("Edge-Timestamp", "yesterday")
-                .body("x"),
+            publish("edge.x").header("Edge-Timestamp", "yesterday").body("x"),
             400,
             "bad_request",
         ),
         (
             "bad key",
-            c.post(url("/v1/publish/edge.x"))
-                .bearer_auth(TOKEN)
-                .header("Idempotency-Key", "has space")
-                .body("x"),
+            publish("edge.x").header("Idempotency-Key", "has space").body("x"),
             400,
             "bad_request",
         ),
-        (
-            "wrong content type",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "text/plain")
-                .body("x"),
-            415,
-            "unsupported_media_type",
-        ),
+        ("wrong content type", events("text/plain").body("x"), 415, "unsupported_media_type"),
         (
             "no content type",
             c.post(url("/v1/publish")).bearer_auth(TOKEN).body("x"),
@@ -114,49 +56,19 @@ async fn bad_requests_are_refused_with_clear_codes_and_nothing_is_published() {
         ),
         (
             "bad protobuf",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "application/x-protobuf")
-                .body(vec![0xff, 0xff, 0xff, 0x0f]),
+            events("application/x-protobuf").body(vec![0xff, 0xff, 0xff, 0x0f]),
             400,
             "bad_request",
         ),
-        (
-            "bad json",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "application/json")
-                .body("{\"events\":[{"),
-            400,
-            "bad_request",
-        ),
+        ("bad json", events(json).body("{\"events\":[{"), 400, "bad_request"),
         (
             "json wrong shape",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "application/json")
-                .body("{\"events\":[{\"subject\":\"edge.x\"}]}"),
+            events(json).body("{\"events\":[{\"subject\":\"edge.x\"}]}"),
             400,
             "bad_request",
         ),
-        (
-            "empty batch",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "application/json")
-                .body("{\"events\":[]}"),
-            400,
-            "bad_request",
-        ),
-        (
-            "oversize body",
-            c.post(url("/v1/publish"))
-                .bearer_auth(TOKEN)
-                .header("Content-Type", "application/json")
-                .body("x".repeat(70_000)),
-            413,
-            "too_large",
-        ),
+        ("empty batch", events(json).body("{\"events\":[]}"), 400, "bad_request"),
+        ("oversize body", events(json).body("x".repeat(70_000)), 413, "too_large"),
         ("GET", c.get(url("/v1/publish/edge.x")).bearer_auth(TOKEN), 405, "method_not_allowed"),
         ("unknown path", c.post(url("/v2/things")).bearer_auth(TOKEN).body("x"), 404, "not_found"),
     ];
@@ -171,14 +83,7 @@ async fn bad_requests_are_refused_with_clear_codes_and_nothing_is_published() {
     }
     // The same over HTTP/1.1, for a couple of them (connection must stay usable).
     for _ in 0..2 {
-        let resp = relay
-            .h1
-            .post(url("/v1/publish/edge.*"))
-            .bearer_auth(TOKEN)
-            .body("x")
-            .send()
-            .await
-            .unwrap();
+        let resp = relay.publish(&relay.h1, "edge.*", "x").send().await.unwrap();
         assert_eq!(error_code(resp).await, (400, "bad_subject".into()));
     }
     relay.shutdown().await;

@@ -7,8 +7,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() {
-    let nats = NatsServer::start();
-    let relay = Setup::new(&nats.url()).start().await;
+    let (nats, _setup, relay) = start_relay(|_| {}).await;
     let send = |client: &reqwest::Client| {
         relay.publish(client, "edge.idem", "once").header("Idempotency-Key", "order-42").send()
     };
@@ -46,11 +45,11 @@ async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() 
 
 #[tokio::test]
 async fn a_batch_retried_after_a_lost_ack_is_stored_once() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.nats.ack_timeout_ms = 200;
-    setup.config.nats.publish_deadline_ms = 8_000;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| {
+        c.nats.ack_timeout_ms = 200;
+        c.nats.publish_deadline_ms = 8_000;
+    })
+    .await;
     // Warm up so the stream exists and the connection is idle.
     assert_eq!(relay.publish(&relay.h2, "edge.retry", "warm").send().await.unwrap().status(), 202);
 

@@ -103,9 +103,7 @@ async fn run_worker_with(
 
 #[tokio::test]
 async fn the_edgeworker_example_publishes_each_request_once_under_node() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
     let ca = setup.dir.path().join("ca.pem");
     // Global Request Numbers look like this (dots included).
     let rid = "0.5313217.1567801841.1457a";

@@ -10,9 +10,7 @@ fn json(body: &Bytes) -> serde_json::Value {
 
 #[tokio::test]
 async fn http3_publishes_like_https() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
     let client = h3_client(&setup, &relay, TOKEN).await;
 
     let (status, headers, body) = client

@@ -38,9 +38,7 @@ fn aioquic(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aioquic_publishes_over_native_quic_and_http3() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
 
     let native = tokio::task::block_in_place(|| {
         aioquic("native", &setup, &relay, "edge.interop.native", &["n0", "n1", "n2"])

@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use edgerelay::auth::config::JwtConfig;
 use edgerelay::error::ErrorCode;
 use edgerelay_ops::dev_idp::{encode_part, SigningKey};
 use serde_json::{json, Value};
@@ -40,6 +41,18 @@ fn claims_with(idp: &TestIdp, changes: Value) -> Value {
 fn signed(idp: &TestIdp, claims: &Value) -> String {
     let key = idp.idp.key("ES256").unwrap();
     key.sign(&json!({"alg": "ES256", "typ": "JWT", "kid": key.kid}), claims).unwrap()
+}
+
+/// A nats-server and a relay accepting `idp`'s tokens, its JWT settings changed by `change`.
+async fn jwt_relay(
+    idp: &TestIdp,
+    change: impl FnOnce(&mut JwtConfig),
+) -> (NatsServer, Setup, TestRelay) {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    change(setup.with_jwt(idp));
+    let relay = setup.start().await;
+    (nats, setup, relay)
 }
 
 /// One hostile token and the refusal it must get.
@@ -169,14 +182,7 @@ fn hostile_cases(idp: &TestIdp) -> Vec<Case> {
 
 /// The code and reason a refusal over HTTPS (HTTP/2) carries; checks the status matches.
 async fn over_https(relay: &TestRelay, token: &str, subject: &str) -> (String, String) {
-    let resp = relay
-        .h2
-        .post(relay.url(&format!("/v1/publish/{subject}")))
-        .bearer_auth(token)
-        .body("hostile")
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.publish_as(&relay.h2, token, subject, "hostile").send().await.unwrap();
     let status = resp.status().as_u16();
     let v: Value = resp.json().await.unwrap();
     let code = v["error"]["code"].as_str().unwrap_or("accepted").to_owned();
@@ -222,11 +228,8 @@ async fn over_quic(
 
 #[tokio::test]
 async fn hostile_tokens_are_refused_over_https_h3_and_quic() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let relay = setup.start().await;
+    let (nats, setup, relay) = jwt_relay(&idp, |_| {}).await;
 
     for case in hostile_cases(&idp) {
         let want = (case.code.as_str().to_owned(), case.reason.to_owned());
@@ -280,11 +283,8 @@ async fn hostile_tokens_are_refused_over_https_h3_and_quic() {
 
 #[tokio::test]
 async fn tenants_publish_only_to_their_own_subjects() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let relay = setup.start().await;
+    let (nats, setup, relay) = jwt_relay(&idp, |_| {}).await;
     let acme = idp.token(json!({"sub": "edge-fn-acme", "tenant": "acme", "scope": "edge:publish"}));
     let no_scope = idp.token(json!({"sub": "edge-fn-x", "tenant": "acme", "scope": "openid"}));
     let smuggler = idp.token(json!({"sub": "edge-fn-y", "tenant": "*", "scope": "edge:publish"}));
@@ -328,11 +328,8 @@ async fn tenants_publish_only_to_their_own_subjects() {
 
 #[tokio::test]
 async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp).key_grace_secs = 2;
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.key_grace_secs = 2).await;
     let old = idp.token(good_claims(&idp));
     assert_eq!(over_https(&relay, &old, "edge.acme.a").await.0, "accepted");
 
@@ -354,11 +351,8 @@ async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
 
 #[tokio::test]
 async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp).fetch_cooldown_secs = 30;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.fetch_cooldown_secs = 30).await;
     let before = idp.idp.jwks_fetches();
     let stranger = SigningKey::generate("x", "ES256").unwrap();
     let claims = good_claims(&idp);
@@ -395,13 +389,12 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown() {
 
 #[tokio::test]
 async fn the_last_good_keys_serve_while_the_idp_is_down_until_the_stale_limit() {
-    let nats = NatsServer::start();
     let mut idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    let jwt = setup.with_jwt(&idp);
-    jwt.refresh_secs = 1;
-    jwt.max_stale_secs = 3;
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| {
+        jwt.refresh_secs = 1;
+        jwt.max_stale_secs = 3;
+    })
+    .await;
     let token = idp.token(good_claims(&idp));
     idp.stop().await;
     // Fresh tokens (not cached) still verify with the keys fetched before the IdP went down.
@@ -412,14 +405,7 @@ async fn the_last_good_keys_serve_while_the_idp_is_down_until_the_stale_limit() 
     // Past the stale limit nothing can be checked: 503 with Retry-After, and not ready.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let another = idp.token(claims_with(&idp, json!({"sub": "edge-fn-3"})));
-    let resp = relay
-        .h2
-        .post(relay.url("/v1/publish/edge.acme.c"))
-        .bearer_auth(&another)
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.publish_as(&relay.h2, &another, "edge.acme.c", "x").send().await.unwrap();
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     assert_eq!(error_code(resp).await.1, "auth_unavailable");
@@ -429,11 +415,8 @@ async fn the_last_good_keys_serve_while_the_idp_is_down_until_the_stale_limit() 
 
 #[tokio::test]
 async fn a_quic_stream_keeps_its_identity_only_until_the_token_expires() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp).leeway_secs = 0;
-    let relay = setup.start().await;
+    let (nats, setup, relay) = jwt_relay(&idp, |jwt| jwt.leeway_secs = 0).await;
     let now = now();
     let short = idp.token(claims_with(&idp, json!({"iat": now, "exp": now + 2})));
     let client = setup.quic_client(&relay, &short).await;

@@ -35,10 +35,7 @@ async fn closed_within(conn: &mut TlsStream<TcpStream>, within: Duration) -> boo
 
 #[tokio::test]
 async fn idle_connections_are_closed() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.https.idle_timeout_ms = 300;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| c.https.idle_timeout_ms = 300).await;
     let mut idle = tls_connect(&setup, relay.addr()).await.unwrap();
     let req = format!(
         "POST /v1/publish/edge.limits HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 2\r\n\r\nhi"
@@ -53,11 +50,11 @@ async fn idle_connections_are_closed() {
 
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.https.header_read_timeout_ms = 300;
-    setup.config.https.idle_timeout_ms = 600_000; // so only the header timeout can close it
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| {
+        c.https.header_read_timeout_ms = 300;
+        c.https.idle_timeout_ms = 600_000; // so only the header timeout can close it
+    })
+    .await;
     // Half a request line, then nothing (slowloris).
     let mut slow = tls_connect(&setup, relay.addr()).await.unwrap();
     slow.write_all(b"POST /v1/publish/edge.limits HTTP/1.1\r\nHost: loc").await.unwrap();
@@ -67,10 +64,7 @@ async fn slow_headers_are_cut_off() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.https.max_connections = 1;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| c.https.max_connections = 1).await;
 
     let first = tls_connect(&setup, relay.addr()).await.unwrap();
     let second = tls_connect(&setup, relay.addr());

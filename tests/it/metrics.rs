@@ -121,9 +121,7 @@ async fn latency_json(relay: &TestRelay) -> Value {
 
 #[tokio::test]
 async fn latency_histograms_and_batch_counters_are_exported() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = start_relay(|_| {}).await;
     let before = scrape(&relay).await;
     // Every protocol's series exist before the first event.
     for protocol in ["https", "h3", "quic"] {
@@ -193,9 +191,7 @@ async fn latency_histograms_and_batch_counters_are_exported() {
 
 #[tokio::test]
 async fn duplicates_connections_and_quic_bytes_are_counted() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|_| {}).await;
     for _ in 0..3 {
         let resp = relay
             .publish(&relay.h2, "edge.metrics.dup", "once")
@@ -275,9 +271,7 @@ fn check_summary(s: &Value) -> u64 {
 
 #[tokio::test]
 async fn debug_latency_counts_every_request_and_batch() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = start_relay(|_| {}).await;
     let empty = latency_json(&relay).await;
     for stage in ["ingest_to_ack", "edge_to_ack", "queue_wait", "flush"] {
         for range in ["window", "since_start"] {
@@ -392,9 +386,7 @@ fn parse_hgrm(text: &str) -> Hgrm {
 /// the loadtest package's own tests); it records the same way (µs, 3 digits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_latency_percentiles_are_within_what_the_client_measured() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = start_relay(|_| {}).await;
     const REQUESTS: usize = 200;
     const CONCURRENCY: usize = 8;
     let sends = futures::stream::iter(0..REQUESTS).map(|i| {

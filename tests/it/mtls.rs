@@ -85,13 +85,7 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
     let other = h2.post(relay.url("/v1/publish/edge.other.cpu")).body("42").send().await.unwrap();
     assert_eq!(error_code(other).await, (403, "forbidden".into()));
     // A bearer token wins over the certificate.
-    let with_token = h2
-        .post(relay.url("/v1/publish/edge.other.x"))
-        .bearer_auth(TOKEN)
-        .body("t")
-        .send()
-        .await
-        .unwrap();
+    let with_token = relay.publish(&h2, "edge.other.x", "t").send().await.unwrap();
     assert_eq!(with_token.status(), 202);
 
     // HTTP/3 and the native protocol on the QUIC port.

@@ -8,14 +8,7 @@ use crate::support::*;
 async fn publish_and_audit(relay: &TestRelay) {
     let resp = relay.publish(&relay.h2, "edge.auth.ok", "stored").send().await.unwrap();
     assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
-    let refused = relay
-        .h2
-        .post(relay.url("/v1/publish/edge.auth.no"))
-        .bearer_auth("wrong")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let refused = relay.publish_as(&relay.h2, "wrong", "edge.auth.no", "x").send().await.unwrap();
     assert_eq!(refused.status(), 401);
 }
 

@@ -45,11 +45,11 @@ async fn nats_down_before_publishing_gives_503_then_recovers() {
 
 #[tokio::test]
 async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
-    let mut nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.nats.ack_timeout_ms = 300;
-    setup.config.nats.publish_deadline_ms = 1_500;
-    let relay = setup.start().await;
+    let (mut nats, _setup, relay) = start_relay(|c| {
+        c.nats.ack_timeout_ms = 300;
+        c.nats.publish_deadline_ms = 1_500;
+    })
+    .await;
     assert_eq!(
         relay.publish(&relay.h1, "edge.faults", "first").send().await.unwrap().status(),
         202
@@ -58,11 +58,7 @@ async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
     // Requests in flight while the server dies.
     let mut acked = Vec::new();
     let sends = (0..20).map(|i| {
-        let req = relay
-            .h2
-            .post(relay.url("/v1/publish/edge.faults"))
-            .bearer_auth(TOKEN)
-            .body(format!("during-{i}"));
+        let req = relay.publish(&relay.h2, "edge.faults", format!("during-{i}"));
         async move { (i, req.send().await) }
     });
     let kill = async {
@@ -103,11 +99,11 @@ async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twice() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.nats.ack_timeout_ms = 300;
-    setup.config.nats.publish_deadline_ms = 1_000;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| {
+        c.nats.ack_timeout_ms = 300;
+        c.nats.publish_deadline_ms = 1_000;
+    })
+    .await;
     let send = || {
         relay.publish(&relay.h2, "edge.faults", "once").header("Idempotency-Key", "k-504").send()
     };
@@ -145,12 +141,12 @@ async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_held_by_unresolved_batches_refuses_new_events_within_the_deadline() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.nats.ack_timeout_ms = 200;
-    setup.config.nats.publish_deadline_ms = 800;
-    setup.config.nats.max_inflight_batches = 1;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| {
+        c.nats.ack_timeout_ms = 200;
+        c.nats.publish_deadline_ms = 800;
+        c.nats.max_inflight_batches = 1;
+    })
+    .await;
     nats.freeze(true);
     // The first batch times out and keeps the only window slot while it is being resolved.
     let first = relay.publish(&relay.h2, "edge.faults", "first").send().await.unwrap();

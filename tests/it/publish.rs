@@ -10,8 +10,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn single_events_round_trip_over_http1_and_http2() {
-    let nats = NatsServer::start();
-    let relay = Setup::new(&nats.url()).start().await;
+    let (nats, _setup, relay) = start_relay(|_| {}).await;
     for (client, version, key) in [
         (&relay.h1, reqwest::Version::HTTP_11, "key-h1"),
         (&relay.h2, reqwest::Version::HTTP_2, "key-h2"),
@@ -53,20 +52,16 @@ async fn single_events_round_trip_over_http1_and_http2() {
 
 #[tokio::test]
 async fn concurrent_events_share_batches_and_each_answer_points_at_its_event() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.batch.linger_ms = 50;
-    setup.config.batch.max_events = 1000;
-    // Deterministic: batches form by linger, not by how fast the first ack returns.
-    setup.config.batch.flush_when_idle = false;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| {
+        c.batch.linger_ms = 50;
+        c.batch.max_events = 1000;
+        // Deterministic: batches form by linger, not by how fast the first ack returns.
+        c.batch.flush_when_idle = false;
+    })
+    .await;
     const N: usize = 60;
     let sends = (0..N).map(|i| {
-        let req = relay
-            .h2
-            .post(relay.url("/v1/publish/edge.batching"))
-            .bearer_auth(TOKEN)
-            .body(format!("event-{i}"));
+        let req = relay.publish(&relay.h2, "edge.batching", format!("event-{i}"));
         async move {
             let resp = req.send().await.unwrap();
             assert_eq!(resp.status(), 202);
@@ -89,21 +84,13 @@ async fn concurrent_events_share_batches_and_each_answer_points_at_its_event() {
 
 #[tokio::test]
 async fn multi_event_json_and_protobuf_get_one_result_per_event() {
-    let nats = NatsServer::start();
-    let relay = Setup::new(&nats.url()).start().await;
+    let (nats, _setup, relay) = start_relay(|_| {}).await;
 
     let body = serde_json::json!({"events": [
         {"subject": "edge.multi.a", "data": "one", "id": "m-1"},
         {"subject": "edge.multi.b", "data_base64": "AAEC", "headers": {"k": "v"}},
     ]});
-    let resp = relay
-        .h2
-        .post(relay.url("/v1/publish"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.publish_events(&relay.h2).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 202);
     let v: serde_json::Value = resp.json().await.unwrap();
     let results = v["results"].as_array().unwrap();
@@ -115,14 +102,7 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
         {"subject": "edge.multi.a", "data": "fine"},
         {"subject": "edge.secret.x", "data": "nope"},
     ]});
-    let resp = relay
-        .h1
-        .post(relay.url("/v1/publish"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.publish_events(&relay.h1).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 403);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["results"][0]["stream"], STREAM);
@@ -145,9 +125,7 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
         token: String::new(),
     };
     let resp = relay
-        .h2
-        .post(relay.url("/v1/publish"))
-        .bearer_auth(TOKEN)
+        .publish_events(&relay.h2)
         .header("Content-Type", "application/x-protobuf")
         .body(req.encode_to_vec())
         .send()
@@ -175,10 +153,7 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
 
 #[tokio::test]
 async fn accepted_mode_answers_on_enqueue_and_still_stores() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.relay.ack_mode = AckMode::Accepted;
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_relay(|c| c.relay.ack_mode = AckMode::Accepted).await;
     let resp = relay.publish(&relay.h2, "edge.fast", "quick").send().await.unwrap();
     assert_eq!(resp.status(), 202);
     let v: serde_json::Value = resp.json().await.unwrap();
@@ -189,8 +164,7 @@ async fn accepted_mode_answers_on_enqueue_and_still_stores() {
 
 #[tokio::test]
 async fn health_readiness_and_tail() {
-    let nats = NatsServer::start();
-    let relay = Setup::new(&nats.url()).start().await;
+    let (nats, _setup, relay) = start_relay(|_| {}).await;
     let plain = reqwest::Client::new();
     assert_eq!(plain.get(relay.admin_url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(plain.get(relay.admin_url("/readyz")).send().await.unwrap().status(), 200);

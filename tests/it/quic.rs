@@ -18,9 +18,7 @@ fn accepted(r: &proto::EventResult) -> &proto::Accepted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_on_many_streams_and_connections_are_all_stored() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
     const CONNS: usize = 2;
     const STREAMS: usize = 3;
     const REQUESTS: usize = 10;
@@ -71,9 +69,7 @@ async fn pipelined_requests_on_many_streams_and_connections_are_all_stored() {
 
 #[tokio::test]
 async fn bad_requests_are_answered_and_the_stream_goes_on() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
     let client = setup.quic_client(&relay, TOKEN).await;
 
     // No token on the stream's first request.
@@ -124,10 +120,7 @@ async fn bad_requests_are_answered_and_the_stream_goes_on() {
 
 #[tokio::test]
 async fn an_oversize_frame_is_refused_from_its_prefix_and_the_connection_goes_on() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.quic.max_frame_bytes = 8 << 10;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| c.quic.max_frame_bytes = 8 << 10).await;
     let client = setup.quic_client(&relay, TOKEN).await;
 
     let mut stream = client.stream().await.unwrap();
@@ -151,11 +144,11 @@ async fn an_oversize_frame_is_refused_from_its_prefix_and_the_connection_goes_on
 
 #[tokio::test]
 async fn streams_beyond_the_limit_wait_and_idle_connections_close() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.quic.max_streams_per_connection = 2;
-    setup.config.quic.idle_timeout_ms = 500;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| {
+        c.quic.max_streams_per_connection = 2;
+        c.quic.idle_timeout_ms = 500;
+    })
+    .await;
     let client = setup.quic_client(&relay, TOKEN).await;
     let conn = client.connection().await.unwrap();
     let (mut s1, _r1) = conn.open_bi().await.unwrap();
@@ -185,10 +178,7 @@ fn decode_one(body: &[u8]) -> proto::PublishResponse {
 
 #[tokio::test]
 async fn a_corpus_of_malformed_frames_never_hurts_the_connection() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.quic.max_frame_bytes = 8 << 10;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| c.quic.max_frame_bytes = 8 << 10).await;
     let client = setup.quic_client(&relay, TOKEN).await;
     let conn = client.connection().await.unwrap();
     let prefix = |n: u64| {
@@ -223,9 +213,7 @@ async fn a_corpus_of_malformed_frames_never_hurts_the_connection() {
 
 #[tokio::test]
 async fn a_dropped_connection_loses_nothing_answered_and_a_drain_ends_open_streams() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_relay(|_| {}).await;
     let client = setup.quic_client(&relay, TOKEN).await;
     let mut stream = client.stream().await.unwrap();
     for i in 0..5 {
@@ -261,10 +249,7 @@ async fn a_dropped_connection_loses_nothing_answered_and_a_drain_ends_open_strea
 
 #[tokio::test]
 async fn thousands_of_tiny_frames_in_one_chunk_are_all_answered_in_order() {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    setup.config.quic.max_requests_in_flight_per_stream = 4;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_relay(|c| c.quic.max_requests_in_flight_per_stream = 4).await;
     let client = setup.quic_client(&relay, TOKEN).await;
     let mut stream = client.stream().await.unwrap();
     // One real request, then 3,000 empty frames (each an empty PublishRequest) in one write.

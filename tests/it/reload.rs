@@ -180,9 +180,10 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     let old_leaf = leaf_der(&setup.certs);
     let new_dir = setup.dir.path().join("new-certs");
     let fresh = new_certs(&new_dir);
-    let h2 = client(&setup.certs, true);
-    let publish = |token: &'static str| {
-        let (h2, url) = (h2.clone(), relay.url("/v1/publish/edge.rl.tokens"));
+    let url = relay.url("/v1/publish/edge.rl.tokens");
+    // The status of one publish with `token` by a client trusting `certs`' CA.
+    let status = |certs: &DevCerts, token: &'static str| {
+        let (h2, url) = (client(certs, true), url.clone());
         async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
     };
     const NEW_TOKEN: &str = "test-token-reloaded-01";
@@ -209,39 +210,23 @@ async fn an_invalid_reload_keeps_the_old_config_and_a_valid_one_swaps_tokens() {
     assert!(text.contains("restart to apply: https.listen"), "{text}");
     assert!(child.try_wait().unwrap().is_none(), "the relay must keep running");
     assert_eq!(served_leaf(relay.port, &setup.certs).await, Some(old_leaf));
-    assert_eq!(publish(TOKEN).await, 202);
-    assert_eq!(publish(NEW_TOKEN).await, 401);
+    assert_eq!(status(&setup.certs, TOKEN).await, 202);
+    assert_eq!(status(&setup.certs, NEW_TOKEN).await, 401);
 
     // A valid reload: the added token works, the removed one is refused.
     relay.write_config(&swapped());
     BinaryRelay::hup(&child);
     until_logged(&log, "config reloaded", 1).await;
-    let h2 = client(&fresh, true);
-    let url = relay.url("/v1/publish/edge.rl.tokens");
-    let status = |token| {
-        let (h2, url) = (h2.clone(), url.clone());
-        async move { h2.post(url).bearer_auth(token).body("x").send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(status(NEW_TOKEN).await, 202);
-    assert_eq!(status(TOKEN).await, 401);
+    assert_eq!(status(&fresh, NEW_TOKEN).await, 202);
+    assert_eq!(status(&fresh, TOKEN).await, 401);
 
     let _ = child.kill();
     let _ = child.wait();
 }
 
 /// A publish over HTTPS with `token`: the status and, for a refusal, its reason.
-async fn publish_as(relay: &TestRelay, token: &str, subject: &str) -> (u16, String) {
-    let resp = relay
-        .h2
-        .post(relay.url(&format!("/v1/publish/{subject}")))
-        .bearer_auth(token)
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let v: serde_json::Value = resp.json().await.unwrap_or_default();
-    (status, v["error"]["reason"].as_str().unwrap_or("").to_owned())
+async fn answer_to(relay: &TestRelay, token: &str, subject: &str) -> (u16, String) {
+    error_reason(relay.publish_as(&relay.h2, token, subject, "x").send().await.unwrap()).await
 }
 
 /// A token of tenant `acme` from `idp` for `aud`.
@@ -257,7 +242,7 @@ async fn jwt_settings_and_the_identity_provider_reload_without_a_restart() {
     setup.with_jwt(&idp_a);
     let relay = setup.start().await;
     let a_token = tenant_token(&idp_a, "edgerelay");
-    assert_eq!(publish_as(&relay, &a_token, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, &a_token, "edge.acme.x").await.0, 202);
 
     // A new audience only: the key store (and its keys) stays, nothing is fetched again.
     let fetches = idp_a.idp.jwks_fetches();
@@ -266,16 +251,16 @@ async fn jwt_settings_and_the_identity_provider_reload_without_a_restart() {
     let r = relay.reload(cfg.clone()).await.unwrap();
     assert_eq!(r.fields, ["auth.jwt.audiences"]);
     assert_eq!(idp_a.idp.jwks_fetches(), fetches);
-    assert_eq!(publish_as(&relay, &a_token, "edge.acme.x").await, (401, "wrong_audience".into()));
+    assert_eq!(answer_to(&relay, &a_token, "edge.acme.x").await, (401, "wrong_audience".into()));
     let a_v2 = tenant_token(&idp_a, "edgerelay-v2");
-    assert_eq!(publish_as(&relay, &a_v2, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, &a_v2, "edge.acme.x").await.0, 202);
 
     // Another identity provider: its keys are loaded before the swap, A's tokens stop working.
     cfg.auth.jwt.as_mut().unwrap().issuer = idp_b.issuer().into();
     relay.reload(cfg.clone()).await.unwrap();
     let b_token = tenant_token(&idp_b, "edgerelay-v2");
-    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await.0, 202);
-    assert_eq!(publish_as(&relay, &a_v2, "edge.acme.x").await.0, 401);
+    assert_eq!(answer_to(&relay, &b_token, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, &a_v2, "edge.acme.x").await.0, 401);
     let ready = relay.h1.get(relay.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 
@@ -288,16 +273,16 @@ async fn jwt_settings_and_the_identity_provider_reload_without_a_restart() {
         matches!(err, edgerelay::reload::ReloadError::Keys(_)),
         "{err}: a reload must not leave the relay unable to check tokens"
     );
-    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await.0, 202);
-    assert_eq!(publish_as(&relay, TOKEN, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, &b_token, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, TOKEN, "edge.acme.x").await.0, 202);
 
     // JWTs off: tokens of B are unknown, the static token still publishes.
     let mut off = cfg.clone();
     off.auth.jwt = None;
     off.auth.roles.clear();
     relay.reload(off).await.unwrap();
-    assert_eq!(publish_as(&relay, &b_token, "edge.acme.x").await, (401, "unknown_token".into()));
-    assert_eq!(publish_as(&relay, TOKEN, "edge.acme.x").await.0, 202);
+    assert_eq!(answer_to(&relay, &b_token, "edge.acme.x").await, (401, "unknown_token".into()));
+    assert_eq!(answer_to(&relay, TOKEN, "edge.acme.x").await.0, 202);
     let ready = relay.h1.get(relay.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     relay.shutdown().await;

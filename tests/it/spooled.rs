@@ -128,14 +128,7 @@ async fn a_full_spool_refuses_with_503_and_retry_after_and_loses_nothing_it_answ
     let mut full = None;
     for i in 0..200 {
         let payload = format!("{i:04}{body}");
-        let resp = relay
-            .h2
-            .post(relay.url("/v1/publish/edge.full"))
-            .bearer_auth(TOKEN)
-            .body(payload.clone())
-            .send()
-            .await
-            .unwrap();
+        let resp = relay.publish(&relay.h2, "edge.full", payload.clone()).send().await.unwrap();
         if resp.status() == 202 {
             spooled.push(payload);
             continue;

@@ -88,6 +88,16 @@ impl Setup {
     }
 }
 
+/// A nats-server of its own and a relay on it started in-process, with [`Setup::new`]'s config
+/// changed by `change` first.
+pub async fn start_relay(change: impl FnOnce(&mut Config)) -> (NatsServer, Setup, TestRelay) {
+    let nats = NatsServer::start();
+    let mut setup = Setup::new(&nats.url());
+    change(&mut setup.config);
+    let relay = setup.start().await;
+    (nats, setup, relay)
+}
+
 /// A relay running in this process, with clients for it.
 pub struct TestRelay {
     relay: Option<Relay>,
@@ -121,9 +131,26 @@ impl TestRelay {
         &self,
         client: &reqwest::Client,
         subject: &str,
-        body: &'static str,
+        body: impl Into<reqwest::Body>,
     ) -> reqwest::RequestBuilder {
-        client.post(self.url(&format!("/v1/publish/{subject}"))).bearer_auth(TOKEN).body(body)
+        self.publish_as(client, TOKEN, subject, body)
+    }
+
+    /// `POST /v1/publish/{subject}` with `token`.
+    pub fn publish_as(
+        &self,
+        client: &reqwest::Client,
+        token: &str,
+        subject: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        client.post(self.url(&format!("/v1/publish/{subject}"))).bearer_auth(token).body(body)
+    }
+
+    /// `POST /v1/publish` (a multi-event request) with the test token; the body is the
+    /// caller's.
+    pub fn publish_events(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
+        client.post(self.url("/v1/publish")).bearer_auth(TOKEN)
     }
 
     /// Applies `config` as a SIGHUP would.
@@ -273,6 +300,13 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let status = resp.status().as_u16();
     let v: serde_json::Value = resp.json().await.unwrap_or_default();
     (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// The error reason of a refusal body (empty for an answer that is no refusal).
+pub async fn error_reason(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    (status, v["error"]["reason"].as_str().unwrap_or("").to_owned())
 }
 
 /// A dev identity provider served in-process on a loopback port.

@@ -157,9 +157,7 @@ fn line_with<'a>(screen: &'a str, needle: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_shows_a_live_relay_and_quits_on_q() {
-    let nats = NatsServer::start();
-    let setup = Setup::new(&nats.url());
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = start_relay(|_| {}).await;
     for i in 0..5 {
         let resp = relay.publish(&relay.h2, &format!("edge.top.{i}"), "x").send().await.unwrap();
         assert_eq!(resp.status(), 202);
