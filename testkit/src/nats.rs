@@ -306,14 +306,14 @@ impl NatsCluster {
     }
 
     /// Spawns the nodes `<name>-1` … `<name>-3` without waiting: follow with
-    /// [`NatsCluster::ready`]. `options` apply to every node (its `name` is ignored; a `log`
-    /// path gets the node's name before its extension).
+    /// [`NatsCluster::ready`]. `options` apply to every node, except that its `name` is
+    /// ignored and its `log` is a directory: each node appends to `<log>/<node>.log`.
     pub fn launch(name: &str, options: NatsOptions) -> anyhow::Result<Self> {
         let routes: Vec<u16> = (0..CLUSTER_NODES).map(|_| free_port()).collect();
         let mut nodes = Vec::with_capacity(CLUSTER_NODES);
         for (i, &own) in routes.iter().enumerate() {
             let node = format!("{name}-{}", i + 1);
-            let log = options.log.as_deref().map(|l| node_log(l, &node));
+            let log = options.log.as_ref().map(|dir| dir.join(format!("{node}.log")));
             let options = NatsOptions { name: node, log, ..options.clone() };
             let routes = Routes { cluster: name, own, all: &routes };
             nodes.push(NatsServer::launch_node(options, Some(routes))?);
@@ -382,16 +382,6 @@ pub fn nats_server_bin() -> PathBuf {
     bin
 }
 
-/// `dir/nats.log` for node `n1` → `dir/nats-n1.log`.
-fn node_log(log: &Path, node: &str) -> PathBuf {
-    let stem = log.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let name = match log.extension() {
-        Some(ext) => format!("{stem}-{node}.{}", ext.to_string_lossy()),
-        None => format!("{stem}-{node}"),
-    };
-    log.with_file_name(name)
-}
-
 /// Whether `GET /healthz` on monitoring port `port` answers 200.
 fn healthz(port: u16) -> bool {
     let ask = || -> std::io::Result<bool> {
@@ -420,12 +410,6 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_node_log_is_named_after_the_node() {
-        assert_eq!(node_log(Path::new("/l/nats.log"), "c-1"), Path::new("/l/nats-c-1.log"));
-        assert_eq!(node_log(Path::new("/l/nats"), "c-2"), Path::new("/l/nats-c-2"));
-    }
 
     #[test]
     fn a_server_starts_restarts_on_its_port_and_is_gone_after_drop() {
@@ -494,8 +478,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ready_cluster_stores_a_three_replica_stream() {
-        let mut cluster = NatsCluster::launch("r3", NatsOptions::default()).unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let options = NatsOptions { log: Some(logs.path().to_owned()), ..NatsOptions::default() };
+        let mut cluster = NatsCluster::launch("r3", options).unwrap();
         cluster.ready().await.unwrap();
+        for node in ["r3-1", "r3-2", "r3-3"] {
+            assert!(logs.path().join(format!("{node}.log")).exists(), "{node}.log");
+        }
         let client = async_nats::connect(cluster.nodes[0].url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let spec = async_nats::jetstream::stream::Config {
