@@ -274,6 +274,13 @@ impl NatsServer {
         self.wait_ready().expect("nats-server ready again");
     }
 
+    /// Starts it again on the same port and store (after [`NatsServer::stop`]) and waits
+    /// without blocking the runtime: [`NatsServer::restart`] for async callers.
+    pub async fn respawn(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.ready().await
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) it: it keeps its sockets but answers nothing, like
     /// a server that lost its network for a while.
     ///
@@ -459,8 +466,7 @@ mod tests {
         let mut nats = NatsServer::launch(NatsOptions::default()).unwrap();
         nats.ready().await.unwrap();
         nats.stop();
-        nats.spawn().unwrap();
-        nats.ready().await.unwrap();
+        nats.respawn().await.unwrap();
         tokio::net::TcpStream::connect(local(nats.port)).await.unwrap();
     }
 
