@@ -1,8 +1,9 @@
 //! Process control shared by the scenarios that run their own nats-servers and relays
-//! (`global`, `chaos`): child processes killed on drop, free loopback ports, readiness polling,
-//! signals, the relay's admin listener, and a process's memory from `/proc`.
+//! (`global`, `chaos`): child processes killed on drop, readiness polling, signals, the
+//! relay's admin listener, and a process's memory from `/proc`. Free loopback ports and
+//! nats-server come from the shared test kit (`edgerelay-testkit`).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -30,9 +31,6 @@ const MAX_ADMIN_BYTES: usize = 8 << 20;
 
 /// How long a killed child may take to be reaped.
 pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Attempts at finding a port free for both TCP and UDP.
-const PORT_ATTEMPTS: usize = 64;
 
 /// Child processes, killed when dropped (however the scenario ends) or by [`Children::stop`].
 #[derive(Debug, Default)]
@@ -129,29 +127,6 @@ pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
         .context("running kill")?;
     ensure!(status.success(), "kill -{signal} {pid} failed ({status})");
     Ok(())
-}
-
-/// 127.0.0.1:`port`.
-pub fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again later).
-pub fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(StdTcpListener::bind(local(0)).context("finding a free TCP port")?.local_addr()?.port())
-}
-
-/// A port free for both TCP and UDP on 127.0.0.1: the relay's HTTPS and QUIC listeners share
-/// it, so one edge proxy route carries both.
-pub fn free_shared_port() -> anyhow::Result<u16> {
-    for _ in 0..PORT_ATTEMPTS {
-        let tcp = StdTcpListener::bind(local(0)).context("finding a free TCP port")?;
-        let port = tcp.local_addr()?.port();
-        if StdUdpSocket::bind(local(port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("found no port free for both TCP and UDP in {PORT_ATTEMPTS} attempts")
 }
 
 /// Polls `ready` until it holds, a child exits, `stop` turns true or [`READY_TIMEOUT`] passes.

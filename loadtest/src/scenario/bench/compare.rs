@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::rounds::command;
 use super::stack::Stack;
 use super::{duration_text, markdown, Binaries};
-use crate::procs::free_shared_port;
+use edgerelay_testkit::{free_shared_port, local};
 
 /// Flags of `loadtest bench compare`; each also reads the environment variable named.
 #[derive(Debug, clap::Args)]
@@ -193,7 +193,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
 
     let mut stack = Stack::start(&args.bins, &out, &stop).await?;
     let mut batched = stack.relay_config("relay")?;
-    batched.quic.listen = Some(crate::procs::local(free_shared_port()?));
+    batched.quic.listen = Some(local(free_shared_port()));
     batched.stream.name = "BENCH5".into();
     batched.stream.subjects = vec!["edge.load.>".into()];
     let mut nobatch = stack.relay_config("nobatch")?;

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::rounds::{alternating, command, median, ms_per_k, shared_flags, Run};
 use super::stack::{Relay, Stack};
 use super::{duration_text, Binaries};
-use crate::procs::{free_shared_port, local};
+use edgerelay_testkit::{free_shared_port, local};
 
 /// Flags of `loadtest bench https`; each also reads the environment variable named.
 #[derive(Debug, clap::Args)]
@@ -95,7 +95,7 @@ impl Row {
 fn config(stack: &Stack, variant: &str, quic: bool) -> anyhow::Result<Config> {
     let mut config = stack.relay_config(variant)?;
     if quic {
-        config.quic.listen = Some(local(free_shared_port()?));
+        config.quic.listen = Some(local(free_shared_port()));
     }
     match variant {
         "batched" | "before" => {}

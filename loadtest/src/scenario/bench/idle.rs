@@ -15,7 +15,9 @@ use tokio::time::sleep;
 
 use super::stack::Stack;
 use super::Binaries;
-use crate::procs::{free_shared_port, local, Memory};
+use edgerelay_testkit::{free_shared_port, local};
+
+use crate::procs::Memory;
 
 /// Connections the relay may take beyond those opened (the admin probe, stragglers).
 const HEADROOM: usize = 100;
@@ -47,7 +49,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     let mut stack = Stack::start(&args.bins, &args.out, &stop).await?;
     let mut config = stack.relay_config("idle")?;
     config.relay.id = "idle-rss".into();
-    let quic = local(free_shared_port()?);
+    let quic = local(free_shared_port());
     config.quic.listen = Some(quic);
     config.quic.max_connections = args.connections + HEADROOM;
     config.quic.max_connections_per_ip = args.connections + HEADROOM;

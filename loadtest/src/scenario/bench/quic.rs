@@ -211,7 +211,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> anyhow::Result<()> 
     let mut stack = Stack::start(&args.bins, &args.out, &stop).await?;
     let idp = stack.start_idp().await?;
     let mut config = stack.relay_config("quic")?;
-    config.quic.listen = Some(crate::procs::local(crate::procs::free_shared_port()?));
+    config.quic.listen = Some(edgerelay_testkit::local(edgerelay_testkit::free_shared_port()));
     config.stream.name = STREAMS[0].into();
     config.stream.subjects = vec!["edge.>".into()];
     config.auth.jwt = Some(JwtConfig {

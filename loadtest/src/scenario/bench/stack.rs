@@ -17,7 +17,9 @@ use tokio::sync::watch;
 
 use super::rounds::Launch;
 use super::Binaries;
-use crate::procs::{admin_get, free_tcp_port, local, relay_bin, wait_ready, Children};
+use edgerelay_testkit::{free_port, local};
+
+use crate::procs::{admin_get, relay_bin, wait_ready, Children};
 
 /// nats-server and whatever else a benchmark starts beside it.
 pub struct Stack {
@@ -68,7 +70,7 @@ impl Stack {
         .context("writing the development certificates")?;
 
         let mut children = Children::default();
-        let nats_port = free_tcp_port()?;
+        let nats_port = free_port();
         children.spawn(
             "nats-server",
             Command::new(&bins.nats_server_bin)
@@ -110,10 +112,10 @@ impl Stack {
     pub fn relay_config(&self, name: &str) -> anyhow::Result<Config> {
         let mut config = Config::default();
         config.relay.id = format!("bench-{name}");
-        config.https.listen = local(free_tcp_port()?);
+        config.https.listen = local(free_port());
         config.https.tls_cert = self.out.join("certs/cert.pem");
         config.https.tls_key = self.out.join("certs/key.pem");
-        config.admin.listen = local(free_tcp_port()?);
+        config.admin.listen = local(free_port());
         config.nats.urls = vec![self.nats_url()];
         config.auth.static_tokens = vec![StaticToken {
             name: "bench".into(),
@@ -156,7 +158,7 @@ impl Stack {
 
     /// Starts `edgerelay dev-idp` on a free port and returns its URL once it serves its keys.
     pub async fn start_idp(&mut self) -> anyhow::Result<String> {
-        let addr = local(free_tcp_port()?);
+        let addr = local(free_port());
         self.children.spawn(
             "the dev IdP",
             Command::new(&self.relay_bin).arg("dev-idp").arg("--listen").arg(addr.to_string()),

@@ -1,5 +1,6 @@
-//! What a scenario runs and breaks: nats-servers (alone or as a 3-node JetStream cluster)
-//! that can be `kill -9`ed and restarted on the same port and store, relay processes
+//! What a scenario runs and breaks: nats-servers (alone or as a 3-node JetStream cluster,
+//! the shared test kit's) that can be `kill -9`ed and restarted on the same port and store,
+//! and which node leads a stream; relay processes
 //! (`edgerelay run --config`) that can be SIGKILLed, SIGTERMed and restarted, a sampler of the
 //! relay's memory, and the [`Lab`] that owns the temporary directory, certificates, token and
 //! logs they share. Every child is killed when its handle is dropped.
@@ -13,14 +14,15 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use async_nats::jetstream::stream::Config as StreamSpec;
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
+use edgerelay_testkit::{free_port, local, NatsOptions};
+pub use edgerelay_testkit::{NatsCluster, NatsServer};
+
 use crate::procs::{
-    admin_get, free_tcp_port, local, signal, spawn_logged, toml_string, Memory, READY_POLL,
-    READY_TIMEOUT, REAP_TIMEOUT,
+    admin_get, signal, spawn_logged, toml_string, Memory, READY_POLL, READY_TIMEOUT, REAP_TIMEOUT,
 };
 
 /// How often the relay's memory is sampled.
@@ -39,21 +41,6 @@ pub struct Lab {
     /// The CA of the relays' certificate.
     pub ca: PathBuf,
     certs: PathBuf,
-}
-
-/// One nats-server with JetStream, restartable on the same port and store.
-pub struct NatsServer {
-    pub name: String,
-    pub port: u16,
-    config: PathBuf,
-    bin: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-/// Three nats-servers routed into one JetStream cluster.
-pub struct NatsCluster {
-    pub nodes: Vec<NatsServer>,
 }
 
 /// How a relay is configured. The `[nats]` table is `nats_toml` when given, else built from
@@ -139,56 +126,32 @@ impl Lab {
         })
     }
 
-    /// Starts one nats-server (JetStream, its own store) and waits for its port.
+    /// Starts one nats-server (JetStream, its own store, restartable on the same port and
+    /// store) and waits for its port.
     pub async fn nats(&self, name: &str) -> anyhow::Result<NatsServer> {
-        let port = free_tcp_port()?;
-        let store = self.dir.path().join(format!("{name}-store"));
-        let conf = format!(
-            "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n",
-            toml_string(&store.to_string_lossy())
-        );
-        self.nats_with(name, port, &conf).await
+        let log = Some(self.logs.join(format!("{name}.log")));
+        let mut server =
+            NatsServer::launch(NatsOptions { name: name.into(), log, ..self.nats_options() })?;
+        server.ready().await?;
+        Ok(server)
     }
 
     /// Starts a 3-node cluster (routes between all, JetStream on each) and waits until
-    /// JetStream answers (a meta leader is elected).
+    /// JetStream is healthy on every node (a meta leader is elected).
     pub async fn cluster(&self, name: &str) -> anyhow::Result<NatsCluster> {
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| Ok((free_tcp_port()?, free_tcp_port()?)))
-            .collect::<anyhow::Result<_>>()?;
-        let routes: Vec<String> =
-            ports.iter().map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\"")).collect();
-        let mut nodes = Vec::new();
-        for (i, (port, route)) in ports.iter().enumerate() {
-            let node = format!("{name}-{}", i + 1);
-            let store = self.dir.path().join(format!("{node}-store"));
-            let conf = format!(
-                "server_name: {node}\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{ store_dir: {} }}\n\
-                 cluster {{ name: {name}\n listen: \"127.0.0.1:{route}\"\n routes: [{}] }}\n",
-                toml_string(&store.to_string_lossy()),
-                routes.join(", ")
-            );
-            nodes.push(self.nats_with(&node, *port, &conf).await?);
-        }
-        let cluster = NatsCluster { nodes };
-        cluster.wait_jetstream().await?;
+        let options = NatsOptions { log: Some(self.logs.clone()), ..self.nats_options() };
+        let mut cluster = NatsCluster::launch(name, options)?;
+        cluster.ready().await?;
         Ok(cluster)
     }
 
-    async fn nats_with(&self, name: &str, port: u16, conf: &str) -> anyhow::Result<NatsServer> {
-        let config = self.dir.path().join(format!("{name}.conf"));
-        std::fs::write(&config, conf).with_context(|| format!("writing {}", config.display()))?;
-        let mut server = NatsServer {
-            name: name.to_owned(),
-            port,
-            config,
-            bin: self.nats_bin.clone(),
-            log: self.logs.join(format!("{name}.log")),
-            child: None,
-        };
-        server.start().await?;
-        Ok(server)
+    /// The lab's binary and directory for a nats-server.
+    fn nats_options(&self) -> NatsOptions {
+        NatsOptions {
+            dir: Some(self.dir.path().to_owned()),
+            bin: Some(self.nats_bin.clone()),
+            ..NatsOptions::default()
+        }
     }
 
     /// A relay spec with the lab's defaults: stream `CHAOS` on `chaos.>`, R1, created.
@@ -213,8 +176,8 @@ impl Lab {
 
     /// Writes the relay's config, starts it and waits for `/readyz`.
     pub async fn relay(&self, spec: &RelaySpec) -> anyhow::Result<Relay> {
-        let https = local(free_tcp_port()?);
-        let admin = local(free_tcp_port()?);
+        let https = local(free_port());
+        let admin = local(free_port());
         let config = self.dir.path().join(format!("relay-{}.toml", spec.name));
         std::fs::write(&config, self.relay_config(spec, https, admin))
             .with_context(|| format!("writing {}", config.display()))?;
@@ -287,108 +250,6 @@ allow = ["chaos.>"]
             token = toml_string(&self.token),
             extra = spec.extra_toml,
         )
-    }
-}
-
-impl NatsServer {
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// Starts it (on its port and store) and waits until the port answers.
-    pub async fn start(&mut self) -> anyhow::Result<()> {
-        ensure!(self.child.is_none(), "{} is already running", self.name);
-        let mut command = Command::new(&self.bin);
-        command.arg("-c").arg(&self.config);
-        self.child = Some(spawn_logged(&self.name, &mut command, &self.log)?);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let addr = local(self.port);
-        loop {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(());
-            }
-            if let Some(child) = &mut self.child {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!("{} exited ({status}); see {}", self.name, self.log.display());
-                }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} not listening; see {}",
-                self.name,
-                self.log.display()
-            );
-            sleep(READY_POLL).await;
-        }
-    }
-
-    /// `kill -9` and reap.
-    pub async fn kill9(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().context("SIGKILL")?;
-            timeout(REAP_TIMEOUT, child.wait()).await.context("reaping nats-server")??;
-        }
-        Ok(())
-    }
-}
-
-impl NatsCluster {
-    /// Every node's client URL.
-    pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(NatsServer::url).collect()
-    }
-
-    /// A running node's URL.
-    pub fn any_url(&self) -> anyhow::Result<String> {
-        self.nodes.iter().find(|n| n.running()).map(NatsServer::url).context("no node is running")
-    }
-
-    /// Waits until JetStream answers account info through every node.
-    async fn wait_jetstream(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        for url in self.urls() {
-            loop {
-                let ok = async {
-                    let client = async_nats::connect(url.as_str()).await.ok()?;
-                    let js = async_nats::jetstream::new(client);
-                    js.query_account().await.ok()
-                };
-                if timeout(Duration::from_secs(2), ok).await.ok().flatten().is_some() {
-                    break;
-                }
-                ensure!(Instant::now() < deadline, "JetStream never came up on {url}");
-                sleep(Duration::from_millis(200)).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// The index of the node that leads `stream` now (`$JS.API.STREAM.INFO.<stream>` →
-    /// `cluster.leader`), asked through a running node; retried while a leader is elected.
-    pub async fn leader(&self, stream: &str) -> anyhow::Result<usize> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let asked = async {
-                let client = async_nats::connect(self.any_url()?.as_str()).await?;
-                let reply =
-                    client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()).await?;
-                let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-                let leader = info["cluster"]["leader"].as_str().unwrap_or_default().to_owned();
-                anyhow::Ok(leader)
-            };
-            if let Ok(Ok(leader)) = timeout(Duration::from_secs(3), asked).await {
-                if let Some(i) = self.nodes.iter().position(|n| n.name == leader) {
-                    return Ok(i);
-                }
-            }
-            ensure!(Instant::now() < deadline, "stream {stream} has no leader");
-            sleep(Duration::from_millis(200)).await;
-        }
     }
 }
 
@@ -515,6 +376,30 @@ impl RssSampler {
 impl Drop for RssSampler {
     fn drop(&mut self) {
         let _ = self.done.send(true);
+    }
+}
+
+/// The index of the node that leads `stream` now (`$JS.API.STREAM.INFO.<stream>` →
+/// `cluster.leader`), asked through a running node; retried while a leader is elected.
+pub async fn leader(cluster: &NatsCluster, stream: &str) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let asked = async {
+            let client =
+                async_nats::connect(cluster.any_url().context("no node is running")?.as_str())
+                    .await?;
+            let reply = client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()).await?;
+            let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            let leader = info["cluster"]["leader"].as_str().unwrap_or_default().to_owned();
+            anyhow::Ok(leader)
+        };
+        if let Ok(Ok(leader)) = timeout(Duration::from_secs(3), asked).await {
+            if let Some(i) = cluster.nodes.iter().position(|n| n.name() == leader) {
+                return Ok(i);
+            }
+        }
+        ensure!(Instant::now() < deadline, "stream {stream} has no leader");
+        sleep(Duration::from_millis(200)).await;
     }
 }
 

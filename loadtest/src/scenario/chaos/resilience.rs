@@ -167,12 +167,12 @@ pub async fn spool_outage(cx: &Cx) -> anyhow::Result<Outcome> {
     let mut t = Timeline::default();
     load.wait_acked(1, secs(10.0)).await;
     load.until(secs(3.0)).await;
-    nats.kill9().await?;
+    nats.stop();
     let killed = load.now();
     t.mark(killed, MarkKind::Fault, "kill -9 nats-server (the only cluster)");
     load.until(secs(3.0) + down_for).await;
     let spooled_peak = metric(&relay, "edgerelay_spool_records").await.unwrap_or(0.0);
-    nats.start().await?;
+    nats.respawn().await?;
     let back = load.now();
     t.all_down(killed, back);
     t.mark(back, MarkKind::Recovery, "nats-server restarted");
@@ -214,7 +214,7 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     let mut t = Timeline::default();
     load.wait_acked(1, secs(10.0)).await;
     load.until(secs(3.0)).await;
-    nats.kill9().await?;
+    nats.stop();
     let killed = load.now();
     t.mark(killed, MarkKind::Fault, "kill -9 nats-server");
     load.until(secs(5.0)).await;
@@ -222,7 +222,7 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     relay.kill9().await?;
     t.mark(load.now(), MarkKind::Fault, "kill -9 the relay (its spool holds batches)");
     load.until(secs(6.0)).await;
-    nats.start().await?;
+    nats.respawn().await?;
     t.all_down(killed, load.now());
     t.mark(load.now(), MarkKind::Note, "nats-server restarted");
     load.until(secs(7.0)).await;
@@ -259,7 +259,7 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
 pub async fn spool_corrupt(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut nats = lab.nats("nats").await?;
-    nats.kill9().await?;
+    nats.stop();
     // Segments just above the smallest allowed (batch.max_bytes + 4 KiB): several of them.
     let (mut spec, dir) = spooled_spec(&lab, nats.url(), 72 << 10);
     spec.connect_timeout_ms = 200;
@@ -286,7 +286,7 @@ pub async fn spool_corrupt(cx: &Cx) -> anyhow::Result<Outcome> {
     let report = String::from_utf8_lossy(&inspect.stdout).into_owned();
     std::fs::write(lab.logs.join("spool-inspect.txt"), &report)?;
 
-    nats.start().await?;
+    nats.respawn().await?;
     relay.start().await?;
     let replayed_in = spool_drained(&relay, secs(30.0)).await;
     let log = std::fs::read_to_string(lab.logs.join("relay-relay.log")).unwrap_or_default();

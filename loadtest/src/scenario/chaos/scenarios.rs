@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream::stream::{Config as StreamSpec, DiscardPolicy, StorageType};
+use edgerelay_testkit::local;
 
 use super::ledger::{Answer, Ledger};
 use super::verify::{read_streams, MarkKind, Stored, Timeline};
 use super::{lab, Cx, Outcome};
 use crate::model::{self, Percentiles};
-use crate::procs::local;
 use crate::wan::{self, Limits, Model, Route};
 
 /// Longest the verifier may take to read a stream back.
@@ -46,12 +47,12 @@ pub async fn nats_kill(cx: &Cx) -> anyhow::Result<Outcome> {
         if cx.stopped() {
             break;
         }
-        nats.kill9().await?;
+        nats.stop();
         let killed = load.now();
         t.mark(killed, MarkKind::Fault, "kill -9 nats-server");
         load.until(*at + *down).await;
         let restarting = load.now();
-        nats.start().await?;
+        nats.respawn().await?;
         t.all_down(killed, restarting);
         t.mark(load.now(), MarkKind::Recovery, "nats-server restarted (same port and store)");
     }
@@ -109,22 +110,22 @@ pub async fn cluster_leader(cx: &Cx) -> anyhow::Result<Outcome> {
             if cx.stopped() {
                 break;
             }
-            let lead = cluster.leader("CHAOS").await?;
+            let lead = lab::leader(&cluster, "CHAOS").await?;
             let victim = if leader { lead } else { (lead + 1) % cluster.nodes.len() };
             let role = if leader { "stream leader" } else { "follower" };
-            let name = cluster.nodes[victim].name.clone();
-            cluster.nodes[victim].kill9().await?;
+            let name = cluster.nodes[victim].name().to_owned();
+            cluster.nodes[victim].stop();
             let killed = load.now();
             t.mark(killed, MarkKind::Recovery, format!("kill -9 {role} {name}"));
             killed_names.push(format!("{role} {name}"));
             // Down for 3 s from the kill (finding the leader can take a while mid-election).
             load.until(killed + secs(3.0)).await;
-            cluster.nodes[victim].start().await?;
+            cluster.nodes[victim].respawn().await?;
             t.mark(load.now(), MarkKind::Note, format!("{name} restarted"));
         }
     }
     let ledger = load.finish().await?;
-    let url = cluster.any_url()?;
+    let url = cluster.any_url().context("no node is running")?;
     let stored = read_back(&url, "CHAOS", ledger.nonce).await?;
     let mut o = cx.outcome(ledger, stored, t, cx.rate());
     o.memory = Some(rss.max());

@@ -2,19 +2,18 @@
 //! an edge proxy and in front of a NATS proxy, and the consumer's proxy; each relay's generated
 //! config. Everything is stopped when the [`Topology`] is dropped.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::{Args, Region, STREAM, SUBJECT_ROOT};
-use crate::procs::{
-    self, admin_get, free_shared_port, free_tcp_port, local, toml_string, wait_ready, Children,
-};
+use edgerelay_testkit::{free_port, free_shared_port, local, NatsOptions, NatsServer};
+
+use crate::procs::{self, admin_get, toml_string, wait_ready, Children};
 use crate::report;
 use crate::wan::{self, Limits, Model, Route};
 
@@ -24,6 +23,8 @@ pub(super) struct Topology {
     pub(super) children: Children,
     /// Every proxy, kept alive for the run.
     pub(super) _proxies: Vec<wan::Proxy>,
+    /// The nats-server every relay publishes to (its store is in `work`).
+    pub(super) _nats: NatsServer,
     /// The temporary store, certificates and configs.
     pub(super) work: tempfile::TempDir,
     pub(super) regions: Vec<RegionSite>,
@@ -71,18 +72,15 @@ impl Topology {
 
         let mut children = Children::default();
         let mut proxies = Vec::new();
-        let nats = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
-        children.spawn(
-            "nats-server",
-            Command::new(&nats_bin)
-                .args(["-js", "-a", "127.0.0.1", "-p", &nats.port().to_string(), "-sd"])
-                .arg(work.path().join("jetstream")),
-            &logs.join("nats-server.log"),
-        )?;
-        wait_ready(&mut children, &logs, stop, "nats-server", || async move {
-            TcpStream::connect(nats).await.is_ok()
-        })
-        .await?;
+        let mut nats_server = NatsServer::launch(NatsOptions {
+            name: "nats-server".into(),
+            log: Some(logs.join("nats-server.log")),
+            dir: Some(work.path().to_owned()),
+            bin: Some(nats_bin),
+            ..NatsOptions::default()
+        })?;
+        nats_server.ready().await?;
+        let nats = local(nats_server.port);
 
         let consumer_proxy = tcp_proxy(nats, args.consumer_rtt_ms, 0).await?;
         let consumer_nats = format!("nats://{}", consumer_proxy.local_addr());
@@ -92,8 +90,8 @@ impl Topology {
         for (i, region) in regions.iter().enumerate() {
             let seed = 1 + i as u64;
             let nats_proxy = tcp_proxy(nats, region.nats_rtt_ms, seed).await?;
-            let relay = SocketAddr::from((Ipv4Addr::LOCALHOST, free_shared_port()?));
-            let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+            let relay = local(free_shared_port());
+            let admin = local(free_port());
             let config = work.path().join(format!("relay-{}.toml", region.name));
             let text = relay_config(region, relay, admin, nats_proxy.local_addr(), &certs, token);
             report::write(&config, &text)?;
@@ -133,7 +131,14 @@ impl Topology {
             "global: consumer -> consumer proxy {consumer_nats} ({} ms) -> nats-server {nats}",
             args.consumer_rtt_ms
         );
-        Ok(Self { children, _proxies: proxies, work, regions: sites, consumer_nats })
+        Ok(Self {
+            children,
+            _proxies: proxies,
+            _nats: nats_server,
+            work,
+            regions: sites,
+            consumer_nats,
+        })
     }
 }
 
