@@ -30,9 +30,12 @@
 //! without a reset: TCP bytes wait in the proxy, or behind a full queue in the kernel, and flow
 //! again when the hole closes; UDP datagrams are dropped and counted as lost).
 //!
-//! The TCP side is `wan/tcp.rs`, the UDP side `wan/udp.rs`; this file holds the model, the
-//! route and its handle, and the `wan-proxy` command line.
+//! The TCP side is `wan/tcp.rs`, the UDP side `wan/udp.rs`, the path model `wan/model.rs` and
+//! the `wan-proxy` command line `wan/cli.rs`; this file holds the route and its handle, and the
+//! end-to-end tests of the proxy.
 
+mod cli;
+mod model;
 mod tcp;
 mod udp;
 
@@ -47,6 +50,10 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use cli::{run, Args};
+use model::Rng;
+pub use model::{Limits, Model};
+
 /// Largest read from a TCP socket, and so the largest chunk one delay applies to.
 const TCP_CHUNK: usize = 64 * 1024;
 
@@ -58,33 +65,6 @@ const UDP_CHANNEL: usize = 4096;
 
 /// Tries to find a port free for both TCP and UDP when the route listens on port 0.
 const SHARED_PORT_ATTEMPTS: usize = 16;
-
-/// How a network path behaves, in each direction on its own.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Model {
-    /// Round-trip time added; each direction gets half of it.
-    pub rtt: Duration,
-    /// Each one-way delay varies uniformly within ±`jitter` (and never goes below zero).
-    pub jitter: Duration,
-    /// Probability in `[0, 1]` that a UDP datagram is dropped, per datagram and direction.
-    /// Not applied to TCP.
-    pub loss: f64,
-    /// Seed of the delay and loss generator.
-    pub seed: u64,
-    /// Memory and session bounds.
-    pub limits: Limits,
-}
-
-/// Bounds that keep the proxy's memory finite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Bytes waiting in one direction of one TCP connection or UDP session.
-    pub max_queued_bytes: usize,
-    /// UDP sessions (client addresses) per route; datagrams from further clients are dropped.
-    pub max_udp_sessions: usize,
-    /// A UDP session without a datagram in either direction for this long is closed.
-    pub udp_idle: Duration,
-}
 
 /// One proxy: where it listens, where it forwards to, and which protocols.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,106 +126,6 @@ struct Stats {
     datagrams_forwarded: AtomicU64,
     datagrams_lost: AtomicU64,
     datagrams_overflow: AtomicU64,
-}
-
-/// SplitMix64: small, fast, and good enough to pick delays and losses.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-/// Flags of `loadtest wan-proxy`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// Address to listen on (with `--upstream`); port 0 picks a free one.
-    #[arg(long, value_name = "ADDR", requires = "upstream")]
-    listen: Option<SocketAddr>,
-    /// Address to forward to (with `--listen`); a host name is resolved once at start.
-    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
-    upstream: Option<String>,
-    /// More proxies in this process: `LISTEN=UPSTREAM`, optionally followed by per-route
-    /// overrides `,rtt-ms=N`, `,jitter-ms=N`, `,loss=P`, `,tcp`, `,udp`. Repeatable.
-    #[arg(long, value_name = "LISTEN=UPSTREAM[,OPT]", value_parser = parse_route)]
-    route: Vec<RouteSpec>,
-    /// Proxy TCP (with `--udp`: both; with neither: both).
-    #[arg(long)]
-    tcp: bool,
-    /// Proxy UDP (with `--tcp`: both; with neither: both).
-    #[arg(long)]
-    udp: bool,
-    /// Round-trip time to add, in milliseconds; each direction gets half.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    rtt_ms: u64,
-    /// One-way delays vary uniformly within ±this many milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    jitter_ms: u64,
-    /// Probability that a UDP datagram is dropped, per direction (TCP is never dropped).
-    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
-    loss: f64,
-    /// Seed of the delay and loss generator.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    seed: u64,
-    /// Bytes queued at most per direction of a TCP connection (then backpressure) or a UDP
-    /// session (then drops).
-    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
-    max_queued_bytes: u64,
-    /// UDP sessions (client addresses) per route at most.
-    #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
-    max_udp_sessions: u64,
-    /// A UDP session idle this long in both directions is closed.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::schedule::parse_duration)]
-    udp_idle: Duration,
-}
-
-/// A `--route` as given: the upstream is resolved and the overrides applied in [`run`].
-#[derive(Clone, Debug, PartialEq)]
-struct RouteSpec {
-    listen: SocketAddr,
-    upstream: String,
-    tcp: bool,
-    udp: bool,
-    rtt_ms: Option<u64>,
-    jitter_ms: Option<u64>,
-    loss: Option<f64>,
-}
-
-impl Model {
-    /// Rejects a model the proxy cannot apply.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!((0.0..=1.0).contains(&self.loss), "loss {} is not within [0, 1]", self.loss);
-        ensure!(self.limits.max_queued_bytes > 0, "max_queued_bytes must be at least 1");
-        ensure!(self.limits.max_udp_sessions > 0, "max_udp_sessions must be at least 1");
-        ensure!(!self.limits.udp_idle.is_zero(), "udp_idle must be above zero");
-        Ok(())
-    }
-
-    /// One direction's delay for the next chunk or datagram.
-    fn one_way(&self, rng: &mut Rng) -> Duration {
-        let half = self.rtt / 2;
-        if self.jitter.is_zero() {
-            return half;
-        }
-        let offset = (rng.unit() * 2.0 - 1.0) * self.jitter.as_secs_f64();
-        Duration::from_secs_f64((half.as_secs_f64() + offset).max(0.0))
-    }
-
-    /// Whether the next datagram is lost.
-    fn lost(&self, rng: &mut Rng) -> bool {
-        self.loss > 0.0 && rng.unit() < self.loss
-    }
-
-    /// The generator of one direction (`stream` names route, connection and direction).
-    fn rng(&self, stream: u64) -> Rng {
-        Rng::new(self.seed ^ Rng::new(stream).next_u64())
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_queued_bytes: 4 << 20,
-            max_udp_sessions: 65_536,
-            udp_idle: Duration::from_secs(60),
-        }
-    }
 }
 
 impl Proxy {
@@ -312,48 +192,6 @@ impl Stats {
     }
 }
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-impl RouteSpec {
-    /// The route with the process-wide flags filled in where it has no override of its own.
-    async fn resolve(
-        &self,
-        defaults: &Model,
-        any_proto: (bool, bool),
-    ) -> anyhow::Result<(Route, Model)> {
-        let upstream = resolve(&self.upstream).await?;
-        let (tcp, udp) = if self.tcp || self.udp { (self.tcp, self.udp) } else { any_proto };
-        let mut model = *defaults;
-        if let Some(ms) = self.rtt_ms {
-            model.rtt = Duration::from_millis(ms);
-        }
-        if let Some(ms) = self.jitter_ms {
-            model.jitter = Duration::from_millis(ms);
-        }
-        if let Some(p) = self.loss {
-            model.loss = p;
-        }
-        Ok((Route { listen: self.listen, upstream, tcp, udp }, model))
-    }
-}
-
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let proto = match (self.tcp, self.udp) {
@@ -363,20 +201,6 @@ impl fmt::Display for Route {
             (false, false) => "nothing",
         };
         write!(f, "{proto} {} -> {}", self.listen, self.upstream)
-    }
-}
-
-impl fmt::Display for Model {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "rtt {:?} jitter ±{:?} loss {}% seed {} queue {} B",
-            self.rtt,
-            self.jitter,
-            self.loss * 100.0,
-            self.seed,
-            self.limits.max_queued_bytes
-        )
     }
 }
 
@@ -421,78 +245,6 @@ pub async fn spawn(route: &Route, model: &Model) -> anyhow::Result<Proxy> {
     Ok(Proxy { addr, stats, control, _tasks: tasks })
 }
 
-/// `loadtest wan-proxy`: runs the routes until Ctrl-C or SIGTERM, then prints their counters.
-pub async fn run(args: Args, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let defaults = Model {
-        rtt: Duration::from_millis(args.rtt_ms),
-        jitter: Duration::from_millis(args.jitter_ms),
-        loss: args.loss,
-        seed: args.seed,
-        limits: Limits {
-            max_queued_bytes: usize::try_from(args.max_queued_bytes)
-                .context("--max-queued-bytes is too large")?,
-            max_udp_sessions: usize::try_from(args.max_udp_sessions)
-                .context("--max-udp-sessions is too large")?,
-            udp_idle: args.udp_idle,
-        },
-    };
-    let any_proto = if args.tcp || args.udp { (args.tcp, args.udp) } else { (true, true) };
-    let mut specs = args.route;
-    if let (Some(listen), Some(upstream)) = (args.listen, args.upstream) {
-        specs.insert(
-            0,
-            RouteSpec {
-                listen,
-                upstream,
-                tcp: false,
-                udp: false,
-                rtt_ms: None,
-                jitter_ms: None,
-                loss: None,
-            },
-        );
-    }
-    if specs.is_empty() {
-        bail!("nothing to proxy: give --listen and --upstream, or --route");
-    }
-    let mut proxies = Vec::with_capacity(specs.len());
-    for (i, spec) in specs.iter().enumerate() {
-        let (route, mut model) = spec.resolve(&defaults, any_proto).await?;
-        // Each route draws its own delays, so adding a route does not shift the others'.
-        model.seed = defaults.seed.wrapping_add(i as u64);
-        let proxy =
-            spawn(&route, &model).await.with_context(|| format!("starting route {route}"))?;
-        let shown = Route { listen: proxy.local_addr(), ..route };
-        eprintln!("wan-proxy: {shown}: {model}");
-        proxies.push((shown, proxy));
-    }
-    wait_for_stop(&mut stop).await?;
-    for (route, proxy) in &proxies {
-        eprintln!("wan-proxy: {route}: {}", proxy.counters());
-    }
-    Ok(())
-}
-
-/// Waits for the first Ctrl-C (through `stop`) or SIGTERM.
-async fn wait_for_stop(stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = stop.wait_for(|stopped| *stopped) => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
-}
-
-/// Resolves `host:port` to its first address.
-async fn resolve(host_port: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(host_port)
-        .await
-        .with_context(|| format!("resolving {host_port}"))?
-        .next()
-        .with_context(|| format!("{host_port} resolves to no address"))
-}
-
 /// Binds the route's sockets; returns them and the address they share.
 async fn bind(
     route: &Route,
@@ -527,56 +279,6 @@ async fn bind(
             bail!("found no port free for both TCP and UDP on {listen}")
         }
     }
-}
-
-/// Parses `--loss`.
-fn parse_probability(s: &str) -> Result<f64, String> {
-    let p: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..=1.0).contains(&p) {
-        Ok(p)
-    } else {
-        Err(format!("`{s}` is not a probability within [0, 1]"))
-    }
-}
-
-/// Parses `--route LISTEN=UPSTREAM[,rtt-ms=N][,jitter-ms=N][,loss=P][,tcp][,udp]`.
-fn parse_route(s: &str) -> Result<RouteSpec, String> {
-    let mut parts = s.split(',');
-    let head = parts.next().unwrap_or_default();
-    let (listen, upstream) =
-        head.split_once('=').ok_or_else(|| format!("`{head}` is not LISTEN=UPSTREAM"))?;
-    let listen: SocketAddr =
-        listen.parse().map_err(|_| format!("`{listen}` is not an address like 127.0.0.1:9443"))?;
-    if upstream.is_empty() {
-        return Err(format!("`{head}` has no upstream"));
-    }
-    let mut spec = RouteSpec {
-        listen,
-        upstream: upstream.to_owned(),
-        tcp: false,
-        udp: false,
-        rtt_ms: None,
-        jitter_ms: None,
-        loss: None,
-    };
-    for opt in parts {
-        let ms = |v: &str| {
-            v.parse::<u64>().map_err(|_| format!("`{opt}`: `{v}` is not whole milliseconds"))
-        };
-        match opt.split_once('=') {
-            None if opt == "tcp" => spec.tcp = true,
-            None if opt == "udp" => spec.udp = true,
-            Some(("rtt-ms", v)) => spec.rtt_ms = Some(ms(v)?),
-            Some(("jitter-ms", v)) => spec.jitter_ms = Some(ms(v)?),
-            Some(("loss", v)) => spec.loss = Some(parse_probability(v)?),
-            _ => {
-                return Err(format!(
-                    "unknown route option `{opt}` (use rtt-ms=N, jitter-ms=N, loss=P, tcp, udp)"
-                ))
-            }
-        }
-    }
-    Ok(spec)
 }
 
 #[cfg(test)]
@@ -660,53 +362,6 @@ mod tests {
             assert_eq!(&buf[..got], &i.to_be_bytes());
         }
         median(samples)
-    }
-
-    #[test]
-    fn one_way_delay_stays_within_jitter_and_never_negative() {
-        let m = model(40, 5, 0.0);
-        let mut rng = m.rng(1);
-        for _ in 0..10_000 {
-            let d = m.one_way(&mut rng);
-            assert!(d >= Duration::from_millis(15) && d <= Duration::from_millis(25), "{d:?}");
-        }
-        // Jitter wider than the one-way delay clamps at zero instead of going negative.
-        let m = model(4, 10, 0.0);
-        let mut rng = m.rng(1);
-        let delays: Vec<_> = (0..10_000).map(|_| m.one_way(&mut rng)).collect();
-        assert!(delays.contains(&Duration::ZERO));
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(12)));
-        assert_eq!(model(40, 0, 0.0).one_way(&mut rng), Duration::from_millis(20));
-    }
-
-    #[test]
-    fn the_same_seed_draws_the_same_delays() {
-        let m = model(60, 20, 0.1);
-        let draw = |stream| {
-            let mut rng = m.rng(stream);
-            (0..100).map(|_| (m.one_way(&mut rng), m.lost(&mut rng))).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(3), draw(3));
-        assert_ne!(draw(3), draw(4));
-    }
-
-    #[test]
-    fn parses_routes() {
-        let r =
-            parse_route("127.0.0.1:9443=relay.example:8443,rtt-ms=60,jitter-ms=5,loss=0.01,udp")
-                .unwrap();
-        assert_eq!(r.listen, "127.0.0.1:9443".parse().unwrap());
-        assert_eq!(r.upstream, "relay.example:8443");
-        assert_eq!((r.tcp, r.udp), (false, true));
-        assert_eq!((r.rtt_ms, r.jitter_ms, r.loss), (Some(60), Some(5), Some(0.01)));
-        assert!(parse_route("127.0.0.1:1").is_err());
-        assert!(parse_route("nonsense=127.0.0.1:1").is_err());
-        assert!(parse_route("127.0.0.1:1=").is_err());
-        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,loss=2").is_err());
-        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,rtt-ms=-1").is_err());
-        assert!(parse_route("127.0.0.1:1=127.0.0.1:2,mtu=9000").is_err());
-        assert!(parse_probability("1.5").is_err());
-        assert!(model(0, 0, -0.1).validate().is_err());
     }
 
     /// The requirement: the proxy adds the configured delay, measured. TCP and UDP go
