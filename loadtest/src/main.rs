@@ -32,7 +32,10 @@
 //! - `scenario`: several runs and processes in one invocation: `compare` (modes side by side),
 //!   `global` (regions behind WAN proxies), `chaos` (faults under load, checked against a
 //!   ledger), `bench` (the repository's benchmarks, `scripts/bench*`: nats-server and relays
-//!   started here, `loadtest` runs in alternating rounds, the markdown of BENCHMARKS.md).
+//!   started here, `loadtest` runs in alternating rounds, the markdown of BENCHMARKS.md),
+//!   `demo` (what `scripts/demo` shows).
+//! - `relay_config`: `relay-config`, a relay TOML from flags for scripts (the test kit's
+//!   builder).
 
 #![forbid(unsafe_code)]
 
@@ -50,6 +53,7 @@ mod model;
 mod plot;
 mod probe;
 mod procs;
+mod relay_config;
 mod report;
 mod scenario;
 mod schedule;
@@ -62,7 +66,7 @@ use clap::{Parser, Subcommand};
 
 use harness::run_single;
 use mode::{bare, direct_js, h3, https, quic, quic_idle};
-use scenario::{chaos, compare, global};
+use scenario::{chaos, compare, demo, global};
 
 /// Open-loop load generator for the edgerelay API: offers a constant event rate and reports
 /// coordinated-omission-corrected latency (from each request's intended send time). `--rate 0`
@@ -110,6 +114,12 @@ enum Command {
     /// The repository's benchmarks (what scripts/bench* run): nats-server and relays started
     /// here, variants in alternating rounds, markdown for BENCHMARKS.md.
     Bench(Box<scenario::bench::Args>),
+    /// What scripts/demo shows: dev certificates, nats-server, a dev IdP and the relay with JWT
+    /// auth and a tenant role, a refused cross-tenant publish, an HTTPS load with a consumer,
+    /// the relay's own percentiles, three events by `edgerelay tail`, a SIGTERM drain.
+    Demo(Box<demo::Args>),
+    /// Prints a relay configuration (TOML) built from flags, for scripts that install one.
+    RelayConfig(Box<relay_config::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +139,8 @@ fn main() -> anyhow::Result<()> {
             Command::Global(args) => global::run(*args, stop).await,
             Command::Chaos(args) => chaos::run(*args, stop).await,
             Command::Bench(args) => scenario::bench::run(*args, stop).await,
+            Command::Demo(args) => demo::run(*args, stop).await,
+            Command::RelayConfig(args) => relay_config::run(&args),
         }
     })
 }
