@@ -10,8 +10,11 @@
 //! - `chaos`: the fault-injection suite: a ledger client, process control for nats-server
 //!   (alone or a 3-node cluster) and relays, faults under load, and a verifier that reads the
 //!   stream back against the ledger.
+//! - `demo`: what `scripts/demo` shows: nats-server, a dev IdP and the relay with JWT auth,
+//!   a refused cross-tenant publish, an HTTPS load with a consumer, then a drain.
 
 pub mod bench;
 pub mod chaos;
 pub mod compare;
+pub mod demo;
 pub mod global;
