@@ -16,7 +16,7 @@ use clap::Parser as _;
 use edgerelay::auth::config::{JwtConfig, RoleConfig};
 use edgerelay::config::Config;
 use edgerelay_testkit::relay_config::write_toml;
-use edgerelay_testkit::{dev_certs, free_port, NatsOptions, NatsServer, RelayConfigBuilder};
+use edgerelay_testkit::{dev_certs, free_port, local, NatsOptions, NatsServer, RelayConfigBuilder};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -28,7 +28,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::harness::{self, ModeArgs};
 use crate::mode::{https, tls};
-use crate::procs::{self, admin_get, local, Children};
+use crate::procs::{self, admin_get, Children};
 use crate::token::TokenArgs;
 
 /// The claims of the demo's token: tenant `demo`, allowed to publish by the tenant role.
