@@ -5,6 +5,7 @@
 //! (`/debug/latency`); a few events decoded by `edgerelay tail`; then a SIGTERM drain. Every
 //! process it starts is stopped when it ends, however it ends.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -208,7 +209,7 @@ fn quiet(relay_bin: &Path) -> Command {
 /// exits first, `stop` turns true or [`procs::READY_TIMEOUT`] passes.
 async fn relay_ready(
     relay: &mut Child,
-    admin: std::net::SocketAddr,
+    admin: SocketAddr,
     logs: &Path,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Bytes> {
@@ -228,7 +229,7 @@ async fn relay_ready(
 
 /// One `POST /v1/publish/{subject}` of `{}` over HTTPS/1.1 with `token`: status and body.
 async fn publish(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     ca: &Path,
     token: &str,
     subject: &str,
@@ -286,7 +287,7 @@ fn load_args(
 }
 
 /// Prints the window of each of [`STAGES`] from the relay's `/debug/latency`.
-async fn print_latency(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn print_latency(admin: SocketAddr) -> anyhow::Result<()> {
     let (status, body) = admin_get(admin, "/debug/latency").await?;
     ensure!(status == 200, "GET /debug/latency answered {status}");
     let json: serde_json::Value =
