@@ -3,8 +3,8 @@
 
 use clap::Parser;
 
-use crate::events::Events;
-use crate::harness::ModeArgs;
+use crate::events::{EventArgs, Events};
+use crate::schedule::RunArgs;
 
 /// A command line made of nothing but `A`'s flags.
 #[derive(Debug, Parser)]
@@ -13,11 +13,20 @@ struct Cli<A: clap::Args> {
     args: A,
 }
 
-/// A mode's flags as its subcommand takes them (the event and load shape, the report and
-/// harness flags at their defaults).
-pub type Flags<M> = ModeArgs<M>;
+/// A mode's flags with the event and load shape.
+#[derive(Debug, clap::Args)]
+pub struct Flags<M: clap::Args> {
+    #[command(flatten)]
+    pub mode: M,
 
-impl<M: clap::Args> ModeArgs<M> {
+    #[command(flatten)]
+    pub events: EventArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl<M: clap::Args> Flags<M> {
     /// The events of these flags, subjects under `prefix` unless `--subject-prefix` is given.
     pub fn events(&self, prefix: &str) -> Events {
         Events::new(&self.events, prefix).expect("valid event flags")
