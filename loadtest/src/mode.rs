@@ -53,8 +53,11 @@ pub trait Mode: Sync {
         1
     }
 
-    /// Where the events end up, for `--consume`; `None` when nothing stores them.
-    fn stored(&self) -> Option<Stored>;
+    /// Where the events end up, for `--consume`; `None` when nothing stores them. Relay
+    /// batches on the consumer's default NATS server unless the mode says otherwise.
+    fn stored(&self) -> Option<Stored> {
+        Some(Stored::relay())
+    }
 
     /// Runs before the consumer starts (direct-js creates its stream, so the consumer finds
     /// it); `prefix` is the subject prefix in use.

@@ -14,7 +14,7 @@ use futures::future::try_join_all;
 use tokio::time::timeout;
 
 use super::quic::Target;
-use super::{Connected, Mode, Stored};
+use super::{Connected, Mode};
 use crate::events::{self, Events};
 use crate::model::{Failure, Outcome, RunInfo};
 use crate::schedule::{RunArgs, Worker};
@@ -68,10 +68,6 @@ impl Mode for Args {
 
     fn name(&self) -> &'static str {
         "h3"
-    }
-
-    fn stored(&self) -> Option<Stored> {
-        Some(Stored::relay())
     }
 
     async fn connect(&self, run: &RunArgs, events: Events) -> anyhow::Result<Connected<H3Worker>> {

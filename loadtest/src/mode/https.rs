@@ -27,7 +27,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::tls::tls_config;
-use super::{Connected, Mode, Stored};
+use super::{Connected, Mode};
 use crate::backoff::Backoff;
 use crate::events::{self, Events};
 use crate::model::{Failure, Outcome, RunInfo};
@@ -432,10 +432,6 @@ impl Mode for Args {
 
     fn name(&self) -> &'static str {
         "https"
-    }
-
-    fn stored(&self) -> Option<Stored> {
-        Some(Stored::relay())
     }
 
     async fn connect(

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use super::{Connected, Mode, Stored};
+use super::{Connected, Mode};
 use crate::backoff::Backoff;
 use crate::events::{self, Events};
 use crate::model::{Failure, Outcome, RunInfo};
@@ -301,10 +301,6 @@ impl Mode for Args {
 
     fn events_per_request(&self) -> u32 {
         self.events_per_request
-    }
-
-    fn stored(&self) -> Option<Stored> {
-        Some(Stored::relay())
     }
 
     async fn connect(
