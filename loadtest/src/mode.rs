@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //!
+//! - `args`: the flags of a mode's subcommand (the mode's own, then those every mode takes).
 //! - `https`: `POST /v1/publish/{subject}` over HTTP/1.1 or HTTP/2 on TLS (with `tls`, the
 //!   client's rustls set-up).
 //! - `h3`: the same over HTTP/3 on the relay's QUIC port.
@@ -15,6 +16,7 @@
 //! - `quic_idle`: many idle QUIC connections held open (the relay's memory per connection);
 //!   not a measured mode, it has no requests.
 
+pub mod args;
 pub mod bare;
 pub mod direct_js;
 pub mod h3;

@@ -1,10 +1,9 @@
-//! Test helpers shared by the unit tests: parsing one flag struct on its own, or a mode's flags
-//! with the event shape and load shape every mode takes.
+//! Test helpers shared by the unit tests: parsing one flag struct on its own (a mode's tests
+//! parse its `ModeArgs`), and the events its flags describe.
 
 use clap::Parser;
 
 use crate::events::{EventArgs, Events};
-use crate::schedule::RunArgs;
 
 /// A command line made of nothing but `A`'s flags.
 #[derive(Debug, Parser)]
@@ -13,24 +12,9 @@ struct Cli<A: clap::Args> {
     args: A,
 }
 
-/// A mode's flags with the event and load shape.
-#[derive(Debug, clap::Args)]
-pub struct Flags<M: clap::Args> {
-    #[command(flatten)]
-    pub mode: M,
-
-    #[command(flatten)]
-    pub events: EventArgs,
-
-    #[command(flatten)]
-    pub run: RunArgs,
-}
-
-impl<M: clap::Args> Flags<M> {
-    /// The events of these flags, subjects under `prefix` unless `--subject-prefix` is given.
-    pub fn events(&self, prefix: &str) -> Events {
-        Events::new(&self.events, prefix).expect("valid event flags")
-    }
+/// The events of a mode's flags, subjects under `prefix` unless `--subject-prefix` is given.
+pub fn events(args: &EventArgs, prefix: &str) -> Events {
+    Events::new(args, prefix).expect("valid event flags")
 }
 
 /// Parses `argv` (the program name first) into `A`.

@@ -249,9 +249,10 @@ fn failure(kind: PublishErrorKind) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{self, Flags};
+    use crate::mode::args::ModeArgs;
+    use crate::testing;
 
-    fn parse(extra: &[&str]) -> Flags<Args> {
+    fn parse(extra: &[&str]) -> ModeArgs<Args> {
         let base = ["loadtest", "--rate", "0"];
         testing::parse(&[&base[..], extra].concat()).unwrap()
     }
@@ -264,13 +265,16 @@ mod tests {
         assert_eq!(args.stream, "LOADTEST_DIRECT");
         assert_eq!((args.connections, args.max_inflight), (1, 256));
         assert_eq!(flags.run.rate, 0.0);
-        assert_eq!(flags.events(args.default_subject_prefix()).prefix(), "direct.load");
+        assert_eq!(
+            testing::events(&flags.events, args.default_subject_prefix()).prefix(),
+            "direct.load"
+        );
     }
 
     #[test]
     fn events_go_to_their_subjects_round_robin() {
         let flags = parse(&["--subjects", "2", "--payload-bytes", "10"]);
-        let publishes = Publishes::new(flags.events(DEFAULT_SUBJECT_PREFIX));
+        let publishes = Publishes::new(testing::events(&flags.events, DEFAULT_SUBJECT_PREFIX));
         let (subject, _) = publishes.build(3, 0);
         assert_eq!(subject.as_str(), "direct.load.1");
         let (subject, _) = publishes.build(4, 0);

@@ -546,16 +546,18 @@ fn url_host(url: &Uri) -> anyhow::Result<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mode::args::ModeArgs;
     use crate::mode::RELAY_SUBJECT_PREFIX;
-    use crate::testing::{self, Flags};
+    use crate::testing;
 
-    fn parse(extra: &[&str]) -> Flags<Args> {
+    fn parse(extra: &[&str]) -> ModeArgs<Args> {
         let base = ["loadtest", "--insecure", "--token", "t", "--rate", "100"];
         testing::parse(&[&base[..], extra].concat()).unwrap()
     }
 
-    fn requests(flags: &Flags<Args>) -> Requests {
-        Requests::new(&flags.mode, "t", flags.events(RELAY_SUBJECT_PREFIX)).unwrap()
+    fn requests(flags: &ModeArgs<Args>) -> Requests {
+        Requests::new(&flags.mode, "t", testing::events(&flags.events, RELAY_SUBJECT_PREFIX))
+            .unwrap()
     }
 
     #[test]
@@ -598,7 +600,7 @@ mod tests {
 
     #[test]
     fn ca_is_required_unless_insecure() {
-        let err = testing::parse::<Flags<Args>>(&["loadtest", "--token", "t", "--rate", "1"])
+        let err = testing::parse::<ModeArgs<Args>>(&["loadtest", "--token", "t", "--rate", "1"])
             .unwrap_err();
         assert!(err.to_string().contains("--ca"), "{err}");
         let flags = parse(&[]);

@@ -461,11 +461,12 @@ fn addr_host(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mode::args::ModeArgs;
     use crate::mode::RELAY_SUBJECT_PREFIX;
-    use crate::testing::{self, Flags};
+    use crate::testing;
     use edgerelay::proto::event_result::Outcome as Result_;
 
-    fn parse(extra: &[&str]) -> Flags<Args> {
+    fn parse(extra: &[&str]) -> ModeArgs<Args> {
         let base = ["loadtest", "--ca", "ca.pem", "--token", "t", "--rate", "100"];
         testing::parse(&[&base[..], extra].concat()).unwrap()
     }
@@ -543,7 +544,7 @@ mod tests {
     fn requests_carry_consecutive_events() {
         let flags = parse(&["--events-per-request", "4", "--subjects", "3"]);
         let requests = Requests {
-            events: flags.events(RELAY_SUBJECT_PREFIX),
+            events: testing::events(&flags.events, RELAY_SUBJECT_PREFIX),
             per_request: flags.mode.events_per_request,
         };
         let events = requests.build(2, 0);
@@ -562,7 +563,7 @@ mod tests {
         assert_eq!((args.connections, args.streams, args.in_flight), (4, 4, 8));
         assert_eq!(args.events_per_request, 1);
         assert!(
-            testing::parse::<Flags<Args>>(&["loadtest", "--token", "t", "--rate", "1"]).is_err()
+            testing::parse::<ModeArgs<Args>>(&["loadtest", "--token", "t", "--rate", "1"]).is_err()
         );
         assert_eq!(addr_host("127.0.0.1:8443"), "127.0.0.1");
         assert_eq!(addr_host("[::1]:8443"), "::1");
