@@ -86,6 +86,7 @@ pub struct Auth {
 struct Jwt {
     validator: jwt::Validator,
     keys: Arc<idp::KeyStore>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the stage could not be built.
@@ -129,9 +130,13 @@ impl Auth {
                 let validator = jwt::Validator::new(j, roles, cfg.rate_limit.tenant_claim.clone());
                 let keys = match keys {
                     Some(k) => k,
-                    None => Arc::new(idp::KeyStore::new(j, validator.allowed().to_vec(), metrics)?),
+                    None => Arc::new(idp::KeyStore::new(
+                        j,
+                        validator.allowed().to_vec(),
+                        metrics.clone(),
+                    )?),
                 };
-                Some(Jwt { validator, keys })
+                Some(Jwt { validator, keys, metrics })
             }
             None => None,
         };
@@ -234,6 +239,7 @@ impl Jwt {
             jwks::Lookup::Refused(missing) => return Err(missing_key(missing)),
             jwks::Lookup::Fetch => return Err(missing_key(jwks::Missing::NoKeys)),
         };
+        self.metrics.jwt_verifications.inc();
         let valid = self.validator.verify(token, &header, &key, now)?;
         // A rotated-out key's tokens are remembered only until its grace ends.
         let until = grace_ends.map_or(valid.expires, |end| {

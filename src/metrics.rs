@@ -141,6 +141,10 @@ pub struct Metrics {
     pub audit_failed: Counter,
     /// JWKS fetches, by result (`ok`, `error`).
     pub jwks_fetches: Family<ResultLabels, Counter>,
+    /// JWKS fetches that changed the usable keys (and so made cached tokens be checked again).
+    pub jwks_key_changes: Counter,
+    /// Token signatures checked: tokens not answered from the token cache.
+    pub jwt_verifications: Counter,
     /// Request arrival at the relay → its answer (all its events acknowledged, or refused).
     pub ingest_to_ack: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
     /// The edge's `Edge-Timestamp` → the answer, for the oldest event of a request that sent
@@ -277,6 +281,18 @@ impl Metrics {
             "Fetches of the identity provider's keys, by result",
             jwks_fetches.clone(),
         );
+        let jwks_key_changes = Counter::default();
+        registry.register(
+            "jwks_key_changes",
+            "Fetches of the identity provider's keys that changed the usable keys",
+            jwks_key_changes.clone(),
+        );
+        let jwt_verifications = Counter::default();
+        registry.register(
+            "jwt_verifications",
+            "Token signatures checked (tokens not answered from the token cache)",
+            jwt_verifications.clone(),
+        );
         let ingest_to_ack = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "ingest_to_ack_seconds",
@@ -385,6 +401,8 @@ impl Metrics {
             audit_dropped,
             audit_failed,
             jwks_fetches,
+            jwks_key_changes,
+            jwt_verifications,
             ingest_to_ack,
             edge_to_ack,
             queue_wait,

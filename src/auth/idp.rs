@@ -187,10 +187,12 @@ impl KeyStore {
         self.metrics.jwks_fetches.get_or_create(&ResultLabels { result }).inc();
         let jwks = fetched?;
         let changes = self.keys.write().unwrap_or_else(|p| p.into_inner()).update(&jwks, now);
-        if changes.added > 0 || changes.retired > 0 {
+        if changes.any() {
+            self.metrics.jwks_key_changes.inc();
             tracing::info!(
                 added = changes.added,
                 retired = changes.retired,
+                replaced = changes.replaced,
                 skipped = changes.skipped,
                 "identity provider keys changed"
             );

@@ -41,6 +41,9 @@ pub struct Key {
     /// The algorithms this key may verify: the JWK's `alg` when it names one, else every
     /// allowed algorithm of the key's type.
     pub algorithms: Vec<Algorithm>,
+    /// The public key's parameters as published, to tell an unchanged key from a new one
+    /// under the same `kid`.
+    material: AlgorithmParameters,
 }
 
 impl std::fmt::Debug for Key {
@@ -75,11 +78,16 @@ pub enum Missing {
     NoKeys,
 }
 
-/// What changed with a new key set.
+/// What changed with a new key set. A refresh that finds the same keys changes nothing.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// Keys not in the set before (new, or back from retirement).
     pub added: usize,
+    /// Keys no longer in the set (usable for the grace period).
     pub retired: usize,
+    /// Keys published under a `kid` the set held with other parameters: the old key stops
+    /// verifying at once.
+    pub replaced: usize,
     /// Keys in the document that are not usable signing keys (symmetric, encryption-only,
     /// unsupported type or algorithm).
     pub skipped: usize,
@@ -99,6 +107,13 @@ pub struct Keys {
     attempted: Option<Instant>,
     /// Bumped whenever the usable keys change, so cached tokens are checked again.
     generation: u64,
+}
+
+impl Changes {
+    /// Whether the usable keys changed (a skipped key changes nothing: it never verified).
+    pub fn any(&self) -> bool {
+        self.added > 0 || self.retired > 0 || self.replaced > 0
+    }
 }
 
 impl Keys {
@@ -192,7 +207,9 @@ impl Keys {
     }
 
     /// Installs a freshly fetched set at `now`. Keys no longer in it are retired (usable for
-    /// the grace period); the negative cache is cleared.
+    /// the grace period); the negative cache is cleared. The generation moves only when the
+    /// usable keys changed: a periodic refresh that finds the same keys keeps every cached
+    /// token valid.
     pub fn update(&mut self, jwks: &[Jwk], now: Instant) -> Changes {
         let mut changes = Changes::default();
         let mut next = HashMap::new();
@@ -204,17 +221,25 @@ impl Keys {
                 None => changes.skipped += 1,
             }
         }
-        for (kid, key) in self.current.drain() {
-            if !next.contains_key(&kid) {
-                self.retired.insert(kid, (key, now));
-                changes.retired += 1;
+        let mut previous = std::mem::take(&mut self.current);
+        for (kid, key) in &mut next {
+            match previous.remove(kid) {
+                // The same key: keep the one tokens were verified with.
+                Some(old) if old.same_as(key) => *key = old,
+                Some(_) => changes.replaced += 1,
+                None => {
+                    self.retired.remove(kid);
+                    changes.added += 1;
+                }
             }
         }
-        changes.added = next.keys().filter(|k| self.retired.remove(*k).is_none()).count();
+        for (kid, key) in previous {
+            self.retired.insert(kid, (key, now));
+            changes.retired += 1;
+        }
         let grace = self.policy.grace;
         self.retired.retain(|_, (_, since)| now.saturating_duration_since(*since) < grace);
-        let reinstated = next.len() - changes.added;
-        if changes.added > 0 || changes.retired > 0 || reinstated > 0 {
+        if changes.any() {
             self.generation += 1;
         }
         self.current = next;
@@ -279,7 +304,21 @@ impl Keys {
         }
         let decoding = DecodingKey::from_jwk(jwk).ok()?;
         // A key without a kid can only be used while it is the only key (see `lookup`).
-        Some(Key { kid: kid.unwrap_or_default(), decoding, algorithms })
+        Some(Key {
+            kid: kid.unwrap_or_default(),
+            decoding,
+            algorithms,
+            material: jwk.algorithm.clone(),
+        })
+    }
+}
+
+impl Key {
+    /// Whether `other` is this key: the same `kid`, parameters and algorithms.
+    fn same_as(&self, other: &Key) -> bool {
+        self.kid == other.kid
+            && self.material == other.material
+            && self.algorithms == other.algorithms
     }
 }
 
@@ -424,5 +463,109 @@ mod tests {
             keys.lookup(Some(&"k".repeat(300)), t0),
             Lookup::Refused(Missing::BadKid)
         ));
+    }
+
+    #[test]
+    fn a_refresh_moves_the_generation_only_when_the_usable_keys_change() {
+        let (a, b, a2) = (jwk("a", "ES256"), jwk("b", "ES256"), jwk("a", "ES256"));
+        let hmac: Jwk =
+            serde_json::from_value(serde_json::json!({"kty": "oct", "kid": "h", "k": "c2VjcmV0"}))
+                .unwrap();
+        let mut unnamed = b.clone();
+        unnamed.common.key_algorithm = None;
+        let changes =
+            |added, retired, replaced, skipped| Changes { added, retired, replaced, skipped };
+        // (what, set before, set fetched, changes, generation moves)
+        let cases: Vec<(&str, Vec<Jwk>, Vec<Jwk>, Changes, bool)> = vec![
+            (
+                "same keys",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b.clone()],
+                changes(0, 0, 0, 0),
+                false,
+            ),
+            (
+                "same keys, other order",
+                vec![a.clone(), b.clone()],
+                vec![b.clone(), a.clone()],
+                changes(0, 0, 0, 0),
+                false,
+            ),
+            (
+                "an unusable key appears",
+                vec![a.clone()],
+                vec![a.clone(), hmac.clone()],
+                changes(0, 0, 0, 1),
+                false,
+            ),
+            (
+                "a key appears",
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                changes(1, 0, 0, 0),
+                true,
+            ),
+            (
+                "a key is rotated out",
+                vec![a.clone(), b.clone()],
+                vec![a.clone()],
+                changes(0, 1, 0, 0),
+                true,
+            ),
+            (
+                "new material under a known kid",
+                vec![a.clone(), b.clone()],
+                vec![a2.clone(), b.clone()],
+                changes(0, 0, 1, 0),
+                true,
+            ),
+            (
+                "the same key without its alg (it verifies the same)",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), unnamed],
+                changes(0, 0, 0, 0),
+                false,
+            ),
+        ];
+        for (what, before, fetched, expected, moves) in cases {
+            let t0 = Instant::now();
+            let mut keys = Keys::new(policy(), ALLOWED.to_vec());
+            keys.update(&before, t0);
+            let g0 = keys.generation();
+            let t1 = t0 + Duration::from_secs(300);
+            assert_eq!(keys.update(&fetched, t1), expected, "{what}");
+            assert_eq!(keys.generation() != g0, moves, "{what}: generation");
+            // Every key of the fetched set verifies, whatever changed.
+            for jwk in fetched.iter().filter(|j| j.common.key_id.as_deref() != Some("h")) {
+                let kid = jwk.common.key_id.as_deref();
+                assert_eq!(found(keys.lookup(kid, t1)).as_deref(), kid, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_back_from_retirement_is_added_and_a_replaced_key_stops_verifying_at_once() {
+        let t0 = Instant::now();
+        let (a, b, b2) = (jwk("a", "ES256"), jwk("b", "ES256"), jwk("b", "ES256"));
+        let mut keys = Keys::new(policy(), ALLOWED.to_vec());
+        keys.update(&[a.clone(), b.clone()], t0);
+        assert_eq!(keys.update(&[a.clone()], t0 + Duration::from_secs(1)).retired, 1);
+        let g = keys.generation();
+        let back = keys.update(&[a.clone(), b.clone()], t0 + Duration::from_secs(2));
+        assert_eq!((back.added, back.retired), (1, 0));
+        assert_ne!(keys.generation(), g);
+        assert!(matches!(
+            keys.lookup(Some("b"), t0 + Duration::from_secs(2)),
+            Lookup::Found(_, None)
+        ));
+        let old = match keys.lookup(Some("b"), t0) {
+            Lookup::Found(k, _) => k,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(keys.update(&[a, b2], t0 + Duration::from_secs(3)).replaced, 1);
+        let Lookup::Found(new, None) = keys.lookup(Some("b"), t0 + Duration::from_secs(3)) else {
+            panic!("the new b is current");
+        };
+        assert!(!old.same_as(&new), "the old material is gone, not kept for a grace");
     }
 }

@@ -350,6 +350,48 @@ async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
 }
 
 #[tokio::test]
+async fn a_refresh_that_finds_the_same_keys_keeps_checked_tokens_cached() {
+    let idp = TestIdp::start().await;
+    let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.refresh_secs = 1).await;
+    let token = idp.token(good_claims(&idp));
+    assert_eq!(over_https(&relay, &token, "edge.acme.a").await.0, "accepted");
+    let counts = || async {
+        (
+            metric(&relay, "edgerelay_jwks_key_changes_total").await,
+            metric(&relay, "edgerelay_jwt_verifications_total").await,
+        )
+    };
+    assert_eq!(counts().await, (1, 1), "the first fetch, the first check");
+
+    // Periodic refreshes find the same keys: the token stays cached, nothing is logged as new.
+    let wait_for_fetches = |n: u64| {
+        let idp = &idp;
+        async move {
+            let target = idp.idp.jwks_fetches() + n;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while idp.idp.jwks_fetches() < target {
+                assert!(std::time::Instant::now() < deadline, "the relay stopped refreshing");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for_fetches(2).await;
+    assert_eq!(over_https(&relay, &token, "edge.acme.b").await.0, "accepted");
+    assert_eq!(counts().await, (1, 1), "unchanged keys: no change, no second check");
+
+    // A new key (the old one kept) is a change: the cached token is checked again, once.
+    idp.idp.rotate("ES256", false).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counts().await.0 < 2 {
+        assert!(std::time::Instant::now() < deadline, "the new key was never picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(over_https(&relay, &token, "edge.acme.c").await.0, "accepted");
+    assert_eq!(over_https(&relay, &token, "edge.acme.d").await.0, "accepted");
+    assert_eq!(counts().await, (2, 2));
+}
+
+#[tokio::test]
 async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown() {
     let idp = TestIdp::start().await;
     let (nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.fetch_cooldown_secs = 30).await;
