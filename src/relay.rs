@@ -55,6 +55,14 @@ pub enum StartError {
     /// The disk spool could not be opened (unwritable directory, locked by another relay).
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    /// The operating system's random number generator failed, so no boot id could be drawn.
+    /// Starting with a fixed one would repeat an earlier run's `Nats-Msg-Id`s, and JetStream
+    /// would drop the new batches as duplicates.
+    #[error(
+        "the operating system's random number generator failed: cannot draw a boot id \
+         (a fixed one would make JetStream drop new batches as duplicates of an earlier run's)"
+    )]
+    Random,
 }
 
 /// A running relay.
@@ -93,7 +101,7 @@ impl Relay {
     /// and notifies it of readiness, health and liveness (see [`systemd`]).
     pub async fn start_with(config: Config, systemd: Systemd) -> Result<Self, StartError> {
         let Systemd { notifier, watchdog, sockets } = systemd;
-        let boot_id = build::boot_id();
+        let boot_id = build::boot_id()?;
         let metrics = Arc::new(Metrics::new());
         let upstream = build::sink(&config, &boot_id, &metrics).await?;
         let stage = build::ingest(&config, &upstream, &metrics)?;

@@ -198,11 +198,19 @@ pub fn batching_of(config: &Config) -> Batching {
 }
 
 /// A random id for this process start, so batch ids never repeat across restarts.
-pub fn boot_id() -> String {
+pub fn boot_id() -> Result<String, StartError> {
     use ring::rand::SecureRandom;
+    boot_id_from(|bytes| ring::rand::SystemRandom::new().fill(bytes))
+}
+
+/// A boot id from the bytes `fill` draws; its failure stops the start (a fixed id would repeat
+/// the last run's Msg-Ids, and JetStream would drop the new batches as duplicates).
+fn boot_id_from(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), ring::error::Unspecified>,
+) -> Result<String, StartError> {
     let mut bytes = [0u8; 6];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    fill(&mut bytes).map_err(|_| StartError::Random)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Opens the spool (off the runtime: it reads every segment once) and logs what it
@@ -223,4 +231,28 @@ async fn open_spool(cfg: SpoolConfig, metrics: Arc<Metrics>) -> Result<Spool, Sp
         tracing::warn!(dir = %dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
     }
     Ok(spool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_id_is_twelve_hex_digits_of_what_the_rng_drew() {
+        let id = boot_id_from(|b| {
+            b.copy_from_slice(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xab]);
+            Ok(())
+        });
+        assert_eq!(id.unwrap(), "0123456789ab");
+        let a = boot_id().unwrap();
+        assert_eq!(a.len(), 12);
+        assert_ne!(a, boot_id().unwrap(), "two starts, two ids");
+    }
+
+    #[test]
+    fn a_failed_rng_stops_the_start_instead_of_an_all_zero_id() {
+        let err = boot_id_from(|_| Err(ring::error::Unspecified)).unwrap_err();
+        assert!(matches!(err, StartError::Random), "{err:?}");
+        assert!(err.to_string().contains("random number generator"), "{err}");
+    }
 }
