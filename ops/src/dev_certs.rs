@@ -23,25 +23,17 @@ pub enum DevCertsError {
 }
 
 impl DevCerts {
-    /// Writes `ca.pem`, `cert.pem` and `key.pem` (mode 0600) into `dir`.
+    /// Writes `ca.pem`, `cert.pem` and `key.pem` into `dir`; `key.pem` is created with mode
+    /// 0600 ([`crate::private_file`]).
     pub fn write(&self, dir: &Path) -> Result<(), DevCertsError> {
-        let write = |name: &str, text: &str| {
+        let failed = |path: PathBuf| move |source| DevCertsError::Write { path, source };
+        std::fs::create_dir_all(dir).map_err(failed(dir.into()))?;
+        for (name, text) in [("ca.pem", &self.ca_cert), ("cert.pem", &self.server_cert)] {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|source| DevCertsError::Write { path, source })
-        };
-        std::fs::create_dir_all(dir)
-            .map_err(|source| DevCertsError::Write { path: dir.into(), source })?;
-        write("ca.pem", &self.ca_cert)?;
-        write("cert.pem", &self.server_cert)?;
-        write("key.pem", &self.server_key)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let path = dir.join("key.pem");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|source| DevCertsError::Write { path, source })?;
+            std::fs::write(&path, text).map_err(failed(path))?;
         }
-        Ok(())
+        let key = dir.join("key.pem");
+        crate::private_file::write(&key, &self.server_key).map_err(failed(key))
     }
 }
 
@@ -67,4 +59,22 @@ pub fn generate_dev_certs(names: &[String]) -> Result<DevCerts, DevCertsError> {
         server_cert: cert.pem(),
         server_key: key.serialize_pem(),
     })
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_key_is_owner_only_and_the_certificates_are_not_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("certs");
+        generate_dev_certs(&["localhost".into()]).unwrap().write(&out).unwrap();
+        let mode = |name| std::fs::metadata(out.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("key.pem"), 0o600);
+        assert!(std::fs::read_to_string(out.join("key.pem")).unwrap().contains("PRIVATE KEY"));
+        assert_eq!(mode("cert.pem") & 0o600, 0o600);
+    }
 }

@@ -9,10 +9,14 @@
 //! | reading published batches back as JSON lines | [`tail`] |
 //! | a development identity provider (OIDC discovery, JWKS, minting) | [`dev_idp`] |
 //! | a throw-away CA and server certificate | [`dev_certs`] |
+//!
+//! [`private_file`] writes files holding secrets (keys, configs with tokens) with mode 0600
+//! from the start, for `dev-certs`, the test kit and the load generator.
 
 #![forbid(unsafe_code)]
 
 pub mod dev_certs;
 pub mod dev_idp;
+pub mod private_file;
 pub mod tail;
 pub mod top;

@@ -119,9 +119,11 @@ pub fn to_toml(config: &Config) -> String {
     toml::to_string(config).expect("the relay's Config serializes as TOML")
 }
 
-/// Writes `config` as TOML to `path`.
+/// Writes `config` as TOML to `path`, readable by its owner only (it holds tokens; the relay
+/// warns about a config other users can read).
 pub fn write_toml(config: &Config, path: &Path) -> anyhow::Result<()> {
-    std::fs::write(path, to_toml(config)).with_context(|| format!("writing {}", path.display()))
+    edgerelay_ops::private_file::write(path, to_toml(config))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Fresh development certificates for `localhost` and `127.0.0.1` (a CA and a server

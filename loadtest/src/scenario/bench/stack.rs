@@ -136,7 +136,8 @@ impl Stack {
     ) -> anyhow::Result<Relay> {
         let path = self.out.join(format!("{name}.toml"));
         let text = relay_toml(config)?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        edgerelay_ops::private_file::write(&path, text)
+            .with_context(|| format!("writing {}", path.display()))?;
         let what = format!("the {name} relay");
         self.children.spawn(
             &what,

@@ -179,7 +179,7 @@ impl Lab {
         let https = local(free_port());
         let admin = local(free_port());
         let config = self.dir.path().join(format!("relay-{}.toml", spec.name));
-        std::fs::write(&config, self.relay_config(spec, https, admin))
+        edgerelay_ops::private_file::write(&config, self.relay_config(spec, https, admin))
             .with_context(|| format!("writing {}", config.display()))?;
         let mut relay = Relay {
             name: spec.name.clone(),
