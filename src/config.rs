@@ -20,7 +20,7 @@ use crate::audit::config::AuditConfig;
 use crate::auth::config::AuthConfig;
 use crate::batch::config::BatchConfig;
 use crate::ingest::config::{AckMode, HttpsConfig, IdempotencyConfig, QuicConfig, Settings};
-use crate::section::{ms, Problems};
+use crate::section::{ms, Exposed, Problems};
 use crate::sink::config::{NatsConfig, StreamConfig};
 use crate::spool::config::SpoolConfig;
 use crate::subject::Pattern;
@@ -147,6 +147,17 @@ impl Config {
             true => Ok(()),
             false => Err(ConfigError::Invalid(errs)),
         }
+    }
+
+    /// The file `path` this config was read from and the files it names that hold secrets
+    /// (TLS and NATS keys, NATS credentials), where users other than the relay's can read
+    /// them: one warning each, logged at start and on reload and printed by `check-config`.
+    /// Certificates, CA files and JWKS files are public and not checked.
+    pub fn exposed_files(&self, path: &Path) -> Vec<Exposed> {
+        let mut files = vec![("config".to_owned(), path)];
+        files.extend(self.https.secret_files());
+        files.extend(self.nats.secret_files());
+        files.iter().filter_map(|(field, path)| Exposed::check(field, path)).collect()
     }
 
     /// What the ingest pipeline is built from.
@@ -456,5 +467,35 @@ mod tests {
             "not in config/edgerelay.example.toml:\n{}",
             missing.join("\n")
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_config_and_the_secret_files_it_names_are_checked_and_public_files_are_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let mut config = Config::default();
+        config.https.tls_cert = file("cert.pem", 0o644);
+        config.https.tls_key = file("key.pem", 0o600);
+        config.nats.creds_file = Some(file("nats.creds", 0o644));
+        config.nats.tls_ca = Some(file("nats-ca.pem", 0o644));
+        config.nats.clusters = vec![
+            ClusterConfig { tls_key: Some(file("c0.key", 0o600)), ..Default::default() },
+            ClusterConfig { nkey_seed_file: Some(file("c1.nk", 0o604)), ..Default::default() },
+        ];
+        config.auth.jwt =
+            Some(JwtConfig { jwks_file: Some(file("jwks.json", 0o644)), ..Default::default() });
+        let path = file("edgerelay.toml", 0o644);
+        let fields: Vec<String> =
+            config.exposed_files(&path).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["config", "nats.creds_file", "nats.clusters[1].nkey_seed_file"]);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(config.exposed_files(&path).len(), 2);
     }
 }

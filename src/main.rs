@@ -141,7 +141,8 @@ fn main() -> ExitCode {
     edgerelay::tls::install_default_provider();
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(c) => {
+                warn_exposed(&c, &config);
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -152,6 +153,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            warn_exposed(&config, &path);
             // Before the runtime starts threads: this takes the socket-activation variables
             // out of the environment.
             let systemd = match edgerelay::systemd::Systemd::from_env() {
@@ -286,12 +288,22 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
+/// One warning for each file of `config` (read from `path`) holding secrets that other users
+/// can read: the config itself, TLS and NATS keys, NATS credentials.
+fn warn_exposed(config: &Config, path: &std::path::Path) {
+    for exposed in config.exposed_files(path) {
+        tracing::warn!(file = %exposed.path.display(), mode = format_args!("{:04o}", exposed.mode),
+            "{exposed}");
+    }
+}
+
 /// SIGHUP (`systemctl reload`): reads the config file again and, if it is valid, hands it to
 /// the relay; an invalid one is logged and the relay keeps its config.
 fn reload_config(path: &std::path::Path, reload: &tokio::sync::mpsc::Sender<Config>) {
     match Config::load(path) {
         Ok(config) => {
             tracing::info!(config = %path.display(), "SIGHUP: reloading");
+            warn_exposed(&config, path);
             if reload.try_send(config).is_err() {
                 tracing::warn!("SIGHUP: a reload is already under way; send SIGHUP again");
             }

@@ -159,6 +159,11 @@ impl Default for HttpsConfig {
 }
 
 impl HttpsConfig {
+    /// The files of this section that hold secrets (the TLS private key), with their fields.
+    pub fn secret_files(&self) -> Vec<(String, &std::path::Path)> {
+        vec![("https.tls_key".to_owned(), self.tls_key.as_path())]
+    }
+
     /// Everything wrong with this section.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Problems::default();

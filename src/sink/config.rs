@@ -191,6 +191,27 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// The files of this section that hold secrets (credentials, nkey seeds, TLS private
+    /// keys, of `[nats]` and of each cluster), with their fields.
+    pub fn secret_files(&self) -> Vec<(String, &std::path::Path)> {
+        let sections = std::iter::once((
+            "nats.".to_owned(),
+            [&self.creds_file, &self.nkey_seed_file, &self.tls_key],
+        ))
+        .chain(self.clusters.iter().enumerate().map(|(i, c)| {
+            (format!("nats.clusters[{i}]."), [&c.creds_file, &c.nkey_seed_file, &c.tls_key])
+        }));
+        let mut files = Vec::new();
+        for (prefix, paths) in sections {
+            for (name, path) in ["creds_file", "nkey_seed_file", "tls_key"].into_iter().zip(paths) {
+                if let Some(path) = path {
+                    files.push((format!("{prefix}{name}"), path.as_path()));
+                }
+            }
+        }
+        files
+    }
+
     /// The clusters to connect to, with inherited credentials filled in: `clusters`, or one
     /// cluster named `default` from `urls`.
     pub fn resolved_clusters(&self) -> Vec<ClusterConfig> {

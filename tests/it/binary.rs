@@ -34,6 +34,42 @@ fn check_config_reports_every_problem_and_exits_78() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[test]
+fn check_config_warns_about_secret_files_other_users_can_read() {
+    use edgerelay_testkit::{relay_config, RelayConfigBuilder};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    relay_config::dev_certs(dir.path()).unwrap();
+    let config = RelayConfigBuilder::new("nats://127.0.0.1:4222").certs_in(dir.path()).build();
+    let path = dir.path().join("relay.toml");
+    relay_config::write_toml(&config, &path).unwrap();
+    let key = dir.path().join("key.pem");
+    let check = || {
+        let out = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "a warning is not a problem");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(!check().contains("WARN"), "dev-certs and the test kit write both owner-only");
+
+    let chmod = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod(&path, 0o644);
+    chmod(&key, 0o604);
+    let err = check();
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    for (field, file, mode) in [("config", &path, "0644"), ("https.tls_key", &key, "0604")] {
+        let file = file.display().to_string();
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("{field}: {file}"))
+                && w.contains(&format!("mode {mode}"))
+                && w.contains(&format!("chmod 600 {file}"))),
+            "{field} in {err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_every_accepted_event_and_exits_0() {
     let nats = NatsServer::start();
