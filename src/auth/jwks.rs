@@ -476,7 +476,8 @@ mod tests {
         let changes =
             |added, retired, replaced, skipped| Changes { added, retired, replaced, skipped };
         // (what, set before, set fetched, changes, generation moves)
-        let cases: Vec<(&str, Vec<Jwk>, Vec<Jwk>, Changes, bool)> = vec![
+        type Case = (&'static str, Vec<Jwk>, Vec<Jwk>, Changes, bool);
+        let cases: Vec<Case> = vec![
             (
                 "same keys",
                 vec![a.clone(), b.clone()],
@@ -549,7 +550,7 @@ mod tests {
         let (a, b, b2) = (jwk("a", "ES256"), jwk("b", "ES256"), jwk("b", "ES256"));
         let mut keys = Keys::new(policy(), ALLOWED.to_vec());
         keys.update(&[a.clone(), b.clone()], t0);
-        assert_eq!(keys.update(&[a.clone()], t0 + Duration::from_secs(1)).retired, 1);
+        assert_eq!(keys.update(std::slice::from_ref(&a), t0 + Duration::from_secs(1)).retired, 1);
         let g = keys.generation();
         let back = keys.update(&[a.clone(), b.clone()], t0 + Duration::from_secs(2));
         assert_eq!((back.added, back.retired), (1, 0));
