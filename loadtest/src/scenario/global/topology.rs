@@ -14,7 +14,6 @@ use super::{Args, Region, STREAM, SUBJECT_ROOT};
 use edgerelay_testkit::{free_port, free_shared_port, local, NatsOptions, NatsServer};
 
 use crate::procs::{self, admin_get, toml_string, wait_ready, Children};
-use crate::report;
 use crate::wan::{self, Limits, Model, Route};
 
 /// Everything running for the scenario; dropping it kills the processes, stops the proxies
@@ -94,7 +93,8 @@ impl Topology {
             let admin = local(free_port());
             let config = work.path().join(format!("relay-{}.toml", region.name));
             let text = relay_config(region, relay, admin, nats_proxy.local_addr(), &certs, token);
-            report::write(&config, &text)?;
+            edgerelay_ops::private_file::write(&config, &text)
+                .with_context(|| format!("writing {}", config.display()))?;
             let name = format!("relay {}", region.name);
             children.spawn(
                 &name,
