@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
 
-use crate::error::{ErrorCode, Refusal};
+use crate::error::{excerpt, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use config::AuthConfig;
 
@@ -166,7 +166,8 @@ impl Auth {
             .retry_after(after)
         };
         if let Some(l) = &self.per_identity {
-            l.take(&identity.name, events, now).map_err(|after| over(after, &identity.name))?;
+            l.take(&identity.name, events, now)
+                .map_err(|after| over(after, &excerpt(&identity.name)))?;
         }
         if let (Some(l), Some(tenant)) = (&self.per_tenant, &identity.tenant) {
             l.take(tenant, events, now)
@@ -217,7 +218,7 @@ impl Auth {
         } else {
             Err(Refusal::new(
                 ErrorCode::Forbidden,
-                format!("{} may not publish on this subject", identity.name),
+                format!("{} may not publish on this subject", excerpt(&identity.name)),
             )
             .because("no_rule_allows"))
         }

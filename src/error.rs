@@ -6,6 +6,13 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+/// Most bytes of input (a value, a name, a decoder's complaint about it) a refusal message,
+/// log line or audit record repeats: enough to recognise it, never enough to flood with it.
+pub const ECHO_BYTES: usize = 64;
+
+/// Longest refusal message built at run time, bytes (see [`Refusal::new`]).
+pub const MAX_MESSAGE_BYTES: usize = 256;
+
 /// Whose fault a refusal is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -180,13 +187,17 @@ impl fmt::Display for ErrorCode {
 }
 
 impl Refusal {
+    /// A refusal with the code's default reason and retry delay. A message built at run time
+    /// is cut to [`MAX_MESSAGE_BYTES`]: whatever it interpolated, an answer, a log line or an
+    /// audit record never carries more.
     pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            code,
-            reason: code.as_str(),
-            message: message.into(),
-            retry_after: code.retry_after(),
-        }
+        let message = match message.into() {
+            Cow::Owned(m) if m.len() > MAX_MESSAGE_BYTES => {
+                Cow::Owned(bounded(&m, MAX_MESSAGE_BYTES).into_owned())
+            }
+            m => m,
+        };
+        Self { code, reason: code.as_str(), message, retry_after: code.retry_after() }
     }
 
     /// The same refusal with a finer reason.
@@ -205,6 +216,24 @@ impl Refusal {
     pub fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after.map(|d| (d.as_millis().div_ceil(1000) as u64).max(1))
     }
+}
+
+/// `text` cut to at most [`ECHO_BYTES`] (see [`bounded`]): for input quoted in a message.
+pub fn excerpt(text: &str) -> Cow<'_, str> {
+    bounded(text, ECHO_BYTES)
+}
+
+/// `text` unchanged if it has at most `max` bytes; else its first bytes up to a char boundary,
+/// followed by `…(+N bytes)` saying how much was cut.
+pub fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…(+{} bytes)", &text[..end], text.len() - end))
 }
 
 #[cfg(test)]
@@ -237,5 +266,32 @@ mod tests {
             assert!(code.retry_after().is_some(), "{code}");
             assert!(matches!(code.status(), 429 | 503));
         }
+    }
+
+    #[test]
+    fn input_is_echoed_bounded_and_cut_on_a_char_boundary() {
+        for (text, max, want) in [
+            ("short", 8, "short"),
+            ("exactly8", 8, "exactly8"),
+            ("nine byte", 8, "nine byt…(+1 bytes)"),
+            // 'é' is two bytes: a cut inside it moves back to its start.
+            ("abcdefgé", 8, "abcdefg…(+2 bytes)"),
+            ("ééé", 3, "é…(+4 bytes)"),
+            ("", 0, ""),
+        ] {
+            assert_eq!(bounded(text, max), want, "{text:?} at {max}");
+        }
+        let huge = "x".repeat(1 << 20);
+        assert_eq!(excerpt(&huge).len(), ECHO_BYTES + "…(+1048512 bytes)".len());
+    }
+
+    #[test]
+    fn run_time_messages_are_bounded_and_static_ones_kept() {
+        let long = format!("invalid thing: {}", "y".repeat(10_000));
+        let r = Refusal::new(ErrorCode::BadRequest, long);
+        assert!(r.message.len() < MAX_MESSAGE_BYTES + 32, "{}", r.message.len());
+        assert!(r.message.ends_with("bytes)"), "{}", r.message);
+        let r = Refusal::new(ErrorCode::BadRequest, "a static message");
+        assert!(matches!(r.message, Cow::Borrowed("a static message")));
     }
 }

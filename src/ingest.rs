@@ -15,6 +15,7 @@ pub mod quic;
 pub use edgerelay_proto::framing;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -199,16 +200,18 @@ impl Ingest {
         self.sink.unavailable()
     }
 
-    /// Counts and audits a refusal of a whole request (or of one event the caller refused).
-    /// Every refusal the edge gets passes through here or through [`Ingest::publish_all`].
+    /// Counts and audits a refusal of a whole request (or of one event the caller refused)
+    /// from the peer at `from`. Every refusal the edge gets passes through here or through
+    /// [`Ingest::publish_all`].
     pub fn refused(
         &self,
         protocol: Protocol,
+        from: SocketAddr,
         identity: Option<&Identity>,
         subject: Option<&str>,
         r: &Refusal,
     ) {
-        self.audit.refused(protocol, identity, subject, r);
+        self.audit.refused(protocol, Some(from.ip()), identity, subject, r);
     }
 
     /// Publishes one event and waits for its outcome (per the ack mode).
@@ -236,7 +239,7 @@ impl Ingest {
         // One auth stage for the whole request, even if a reload swaps it meanwhile.
         let auth = self.auth();
         if let Err(r) = auth.limit(identity, events.len(), at.instant) {
-            self.audit.refused(protocol, Some(identity), None, &r);
+            self.audit.refused(protocol, None, Some(identity), None, &r);
             return vec![Err(r); events.len()];
         }
         let answers = Answers::new(events.len());
@@ -274,7 +277,7 @@ impl Ingest {
                 Ok(_) => accepted += 1,
                 // The edge's own refusals were audited with their subject in `submit`.
                 Err(r) if r.code.side() != Side::Edge => {
-                    self.audit.refused(protocol, Some(identity), None, r)
+                    self.audit.refused(protocol, None, Some(identity), None, r)
                 }
                 Err(_) => {}
             }
@@ -308,7 +311,7 @@ impl Ingest {
         slot: Slot,
     ) -> Ticket {
         if let Err(r) = self.check(auth, identity, &ev) {
-            self.audit.refused(protocol, Some(identity), Some(&ev.subject), &r);
+            self.audit.refused(protocol, None, Some(identity), Some(&ev.subject), &r);
             return Ticket::Now(Err(r));
         }
         if let Some(r) = self.refuse_early() {
@@ -446,9 +449,15 @@ pub fn proto_refusal(r: &Refusal) -> proto::Refused {
 ///
 /// Decoding from `Bytes` keeps payloads as slices of the request, without a copy.
 pub fn decode_publish_request(body: Bytes) -> Result<Vec<EventIn>, Refusal> {
-    let req = proto::PublishRequest::decode(body)
-        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
+    let req = proto::PublishRequest::decode(body).map_err(|e| invalid_request(&e))?;
     Ok(events_of(req))
+}
+
+/// The refusal of a `PublishRequest` prost could not decode (HTTP body or QUIC frame). prost's
+/// messages name message types, fields and wire types, never values, so they are kept whole
+/// (within [`Refusal::new`]'s bound) rather than cut to an excerpt.
+pub fn invalid_request(e: &prost::DecodeError) -> Refusal {
+    Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}"))
 }
 
 /// The events of a decoded `PublishRequest`.

@@ -139,6 +139,15 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// Audit records the audit stream did not take (NATS down, stream missing).
     pub audit_failed: Counter,
+    /// Refusals of requests that never authenticated, counted into `refusals` records instead
+    /// of written one by one.
+    pub audit_refusals_aggregated: Counter,
+    /// Of those, refusals counted under the source `other`: the window already had
+    /// `audit.refusals_max_keys` sources.
+    pub audit_refusals_folded: Counter,
+    /// Refusal log lines not written because their kind was over its ceiling
+    /// (`audit.log_lines_per_interval`); each interval's are summed up in one line.
+    pub audit_log_suppressed: Counter,
     /// JWKS fetches, by result (`ok`, `error`).
     pub jwks_fetches: Family<ResultLabels, Counter>,
     /// JWKS fetches that changed the usable keys (and so made cached tokens be checked again).
@@ -275,6 +284,24 @@ impl Metrics {
             "Audit records the audit stream did not acknowledge",
             audit_failed.clone(),
         );
+        let audit_refusals_aggregated = Counter::default();
+        registry.register(
+            "audit_refusals_aggregated",
+            "Refusals of unauthenticated requests counted into per-source refusals records instead of one record each",
+            audit_refusals_aggregated.clone(),
+        );
+        let audit_refusals_folded = Counter::default();
+        registry.register(
+            "audit_refusals_folded",
+            "Unauthenticated refusals counted under the source other: the interval had audit.refusals_max_keys sources",
+            audit_refusals_folded.clone(),
+        );
+        let audit_log_suppressed = Counter::default();
+        registry.register(
+            "audit_log_suppressed",
+            "Refusal log lines suppressed by the ceiling audit.log_lines_per_interval",
+            audit_log_suppressed.clone(),
+        );
         let jwks_fetches = Family::default();
         registry.register(
             "jwks_fetches",
@@ -400,6 +427,9 @@ impl Metrics {
             audit_records,
             audit_dropped,
             audit_failed,
+            audit_refusals_aggregated,
+            audit_refusals_folded,
+            audit_log_suppressed,
             jwks_fetches,
             jwks_key_changes,
             jwt_verifications,

@@ -114,11 +114,11 @@ impl Relay {
         let mut tasks = Tasks::default();
         let sink = upstream.sink;
         tasks.adopt(Phase::Background, sink.spawn_services(shutdown.clone(), fatal_tx));
-        if let Some(queue) = stage.audit_queue {
-            let (audit, client) = (stage.audit, sink.client().clone());
-            let run = audit::run(audit, queue, client, config.audit.clone(), shutdown.clone());
-            tasks.spawn(Phase::Background, run);
-        }
+        // Without a queue (`audit.enabled` off) it still writes the log lines that are due.
+        let (audit, client) = (stage.audit, sink.client().clone());
+        let queue = stage.audit_queue;
+        let run = audit::run(audit, queue, client, config.audit.clone(), shutdown.clone());
+        tasks.spawn(Phase::Background, run);
         let keys_refresh = keys_refresh(&stage.auth, &shutdown).await;
         let queues = stage.queues;
         for shard in 0..queues.shard_count() {

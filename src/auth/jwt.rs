@@ -28,7 +28,7 @@ use super::config::{algorithm, JwtConfig};
 use super::jwks::Key;
 use super::rbac::Roles;
 use super::Identity;
-use crate::error::{ErrorCode, Refusal};
+use crate::error::{excerpt, ErrorCode, Refusal};
 
 /// Longest token accepted.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -155,7 +155,7 @@ impl Validator {
         let alg = algorithm(alg).filter(|a| self.allowed.contains(a)).ok_or_else(|| {
             unauthorized(
                 "algorithm_not_allowed",
-                format!("tokens signed with {:?} are not accepted", truncate(alg)),
+                format!("tokens signed with {:?} are not accepted", excerpt(alg)),
             )
         })?;
         if fields.contains_key("crit") {
@@ -201,7 +201,7 @@ impl Validator {
                 {
                     return Err(unauthorized(
                         "bad_claim_type",
-                        format!("token claim {} has the wrong type", truncate(c)),
+                        format!("token claim {} has the wrong type", excerpt(c)),
                     ));
                 }
                 kind => return Err(refusal_of(kind)),
@@ -295,12 +295,11 @@ fn refusal_of(kind: &ErrorKind) -> Refusal {
             unauthorized("wrong_audience", "token is for another audience")
         }
         ErrorKind::MissingRequiredClaim(c) => {
-            unauthorized("missing_claim", format!("token has no {} claim", truncate(c)))
+            unauthorized("missing_claim", format!("token has no {} claim", excerpt(c)))
         }
-        ErrorKind::InvalidClaimFormat(c) => unauthorized(
-            "bad_claim_type",
-            format!("token claim {} has the wrong type", truncate(c)),
-        ),
+        ErrorKind::InvalidClaimFormat(c) => {
+            unauthorized("bad_claim_type", format!("token claim {} has the wrong type", excerpt(c)))
+        }
         ErrorKind::InvalidSignature
         | ErrorKind::InvalidEcdsaKey
         | ErrorKind::InvalidEddsaKey
@@ -315,14 +314,6 @@ fn refusal_of(kind: &ErrorKind) -> Refusal {
             unauthorized("algorithm_not_allowed", "token algorithm is not accepted")
         }
         _ => unauthorized("malformed_token", "token is not a well-formed JWT"),
-    }
-}
-
-/// A client-supplied string cut short for a message.
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

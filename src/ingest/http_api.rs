@@ -5,6 +5,7 @@
 //! Routes: `POST /v1/publish/{subject}` (body = one event's payload) and `POST /v1/publish`
 //! (many events, `application/json` or `application/x-protobuf`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -55,8 +56,14 @@ impl HttpApi {
         self.ingest.connection_opened(protocol)
     }
 
-    /// Answers one request; `peer` is the connection's client-certificate identity.
-    pub async fn handle<B>(&self, req: Request<B>, peer: Option<&Identity>) -> Response<Full<Bytes>>
+    /// Answers one request from the client at `from`; `peer` is the connection's
+    /// client-certificate identity.
+    pub async fn handle<B>(
+        &self,
+        req: Request<B>,
+        from: SocketAddr,
+        peer: Option<&Identity>,
+    ) -> Response<Full<Bytes>>
     where
         B: Body + Send,
         B::Data: Send,
@@ -71,12 +78,12 @@ impl HttpApi {
             None
         } else {
             let r = Refusal::new(ErrorCode::NotFound, "no such route; POST /v1/publish/{subject}");
-            self.ingest.refused(protocol, None, None, &r);
+            self.ingest.refused(protocol, from, None, None, &r);
             return refusal(&r);
         };
         if req.method() != Method::POST {
             let r = Refusal::new(ErrorCode::MethodNotAllowed, "use POST");
-            self.ingest.refused(protocol, None, None, &r);
+            self.ingest.refused(protocol, from, None, None, &r);
             let mut resp = refusal(&r);
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             return resp;
@@ -95,7 +102,7 @@ impl HttpApi {
                 Request::from_parts(parts, body)
             }
             Err(r) => {
-                self.ingest.refused(protocol, None, route.as_deref(), &r);
+                self.ingest.refused(protocol, from, None, route.as_deref(), &r);
                 return refusal(&r);
             }
         };
@@ -106,7 +113,7 @@ impl HttpApi {
             None => self.publish_many(req, protocol, peer, &mut identity).await,
         };
         result.unwrap_or_else(|r| {
-            self.ingest.refused(protocol, identity.as_ref(), route.as_deref(), &r);
+            self.ingest.refused(protocol, from, identity.as_ref(), route.as_deref(), &r);
             refusal(&r)
         })
     }

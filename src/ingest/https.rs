@@ -138,11 +138,11 @@ impl Server {
                 _ = stop.requested() => break,
             };
             match accepted {
-                Ok((tcp, _peer)) => {
+                Ok((tcp, from)) => {
                     let _ = tcp.set_nodelay(true);
                     let (acceptor, ctx, stop) =
                         (self.acceptor.clone(), self.ctx.clone(), stop.clone());
-                    tokio::spawn(connection(tcp, acceptor, ctx, stop, permit));
+                    tokio::spawn(connection(tcp, from, acceptor, ctx, stop, permit));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -158,6 +158,7 @@ impl Server {
 
 async fn connection(
     tcp: TcpStream,
+    from: SocketAddr,
     acceptor: TlsAcceptor,
     ctx: Arc<Ctx>,
     stop: Shutdown,
@@ -182,7 +183,7 @@ async fn connection(
             let (ctx, peer) = (ctx.clone(), peer.clone());
             let guard = InFlight::start(activity.clone());
             async move {
-                let resp = ctx.api.handle(req, peer.as_ref()).await;
+                let resp = ctx.api.handle(req, from, peer.as_ref()).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }

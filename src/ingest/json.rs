@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::EventIn;
-use crate::error::{ErrorCode, Refusal};
+use crate::error::{excerpt, ErrorCode, Refusal};
 use crate::event::{Ack, Names, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -78,8 +78,7 @@ struct Many<'a> {
 
 /// Decodes a multi-event JSON body.
 pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
-    let req: Request = serde_json::from_slice(body)
-        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))?;
+    let req: Request = serde_json::from_slice(body).map_err(|e| invalid_json(&e))?;
     req.events
         .into_iter()
         .enumerate()
@@ -111,6 +110,19 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
             })
         })
         .collect()
+}
+
+/// The refusal of a body serde_json could not read. Its messages quote the offending value
+/// (`invalid type: string "…"`), which the edge chose: only an [`excerpt`] of it is kept, and
+/// the position is said once, whatever the value's length.
+fn invalid_json(e: &serde_json::Error) -> Refusal {
+    let text = e.to_string();
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    let what = text.strip_suffix(&at).unwrap_or(&text);
+    Refusal::new(
+        ErrorCode::BadRequest,
+        format!("invalid JSON body (line {}, column {}): {}", e.line(), e.column(), excerpt(what)),
+    )
 }
 
 impl<'a> Answer<'a> {
@@ -151,6 +163,7 @@ pub fn encode_many(outcomes: &[Outcome], names: &Names) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ECHO_BYTES;
     use crate::event::Stored;
 
     #[test]
@@ -177,6 +190,30 @@ mod tests {
             let err = decode_request(body).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest);
         }
+    }
+
+    #[test]
+    fn decode_errors_quote_a_bounded_excerpt_of_the_input() {
+        let huge = "z".repeat(1 << 20);
+        for body in [
+            format!(r#"{{"events":[{{"subject":"a","data":"x","edge_time_unix_ms":"{huge}"}}]}}"#),
+            format!(r#"{{"events":[{{"subject":"a","data":"x","{huge}":1}}]}}"#),
+            format!(r#"{{"events":[{{"subject":"a","data":"x","headers":{{"k":{huge}}}}}]}}"#),
+        ] {
+            let err = decode_request(body.as_bytes()).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest);
+            let zs = err.message.matches('z').count();
+            assert!(zs <= ECHO_BYTES, "{} bytes of input echoed: {}", zs, err.message);
+            assert!(
+                err.message.starts_with("invalid JSON body (line 1, column "),
+                "{}",
+                err.message
+            );
+        }
+        let short =
+            decode_request(br#"{"events":[{"subject":"a","data":"x","n":1}]}"#).unwrap_err();
+        assert!(short.message.contains("unknown field `n`"), "{}", short.message);
+        assert!(!short.message.contains("at line"), "{}", short.message);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Request bodies are read up to the API's largest limit and refused with 413 beyond it
 //! before more is buffered; the route then applies its own limit.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -23,6 +24,7 @@ type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 /// Serves one QUIC connection that chose HTTP/3, until the client closes it or `stop`.
 pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Shutdown) {
     let peer = api.peer_identity(super::peer_certificates(&conn).as_deref());
+    let from = conn.remote_address();
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -39,7 +41,7 @@ pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Sh
                     let (api, peer) = (api.clone(), peer.clone());
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => request(req, stream, &api, peer.as_ref()).await,
+                            Ok((req, stream)) => request(req, stream, &api, from, peer.as_ref()).await,
                             Err(e) => tracing::debug!(error = %e, "HTTP/3 request headers"),
                         }
                     });
@@ -61,7 +63,13 @@ pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Sh
     while requests.join_next().await.is_some() {}
 }
 
-async fn request(req: Request<()>, mut stream: Stream, api: &HttpApi, peer: Option<&Identity>) {
+async fn request(
+    req: Request<()>,
+    mut stream: Stream,
+    api: &HttpApi,
+    from: SocketAddr,
+    peer: Option<&Identity>,
+) {
     let limit = api.max_body_bytes();
     let mut body = BytesMut::new();
     let resp = loop {
@@ -82,7 +90,8 @@ async fn request(req: Request<()>, mut stream: Stream, api: &HttpApi, peer: Opti
             }
             Ok(None) => {
                 let (parts, ()) = req.into_parts();
-                break api.handle(Request::from_parts(parts, Full::new(body.freeze())), peer).await;
+                let req = Request::from_parts(parts, Full::new(body.freeze()));
+                break api.handle(req, from, peer).await;
             }
             Err(e) => return tracing::debug!(error = %e, "HTTP/3 request body"),
         }

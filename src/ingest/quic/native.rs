@@ -11,6 +11,7 @@
 //! between it, the QUIC stream and the ingest stage. A request that decodes but is wrong (bad
 //! protobuf, no token) is answered with an error and the stream goes on.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use super::stream::{Action, StreamState};
 use crate::auth::{Credentials, Identity};
 use crate::error::{ErrorCode, Refusal};
 use crate::ingest::framing::{self, FrameDecoder};
-use crate::ingest::{events_of, proto_refusal, results_of, EventIn, Ingest};
+use crate::ingest::{events_of, invalid_request, proto_refusal, results_of, EventIn, Ingest};
 use crate::metrics::Protocol;
 use crate::proto;
 use crate::shutdown::Shutdown;
@@ -57,12 +58,14 @@ impl Native {
 pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut stop: Shutdown) {
     // A configured client certificate is every stream's identity until a token replaces it.
     let peer = native.ingest.peer_identity(super::peer_certificates(&conn).as_deref());
+    let from = conn.remote_address();
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(stream(send, recv, native.clone(), stop.clone(), peer.clone()));
+                    let native = native.clone();
+                    streams.spawn(stream(send, recv, native, from, stop.clone(), peer.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC connection ended");
@@ -82,6 +85,7 @@ async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     native: Arc<Native>,
+    from: SocketAddr,
     mut stop: Shutdown,
     mut identity: Option<Identity>,
 ) {
@@ -90,7 +94,7 @@ async fn stream(
     loop {
         match state.poll() {
             Action::Decode { id, frame } => {
-                let answer = request(frame, &mut identity, &native).await;
+                let answer = request(frame, from, &mut identity, &native).await;
                 answers.push(async move { (id, answer.await) });
             }
             Action::Write(answer) => {
@@ -99,7 +103,7 @@ async fn stream(
                 }
             }
             Action::Refuse(r) => {
-                native.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
+                native.ingest.refused(Protocol::Quic, from, identity.as_ref(), None, &r);
                 let _ = send.write_all(&framing::frame(&refused(r))).await;
             }
             Action::Stop(code) => {
@@ -130,6 +134,7 @@ async fn stream(
 /// authentication refusal also drops the stream's identity.
 async fn request(
     frame: Bytes,
+    from: SocketAddr,
     identity: &mut Option<Identity>,
     native: &Native,
 ) -> BoxFuture<'static, proto::PublishResponse> {
@@ -146,7 +151,7 @@ async fn request(
             })
         }
         Err(r) => {
-            native.ingest.refused(Protocol::Quic, identity.as_ref(), None, &r);
+            native.ingest.refused(Protocol::Quic, from, identity.as_ref(), None, &r);
             if r.code == ErrorCode::Unauthorized {
                 *identity = None;
             }
@@ -161,8 +166,7 @@ async fn admit(
     identity: &mut Option<Identity>,
     native: &Native,
 ) -> Result<(Identity, Vec<EventIn>), Refusal> {
-    let req = proto::PublishRequest::decode(frame)
-        .map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid PublishRequest: {e}")))?;
+    let req = proto::PublishRequest::decode(frame).map_err(|e| invalid_request(&e))?;
     if !req.token.is_empty() {
         *identity = None;
         let creds = Credentials { bearer: Some(&req.token), peer: None };
