@@ -31,7 +31,8 @@ pub struct Setup {
 
 impl Setup {
     /// The kit's defaults plus QUIC, small event and body limits, two shards, a 5 ms linger,
-    /// `edge.secret.>` denied to [`TOKEN`] and a second token, [`OTHER_TOKEN`].
+    /// unauthenticated refusals audited every 200 ms, `edge.secret.>` denied to [`TOKEN`] and
+    /// a second token, [`OTHER_TOKEN`].
     pub fn new(nats_url: &str) -> Self {
         edgerelay::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
@@ -46,6 +47,7 @@ impl Setup {
                 c.https.max_body_bytes = 64 << 10;
                 c.batch.shards = 2;
                 c.batch.linger_ms = 5;
+                c.audit.refusals_interval_ms = 200;
             })
             .build();
         Self { dir, certs, config }
@@ -397,6 +399,21 @@ pub async fn audit_records(nats_url: &str, min: usize) -> Vec<serde_json::Value>
         }
         if out.len() >= min || Instant::now() > deadline {
             return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `refusals` audit records (unauthenticated refusals, counted), once their counts add up
+/// to `total` or after 10 s.
+pub async fn counted_refusals(nats_url: &str, total: u64) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = audit_records(nats_url, 0).await;
+        let counted: Vec<_> = records.into_iter().filter(|r| r["kind"] == "refusals").collect();
+        let sum: u64 = counted.iter().filter_map(|r| r["count"].as_u64()).sum();
+        if sum >= total || Instant::now() > deadline {
+            return counted;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
