@@ -23,6 +23,7 @@ pub mod config;
 pub mod log_limit;
 pub mod refusals;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::IpAddr;
@@ -154,7 +155,11 @@ impl Audit {
             let key = Key { protocol, code: r.code.as_str(), reason: r.reason, source };
             return self.count_refusal(key, now);
         };
-        let identity = excerpt(&identity.name);
+        // A JWT's identity claim is the edge's text too.
+        let identity: Arc<str> = match excerpt(&identity.name) {
+            Cow::Borrowed(_) => identity.name.clone(),
+            Cow::Owned(cut) => cut.into(),
+        };
         let subject = subject.map(excerpt);
         if self.may_log(REFUSED, now) {
             tracing::info!(
@@ -172,7 +177,7 @@ impl Audit {
             at_unix_ms: unix_ms(),
             relay: self.relay.clone(),
             protocol,
-            identity: Some(identity.into()),
+            identity: Some(identity),
             subject: subject.map(|s| s.into_owned()),
             code: r.code.as_str(),
             reason: r.reason,

@@ -56,6 +56,12 @@ impl HttpApi {
         self.ingest.connection_opened(protocol)
     }
 
+    /// Counts and audits a refusal of a request that never reached [`HttpApi::handle`] (its
+    /// body was too large to read) from the client at `from`.
+    pub fn refused(&self, protocol: Protocol, from: SocketAddr, r: &Refusal) {
+        self.ingest.refused(protocol, from, None, None, r);
+    }
+
     /// Answers one request from the client at `from`; `peer` is the connection's
     /// client-certificate identity.
     pub async fn handle<B>(

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::auth::Identity;
 use crate::error::{ErrorCode, Refusal};
 use crate::ingest::http_api::{refusal, HttpApi};
+use crate::metrics::Protocol;
 use crate::shutdown::Shutdown;
 
 pub use edgerelay_proto::ALPN_H3;
@@ -76,10 +77,12 @@ async fn request(
         match stream.recv_data().await {
             Ok(Some(mut chunk)) => {
                 if body.len() + chunk.remaining() > limit {
-                    break refusal(&Refusal::new(
+                    let r = Refusal::new(
                         ErrorCode::TooLarge,
                         format!("body is larger than {limit} bytes"),
-                    ));
+                    );
+                    api.refused(Protocol::H3, from, &r);
+                    break refusal(&r);
                 }
                 while chunk.has_remaining() {
                     let part = chunk.chunk();
