@@ -436,3 +436,50 @@ fn suppressed(kind: &'static str, n: u64) {
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    #[test]
+    fn unauthenticated_refusals_are_written_once_their_window_ends() {
+        let cfg = AuditConfig { refusals_interval_ms: 60_000, ..AuditConfig::default() };
+        let metrics = Arc::new(Metrics::new());
+        let (audit, rx) = Audit::new(&cfg, "r1", metrics.clone());
+        let mut rx = rx.expect("audit.enabled");
+        let start = Instant::now();
+        let missing = Refusal::new(ErrorCode::Unauthorized, "no token").because("missing_token");
+        let from = |s: &str| Some(s.parse().unwrap());
+        for _ in 0..5 {
+            audit.refused(Protocol::Https, from("192.0.2.1"), None, None, &missing);
+        }
+        audit.refused(Protocol::Quic, from("2001:db8::9"), None, None, &missing);
+        // Not the edge's fault: counted, never audited.
+        let full = Refusal::new(ErrorCode::QueueFull, "full");
+        audit.refused(Protocol::Https, from("192.0.2.1"), None, None, &full);
+        assert!(rx.try_recv().is_err(), "nothing written before the window ends");
+        audit.tick(start + Duration::from_secs(61));
+        let mut rows = Vec::new();
+        while let Ok(record) = rx.try_recv() {
+            let Record::Refusals { protocol, reason, source, count, relay, .. } = record else {
+                panic!("{record:?}");
+            };
+            assert_eq!(&*relay, "r1");
+            rows.push((protocol, reason, source, count));
+        }
+        assert_eq!(
+            rows,
+            [
+                (Protocol::Https, "missing_token", "192.0.2.1/32".to_owned(), 5),
+                (Protocol::Quic, "missing_token", "2001:db8::/64".to_owned(), 1),
+            ]
+        );
+        assert_eq!(metrics.audit_refusals_aggregated.get(), 6);
+        // Drained at shutdown whether due or not.
+        audit.refused(Protocol::H3, None, None, None, &missing);
+        audit.drain(Instant::now());
+        let Ok(Record::Refusals { source, count: 1, .. }) = rx.try_recv() else { panic!() };
+        assert_eq!(source, "unknown");
+    }
+}
