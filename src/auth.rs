@@ -11,6 +11,9 @@
 //! - [`template`]: subject patterns with claims filled in from a token (sans-IO).
 //! - [`mtls`]: client certificates as identities.
 //! - [`rules`]: allow/deny subject patterns (sans-IO).
+//! - [`session`]: credentials a connection or stream presented once, and the identity they prove
+//!   under the current auth stage (derived again after a reload: revocation reaches open
+//!   connections).
 //! - [`static_tokens`]: bearer tokens from the config (development and tests).
 
 pub mod config;
@@ -21,13 +24,16 @@ pub mod mtls;
 pub mod rate_limit;
 pub mod rbac;
 pub mod rules;
+pub mod session;
 pub mod static_tokens;
 pub mod template;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
+pub use session::{Current, Peer, Session};
 
 use crate::error::{excerpt, ErrorCode, Refusal};
 use crate::metrics::Metrics;
@@ -71,15 +77,20 @@ impl Identity {
     }
 }
 
-/// The authentication and authorization stage.
+/// The authentication and authorization stage. Built whole from the config and swapped whole
+/// by a reload ([`Current`]); each build has its own [`Auth::generation`].
 #[derive(Debug)]
 pub struct Auth {
+    generation: u64,
     static_tokens: static_tokens::StaticTokens,
     jwt: Option<Jwt>,
     certs: Option<mtls::CertIdentities>,
     per_identity: Option<rate_limit::Limiter>,
     per_tenant: Option<rate_limit::Limiter>,
 }
+
+/// The generation of the next stage built.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// The JWT path: the validator and the provider's keys.
 #[derive(Debug)]
@@ -148,12 +159,19 @@ impl Auth {
             })
         };
         Ok(Self {
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             static_tokens: static_tokens::StaticTokens::new(&cfg.static_tokens),
             jwt,
             certs: cfg.mtls.as_ref().map(mtls::CertIdentities::new).transpose()?,
             per_identity: limiter(rl.events_per_sec, rl.burst),
             per_tenant: limiter(rl.tenant_events_per_sec, rl.tenant_burst),
         })
+    }
+
+    /// Which build this is: no two stages of a process share it, so an identity cached with it
+    /// is current exactly while the stage in effect has the same generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Takes `events` from the identity's (and its tenant's) rate limit at `now`.

@@ -16,7 +16,7 @@ pub use edgerelay_proto::framing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use crate::audit::Audit;
-use crate::auth::{Auth, Credentials, Identity};
+use crate::auth::{Auth, Credentials, Current, Identity, Peer, Session};
 use crate::batch::queue::{PushError, Queues};
 use crate::error::{ErrorCode, Refusal, Side};
 use crate::event::{Ack, Answers, Names, Outcome, Pending, Remember, Reply, Slot};
@@ -58,7 +58,7 @@ pub struct EventIn {
 #[derive(Debug)]
 pub struct Ingest {
     /// Swapped whole by a reload; each call reads the current one.
-    auth: RwLock<Arc<Auth>>,
+    auth: Current,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     queues: Arc<Queues>,
@@ -91,7 +91,7 @@ impl Ingest {
         sink: Arc<Sink>,
     ) -> Self {
         Self {
-            auth: RwLock::new(auth),
+            auth: Current::new(auth),
             audit,
             metrics,
             queues,
@@ -115,25 +115,32 @@ impl Ingest {
 
     /// The authentication stage requests use now.
     pub fn auth(&self) -> Arc<Auth> {
-        self.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.auth.load()
     }
 
     /// Requests from now on go through `auth` (a reload); requests under way finish with the
-    /// stage they started with.
+    /// stage they started with. Identities of open connections and streams are derived again
+    /// from what they presented on their next request.
     pub fn set_auth(&self, auth: Arc<Auth>) {
-        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
+        self.auth.store(auth);
     }
 
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
         self.auth().authenticate(creds).await
     }
 
-    /// The identity of a connection's verified client certificate chain, if configured.
-    pub fn peer_identity(
+    /// The identity a connection's client certificate proves under the current auth stage.
+    pub fn peer_identity(&self, peer: &mut Peer) -> Option<Identity> {
+        peer.identity(&self.auth).cloned()
+    }
+
+    /// The identity of a native stream's next request (`token`: the one it carries, if any).
+    pub async fn stream_identity(
         &self,
-        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
-    ) -> Option<Identity> {
-        self.auth().peer_identity(chain)
+        session: &mut Session,
+        token: Option<&str>,
+    ) -> Result<Identity, Refusal> {
+        session.identity(&self.auth, token).await
     }
 
     /// Checks that `identity` may publish on `subject`: well-formed (400), captured by the

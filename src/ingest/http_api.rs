@@ -17,7 +17,7 @@ use prost::Message;
 
 use super::json::{self, Answer};
 use super::{EventIn, Ingest};
-use crate::auth::{bearer_token, Credentials, Identity};
+use crate::auth::{bearer_token, Credentials, Identity, Peer};
 use crate::error::{ErrorCode, Refusal};
 use crate::metrics::Protocol;
 use crate::proto;
@@ -43,12 +43,10 @@ impl HttpApi {
         self.max_body_bytes.max(self.ingest.max_event_bytes())
     }
 
-    /// The identity of a connection's verified client certificate chain, if configured.
-    pub fn peer_identity(
-        &self,
-        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
-    ) -> Option<Identity> {
-        self.ingest.peer_identity(chain)
+    /// The identity a connection's client certificate proves now, for its next request:
+    /// derived again only when a reload changed the auth stage since the last request.
+    pub fn peer_identity(&self, peer: &mut Peer) -> Option<Identity> {
+        self.ingest.peer_identity(peer)
     }
 
     /// Counts a connection of `protocol` as open until the guard is dropped.

@@ -2,6 +2,7 @@
 //! The routes themselves are [`HttpApi`] (shared with HTTP/3); limits on connections,
 //! handshake and header time and idleness live here.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::config::HttpsConfig;
 use super::http_api::HttpApi;
+use crate::auth::Peer;
 use crate::metrics::Protocol;
 use crate::section::ms;
 use crate::shutdown::Shutdown;
@@ -171,7 +173,8 @@ async fn connection(
     };
     let _open = ctx.api.connection_opened(Protocol::Https);
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let peer = ctx.api.peer_identity(tls.get_ref().1.peer_certificates());
+    // Only this connection's task calls the service, one request at a time.
+    let peer = RefCell::new(Peer::new(tls.get_ref().1.peer_certificates()));
     let activity = Arc::new(Activity {
         start: Instant::now(),
         in_flight: AtomicUsize::new(0),
@@ -180,7 +183,8 @@ async fn connection(
     let svc = {
         let (ctx, activity) = (ctx.clone(), activity.clone());
         service_fn(move |req| {
-            let (ctx, peer) = (ctx.clone(), peer.clone());
+            let peer = ctx.api.peer_identity(&mut peer.borrow_mut());
+            let ctx = ctx.clone();
             let guard = InFlight::start(activity.clone());
             async move {
                 let resp = ctx.api.handle(req, from, peer.as_ref()).await;

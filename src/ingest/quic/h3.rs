@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::task::JoinSet;
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Peer};
 use crate::error::{ErrorCode, Refusal};
 use crate::ingest::http_api::{refusal, HttpApi};
 use crate::metrics::Protocol;
@@ -24,7 +24,7 @@ type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Serves one QUIC connection that chose HTTP/3, until the client closes it or `stop`.
 pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Shutdown) {
-    let peer = api.peer_identity(super::peer_certificates(&conn).as_deref());
+    let mut peer = Peer::new(super::peer_certificates(&conn).as_deref());
     let from = conn.remote_address();
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
@@ -39,7 +39,7 @@ pub async fn connection(conn: quinn::Connection, api: Arc<HttpApi>, mut stop: Sh
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    let (api, peer) = (api.clone(), peer.clone());
+                    let (api, peer) = (api.clone(), api.peer_identity(&mut peer));
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
                             Ok((req, stream)) => request(req, stream, &api, from, peer.as_ref()).await,

@@ -22,8 +22,8 @@ use quinn::VarInt;
 use tokio::task::JoinSet;
 
 use super::stream::{Action, StreamState};
-use crate::auth::{Credentials, Identity};
-use crate::error::{ErrorCode, Refusal};
+use crate::auth::{Identity, Peer, Session};
+use crate::error::Refusal;
 use crate::ingest::framing::{self, FrameDecoder};
 use crate::ingest::{events_of, invalid_request, proto_refusal, results_of, EventIn, Ingest};
 use crate::metrics::Protocol;
@@ -56,16 +56,16 @@ impl Native {
 /// the connection or `stop`; then lets the streams finish and closes it with
 /// [`CONNECTION_SHUTTING_DOWN`].
 pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut stop: Shutdown) {
-    // A configured client certificate is every stream's identity until a token replaces it.
-    let peer = native.ingest.peer_identity(super::peer_certificates(&conn).as_deref());
+    // A client certificate is every stream's credential until a token replaces it.
+    let peer = Peer::new(super::peer_certificates(&conn).as_deref());
     let from = conn.remote_address();
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    let native = native.clone();
-                    streams.spawn(stream(send, recv, native, from, stop.clone(), peer.clone()));
+                    let session = Session::new(peer.clone());
+                    streams.spawn(stream(send, recv, native.clone(), from, stop.clone(), session));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC connection ended");
@@ -87,14 +87,14 @@ async fn stream(
     native: Arc<Native>,
     from: SocketAddr,
     mut stop: Shutdown,
-    mut identity: Option<Identity>,
+    mut session: Session,
 ) {
     let mut state = StreamState::new(native.decoder, native.max_in_flight, stop.is_shutdown());
     let mut answers = FuturesUnordered::new();
     loop {
         match state.poll() {
             Action::Decode { id, frame } => {
-                let answer = request(frame, from, &mut identity, &native).await;
+                let answer = request(frame, from, &mut session, &native).await;
                 answers.push(async move { (id, answer.await) });
             }
             Action::Write(answer) => {
@@ -103,7 +103,7 @@ async fn stream(
                 }
             }
             Action::Refuse(r) => {
-                native.ingest.refused(Protocol::Quic, from, identity.as_ref(), None, &r);
+                native.ingest.refused(Protocol::Quic, from, session.last(), None, &r);
                 let _ = send.write_all(&framing::frame(&refused(r))).await;
             }
             Action::Stop(code) => {
@@ -129,17 +129,18 @@ async fn stream(
     }
 }
 
-/// One request frame: authenticate (a token on the frame replaces the stream's identity),
-/// decode, and return the future of its answer. A refused request is counted and audited; an
-/// authentication refusal also drops the stream's identity.
+/// One request frame: decode, authenticate (a token on the frame replaces the stream's
+/// credentials; without one, what the stream presented is checked against the current auth
+/// stage), and return the future of its answer. A refused request is counted and audited; an
+/// authentication refusal also drops the stream's credentials.
 async fn request(
     frame: Bytes,
     from: SocketAddr,
-    identity: &mut Option<Identity>,
+    session: &mut Session,
     native: &Native,
 ) -> BoxFuture<'static, proto::PublishResponse> {
     native.ingest.received(Protocol::Quic, frame.len());
-    match admit(frame, identity, native).await {
+    match admit(frame, session, native).await {
         Ok((id, events)) => {
             let ingest = native.ingest.clone();
             Box::pin(async move {
@@ -151,10 +152,7 @@ async fn request(
             })
         }
         Err(r) => {
-            native.ingest.refused(Protocol::Quic, from, identity.as_ref(), None, &r);
-            if r.code == ErrorCode::Unauthorized {
-                *identity = None;
-            }
+            native.ingest.refused(Protocol::Quic, from, session.last(), None, &r);
             Box::pin(std::future::ready(refused(r)))
         }
     }
@@ -163,23 +161,12 @@ async fn request(
 /// Decodes a request frame and finds who sent it.
 async fn admit(
     frame: Bytes,
-    identity: &mut Option<Identity>,
+    session: &mut Session,
     native: &Native,
 ) -> Result<(Identity, Vec<EventIn>), Refusal> {
     let req = proto::PublishRequest::decode(frame).map_err(|e| invalid_request(&e))?;
-    if !req.token.is_empty() {
-        *identity = None;
-        let creds = Credentials { bearer: Some(&req.token), peer: None };
-        *identity = Some(native.ingest.authenticate(creds).await?);
-    }
-    let id = identity.clone().ok_or_else(|| {
-        Refusal::new(
-            ErrorCode::Unauthorized,
-            "missing credentials: the first request of a stream must carry a token",
-        )
-        .because("missing_token")
-    })?;
-    id.check_current()?;
+    let token = (!req.token.is_empty()).then_some(req.token.as_str());
+    let id = native.ingest.stream_identity(session, token).await?;
     let events = events_of(req);
     native.ingest.check_request(&events)?;
     Ok((id, events))
