@@ -23,6 +23,7 @@ mod package;
 mod publish;
 mod quic;
 mod reload;
+mod revocation;
 mod spool;
 mod spooled;
 mod systemd;

@@ -13,7 +13,7 @@ use rcgen::{
 use crate::support::*;
 
 /// A CA and a client certificate for `dns_name` signed by it: (ca, cert, key) PEM.
-fn client_pki(dns_name: &str) -> (String, String, String) {
+pub(crate) fn client_pki(dns_name: &str) -> (String, String, String) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -29,6 +29,13 @@ fn client_pki(dns_name: &str) -> (String, String, String) {
 
 /// An HTTP/2 client trusting the relay's certificates `server` and presenting `cert`/`key`.
 fn h2_with_cert(server: &DevCerts, cert: &str, key: &str) -> reqwest::Client {
+    let tls = client_tls(server, cert, key);
+    reqwest::Client::builder().use_preconfigured_tls(tls).http2_prior_knowledge().build().unwrap()
+}
+
+/// A TLS client config (ALPN h2) trusting the relay's certificates `server` and presenting
+/// `cert`/`key`.
+pub(crate) fn client_tls(server: &DevCerts, cert: &str, key: &str) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let server_side = tls_client_config(server, b"h2");
@@ -43,10 +50,11 @@ fn h2_with_cert(server: &DevCerts, cert: &str, key: &str) -> reqwest::Client {
         .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
         .unwrap();
     tls.alpn_protocols = server_side.alpn_protocols;
-    reqwest::Client::builder().use_preconfigured_tls(tls).http2_prior_knowledge().build().unwrap()
+    tls
 }
 
-fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> ClientConfig {
+/// Where and how a QUIC or HTTP/3 client reaches `relay`, presenting `cert`/`key`, no token.
+pub(crate) fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> ClientConfig {
     ClientConfig {
         client_cert: Some((cert.to_owned(), key.to_owned())),
         ..setup.client_config(relay, "")
@@ -55,7 +63,7 @@ fn quic_config(setup: &Setup, relay: &TestRelay, cert: &str, key: &str) -> Clien
 
 /// A relay taking certificates of a fresh collectors CA for `collector-fra1.edge.test` (on
 /// `edge.collector.>`), and a client certificate of that CA for `cert_name`: (cert, key).
-fn collector_setup(nats: &NatsServer, cert_name: &str) -> (Setup, String, String) {
+pub(crate) fn collector_setup(nats: &NatsServer, cert_name: &str) -> (Setup, String, String) {
     let mut setup = Setup::new(&nats.url());
     let (ca, cert, key) = client_pki(cert_name);
     let ca_file = setup.dir.path().join("collectors-ca.pem");
