@@ -173,11 +173,6 @@ pub fn relay_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `text` as a TOML basic string (JSON's escapes are valid TOML).
-pub fn toml_string(text: &str) -> String {
-    serde_json::Value::String(text.to_owned()).to_string()
-}
-
 /// `GET path` on a relay's admin listener: status and body.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Bytes)> {
     let request = async {

@@ -29,12 +29,18 @@ impl RelayConfigBuilder {
     /// stream (`EDGE` on `edge.>`), and one static token, [`TOKEN`] (`edge-test`, `edge.>`).
     /// Certificates are still to be named ([`RelayConfigBuilder::certs_in`]).
     pub fn new(nats_url: &str) -> Self {
+        Self::for_nats(vec![nats_url.to_owned()])
+    }
+
+    /// [`RelayConfigBuilder::new`] with NATS at `nats_urls`: several servers of one cluster,
+    /// or none for a test that names `[[nats.clusters]]` itself.
+    pub fn for_nats(nats_urls: Vec<String>) -> Self {
         let mut config = Config::default();
         config.relay.id = "test-relay".into();
         config.relay.shutdown_grace_ms = 5_000;
         config.https.listen = local(0);
         config.admin.listen = local(0);
-        config.nats.urls = vec![nats_url.to_owned()];
+        config.nats.urls = nats_urls;
         config.nats.connect_timeout_ms = 2_000;
         config.auth.static_tokens = vec![static_token("edge-test", TOKEN, &["edge.>"], &[])];
         Self { config }

@@ -12,8 +12,8 @@
 //! 2. Write `async fn name(cx: &Cx) -> anyhow::Result<Outcome>` in `chaos/scenarios.rs` (or
 //!    its own `chaos/<name>.rs`) and call it from [`Scenario::run`]'s match. It builds its
 //!    topology with the [`lab::Lab`] from [`Cx::lab`] (`lab.nats(..)`, `lab.cluster(..)`,
-//!    `lab.relay(&spec)` with a [`lab::RelaySpec`] whose `nats_toml` / `extra_toml` /
-//!    `relay_lines` carry new config such as clusters or a spool; `wan::spawn` for a proxy
+//!    `lab.relay(name, &config)` with the typed relay config of [`lab::Lab::relay_config`],
+//!    changed where the scenario needs clusters, a spool and so on; `wan::spawn` for a proxy
 //!    whose `set_blackhole` / `set_extra_delay` make a path dark or slow), starts the load
 //!    with [`Cx::load`], records what it does on a [`verify::Timeline`] (faults, recovery
 //!    marks, relay restarts, all-down intervals), and returns [`Cx::outcome`] with its own

@@ -18,11 +18,13 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
-use edgerelay_testkit::{free_port, local, NatsOptions};
+use edgerelay::config::Config;
+use edgerelay_testkit::relay_config::write_toml;
+use edgerelay_testkit::{dev_certs, NatsOptions, RelayConfigBuilder};
 pub use edgerelay_testkit::{NatsCluster, NatsServer};
 
 use crate::procs::{
-    admin_get, signal, spawn_logged, toml_string, Memory, READY_POLL, READY_TIMEOUT, REAP_TIMEOUT,
+    admin_get, signal, spawn_logged, Memory, READY_POLL, READY_TIMEOUT, REAP_TIMEOUT,
 };
 
 /// How often the relay's memory is sampled.
@@ -41,32 +43,6 @@ pub struct Lab {
     /// The CA of the relays' certificate.
     pub ca: PathBuf,
     certs: PathBuf,
-}
-
-/// How a relay is configured. The `[nats]` table is `nats_toml` when given, else built from
-/// `nats_urls` and the timeouts; `extra_toml` is appended (more tables: a spool, clusters).
-#[derive(Clone, Debug)]
-pub struct RelaySpec {
-    pub name: String,
-    pub nats_urls: Vec<String>,
-    /// Replaces the generated body of `[nats]` (e.g. `[[nats.clusters]]` go in `extra_toml`
-    /// and this holds what is left).
-    pub nats_toml: Option<String>,
-    pub stream: String,
-    pub subjects: String,
-    pub replicas: usize,
-    /// Create the stream if missing (else it must exist as configured).
-    pub create_stream: bool,
-    pub ack_timeout_ms: u64,
-    pub publish_deadline_ms: u64,
-    pub connect_timeout_ms: u64,
-    pub shutdown_grace_ms: u64,
-    /// Lines added to `[relay]` (e.g. `ack_mode = "spooled"`).
-    pub relay_lines: Vec<String>,
-    /// Lines added to the generated `[nats]` (e.g. `max_inflight_batches = 4`).
-    pub nats_lines: Vec<String>,
-    /// Appended tables.
-    pub extra_toml: String,
 }
 
 /// A relay process, restartable with the same config (and so the same ports).
@@ -109,12 +85,7 @@ impl Lab {
         // Under the log directory, so every child's command line names the run's directory.
         let dir = tempfile::Builder::new().prefix("lab-").tempdir_in(&logs)?;
         let certs = dir.path().join("certs");
-        edgerelay_ops::dev_certs::generate_dev_certs(&[
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-        ])
-        .and_then(|c| c.write(&certs))
-        .context("generating the relay's certificates")?;
+        dev_certs(&certs).context("generating the relay's certificates")?;
         Ok(Lab {
             ca: certs.join("ca.pem"),
             certs,
@@ -154,102 +125,49 @@ impl Lab {
         }
     }
 
-    /// A relay spec with the lab's defaults: stream `CHAOS` on `chaos.>`, R1, created.
-    pub fn relay_spec(&self, name: &str, nats_urls: Vec<String>) -> RelaySpec {
-        RelaySpec {
-            name: name.to_owned(),
-            nats_urls,
-            nats_toml: None,
-            stream: "CHAOS".into(),
-            subjects: "chaos.>".into(),
-            replicas: 1,
-            create_stream: true,
-            ack_timeout_ms: 500,
-            publish_deadline_ms: 2_000,
-            connect_timeout_ms: 500,
-            shutdown_grace_ms: 10_000,
-            relay_lines: Vec::new(),
-            nats_lines: Vec::new(),
-            extra_toml: String::new(),
-        }
+    /// A relay config with the lab's defaults: id `chaos-NAME` (also its NATS client name),
+    /// HTTPS and admin on free ports with the lab's certificate, NATS at `nats_urls` with short
+    /// timeouts (connect and ack 500 ms, publish deadline 2 s), stream `CHAOS` on `chaos.>`
+    /// (R1, created), 200 000 idempotency keys, no audit, and the lab's token on `chaos.>`.
+    /// A scenario changes what it needs on the returned config.
+    pub fn relay_config(&self, name: &str, nats_urls: Vec<String>) -> Config {
+        let id = format!("chaos-{name}");
+        RelayConfigBuilder::for_nats(nats_urls)
+            .id(&id)
+            .certs_in(&self.certs)
+            .free_ports()
+            .stream("CHAOS", &["chaos.>"])
+            .no_tokens()
+            .token("chaos", &self.token, &["chaos.>"], &[])
+            .with(|c| {
+                c.relay.shutdown_grace_ms = 10_000;
+                c.nats.client_name = id;
+                c.nats.connect_timeout_ms = 500;
+                c.nats.ack_timeout_ms = 500;
+                c.nats.publish_deadline_ms = 2_000;
+                c.idempotency.max_keys = 200_000;
+                c.audit.enabled = false;
+            })
+            .build()
     }
 
-    /// Writes the relay's config, starts it and waits for `/readyz`.
-    pub async fn relay(&self, spec: &RelaySpec) -> anyhow::Result<Relay> {
-        let https = local(free_port());
-        let admin = local(free_port());
-        let config = self.dir.path().join(format!("relay-{}.toml", spec.name));
-        edgerelay_ops::private_file::write(&config, self.relay_config(spec, https, admin))
-            .with_context(|| format!("writing {}", config.display()))?;
+    /// Writes `config` (from [`Lab::relay_config`]) as `relay-NAME.toml`, starts the relay
+    /// on it (logging to `relay-NAME.log`) and waits for `/readyz`.
+    pub async fn relay(&self, name: &str, config: &Config) -> anyhow::Result<Relay> {
+        let path = self.dir.path().join(format!("relay-{name}.toml"));
+        write_toml(config, &path)?;
         let mut relay = Relay {
-            name: spec.name.clone(),
-            https,
-            admin,
-            config,
+            name: name.to_owned(),
+            https: config.https.listen,
+            admin: config.admin.listen,
+            config: path,
             bin: self.relay_bin.clone(),
-            log: self.logs.join(format!("relay-{}.log", spec.name)),
+            log: self.logs.join(format!("relay-{name}.log")),
             child: None,
             pid: Arc::new(AtomicU32::new(0)),
         };
         relay.start().await?;
         Ok(relay)
-    }
-
-    fn relay_config(&self, spec: &RelaySpec, https: SocketAddr, admin: SocketAddr) -> String {
-        let path = |name: &str| toml_string(&self.certs.join(name).to_string_lossy());
-        let nats = match &spec.nats_toml {
-            Some(body) => body.clone(),
-            None => format!(
-                "urls = [{}]\nconnect_timeout_ms = {}\nack_timeout_ms = {}\npublish_deadline_ms = {}\n{}",
-                spec.nats_urls.iter().map(|u| toml_string(u)).collect::<Vec<_>>().join(", "),
-                spec.connect_timeout_ms,
-                spec.ack_timeout_ms,
-                spec.publish_deadline_ms,
-                spec.nats_lines.join("\n"),
-            ),
-        };
-        format!(
-            r#"# Generated by `loadtest chaos`.
-[relay]
-id = {id}
-shutdown_grace_ms = {grace}
-{relay_lines}
-[https]
-listen = "{https}"
-tls_cert = {cert}
-tls_key = {key}
-[admin]
-listen = "{admin}"
-[nats]
-client_name = {id}
-{nats}
-[stream]
-name = {stream}
-subjects = [{subjects}]
-replicas = {replicas}
-create = {create}
-[idempotency]
-max_keys = 200000
-[audit]
-enabled = false
-[[auth.static_tokens]]
-name = "chaos"
-token = {token}
-allow = ["chaos.>"]
-{extra}
-"#,
-            id = toml_string(&format!("chaos-{}", spec.name)),
-            grace = spec.shutdown_grace_ms,
-            relay_lines = spec.relay_lines.join("\n"),
-            cert = path("cert.pem"),
-            key = path("key.pem"),
-            stream = toml_string(&spec.stream),
-            subjects = toml_string(&spec.subjects),
-            replicas = spec.replicas,
-            create = spec.create_stream,
-            token = toml_string(&self.token),
-            extra = spec.extra_toml,
-        )
     }
 }
 
@@ -418,12 +336,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_generated_config_is_valid_for_the_relay() {
+    fn the_relay_config_is_valid_and_reads_back_as_built() {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        edgerelay_ops::dev_certs::generate_dev_certs(&["localhost".to_owned()])
-            .and_then(|c| c.write(&certs))
-            .unwrap();
+        dev_certs(&certs).unwrap();
         let lab = Lab {
             dir,
             logs: PathBuf::from("/tmp"),
@@ -433,20 +349,28 @@ mod tests {
             ca: certs.join("ca.pem"),
             certs,
         };
-        let mut spec = lab.relay_spec("r1", vec!["nats://127.0.0.1:4222".into()]);
-        spec.replicas = 3;
-        spec.create_stream = false;
-        spec.relay_lines.push("max_subject_bytes = 128".into());
-        spec.nats_lines.push("max_inflight_batches = 4".into());
-        spec.extra_toml = "[batch]\nmax_events = 1\n".into();
-        let text = lab.relay_config(&spec, local(8443), local(9090));
-        let config = edgerelay::config::Config::parse(&text).unwrap();
-        assert_eq!(config.relay.id, "chaos-r1");
-        assert_eq!(config.relay.max_subject_bytes, 128);
-        assert_eq!((config.stream.replicas, config.stream.create), (3, false));
-        assert_eq!(config.nats.publish_deadline_ms, 2_000);
-        assert_eq!((config.nats.max_inflight_batches, config.batch.max_events), (4, 1));
-        assert_eq!(config.auth.static_tokens[0].token, "chaos-tok\"en-0123456789");
+        let mut config = lab.relay_config("r1", vec!["nats://127.0.0.1:4222".into()]);
+        config.relay.max_subject_bytes = 128;
+        config.stream.replicas = 3;
+        config.stream.create = false;
+        config.nats.max_inflight_batches = 4;
+        config.batch.max_events = 1;
         config.validate().unwrap();
+        let path = lab.dir.path().join("relay.toml");
+        write_toml(&config, &path).unwrap();
+        let read = Config::load(&path).unwrap();
+        assert_eq!(read, config);
+        assert_eq!(
+            (read.relay.id.as_str(), read.nats.client_name.as_str()),
+            ("chaos-r1", "chaos-r1")
+        );
+        assert_eq!(read.relay.max_subject_bytes, 128);
+        assert_eq!((read.stream.replicas, read.stream.create), (3, false));
+        assert_eq!(read.nats.publish_deadline_ms, 2_000);
+        assert_eq!((read.nats.max_inflight_batches, read.batch.max_events), (4, 1));
+        assert_eq!(read.auth.static_tokens.len(), 1);
+        assert_eq!(read.auth.static_tokens[0].token, "chaos-tok\"en-0123456789");
+        assert_ne!(read.https.listen.port(), 0);
+        assert!(!read.audit.enabled);
     }
 }

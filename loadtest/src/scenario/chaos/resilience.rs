@@ -2,15 +2,19 @@
 //! the disk spool (all clusters down, the relay killed with a spool, a corrupted spool).
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use edgerelay::config::Config;
+use edgerelay::ingest::config::AckMode;
 use edgerelay::proto;
+use edgerelay::sink::config::{ClusterConfig, FailoverConfig};
 use edgerelay::spool::segment::{Decoder, Item, HEADER_BYTES};
 use prost::Message as _;
 
-use super::lab::{Lab, Relay, RelaySpec};
+use super::lab::{Lab, Relay};
 use super::scenarios::{nats_proxy, read_back, secs};
 use super::verify::{read_streams, MarkKind, Timeline};
 use super::{Cx, Outcome};
@@ -60,18 +64,21 @@ pub async fn failover(cx: &Cx) -> anyhow::Result<Outcome> {
     let near_path = nats_proxy(&near, secs(0.005), cx.seed()).await?;
     let far_path = nats_proxy(&far, secs(0.030), cx.seed()).await?;
     let failback_after = cx.scaled(secs(4.0));
-    let mut spec = lab.relay_spec("relay", Vec::new());
-    spec.nats_toml = Some(format!(
-        "connect_timeout_ms = 500\nack_timeout_ms = 500\npublish_deadline_ms = 4000\n\
-         [[nats.clusters]]\nname = \"near\"\nregion = \"here\"\nurls = [\"nats://{}\"]\n\
-         [[nats.clusters]]\nname = \"far\"\nregion = \"next\"\nurls = [\"nats://{}\"]\n\
-         [nats.failover]\nprobe_interval_ms = 250\nprobe_timeout_ms = 500\n\
-         unhealthy_after_failures = 2\nfailback_after_ms = {}\nfailback_margin_ms = 5\n",
-        near_path.local_addr(),
-        far_path.local_addr(),
-        failback_after.as_millis(),
-    ));
-    let relay = lab.relay(&spec).await?;
+    // No `nats.urls`: the clusters name theirs.
+    let mut config = lab.relay_config("relay", Vec::new());
+    config.nats.publish_deadline_ms = 4_000;
+    config.nats.clusters = vec![
+        cluster("near", "here", near_path.local_addr()),
+        cluster("far", "next", far_path.local_addr()),
+    ];
+    config.nats.failover = FailoverConfig {
+        probe_interval_ms: 250,
+        probe_timeout_ms: 500,
+        unhealthy_after_failures: 2,
+        failback_after_ms: u64::try_from(failback_after.as_millis())?,
+        failback_margin_ms: 5,
+    };
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let dark_for = cx.scaled(secs(5.0));
     let duration = secs(3.0) + dark_for + failback_after + secs(4.0);
@@ -129,20 +136,31 @@ pub async fn failover(cx: &Cx) -> anyhow::Result<Outcome> {
     Ok(o)
 }
 
+/// One of `[[nats.clusters]]`: `name` in `region`, at `addr`.
+fn cluster(name: &str, region: &str, addr: SocketAddr) -> ClusterConfig {
+    ClusterConfig {
+        name: name.into(),
+        region: region.into(),
+        urls: vec![format!("nats://{addr}")],
+        ..ClusterConfig::default()
+    }
+}
+
 fn ms(d: Option<Duration>) -> f64 {
     d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
 }
 
 /// A relay in ack mode `spooled` with its spool under the lab's directory.
-fn spooled_spec(lab: &Lab, nats_url: String, segment_bytes: u64) -> (RelaySpec, PathBuf) {
+fn spooled_config(lab: &Lab, nats_url: String, segment_bytes: u64) -> (Config, PathBuf) {
     let dir = lab.dir.path().join("spool");
-    let mut spec = lab.relay_spec("relay", vec![nats_url]);
-    spec.relay_lines.push("ack_mode = \"spooled\"".into());
-    spec.extra_toml = format!(
-        "[batch]\nmax_bytes = 67584\n[spool]\nenabled = true\ndir = {:?}\nsegment_bytes = {segment_bytes}\nmax_bytes = 268435456\n",
-        dir.display().to_string()
-    );
-    (spec, dir)
+    let mut config = lab.relay_config("relay", vec![nats_url]);
+    config.relay.ack_mode = AckMode::Spooled;
+    config.batch.max_bytes = 67_584;
+    config.spool.enabled = true;
+    config.spool.dir.clone_from(&dir);
+    config.spool.segment_bytes = segment_bytes;
+    config.spool.max_bytes = 256 << 20;
+    (config, dir)
 }
 
 /// Waits until the relay's spool is empty (everything replayed); how long that took.
@@ -158,8 +176,8 @@ async fn spool_drained(relay: &Relay, within: Duration) -> Option<Duration> {
 pub async fn spool_outage(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut nats = lab.nats("nats").await?;
-    let (spec, _) = spooled_spec(&lab, nats.url(), 1 << 20);
-    let relay = lab.relay(&spec).await?;
+    let (config, _) = spooled_config(&lab, nats.url(), 1 << 20);
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let down_for = cx.scaled(secs(4.0));
     let duration = secs(3.0) + down_for + secs(5.0);
@@ -206,8 +224,8 @@ pub async fn spool_outage(cx: &Cx) -> anyhow::Result<Outcome> {
 pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut nats = lab.nats("nats").await?;
-    let (spec, _) = spooled_spec(&lab, nats.url(), 1 << 20);
-    let mut relay = lab.relay(&spec).await?;
+    let (config, _) = spooled_config(&lab, nats.url(), 1 << 20);
+    let mut relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let duration = secs(12.0);
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;
@@ -261,9 +279,9 @@ pub async fn spool_corrupt(cx: &Cx) -> anyhow::Result<Outcome> {
     let mut nats = lab.nats("nats").await?;
     nats.stop();
     // Segments just above the smallest allowed (batch.max_bytes + 4 KiB): several of them.
-    let (mut spec, dir) = spooled_spec(&lab, nats.url(), 72 << 10);
-    spec.connect_timeout_ms = 200;
-    let mut relay = lab.relay(&spec).await?;
+    let (mut config, dir) = spooled_config(&lab, nats.url(), 72 << 10);
+    config.nats.connect_timeout_ms = 200;
+    let mut relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let duration = cx.scaled(secs(4.0));
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;

@@ -35,7 +35,7 @@ pub(super) fn secs(s: f64) -> Duration {
 pub async fn nats_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut nats = lab.nats("nats").await?;
-    let relay = lab.relay(&lab.relay_spec("relay", vec![nats.url()])).await?;
+    let relay = lab.relay("relay", &lab.relay_config("relay", vec![nats.url()])).await?;
     let rss = relay.sample_memory();
     let duration = cx.scaled(secs(12.0));
     let plan = kill_plan(cx.long(), cx.seed(), duration);
@@ -92,10 +92,10 @@ fn kill_plan(long: bool, seed: u64, duration: Duration) -> Vec<(Duration, Durati
 pub async fn cluster_leader(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let mut cluster = lab.cluster("c").await?;
-    let mut spec = lab.relay_spec("relay", cluster.urls());
-    spec.replicas = 3;
-    spec.publish_deadline_ms = 4_000;
-    let relay = lab.relay(&spec).await?;
+    let mut config = lab.relay_config("relay", cluster.urls());
+    config.stream.replicas = 3;
+    config.nats.publish_deadline_ms = 4_000;
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let rounds = cx.factor();
     let duration = secs(4.0) + secs(12.0) * rounds;
@@ -143,9 +143,9 @@ pub async fn drain(cx: &Cx) -> anyhow::Result<Outcome> {
     // 100 ms to NATS and back: at 200 events/s some 20 requests wait for their PubAck at any
     // moment, so SIGTERM always finds requests in flight.
     let proxy = nats_proxy(&nats, secs(0.1), cx.seed()).await?;
-    let spec = lab.relay_spec("relay", vec![format!("nats://{}", proxy.local_addr())]);
-    let grace = Duration::from_millis(spec.shutdown_grace_ms);
-    let mut relay = lab.relay(&spec).await?;
+    let config = lab.relay_config("relay", vec![format!("nats://{}", proxy.local_addr())]);
+    let grace = Duration::from_millis(config.relay.shutdown_grace_ms);
+    let mut relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let rounds = cx.factor();
     let duration = secs(4.0) + secs(8.0) * rounds;
@@ -226,10 +226,10 @@ pub async fn slow_nats(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let nats = lab.nats("nats").await?;
     let proxy = nats_proxy(&nats, Duration::ZERO, cx.seed()).await?;
-    let mut spec = lab.relay_spec("relay", vec![format!("nats://{}", proxy.local_addr())]);
-    spec.publish_deadline_ms = 1_500;
-    let deadline = Duration::from_millis(spec.publish_deadline_ms);
-    let relay = lab.relay(&spec).await?;
+    let mut config = lab.relay_config("relay", vec![format!("nats://{}", proxy.local_addr())]);
+    config.nats.publish_deadline_ms = 1_500;
+    let deadline = Duration::from_millis(config.nats.publish_deadline_ms);
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let (slow_for, dark_for) = (cx.scaled(secs(5.0)), cx.scaled(secs(4.0)));
     // slow at 3 s, restored, dark 3 s later (after the slow path's queued bytes drained).
@@ -329,16 +329,16 @@ pub async fn stream_full(cx: &Cx) -> anyhow::Result<Outcome> {
         },
     )
     .await?;
-    let mut spec = lab.relay_spec("relay", vec![nats.url()]);
-    spec.stream = stream.into();
-    spec.subjects = "chaos.stream_full.>".into();
-    spec.create_stream = false;
+    let mut config = lab.relay_config("relay", vec![nats.url()]);
+    config.stream.name = stream.into();
+    config.stream.subjects = vec!["chaos.stream_full.>".into()];
+    config.stream.create = false;
     // Every refusal here waits out the deadline (see the notes): keep it short and the
     // concurrency high, so the run stays short too.
-    spec.publish_deadline_ms = 1_000;
-    spec.ack_timeout_ms = 300;
-    let deadline = Duration::from_millis(spec.publish_deadline_ms);
-    let relay = lab.relay(&spec).await?;
+    config.nats.publish_deadline_ms = 1_000;
+    config.nats.ack_timeout_ms = 300;
+    let deadline = Duration::from_millis(config.nats.publish_deadline_ms);
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let mut load_spec = cx.load_spec(cx.rate(), cx.scaled(secs(8.0)));
     load_spec.retry.max_attempts = 2;
@@ -402,11 +402,13 @@ pub async fn overload(cx: &Cx) -> anyhow::Result<Outcome> {
     let lab = cx.lab()?;
     let nats = lab.nats("nats").await?;
     let proxy = nats_proxy(&nats, secs(0.01), cx.seed()).await?;
-    let mut spec = lab.relay_spec("relay", vec![format!("nats://{}", proxy.local_addr())]);
-    spec.nats_lines.push("max_inflight_batches = 4".into());
-    spec.extra_toml = "[batch]\nmax_events = 1\nshards = 2\nqueue_capacity = 128\n".into();
-    let deadline = Duration::from_millis(spec.publish_deadline_ms);
-    let relay = lab.relay(&spec).await?;
+    let mut config = lab.relay_config("relay", vec![format!("nats://{}", proxy.local_addr())]);
+    config.nats.max_inflight_batches = 4;
+    config.batch.max_events = 1;
+    config.batch.shards = 2;
+    config.batch.queue_capacity = 128;
+    let deadline = Duration::from_millis(config.nats.publish_deadline_ms);
+    let relay = lab.relay("relay", &config).await?;
     let rss = relay.sample_memory();
     let target = relay.target(&lab);
     let max = match cx.max_rate() {
