@@ -1,5 +1,5 @@
-//! The processes a benchmark measures, all on 127.0.0.1: one nats-server with JetStream (a
-//! fresh store under the output directory), relays whose config is a typed
+//! The processes a benchmark measures, all on 127.0.0.1: one nats-server with JetStream (the
+//! test kit's, a fresh store under the output directory), relays whose config is a typed
 //! [`edgerelay::config::Config`] written out as TOML, and the development IdP. Children are
 //! killed and the JetStream store (every event sent: gigabytes after a long run) deleted
 //! however the benchmark ends.
@@ -11,13 +11,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context as _};
 use edgerelay::auth::config::StaticToken;
 use edgerelay::config::Config;
-use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::rounds::Launch;
 use super::Binaries;
-use edgerelay_testkit::{free_port, local};
+use edgerelay_testkit::{free_port, local, NatsOptions, NatsServer};
 
 use crate::procs::{admin_get, relay_bin, wait_ready, Children};
 
@@ -30,9 +29,13 @@ pub struct Stack {
     stop: watch::Receiver<bool>,
     /// The static token every relay takes (may publish on `edge.>`).
     pub token: String,
-    pub nats_port: u16,
+    nats: NatsServer,
+    /// nats-server's process id, whose CPU time a run reads.
     pub nats_pid: u32,
 }
+
+/// nats-server's name, and so its store's (`out/nats-store`).
+const NATS: &str = "nats";
 
 /// A relay the stack started.
 #[derive(Clone, Copy, Debug)]
@@ -45,7 +48,7 @@ pub struct Relay {
 
 impl Stack {
     /// Empties `out`, writes the development certificates to `out/certs` and starts
-    /// nats-server (`out/nats`, logging to `out/nats.log`).
+    /// nats-server (its store in `out/nats-store`, logging to `out/nats.log`).
     pub async fn start(
         bins: &Binaries,
         out: &Path,
@@ -60,8 +63,7 @@ impl Stack {
         if out.exists() {
             std::fs::remove_dir_all(out).with_context(|| format!("emptying {}", out.display()))?;
         }
-        std::fs::create_dir_all(out.join("nats"))
-            .with_context(|| format!("creating {}", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         edgerelay_ops::dev_certs::generate_dev_certs(&[
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -69,37 +71,29 @@ impl Stack {
         .and_then(|c| c.write(&out.join("certs")))
         .context("writing the development certificates")?;
 
-        let mut children = Children::default();
-        let nats_port = free_port();
-        children.spawn(
-            "nats-server",
-            Command::new(&bins.nats_server_bin)
-                .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
-                .arg(out.join("nats")),
-            &out.join("nats.log"),
-        )?;
-        let nats_pid = children.pid("nats-server").context("nats-server has no pid")?;
-        let mut stack = Self {
+        let mut nats = NatsServer::launch(NatsOptions {
+            name: NATS.into(),
+            log: Some(out.join("nats.log")),
+            dir: Some(out.to_owned()),
+            bin: Some(bins.nats_server_bin.clone()),
+            ..NatsOptions::default()
+        })?;
+        let nats_pid = nats.pid().context("nats-server has no pid")?;
+        nats.ready().await?;
+        Ok(Self {
             out: out.to_owned(),
-            children,
+            children: Children::default(),
             relay_bin,
             stop: stop.clone(),
             token: token()?,
-            nats_port,
+            nats,
             nats_pid,
-        };
-        stack
-            .wait(
-                "nats-server",
-                || async move { TcpStream::connect(local(nats_port)).await.is_ok() },
-            )
-            .await?;
-        Ok(stack)
+        })
     }
 
     /// `nats://127.0.0.1:PORT`.
     pub fn nats_url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.nats_port)
+        self.nats.url()
     }
 
     /// The CA that signed the relays' certificate.
@@ -187,6 +181,7 @@ impl Stack {
     /// Stops every process and deletes the JetStream store.
     pub async fn stop(mut self) {
         self.children.stop().await;
+        self.nats.stop();
     }
 
     async fn wait<F, Fut>(&mut self, what: &str, ready: F) -> anyhow::Result<()>
@@ -202,7 +197,8 @@ impl Drop for Stack {
     fn drop(&mut self) {
         // Killed (SIGKILL) as they drop; then their store is of no further use.
         drop(std::mem::take(&mut self.children));
-        let _ = std::fs::remove_dir_all(self.out.join("nats"));
+        self.nats.stop();
+        let _ = std::fs::remove_dir_all(self.out.join(format!("{NATS}-store")));
     }
 }
 
