@@ -318,6 +318,13 @@ impl Load {
         sleep_until(self.started + at).await;
     }
 
+    /// Waits for the first acknowledgement (at most 10 s), then until 3 s on the load's clock:
+    /// the steady state a scenario's first fault breaks into.
+    pub async fn warm_up(&self) {
+        self.wait_acked(1, Duration::from_secs(10)).await;
+        self.until(Duration::from_secs(3)).await;
+    }
+
     /// Waits for the load to end (every event acknowledged or given up) and returns the ledger.
     pub async fn finish(self) -> anyhow::Result<Ledger> {
         self.task.await.context("the load task failed")?

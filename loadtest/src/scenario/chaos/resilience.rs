@@ -15,7 +15,7 @@ use edgerelay::spool::segment::{Decoder, Item, HEADER_BYTES};
 use prost::Message as _;
 
 use super::lab::{Lab, Relay};
-use super::scenarios::{nats_proxy, read_back, secs};
+use super::scenarios::{kill_nats, nats_proxy, read_back, secs};
 use super::verify::{read_streams, MarkKind, Timeline};
 use super::{Cx, Outcome};
 use crate::events::Stamp;
@@ -87,8 +87,7 @@ pub async fn failover(cx: &Cx) -> anyhow::Result<Outcome> {
         .context("the relay never chose the near cluster")?;
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;
     let mut t = Timeline::default();
-    load.wait_acked(1, secs(10.0)).await;
-    load.until(secs(3.0)).await;
+    load.warm_up().await;
     near_path.set_blackhole(true);
     t.mark(load.now(), MarkKind::Fault, "near cluster's path black-holed");
     t.mark(load.now(), MarkKind::Recovery, "failover expected");
@@ -183,11 +182,8 @@ pub async fn spool_outage(cx: &Cx) -> anyhow::Result<Outcome> {
     let duration = secs(3.0) + down_for + secs(5.0);
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;
     let mut t = Timeline::default();
-    load.wait_acked(1, secs(10.0)).await;
-    load.until(secs(3.0)).await;
-    nats.stop();
-    let killed = load.now();
-    t.mark(killed, MarkKind::Fault, "kill -9 nats-server (the only cluster)");
+    load.warm_up().await;
+    let killed = kill_nats(&mut nats, &load, &mut t, "kill -9 nats-server (the only cluster)");
     load.until(secs(3.0) + down_for).await;
     let spooled_peak = metric(&relay, "edgerelay_spool_records").await.unwrap_or(0.0);
     nats.respawn().await?;
@@ -230,11 +226,8 @@ pub async fn relay_kill(cx: &Cx) -> anyhow::Result<Outcome> {
     let duration = secs(12.0);
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;
     let mut t = Timeline::default();
-    load.wait_acked(1, secs(10.0)).await;
-    load.until(secs(3.0)).await;
-    nats.stop();
-    let killed = load.now();
-    t.mark(killed, MarkKind::Fault, "kill -9 nats-server");
+    load.warm_up().await;
+    let killed = kill_nats(&mut nats, &load, &mut t, "kill -9 nats-server");
     load.until(secs(5.0)).await;
     let spooled_before = metric(&relay, "edgerelay_spool_records").await.unwrap_or(0.0);
     relay.kill9().await?;

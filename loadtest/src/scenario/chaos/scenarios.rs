@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::stream::{Config as StreamSpec, DiscardPolicy, StorageType};
 use edgerelay_testkit::local;
 
-use super::ledger::{Answer, Ledger};
+use super::ledger::{Answer, Ledger, Load};
 use super::verify::{read_streams, MarkKind, Stored, Timeline};
 use super::{lab, Cx, Outcome};
 use crate::model::{self, Percentiles};
@@ -24,6 +24,20 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(1000);
 /// What stream `stream` on `url` holds of run `nonce`.
 pub(super) async fn read_back(url: &str, stream: &str, nonce: u64) -> anyhow::Result<Stored> {
     read_streams(&[(url.to_owned(), stream)], nonce, READ_BACK).await
+}
+
+/// Kills nats-server (`kill -9`) and marks that on `t` as the fault `what`: when, on the
+/// load's clock.
+pub(super) fn kill_nats(
+    nats: &mut lab::NatsServer,
+    load: &Load,
+    t: &mut Timeline,
+    what: &str,
+) -> Duration {
+    nats.stop();
+    let killed = load.now();
+    t.mark(killed, MarkKind::Fault, what);
+    killed
 }
 
 pub(super) fn secs(s: f64) -> Duration {
@@ -47,9 +61,7 @@ pub async fn nats_kill(cx: &Cx) -> anyhow::Result<Outcome> {
         if cx.stopped() {
             break;
         }
-        nats.stop();
-        let killed = load.now();
-        t.mark(killed, MarkKind::Fault, "kill -9 nats-server");
+        let killed = kill_nats(&mut nats, &load, &mut t, "kill -9 nats-server");
         load.until(*at + *down).await;
         let restarting = load.now();
         nats.respawn().await?;
@@ -237,8 +249,7 @@ pub async fn slow_nats(cx: &Cx) -> anyhow::Result<Outcome> {
     let duration = dark_at + dark_for + secs(4.0);
     let load = cx.load(&relay.target(&lab), cx.load_spec(cx.rate(), duration)).await?;
     let mut t = Timeline::default();
-    load.wait_acked(1, secs(10.0)).await;
-    load.until(secs(3.0)).await;
+    load.warm_up().await;
     proxy.set_extra_delay(secs(3.0));
     let slow = load.now();
     t.mark(slow, MarkKind::Fault, "NATS path +3 s each way (publish deadline 1.5 s)");
