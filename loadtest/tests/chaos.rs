@@ -8,11 +8,9 @@
 
 use std::process::Command;
 
-use edgerelay_testkit::nats_server_bin;
-
 #[path = "support/bins.rs"]
 mod bins;
-use bins::relay_bin;
+use bins::bin_flags;
 
 const SCENARIOS: [&str; 7] =
     ["chaos", "nats-kill", "failover", "spool-outage", "drain", "stream-full", "spool-corrupt"];
@@ -24,10 +22,7 @@ fn short_chaos_scenarios_lose_nothing_acknowledged() {
     let json = dir.path().join("rows.json");
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(SCENARIOS)
-        .arg("--nats-server-bin")
-        .arg(nats_server_bin())
-        .arg("--relay-bin")
-        .arg(relay_bin())
+        .args(bin_flags())
         .arg("--out")
         .arg(&out)
         .arg("--json")

@@ -8,11 +8,9 @@
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 
-use edgerelay_testkit::nats_server_bin;
-
 #[path = "support/bins.rs"]
 mod bins;
-use bins::relay_bin;
+use bins::bin_flags;
 
 #[test]
 fn global_runs_three_regions_through_their_proxies() {
@@ -30,10 +28,7 @@ fn global_runs_three_regions_through_their_proxies() {
         .args(["--consumer-rtt-ms", &consumer_rtt.to_string()])
         .args(["--rate", "50", "--warmup", "300ms", "--duration", "1s", "--consume-grace", "5s"])
         .args(["--connections", "1", "--concurrency", "16"])
-        .arg("--nats-server-bin")
-        .arg(nats_server_bin())
-        .arg("--relay-bin")
-        .arg(relay_bin())
+        .args(bin_flags())
         .arg("--out")
         .arg(&out)
         .output()

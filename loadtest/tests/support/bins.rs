@@ -1,5 +1,6 @@
 //! The relay binary the loadtest tests run (nats-server comes from the test kit).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// The relay binary, built by cargo next to `loadtest`.
@@ -11,4 +12,16 @@ pub fn relay_bin() -> PathBuf {
         relay.display()
     );
     relay
+}
+
+/// The flags that name both binaries to a scenario that starts its own processes:
+/// `--nats-server-bin` (the test kit's) and `--relay-bin`.
+#[allow(dead_code)] // Not every test that includes this module runs such a scenario.
+pub fn bin_flags() -> [OsString; 4] {
+    [
+        "--nats-server-bin".into(),
+        edgerelay_testkit::nats_server_bin().into(),
+        "--relay-bin".into(),
+        relay_bin().into(),
+    ]
 }
