@@ -333,22 +333,15 @@ pub async fn create_stream(nats_url: &str, spec: StreamSpec) -> anyhow::Result<(
 
 #[cfg(test)]
 mod tests {
+    use edgerelay_testkit::relay_config::to_toml;
+
     use super::*;
 
     #[test]
     fn the_relay_config_is_valid_and_reads_back_as_built() {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        dev_certs(&certs).unwrap();
-        let lab = Lab {
-            dir,
-            logs: PathBuf::from("/tmp"),
-            nats_bin: PathBuf::from("nats-server"),
-            relay_bin: PathBuf::from("edgerelay"),
-            token: "chaos-tok\"en-0123456789".into(),
-            ca: certs.join("ca.pem"),
-            certs,
-        };
+        let logs = tempfile::tempdir().unwrap();
+        let any_file = std::env::current_exe().unwrap();
+        let lab = Lab::new(Path::new("nats-server"), &any_file, logs.path().to_owned()).unwrap();
         let mut config = lab.relay_config("r1", vec!["nats://127.0.0.1:4222".into()]);
         config.relay.max_subject_bytes = 128;
         config.stream.replicas = 3;
@@ -356,9 +349,7 @@ mod tests {
         config.nats.max_inflight_batches = 4;
         config.batch.max_events = 1;
         config.validate().unwrap();
-        let path = lab.dir.path().join("relay.toml");
-        write_toml(&config, &path).unwrap();
-        let read = Config::load(&path).unwrap();
+        let read = Config::parse(&to_toml(&config)).unwrap();
         assert_eq!(read, config);
         assert_eq!(
             (read.relay.id.as_str(), read.nats.client_name.as_str()),
@@ -369,7 +360,8 @@ mod tests {
         assert_eq!(read.nats.publish_deadline_ms, 2_000);
         assert_eq!((read.nats.max_inflight_batches, read.batch.max_events), (4, 1));
         assert_eq!(read.auth.static_tokens.len(), 1);
-        assert_eq!(read.auth.static_tokens[0].token, "chaos-tok\"en-0123456789");
+        assert_eq!(read.auth.static_tokens[0].token, lab.token);
+        assert_eq!(read.https.tls_cert, lab.certs.join("cert.pem"));
         assert_ne!(read.https.listen.port(), 0);
         assert!(!read.audit.enabled);
     }
