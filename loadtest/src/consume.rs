@@ -181,21 +181,21 @@ impl Consumer {
                 let Some(seen) = self.seen.runs.get(&run.nonce) else {
                     // Not followed: nothing of it was looked for, so all of it is missing.
                     let mut e2e = E2e::empty(undecodable);
-                    e2e.expected = run.events().count() as u64;
-                    e2e.missing = e2e.expected;
+                    e2e.counts.expected = run.events().count() as u64;
+                    e2e.counts.missing = e2e.counts.expected;
                     return e2e;
                 };
                 let latency_by_event = seen.latency.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut e2e = E2e::empty(undecodable);
                 for n in run.events() {
-                    e2e.expected += 1;
+                    e2e.counts.expected += 1;
                     if let Some(&us) = latency_by_event.get(&n) {
                         e2e.latency.saturating_record(us);
-                        e2e.seen += 1;
+                        e2e.counts.seen += 1;
                     }
                 }
-                e2e.missing = e2e.expected - e2e.seen;
-                e2e.duplicates = seen.duplicates.load(Ordering::Relaxed);
+                e2e.counts.missing = e2e.counts.expected - e2e.counts.seen;
+                e2e.counts.duplicates = seen.duplicates.load(Ordering::Relaxed);
                 e2e
             })
             .collect()

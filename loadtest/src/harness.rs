@@ -212,7 +212,7 @@ impl Search {
 fn judge(rate: f64, run: &Run, slo: f64) -> Step {
     let latency = Percentiles::of(&run.measurements.latency);
     let errors = run.measurements.measured.failures();
-    let e2e = run.e2e.as_ref().map(|e| (Percentiles::of(&e.latency), e.missing));
+    let e2e = run.e2e.as_ref().map(|e| (Percentiles::of(&e.latency), e.counts.missing));
     let why = if errors > 0 {
         Some(format!("{errors} errors"))
     } else if latency.count == 0 {

@@ -119,12 +119,12 @@ pub fn table(summary: &Summary, schedule: &Schedule, answer: &str) -> String {
             let _ = writeln!(
                 out,
                 "consumer saw {} of {} acknowledged events: {} missing, {} duplicates{}",
-                e2e.seen,
-                e2e.expected,
-                e2e.missing,
-                e2e.duplicates,
-                if e2e.undecodable > 0 {
-                    format!(", {} undecodable", e2e.undecodable)
+                e2e.counts.seen,
+                e2e.counts.expected,
+                e2e.counts.missing,
+                e2e.counts.duplicates,
+                if e2e.counts.undecodable > 0 {
+                    format!(", {} undecodable", e2e.counts.undecodable)
                 } else {
                     String::new()
                 }

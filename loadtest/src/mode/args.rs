@@ -71,9 +71,14 @@ pub struct ModeArgs<M: clap::Args> {
 
 /// Parses `--slo-p99-ms`: a positive number of milliseconds.
 fn parse_slo(s: &str) -> Result<f64, String> {
+    parse_positive(s).map_err(|_| format!("`{s}` is not a positive number of milliseconds"))
+}
+
+/// A positive, finite number (a flag's value parser).
+pub fn parse_positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
-        _ => Err(format!("`{s}` is not a positive number of milliseconds")),
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a positive number")),
     }
 }
 

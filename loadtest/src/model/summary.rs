@@ -54,6 +54,12 @@ pub struct Run {
 pub struct E2e {
     /// Intended send time -> consumer, µs, one value per acknowledged event seen.
     pub latency: Histogram<u64>,
+    pub counts: Delivery,
+}
+
+/// What the consumer saw of a run's acknowledged events.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Delivery {
     /// Acknowledged events of the measured phase (requests with every event accepted).
     pub expected: u64,
     /// Of those, the ones the consumer saw.
@@ -62,7 +68,7 @@ pub struct E2e {
     pub missing: u64,
     /// Events delivered more than once (whole run).
     pub duplicates: u64,
-    /// Messages or events on the subjects that were not decodable (whole run).
+    /// Messages or events on the run's subjects that were not decodable (whole run).
     pub undecodable: u64,
 }
 
@@ -154,16 +160,8 @@ pub struct Summary {
 pub struct E2eSummary {
     /// Intended send time -> consumer, per event (CO-corrected like `latency_ms`).
     pub latency_ms: Percentiles,
-    /// Acknowledged events of the measured phase.
-    pub expected: u64,
-    /// Of those, seen by the consumer.
-    pub seen: u64,
-    /// Of those, not seen within `--consume-grace`.
-    pub missing: u64,
-    /// Events delivered more than once.
-    pub duplicates: u64,
-    /// Messages or events on the run's subjects that could not be decoded.
-    pub undecodable: u64,
+    #[serde(flatten)]
+    pub counts: Delivery,
 }
 
 /// A `--find-max` search in the JSON summary.
@@ -268,20 +266,13 @@ impl Percentiles {
 impl E2e {
     /// Nothing expected, nothing seen.
     pub fn empty(undecodable: u64) -> Self {
-        E2e { latency: histogram(), expected: 0, seen: 0, missing: 0, duplicates: 0, undecodable }
+        E2e { latency: histogram(), counts: Delivery { undecodable, ..Delivery::default() } }
     }
 }
 
 impl E2eSummary {
     pub fn of(e2e: &E2e) -> Self {
-        Self {
-            latency_ms: Percentiles::of(&e2e.latency),
-            expected: e2e.expected,
-            seen: e2e.seen,
-            missing: e2e.missing,
-            duplicates: e2e.duplicates,
-            undecodable: e2e.undecodable,
-        }
+        Self { latency_ms: Percentiles::of(&e2e.latency), counts: e2e.counts }
     }
 }
 

@@ -56,6 +56,7 @@ use tokio::time::timeout;
 use crate::consume::{Acked, Consumer, Decoding, Source};
 use crate::events::{self, EventArgs};
 use crate::harness::Target;
+use crate::mode::args::parse_positive;
 use crate::mode::https::HttpVersion;
 use crate::mode::{h3, https, quic, Mode};
 use crate::model::{Measured, Summary};
@@ -530,14 +531,6 @@ fn parse_region(s: &str) -> Result<Region, String> {
         edge_rtt_ms: ms(edge, "edge RTT")?,
         nats_rtt_ms: ms(nats, "NATS RTT")?,
     })
-}
-
-/// A positive, finite number.
-fn parse_positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
-        _ => Err(format!("`{s}` is not a positive number")),
-    }
 }
 
 #[cfg(test)]

@@ -206,9 +206,9 @@ fn e2e_row(out: &mut String, mode: &str, s: &Summary) {
             e.p99,
             e.p999,
             e.max,
-            e2e.seen,
-            e2e.expected,
-            e2e.missing
+            e2e.counts.seen,
+            e2e.counts.expected,
+            e2e.counts.missing
         );
     }
 }

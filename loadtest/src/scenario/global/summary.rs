@@ -79,8 +79,8 @@ pub(super) fn region_summary(
 ) -> RegionSummary {
     let send_to_consumer_ms = Percentiles::of(&e2e.latency);
     let delivery_pass = run.error_total == 0
-        && e2e.missing == 0
-        && e2e.seen > 0
+        && e2e.counts.missing == 0
+        && e2e.counts.seen > 0
         && send_to_consumer_ms.p99 < args.budget_ms;
     let (relay, relay_error) = match share {
         Ok(share) => (Some(share), None),
@@ -101,10 +101,10 @@ pub(super) fn region_summary(
         error_total: run.error_total,
         send_to_ack_ms: run.latency_ms,
         send_to_consumer_ms,
-        expected: e2e.expected,
-        seen: e2e.seen,
-        missing: e2e.missing,
-        duplicates: e2e.duplicates,
+        expected: e2e.counts.expected,
+        seen: e2e.counts.seen,
+        missing: e2e.counts.missing,
+        duplicates: e2e.counts.duplicates,
         relay,
         relay_error,
         delivery_pass,
