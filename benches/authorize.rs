@@ -4,26 +4,12 @@
 //! finding no rule that allows it, and denying it although a rule allows it (deny wins).
 //! `rbac_grant` is the once-per-token cost of turning claims into those rules.
 
-use std::collections::BTreeMap;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgerelay::auth::config::RoleConfig;
 use edgerelay::auth::rbac::Roles;
 use edgerelay::subject::{self, Pattern};
 
 const MAX_SUBJECT_BYTES: usize = 256;
-
-fn role(name: &str, require: &[(&str, &str)], allow: &[&str], deny: &[&str]) -> RoleConfig {
-    RoleConfig {
-        name: name.into(),
-        require: require
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        allow: allow.iter().map(|s| s.to_string()).collect(),
-        deny: deny.iter().map(|s| s.to_string()).collect(),
-    }
-}
 
 fn subject_validate(c: &mut Criterion) {
     let mut group = c.benchmark_group("subject_validate");
@@ -64,20 +50,25 @@ fn pattern_match(c: &mut Criterion) {
 /// Four roles as a multi-tenant deployment writes them; the token below gets three of them.
 fn roles() -> Roles {
     Roles::parse(&[
-        role(
+        RoleConfig::new(
             "tenant",
             &[("scope", "edge:publish")],
             &["edge.{claims.tenant}.>"],
             &["edge.{claims.tenant}.admin.>"],
         ),
-        role(
+        RoleConfig::new(
             "region",
             &[("scope", "edge:publish")],
             &["region.{claims.region}.{claims.tenant}.*"],
             &[],
         ),
-        role("org", &[("org.plan", "enterprise")], &["org.{claims.org.id}.>"], &["org.*.billing"]),
-        role("ops", &[("groups", "sre")], &["ops.>"], &[]),
+        RoleConfig::new(
+            "org",
+            &[("org.plan", "enterprise")],
+            &["org.{claims.org.id}.>"],
+            &["org.*.billing"],
+        ),
+        RoleConfig::new("ops", &[("groups", "sre")], &["ops.>"], &[]),
     ])
     .unwrap()
 }

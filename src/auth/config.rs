@@ -267,6 +267,18 @@ impl JwtConfig {
     }
 }
 
+impl RoleConfig {
+    /// A role from borrowed parts: `require` as `(claim, value)` pairs.
+    pub fn new(name: &str, require: &[(&str, &str)], allow: &[&str], deny: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            require: require.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            deny: deny.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self {

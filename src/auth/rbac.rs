@@ -93,23 +93,9 @@ fn holds(claim: Option<&Value>, want: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use serde_json::json;
 
     use super::*;
-
-    fn role(name: &str, require: &[(&str, &str)], allow: &[&str], deny: &[&str]) -> RoleConfig {
-        RoleConfig {
-            name: name.into(),
-            require: require
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-            allow: allow.iter().map(|s| s.to_string()).collect(),
-            deny: deny.iter().map(|s| s.to_string()).collect(),
-        }
-    }
 
     fn claims(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
@@ -117,13 +103,13 @@ mod tests {
 
     fn tenant_roles() -> Roles {
         Roles::parse(&[
-            role(
+            RoleConfig::new(
                 "tenant",
                 &[("scope", "edge:publish")],
                 &["edge.{claims.tenant}.>"],
                 &["edge.{claims.tenant}.admin.>"],
             ),
-            role("ops", &[("groups", "sre")], &["ops.>"], &[]),
+            RoleConfig::new("ops", &[("groups", "sre")], &["ops.>"], &[]),
         ])
         .unwrap()
     }
@@ -176,8 +162,8 @@ mod tests {
     #[test]
     fn an_unfillable_deny_denies_everything() {
         let roles = Roles::parse(&[
-            role("wide", &[], &["edge.>"], &[]),
-            role("fence", &[], &[], &["edge.{claims.region}.>"]),
+            RoleConfig::new("wide", &[], &["edge.>"], &[]),
+            RoleConfig::new("fence", &[], &[], &["edge.{claims.region}.>"]),
         ])
         .unwrap();
         assert!(roles.grant(&claims(json!({"region": "eu"}))).rules.permits("edge.us.x"));
@@ -186,7 +172,7 @@ mod tests {
 
     #[test]
     fn nested_claims_and_partial_tokens() {
-        let roles = Roles::parse(&[role(
+        let roles = Roles::parse(&[RoleConfig::new(
             "org",
             &[("org.tier", "gold")],
             &["edge.t-{claims.org.id}.*"],
