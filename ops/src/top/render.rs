@@ -8,7 +8,7 @@ use ratatui::widgets::{Bar, BarChart, BarGroup, Block, Cell, Padding, Paragraph,
 use ratatui::Frame;
 
 use super::latency::{Summary, DISTRIBUTION_STAGE, STAGES};
-use super::state::{LatencyState, Link, Rates, Snapshot, View};
+use super::state::{Counters, LatencyState, Link, Snapshot, View};
 
 /// The delivery SLO every percentile is held against: p99 under 100 ms.
 pub const SLO_US: f64 = 100_000.0;
@@ -88,9 +88,10 @@ fn render_header(frame: &mut Frame, area: Rect, view: &View) {
 fn render_throughput(frame: &mut Frame, area: Rect, view: &View) {
     let r = view.rates.as_ref();
     let s = view.snapshot.as_ref();
-    let rate = |f: fn(&Rates) -> Option<f64>| r.and_then(f).map_or(ABSENT.to_owned(), fmt_rate);
-    let total =
-        |f: fn(&Snapshot) -> Option<f64>| s.and_then(f).map(|v| format!("total {}", fmt_count(v)));
+    let rate = |f: fn(&Counters) -> Option<f64>| r.and_then(f).map_or(ABSENT.to_owned(), fmt_rate);
+    let total = |f: fn(&Counters) -> Option<f64>| {
+        s.and_then(|s| f(&s.totals)).map(|v| format!("total {}", fmt_count(v)))
+    };
     let by_code = r
         .map(|r| {
             r.refused_by_code

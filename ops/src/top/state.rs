@@ -39,14 +39,8 @@ pub struct Scrape {
 /// The counters and gauges of one good scrape. `None` = the relay does not export it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub accepted: Option<f64>,
-    pub refused: Option<f64>,
-    pub refused_by_code: BTreeMap<String, f64>,
-    pub duplicates: Option<f64>,
-    pub batches: Option<f64>,
-    pub retries: Option<f64>,
-    pub received_bytes: Option<f64>,
-    pub published_bytes: Option<f64>,
+    /// The counters' totals since the relay started.
+    pub totals: Counters,
     pub queue_depth: Option<f64>,
     pub inflight_batches: Option<f64>,
     /// Open connections by protocol.
@@ -57,9 +51,10 @@ pub struct Snapshot {
     pub rtt_secs: BTreeMap<String, f64>,
 }
 
-/// Per-second rates between two snapshots.
+/// The relay's counters: totals in a [`Snapshot`], or per-second rates between two of them
+/// ([`Counters::per_second`]). `None` = the relay does not export it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Rates {
+pub struct Counters {
     pub accepted: Option<f64>,
     pub refused: Option<f64>,
     pub refused_by_code: BTreeMap<String, f64>,
@@ -105,7 +100,7 @@ pub struct View {
     /// The latest good snapshot (`None` while the relay is unreachable).
     pub snapshot: Option<Snapshot>,
     /// Rates over the latest two good scrapes in a row.
-    pub rates: Option<Rates>,
+    pub rates: Option<Counters>,
     pub latency: LatencyState,
     /// Lines of the latest `/metrics` body that were not readable samples.
     pub skipped_lines: usize,
@@ -121,14 +116,7 @@ impl Snapshot {
             .find_map(|x| x.label("cluster"))
             .map(str::to_owned);
         Self {
-            accepted: s.sum(ACCEPTED),
-            refused: s.sum(REFUSALS),
-            refused_by_code: s.sum_by(REFUSALS, "code"),
-            duplicates: s.sum(DUPLICATES),
-            batches: s.sum(BATCHES),
-            retries: s.sum(RETRIES),
-            received_bytes: s.sum(RECEIVED_BYTES),
-            published_bytes: s.sum(PUBLISHED_BYTES),
+            totals: Counters::from_samples(s),
             queue_depth: s.sum(QUEUE_DEPTH),
             inflight_batches: s.sum(INFLIGHT),
             connections: s.sum_by(CONNECTIONS, "protocol"),
@@ -147,10 +135,25 @@ impl Snapshot {
     }
 }
 
-impl Rates {
-    /// Rates from `prev` to `cur`, `elapsed` apart. A counter that went down was reset (the
-    /// relay restarted): its whole current value counts as the delta, as Prometheus does.
-    pub fn between(prev: &Snapshot, cur: &Snapshot, elapsed: Duration) -> Self {
+impl Counters {
+    pub fn from_samples(s: &Samples) -> Self {
+        use names::*;
+        Self {
+            accepted: s.sum(ACCEPTED),
+            refused: s.sum(REFUSALS),
+            refused_by_code: s.sum_by(REFUSALS, "code"),
+            duplicates: s.sum(DUPLICATES),
+            batches: s.sum(BATCHES),
+            retries: s.sum(RETRIES),
+            received_bytes: s.sum(RECEIVED_BYTES),
+            published_bytes: s.sum(PUBLISHED_BYTES),
+        }
+    }
+
+    /// Rates from the totals `prev` to the totals `cur`, `elapsed` apart. A counter that went
+    /// down was reset (the relay restarted): its whole current value counts as the delta, as
+    /// Prometheus does.
+    pub fn per_second(prev: &Counters, cur: &Counters, elapsed: Duration) -> Self {
         let secs = elapsed.as_secs_f64();
         let r = |p: Option<f64>, c: Option<f64>| rate(p, c, secs);
         Self {
@@ -222,7 +225,7 @@ impl View {
         let snap = Snapshot::from_samples(&samples);
         self.rates = self.prev.as_ref().and_then(|(at, prev)| {
             let elapsed = scrape.at.checked_duration_since(*at)?;
-            Some(Rates::between(prev, &snap, elapsed))
+            Some(Counters::per_second(&prev.totals, &snap.totals, elapsed))
         });
         self.prev = Some((scrape.at, snap.clone()));
         self.snapshot = Some(snap);
