@@ -224,9 +224,9 @@ async fn open_spool(cfg: SpoolConfig, metrics: Arc<Metrics>) -> Result<Spool, Sp
             path: dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })??;
-    if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
+    if recovery.total.torn_bytes > 0 || recovery.total.corrupt > 0 {
         tracing::warn!(dir = %dir.display(), %recovery, "spool recovered with damage");
-    } else if recovery.records > 0 {
+    } else if recovery.total.records > 0 {
         // A backlog from the last run (a crash, or a stop while no cluster took batches).
         tracing::warn!(dir = %dir.display(), %recovery, "spool recovered: replaying when a cluster is up");
     }

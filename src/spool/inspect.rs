@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::segment;
+use super::segment::{self, Tally};
 use super::{list_segments, segment_name, SpoolError};
 
 /// A spool directory's contents.
@@ -17,13 +17,8 @@ pub struct Inspection {
     /// Segment files, oldest first.
     pub segments: Vec<SegmentInfo>,
     /// Sums over the segments.
-    pub bytes: u64,
-    pub records: u64,
-    pub events: u64,
-    pub corrupt: u64,
-    pub torn_bytes: u64,
-    pub oldest_unix_ms: Option<u64>,
-    pub newest_unix_ms: Option<u64>,
+    #[serde(flatten)]
+    pub total: Tally,
     /// What waits, by subject.
     pub subjects: BTreeMap<String, SubjectWaiting>,
 }
@@ -32,16 +27,8 @@ pub struct Inspection {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SegmentInfo {
     pub file: String,
-    pub bytes: u64,
-    /// Intact records (batches) and their events.
-    pub records: u64,
-    pub events: u64,
-    /// Damaged records (skipped by replay).
-    pub corrupt: u64,
-    /// Bytes from the torn offset to the end of the file (0 when none).
-    pub torn_bytes: u64,
-    pub oldest_unix_ms: Option<u64>,
-    pub newest_unix_ms: Option<u64>,
+    #[serde(flatten)]
+    pub tally: Tally,
 }
 
 /// Records and events waiting for one subject.
@@ -64,23 +51,8 @@ pub fn inspect(dir: &Path) -> Result<Inspection, SpoolError> {
             s.records += 1;
             s.events += u64::from(r.events);
         });
-        let info = SegmentInfo {
-            file: segment_name(seq),
-            bytes: bytes.len() as u64,
-            records: scan.records,
-            events: scan.events,
-            corrupt: scan.corrupt.len() as u64,
-            torn_bytes: bytes.len() as u64 - scan.end,
-            oldest_unix_ms: scan.oldest_unix_ms,
-            newest_unix_ms: scan.newest_unix_ms,
-        };
-        out.bytes += info.bytes;
-        out.records += info.records;
-        out.events += info.events;
-        out.corrupt += info.corrupt;
-        out.torn_bytes += info.torn_bytes;
-        out.oldest_unix_ms = min_opt(out.oldest_unix_ms, info.oldest_unix_ms);
-        out.newest_unix_ms = max_opt(out.newest_unix_ms, info.newest_unix_ms);
+        let info = SegmentInfo { file: segment_name(seq), tally: scan.tally(bytes.len() as u64) };
+        out.total.add(&info.tally);
         out.segments.push(info);
     }
     Ok(out)
@@ -100,13 +72,13 @@ impl Inspection {
             f,
             "{} segments, {} bytes, {} records waiting ({} events), {} corrupt, {} torn bytes",
             self.segments.len(),
-            self.bytes,
-            self.records,
-            self.events,
-            self.corrupt,
-            self.torn_bytes
+            self.total.bytes,
+            self.total.records,
+            self.total.events,
+            self.total.corrupt,
+            self.total.torn_bytes
         )?;
-        if let (Some(o), Some(n)) = (self.oldest_unix_ms, self.newest_unix_ms) {
+        if let (Some(o), Some(n)) = (self.total.oldest_unix_ms, self.total.newest_unix_ms) {
             writeln!(f, "oldest {}, newest {}", when(o, now), when(n, now))?;
         }
         if self.segments.is_empty() {
@@ -123,13 +95,13 @@ impl Inspection {
                 f,
                 "{:<24} {:>12} {:>8} {:>8} {:>7} {:>10}  {:<24}  {}",
                 s.file,
-                s.bytes,
-                s.records,
-                s.events,
-                s.corrupt,
-                s.torn_bytes,
-                s.oldest_unix_ms.map_or("-".into(), utc),
-                s.newest_unix_ms.map_or("-".into(), utc),
+                s.tally.bytes,
+                s.tally.records,
+                s.tally.events,
+                s.tally.corrupt,
+                s.tally.torn_bytes,
+                s.tally.oldest_unix_ms.map_or("-".into(), utc),
+                s.tally.newest_unix_ms.map_or("-".into(), utc),
             )?;
         }
         if !self.subjects.is_empty() {
@@ -148,17 +120,6 @@ impl fmt::Display for Inspection {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         self.write(f, now)
     }
-}
-
-fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    a.max(b)
 }
 
 /// `2026-11-27T21:15:03.250Z (3m12s ago)`.
@@ -216,7 +177,7 @@ mod tests {
         ));
         let dir = tempfile::tempdir().unwrap();
         let i = inspect(dir.path()).unwrap();
-        assert_eq!((i.segments.len(), i.records), (0, 0));
+        assert_eq!((i.segments.len(), i.total.records), (0, 0));
         assert!(i.render(0).contains("0 segments"));
     }
 }

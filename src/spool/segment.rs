@@ -24,6 +24,7 @@
 use std::fmt;
 
 use prost::Message;
+use serde::Serialize;
 
 use crate::proto::SpoolRecord;
 
@@ -103,6 +104,24 @@ pub struct Scan {
     /// End of the usable part: the torn offset, or the length of the bytes.
     pub end: u64,
     /// Earliest and latest `spooled_unix_ms` of the intact records.
+    pub oldest_unix_ms: Option<u64>,
+    pub newest_unix_ms: Option<u64>,
+}
+
+/// What one segment file holds, or the sum over several: what `spool inspect` shows per file
+/// and in all, and what start-up recovery found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// Bytes of the file(s).
+    pub bytes: u64,
+    /// Intact records (batches) and their events.
+    pub records: u64,
+    pub events: u64,
+    /// Damaged records (skipped by replay).
+    pub corrupt: u64,
+    /// Bytes from the torn offset to the end of the file (0 when none).
+    pub torn_bytes: u64,
+    /// Earliest and latest spool time of the intact records, unix milliseconds.
     pub oldest_unix_ms: Option<u64>,
     pub newest_unix_ms: Option<u64>,
 }
@@ -190,6 +209,37 @@ impl Header {
             return Err(Corruption::Checksum { expected: self.crc, actual });
         }
         SpoolRecord::decode(payload).map_err(|e| Corruption::Decode(e.to_string()))
+    }
+}
+
+impl Scan {
+    /// The tally of a segment file of `file_bytes` bytes that scanned as this.
+    pub fn tally(&self, file_bytes: u64) -> Tally {
+        Tally {
+            bytes: file_bytes,
+            records: self.records,
+            events: self.events,
+            corrupt: self.corrupt.len() as u64,
+            torn_bytes: file_bytes - self.end,
+            oldest_unix_ms: self.oldest_unix_ms,
+            newest_unix_ms: self.newest_unix_ms,
+        }
+    }
+}
+
+impl Tally {
+    /// Adds `other` (another segment's tally) to this sum.
+    pub fn add(&mut self, other: &Tally) {
+        self.bytes += other.bytes;
+        self.records += other.records;
+        self.events += other.events;
+        self.corrupt += other.corrupt;
+        self.torn_bytes += other.torn_bytes;
+        self.oldest_unix_ms = match (self.oldest_unix_ms, other.oldest_unix_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.newest_unix_ms = self.newest_unix_ms.max(other.newest_unix_ms);
     }
 }
 

@@ -150,13 +150,7 @@ impl Spool {
                 records: scan.records,
                 ..Segment::default()
             };
-            recovery.records += scan.records;
-            recovery.events += scan.events;
-            recovery.corrupt_records += scan.corrupt.len() as u64;
-            for t in [scan.oldest_unix_ms, scan.newest_unix_ms].into_iter().flatten() {
-                recovery.oldest_unix_ms = Some(recovery.oldest_unix_ms.map_or(t, |o| o.min(t)));
-                recovery.newest_unix_ms = Some(recovery.newest_unix_ms.map_or(t, |n| n.max(t)));
-            }
+            let mut tally = scan.tally(seg.size);
             for (offset, len, why) in scan.corrupt {
                 seg.corrupt.insert(offset);
                 recovery.damage.push(Damage {
@@ -177,19 +171,20 @@ impl Spool {
                     file.sync_all().map_err(SpoolError::io("fsync", path))?;
                     seg.size = offset;
                 }
-                recovery.torn_bytes += torn;
                 recovery.damage.push(Damage {
                     file: name,
                     offset,
                     kind: DamageKind::Torn { bytes: torn, why, truncated },
                 });
             }
-            recovery.bytes += seg.size;
+            // The bytes left after a torn tail was cut off; the torn bytes count nonetheless.
+            tally.bytes = seg.size;
+            recovery.total.add(&tally);
             segments.insert(*seq, seg);
         }
 
-        metrics.spool_corrupt_records.inc_by(recovery.corrupt_records);
-        metrics.spool_torn_bytes.inc_by(recovery.torn_bytes);
+        metrics.spool_corrupt_records.inc_by(recovery.total.corrupt);
+        metrics.spool_torn_bytes.inc_by(recovery.total.torn_bytes);
         let (active, size) = match segments.last_key_value() {
             Some((seq, seg)) => (*seq, seg.size),
             None => {
@@ -210,9 +205,9 @@ impl Spool {
         let state = State {
             segments,
             active,
-            bytes: recovery.bytes,
+            bytes: recovery.total.bytes,
             reserved: 0,
-            waiting: recovery.records,
+            waiting: recovery.total.records,
             broken: None,
             closed: false,
         };

@@ -10,19 +10,10 @@ use crate::spool::segment;
 pub struct Recovery {
     /// Segment files found.
     pub segments: usize,
-    /// Intact records (batches) waiting for replay, and their events.
-    pub records: u64,
-    pub events: u64,
-    /// Bytes of segment files after recovery.
-    pub bytes: u64,
-    /// Torn bytes at the end of segments: cut off the last segment, left in place (and never
-    /// read) in the others.
-    pub torn_bytes: u64,
-    /// Damaged records found (and skipped).
-    pub corrupt_records: u64,
-    /// Earliest and latest spool time of the intact records, unix milliseconds.
-    pub oldest_unix_ms: Option<u64>,
-    pub newest_unix_ms: Option<u64>,
+    /// What they hold: intact records (batches) waiting for replay, damaged records found (and
+    /// skipped), bytes of segment files after recovery, and torn bytes at the end of segments
+    /// (cut off the last segment, left in place and never read in the others).
+    pub total: segment::Tally,
     /// Each damaged place, by file.
     pub damage: Vec<Damage>,
 }
@@ -51,11 +42,11 @@ impl fmt::Display for Recovery {
             f,
             "{} segments, {} records ({} events), {} bytes; {} corrupt records skipped, {} torn bytes",
             self.segments,
-            self.records,
-            self.events,
-            self.bytes,
-            self.corrupt_records,
-            self.torn_bytes
+            self.total.records,
+            self.total.events,
+            self.total.bytes,
+            self.total.corrupt,
+            self.total.torn_bytes
         )?;
         for d in &self.damage {
             write!(f, "\n  {} at {}: ", d.file, d.offset)?;

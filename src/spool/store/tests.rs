@@ -38,6 +38,22 @@ fn open(c: &SpoolConfig) -> (Spool, Recovery, Arc<Metrics>) {
     (spool, recovery, metrics)
 }
 
+/// Appends records `0..n` to the spool at `c` and closes it, leaving them on disk.
+async fn left_on_disk(c: &SpoolConfig, n: u64) {
+    let (spool, _, _) = open(c);
+    for i in 0..n {
+        spool.append(&rec(i)).await.unwrap();
+    }
+    spool.close().await;
+}
+
+/// Rewrites the file at `path` as `change` leaves its bytes: a crash or a disk fault.
+fn tamper(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    change(&mut bytes);
+    std::fs::write(path, &bytes).unwrap();
+}
+
 fn ids(records: &[Spooled]) -> Vec<String> {
     records.iter().map(|r| r.record.msg_id.clone()).collect()
 }
@@ -81,10 +97,13 @@ async fn appended_records_survive_a_reopen_and_replay_in_order() {
 
     let (spool, recovery, _) = open(&c);
     assert_eq!(recovery.segments, 1);
-    assert_eq!((recovery.records, recovery.events, recovery.bytes), (10, 20, 10 * frame()));
-    assert_eq!(recovery.oldest_unix_ms, Some(1_700_000_000_000));
-    assert_eq!(recovery.newest_unix_ms, Some(1_700_000_000_009));
-    assert_eq!((recovery.torn_bytes, recovery.corrupt_records), (0, 0));
+    assert_eq!(
+        (recovery.total.records, recovery.total.events, recovery.total.bytes),
+        (10, 20, 10 * frame())
+    );
+    assert_eq!(recovery.total.oldest_unix_ms, Some(1_700_000_000_000));
+    assert_eq!(recovery.total.newest_unix_ms, Some(1_700_000_000_009));
+    assert_eq!((recovery.total.torn_bytes, recovery.total.corrupt), (0, 0));
     let first = spool.next_batch(4).await.unwrap();
     assert_eq!(ids(&first), names(0..4));
     assert_eq!(first[0].record, rec(0));
@@ -94,7 +113,7 @@ async fn appended_records_survive_a_reopen_and_replay_in_order() {
     // Nothing done: everything is still there after another restart (at least once).
     spool.close().await;
     let (spool, recovery, _) = open(&c);
-    assert_eq!(recovery.records, 10);
+    assert_eq!(recovery.total.records, 10);
     assert_eq!(ids(&spool.next_batch(100).await.unwrap()), names(0..10));
 }
 
@@ -186,20 +205,14 @@ async fn a_full_spool_refuses_appends_until_replay_frees_a_segment() {
 async fn a_torn_tail_is_truncated_on_open_and_appends_continue_after_it() {
     let tmp = tempfile::tempdir().unwrap();
     let c = cfg(tmp.path(), 1 << 20, 1 << 20, FsyncPolicy::Always);
-    let (spool, _, _) = open(&c);
-    for i in 0..3 {
-        spool.append(&rec(i)).await.unwrap();
-    }
-    spool.close().await;
+    left_on_disk(&c, 3).await;
     // A crash in the middle of writing record 3.
     let path = seg_path(&c, 1);
     let intact = std::fs::read(&path).unwrap();
-    let mut torn = intact.clone();
-    torn.extend_from_slice(&segment::encode(&rec(3)).unwrap()[..20]);
-    std::fs::write(&path, &torn).unwrap();
+    tamper(&path, |b| b.extend_from_slice(&segment::encode(&rec(3)).unwrap()[..20]));
 
     let (spool, recovery, metrics) = open(&c);
-    assert_eq!((recovery.records, recovery.torn_bytes), (3, 20));
+    assert_eq!((recovery.total.records, recovery.total.torn_bytes), (3, 20));
     assert_eq!(
         recovery.damage,
         [Damage {
@@ -218,7 +231,7 @@ async fn a_torn_tail_is_truncated_on_open_and_appends_continue_after_it() {
     spool.append(&rec(3)).await.unwrap();
     spool.close().await;
     let (spool, recovery, _) = open(&c);
-    assert_eq!((recovery.records, recovery.torn_bytes), (4, 0));
+    assert_eq!((recovery.total.records, recovery.total.torn_bytes), (4, 0));
     assert_eq!(ids(&spool.next_batch(10).await.unwrap()), names(0..4));
 }
 
@@ -226,18 +239,12 @@ async fn a_torn_tail_is_truncated_on_open_and_appends_continue_after_it() {
 async fn a_bit_flipped_record_is_skipped_counted_and_its_segment_still_retires() {
     let tmp = tempfile::tempdir().unwrap();
     let c = cfg(tmp.path(), 1 << 20, 3 * frame(), FsyncPolicy::Always);
-    let (spool, _, _) = open(&c);
-    for i in 0..6 {
-        spool.append(&rec(i)).await.unwrap();
-    }
-    spool.close().await;
+    left_on_disk(&c, 6).await;
     let path = seg_path(&c, 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[(frame() + 20) as usize] ^= 0x08;
-    std::fs::write(&path, &bytes).unwrap();
+    tamper(&path, |b| b[(frame() + 20) as usize] ^= 0x08);
     // And a torn tail in the middle segment-to-be: a non-last segment keeps it.
     let (spool, recovery, metrics) = open(&c);
-    assert_eq!((recovery.records, recovery.corrupt_records), (5, 1));
+    assert_eq!((recovery.total.records, recovery.total.corrupt), (5, 1));
     assert!(matches!(
         &recovery.damage[0],
         Damage { offset, kind: DamageKind::Corrupt { why: segment::Corruption::Checksum { .. }, .. }, .. }
@@ -255,17 +262,11 @@ async fn a_bit_flipped_record_is_skipped_counted_and_its_segment_still_retires()
 async fn a_torn_tail_of_an_older_segment_is_reported_and_left_in_place() {
     let tmp = tempfile::tempdir().unwrap();
     let c = cfg(tmp.path(), 1 << 20, 2 * frame(), FsyncPolicy::Always);
-    let (spool, _, _) = open(&c);
-    for i in 0..4 {
-        spool.append(&rec(i)).await.unwrap();
-    }
-    spool.close().await;
+    left_on_disk(&c, 4).await;
     let first = seg_path(&c, 1);
-    let mut bytes = std::fs::read(&first).unwrap();
-    bytes.truncate(bytes.len() - 5);
-    std::fs::write(&first, &bytes).unwrap();
+    tamper(&first, |b| b.truncate(b.len() - 5));
     let (spool, recovery, _) = open(&c);
-    assert_eq!((recovery.records, recovery.torn_bytes), (3, frame() - 5));
+    assert_eq!((recovery.total.records, recovery.total.torn_bytes), (3, frame() - 5));
     assert!(matches!(recovery.damage[0].kind, DamageKind::Torn { truncated: false, .. }));
     assert_eq!(std::fs::metadata(&first).unwrap().len(), 2 * frame() - 5);
     assert_eq!(ids(&spool.next_batch(10).await.unwrap()), ["r.b.0", "r.b.2", "r.b.3"]);
@@ -293,7 +294,10 @@ async fn concurrent_appends_from_many_tasks_are_all_stored_once() {
     assert_eq!(spool.len(), 640);
     spool.close().await;
     let (spool, recovery, _) = open(&c);
-    assert_eq!((recovery.records, recovery.corrupt_records, recovery.torn_bytes), (640, 0, 0));
+    assert_eq!(
+        (recovery.total.records, recovery.total.corrupt, recovery.total.torn_bytes),
+        (640, 0, 0)
+    );
     let mut seen = HashSet::new();
     loop {
         let got = spool.next_batch(100).await.unwrap();
@@ -326,7 +330,7 @@ async fn every_fsync_policy_stores_and_recovers_records() {
         }
         spool.close().await;
         let (spool, recovery, _) = open(&c);
-        assert_eq!(recovery.records, 10, "{fsync:?}");
+        assert_eq!(recovery.total.records, 10, "{fsync:?}");
         assert_eq!(ids(&spool.next_batch(100).await.unwrap()), names(0..10), "{fsync:?}");
     }
 }
