@@ -212,14 +212,24 @@ mod tests {
         r.items.iter().map(|e| e.2).collect()
     }
 
+    /// A batcher with `limits` fed `events` at `now`, and the batches it flushed meanwhile.
+    fn fed(
+        limits: Limits,
+        events: impl IntoIterator<Item = Ev>,
+        now: Instant,
+    ) -> (Batcher<Ev>, Vec<Ready<Ev>>) {
+        let mut b = Batcher::new(limits);
+        let mut out = Vec::new();
+        for e in events {
+            b.push(e, now, &mut out);
+        }
+        (b, out)
+    }
+
     #[test]
     fn flushes_by_count() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(3, 1000, 50));
-        let mut out = Vec::new();
-        for i in 0..7 {
-            b.push(Ev("a", 10, i), t0, &mut out);
-        }
+        let (b, out) = fed(limits(3, 1000, 50), (0..7).map(|i| Ev("a", 10, i)), t0);
         assert_eq!(out.len(), 2);
         assert_eq!(ids(&out[0]), [0, 1, 2]);
         assert_eq!(ids(&out[1]), [3, 4, 5]);
@@ -230,11 +240,7 @@ mod tests {
     #[test]
     fn new_limits_apply_from_the_next_push() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(8, 1000, 50));
-        let mut out = Vec::new();
-        for i in 0..4 {
-            b.push(Ev("a", 10, i), t0, &mut out);
-        }
+        let (mut b, mut out) = fed(limits(8, 1000, 50), (0..4).map(|i| Ev("a", 10, i)), t0);
         assert!(out.is_empty());
         b.set_limits(limits(2, 1000, 50));
         b.push(Ev("a", 10, 4), t0, &mut out);
@@ -311,12 +317,9 @@ mod tests {
     #[test]
     fn order_within_a_subject_is_preserved_across_subjects_and_batches() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(4, 10_000, 5));
-        let mut out = Vec::new();
         let subjects = ["x", "y", "z"];
-        for i in 0..30u32 {
-            b.push(Ev(subjects[(i % 3) as usize], 1, i), t0, &mut out);
-        }
+        let events = (0..30u32).map(|i| Ev(subjects[(i % 3) as usize], 1, i));
+        let (mut b, mut out) = fed(limits(4, 10_000, 5), events, t0);
         b.flush_all(FlushReason::Drain, &mut out);
         assert!(b.is_empty());
         for s in subjects {
@@ -331,11 +334,8 @@ mod tests {
     #[test]
     fn flush_all_empties_every_batch_oldest_first() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(10, 10_000, 5));
-        let mut out = Vec::new();
-        b.push(Ev("y", 1, 0), t0, &mut out);
-        b.push(Ev("x", 1, 1), t0, &mut out);
-        b.push(Ev("y", 1, 2), t0, &mut out);
+        let events = [Ev("y", 1, 0), Ev("x", 1, 1), Ev("y", 1, 2)];
+        let (mut b, mut out) = fed(limits(10, 10_000, 5), events, t0);
         b.flush_all(FlushReason::Idle, &mut out);
         let got: Vec<(&str, Vec<u32>)> = out.iter().map(|r| (r.subject.as_str(), ids(r))).collect();
         assert_eq!(got, [("y", vec![0, 2]), ("x", vec![1])]);
@@ -347,11 +347,7 @@ mod tests {
     #[test]
     fn max_events_one_turns_batching_off() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(1, 10_000, 5));
-        let mut out = Vec::new();
-        for i in 0..5 {
-            b.push(Ev("a", 1, i), t0, &mut out);
-        }
+        let (mut b, out) = fed(limits(1, 10_000, 5), (0..5).map(|i| Ev("a", 1, i)), t0);
         assert_eq!(out.len(), 5);
         assert_eq!(b.next_deadline(), None);
     }

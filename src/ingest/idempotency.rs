@@ -308,15 +308,21 @@ mod tests {
         c.key("edge", k)
     }
 
+    /// A cache of a 10 s window in which key `a` was just claimed, at `t0`.
+    fn claimed_a(t0: Instant) -> Idempotency {
+        let c = Idempotency::new(Duration::from_secs(10), 100);
+        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        c
+    }
+
     fn stored(seq: u64) -> Stored {
         Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: false }
     }
 
     #[test]
     fn a_stored_key_is_answered_as_duplicate_within_the_window() {
-        let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let c = claimed_a(t0);
         c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(7))), t0);
         match c.claim(key(&c, "a"), t0) {
             Claim::Done(s) => assert_eq!((s.seq, s.duplicate), (7, true)),
@@ -329,9 +335,8 @@ mod tests {
 
     #[test]
     fn a_refused_key_can_be_retried_and_waiters_get_the_refusal() {
-        let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let c = claimed_a(t0);
         let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
         let refusal = Refusal::new(ErrorCode::AckTimeout, "x");
         c.complete(key(&c, "a"), &Err(refusal.clone()), t0);
@@ -341,9 +346,8 @@ mod tests {
 
     #[test]
     fn waiters_get_the_stored_result_marked_duplicate() {
-        let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let c = claimed_a(t0);
         let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
         c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(3))), t0);
         let Ok(Ack::Stored(s)) = rx.try_recv().unwrap() else { panic!() };
@@ -378,9 +382,8 @@ mod tests {
 
     #[test]
     fn keys_are_scoped_by_identity() {
-        let c = Idempotency::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
-        assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
+        let c = claimed_a(t0);
         c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(1))), t0);
         assert!(matches!(c.claim(c.key("other", "a"), t0), Claim::New));
     }

@@ -258,12 +258,18 @@ mod tests {
     }
 
     /// Two clusters, both up, 10 ms (near, 0) and 40 ms (far, 1) away, at `t0`.
-    fn two_up(t0: Instant) -> Router {
-        let mut r = Router::new(2, PARAMS);
-        for i in 0..2 {
+    /// `n` clusters, each connected with its stream checked at `t0`, none probed yet.
+    fn all_up(n: usize, t0: Instant) -> Router {
+        let mut r = Router::new(n, PARAMS);
+        for i in 0..n {
             r.connection(i, true, t0);
             r.stream(i, true, t0);
         }
+        r
+    }
+
+    fn two_up(t0: Instant) -> Router {
+        let mut r = all_up(2, t0);
         r.probed(1, ms(40), t0);
         r.probed(0, ms(10), t0);
         r
@@ -349,11 +355,7 @@ mod tests {
     #[test]
     fn the_margin_keeps_it_on_a_cluster_that_is_about_as_near() {
         let t0 = Instant::now();
-        let mut r = Router::new(2, PARAMS);
-        for i in 0..2 {
-            r.connection(i, true, t0);
-            r.stream(i, true, t0);
-        }
+        let mut r = all_up(2, t0);
         r.probed(0, ms(12), t0);
         r.probed(1, ms(10), t0 + ms(1));
         assert_eq!(r.active(), Some(0), "2 ms nearer is within the 5 ms margin");
@@ -371,9 +373,7 @@ mod tests {
     #[test]
     fn with_no_healthy_cluster_it_stays_on_a_usable_one_and_with_none_usable_has_none() {
         let t0 = Instant::now();
-        let mut r = Router::new(1, PARAMS);
-        r.connection(0, true, t0);
-        r.stream(0, true, t0);
+        let mut r = all_up(1, t0);
         for _ in 0..5 {
             r.failed(0, t0);
         }
@@ -391,11 +391,7 @@ mod tests {
     #[test]
     fn failover_prefers_a_stable_cluster_over_a_nearer_fresh_one() {
         let t0 = Instant::now();
-        let mut r = Router::new(3, PARAMS);
-        for i in 0..3 {
-            r.connection(i, true, t0);
-            r.stream(i, true, t0);
-        }
+        let mut r = all_up(3, t0);
         r.probed(0, ms(10), t0);
         r.probed(1, ms(20), t0);
         r.probed(2, ms(40), t0);
