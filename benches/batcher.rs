@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use edgerelay::batch::batcher::{Batcher, FlushReason, Item, Limits};
+use edgerelay::batch::batcher::{Batcher, FlushReason, Item, Limits, Ready};
 use edgerelay::proto;
 use prost::Message;
 
@@ -47,6 +47,23 @@ fn limits(max_events: usize) -> Limits {
     Limits { max_events, max_bytes: 512 << 10, linger: Duration::from_millis(2) }
 }
 
+/// Batches `events`, all pushed at one instant, then drained: every batch the batcher made.
+fn batched(max_events: usize, events: impl IntoIterator<Item = Ev>) -> Vec<Ready<Ev>> {
+    let mut batcher = Batcher::new(limits(max_events));
+    let mut ready = Vec::new();
+    let now = Instant::now();
+    for e in events {
+        batcher.push(e, now, &mut ready);
+    }
+    batcher.flush_all(FlushReason::Drain, &mut ready);
+    ready
+}
+
+/// The batch the relay would publish, carrying `events`.
+fn batch(sequence: u64, events: Vec<proto::Event>) -> proto::Batch {
+    proto::Batch { relay_id: "bench".into(), boot_id: "0123456789ab".into(), sequence, events }
+}
+
 fn push_flush(c: &mut Criterion) {
     let payload = Bytes::from(vec![b'x'; 256]);
     let mut group = c.benchmark_group("batcher_push_flush");
@@ -55,17 +72,8 @@ fn push_flush(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
             b.iter_batched(
                 || (0..EVENTS).map(|i| Ev(event(i, &payload))).collect::<Vec<_>>(),
-                |events| {
-                    let mut batcher = Batcher::new(limits(n));
-                    let mut ready = Vec::new();
-                    let now = Instant::now();
-                    for e in events {
-                        batcher.push(e, now, &mut ready);
-                    }
-                    batcher.flush_all(FlushReason::Drain, &mut ready);
-                    // Returned, so dropping the events is not timed.
-                    ready
-                },
+                // Returned, so dropping the events is not timed.
+                |events| batched(n, events),
                 BatchSize::LargeInput,
             )
         });
@@ -78,12 +86,7 @@ fn batch_encode(c: &mut Criterion) {
     for payload_bytes in [64usize, 256, 1024] {
         let payload = Bytes::from(vec![b'x'; payload_bytes]);
         for n in BATCH_SIZES {
-            let batch = proto::Batch {
-                relay_id: "bench".into(),
-                boot_id: "0123456789ab".into(),
-                sequence: 1,
-                events: (0..n).map(|i| event(i, &payload)).collect(),
-            };
+            let batch = batch(1, (0..n).map(|i| event(i, &payload)).collect());
             group.throughput(Throughput::Bytes(batch.encoded_len() as u64));
             let id = BenchmarkId::new(format!("{payload_bytes}B"), n);
             group.bench_with_input(id, &batch, |b, batch| b.iter(|| batch.encode_to_vec()));
@@ -99,22 +102,11 @@ fn batch_and_encode(c: &mut Criterion) {
     for max_events in BATCH_SIZES {
         group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
             b.iter(|| {
-                let mut batcher = Batcher::new(limits(n));
-                let mut ready = Vec::new();
-                let now = Instant::now();
+                let ready = batched(n, (0..EVENTS).map(|i| Ev(event(i, &payload))));
                 let mut bytes = 0;
-                for i in 0..EVENTS {
-                    batcher.push(Ev(event(i, &payload)), now, &mut ready);
-                }
-                batcher.flush_all(FlushReason::Drain, &mut ready);
-                for (seq, r) in ready.drain(..).enumerate() {
-                    let batch = proto::Batch {
-                        relay_id: "bench".into(),
-                        boot_id: "0123456789ab".into(),
-                        sequence: seq as u64,
-                        events: r.items.into_iter().map(|e| e.0).collect(),
-                    };
-                    bytes += batch.encode_to_vec().len();
+                for (seq, r) in ready.into_iter().enumerate() {
+                    let events = r.items.into_iter().map(|e| e.0).collect();
+                    bytes += batch(seq as u64, events).encode_to_vec().len();
                 }
                 bytes
             })
