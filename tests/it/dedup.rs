@@ -24,13 +24,7 @@ async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() 
 
     // Concurrent retries of a new key: one is published, the others wait for its answer.
     let sends = (0..5).map(|_| async {
-        let resp = relay
-            .publish(&relay.h2, "edge.idem", "race")
-            .header("Idempotency-Key", "order-43")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
+        let resp = relay.publish_accepted_with_key("edge.idem", "race", "order-43").await;
         resp.json::<Accepted>().await.unwrap()
     });
     let answers = futures::future::join_all(sends).await;

@@ -193,13 +193,7 @@ async fn latency_histograms_and_batch_counters_are_exported() {
 async fn duplicates_connections_and_quic_bytes_are_counted() {
     let (_nats, setup, relay) = start_relay(|_| {}).await;
     for _ in 0..3 {
-        let resp = relay
-            .publish(&relay.h2, "edge.metrics.dup", "once")
-            .header("Idempotency-Key", "metrics-1")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
+        relay.publish_accepted_with_key("edge.metrics.dup", "once", "metrics-1").await;
     }
     // A refusal, by code and reason.
     let resp = relay.publish(&relay.h2, "edge.secret.x", "no").send().await.unwrap();

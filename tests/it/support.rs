@@ -149,6 +149,20 @@ impl TestRelay {
         client.post(self.url(&format!("/v1/publish/{subject}"))).bearer_auth(token).body(body)
     }
 
+    /// Publishes `body` on `subject` over HTTP/2 with `Idempotency-Key: key`; it must be
+    /// accepted (202).
+    pub async fn publish_accepted_with_key(
+        &self,
+        subject: &str,
+        body: impl Into<reqwest::Body>,
+        key: &str,
+    ) -> reqwest::Response {
+        let resp = self.publish(&self.h2, subject, body).header("Idempotency-Key", key).send();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 202);
+        resp
+    }
+
     /// `POST /v1/publish` (a multi-event request) with the test token; the body is the
     /// caller's.
     pub fn publish_events(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
