@@ -80,14 +80,32 @@ pub(crate) fn collector_setup(nats: &NatsServer, cert_name: &str) -> (Setup, Str
     (setup, cert, key)
 }
 
+/// A running relay of [`collector_setup`], its client certificate (`cert`, `key`) and an
+/// HTTP/2 client presenting it.
+struct Collector {
+    nats: NatsServer,
+    setup: Setup,
+    relay: TestRelay,
+    h2: reqwest::Client,
+    cert: String,
+    key: String,
+}
+
+/// The [`Collector`] whose client certificate names `cert_name`.
+async fn collector(cert_name: &str) -> Collector {
+    let nats = NatsServer::start();
+    let (setup, cert, key) = collector_setup(&nats, cert_name);
+    let relay = setup.start().await;
+    let h2 = h2_with_cert(&setup.certs, &cert, &key);
+    Collector { nats, setup, relay, h2, cert, key }
+}
+
 #[tokio::test]
 async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
-    let nats = NatsServer::start();
-    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
-    let relay = setup.start().await;
+    let Collector { nats, setup, relay, h2, cert, key } =
+        collector("collector-fra1.edge.test").await;
 
     // HTTPS: no Authorization header, the certificate speaks.
-    let h2 = h2_with_cert(&setup.certs, &cert, &key);
     let ok = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("42").send().await.unwrap();
     assert_eq!(ok.status(), 202);
     let other = h2.post(relay.url("/v1/publish/edge.other.cpu")).body("42").send().await.unwrap();
@@ -128,10 +146,8 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
 
 #[tokio::test]
 async fn a_certificate_without_a_configured_name_needs_a_token() {
-    let nats = NatsServer::start();
-    let (setup, cert, key) = collector_setup(&nats, "unknown.edge.test");
-    let relay = setup.start().await;
-    let h2 = h2_with_cert(&setup.certs, &cert, &key);
+    let Collector { nats: _nats, setup: _setup, relay, h2, .. } =
+        collector("unknown.edge.test").await;
     let resp = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 401);
 }
@@ -145,10 +161,8 @@ async fn collector_publish(client: &reqwest::Client, relay: &TestRelay) -> Optio
 
 #[tokio::test]
 async fn the_client_ca_and_server_certificate_reload_on_https_h3_and_quic() {
-    let nats = NatsServer::start();
-    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
-    let relay = setup.start().await;
-    let before = h2_with_cert(&setup.certs, &cert, &key);
+    let Collector { nats: _nats, setup, relay, h2: before, cert, key } =
+        collector("collector-fra1.edge.test").await;
     assert_eq!(collector_publish(&before, &relay).await, Some(202));
 
     // A new collectors CA, and a new server certificate from a new server CA.
