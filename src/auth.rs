@@ -30,7 +30,7 @@ pub mod template;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub use rules::Rules;
 pub use session::{Current, Peer, Session};
@@ -174,22 +174,44 @@ impl Auth {
         self.generation
     }
 
-    /// Takes `events` from the identity's (and its tenant's) rate limit at `now`.
+    /// Takes `events` from the identity's (and its tenant's) rate limit at `now`. A request
+    /// larger than a burst is refused with no retry delay: it can never pass, only a split can.
     pub fn limit(&self, identity: &Identity, events: usize, now: Instant) -> Result<(), Refusal> {
-        let over = |after: Duration, whose: &str| {
-            Refusal::new(
+        let over = |denied: rate_limit::Denied, whose: &str, tenant: bool| match denied {
+            rate_limit::Denied::Wait(after) => Refusal::new(
                 ErrorCode::RateLimited,
                 format!("{whose} is over its rate limit: retry in {} ms", after.as_millis()),
             )
             .retry_after(after)
+            .because(if tenant { "tenant_rate_limited" } else { "rate_limited" }),
+            rate_limit::Denied::OverBurst { burst } => Refusal::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "{whose}'s burst is {burst} events: a request of {events} can never pass \
+                     (retrying will not help); send at most {burst} events a request"
+                ),
+            )
+            .no_retry()
+            .because(if tenant {
+                "request_over_tenant_burst"
+            } else {
+                "request_over_burst"
+            }),
         };
+        let tenant = self.per_tenant.as_ref().zip(identity.tenant.as_ref());
+        // Neither bucket is drawn from for a request one of them can never take.
+        if let Some(l) = &self.per_identity {
+            l.fits(events).map_err(|d| over(d, &excerpt(&identity.name), false))?;
+        }
+        if let Some((l, _)) = tenant {
+            l.fits(events).map_err(|d| over(d, "the tenant", true))?;
+        }
         if let Some(l) = &self.per_identity {
             l.take(&identity.name, events, now)
-                .map_err(|after| over(after, &excerpt(&identity.name)))?;
+                .map_err(|d| over(d, &excerpt(&identity.name), false))?;
         }
-        if let (Some(l), Some(tenant)) = (&self.per_tenant, &identity.tenant) {
-            l.take(tenant, events, now)
-                .map_err(|after| over(after, "the tenant").because("tenant_rate_limited"))?;
+        if let Some((l, tenant)) = tenant {
+            l.take(tenant, events, now).map_err(|d| over(d, "the tenant", true))?;
         }
         Ok(())
     }

@@ -212,6 +212,13 @@ impl Refusal {
         self
     }
 
+    /// The same refusal saying a retry of the same request will not help (no `Retry-After`),
+    /// for a code that is retryable as a rule (a request larger than a rate limit's burst).
+    pub fn no_retry(mut self) -> Self {
+        self.retry_after = None;
+        self
+    }
+
     /// `Retry-After` in whole seconds (at least 1), when a retry helps.
     pub fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after.map(|d| (d.as_millis().div_ceil(1000) as u64).max(1))

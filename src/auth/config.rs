@@ -60,7 +60,8 @@ pub struct CertIdentity {
 }
 
 /// Token buckets of events. Over the limit a request is refused as a whole with 429
-/// `rate_limited` and a `Retry-After` of when it would pass.
+/// `rate_limited` and a `Retry-After` of when it would pass; a request of more events than the
+/// burst is refused with no `Retry-After` (it never would).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {

@@ -3,8 +3,9 @@
 //!
 //! A request of `n` events takes `n` tokens from its identity's bucket (and its tenant's);
 //! when a bucket lacks them the whole request is refused with 429 `rate_limited` and a
-//! `Retry-After` of when the tokens will be there. A request larger than the burst costs the
-//! whole burst, so it passes once the bucket is full instead of never.
+//! `Retry-After` of when the tokens will be there. A request larger than the burst can never
+//! pass (the bucket never holds that many tokens): it is refused with no retry delay, and
+//! takes nothing, so one big request a second cannot slip through a small limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,18 @@ pub struct Limiter {
     burst: f64,
     max_tracked: usize,
     buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+}
+
+/// Why [`Limiter::take`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// The tokens will be there after this long.
+    Wait(Duration),
+    /// More events than the burst: no wait helps; the request must be split.
+    OverBurst {
+        /// The bucket's burst, events.
+        burst: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -36,9 +49,11 @@ impl Limiter {
         }
     }
 
-    /// Takes `n` tokens for `key` at `now`, or says how long until they are there.
-    pub fn take(&self, key: &Arc<str>, n: usize, now: Instant) -> Result<(), Duration> {
-        let cost = (n as f64).min(self.burst);
+    /// Takes `n` tokens for `key` at `now`, or says how long until they are there (or that
+    /// they never will be).
+    pub fn take(&self, key: &Arc<str>, n: usize, now: Instant) -> Result<(), Denied> {
+        self.fits(n)?;
+        let cost = n as f64;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= self.max_tracked && !buckets.contains_key(key) {
             self.forget_full(&mut buckets, now);
@@ -51,7 +66,15 @@ impl Limiter {
             bucket.tokens -= cost;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((cost - bucket.tokens) / self.per_sec))
+            Err(Denied::Wait(Duration::from_secs_f64((cost - bucket.tokens) / self.per_sec)))
+        }
+    }
+
+    /// Refuses a request of `n` events that no bucket of this limit can ever take.
+    pub fn fits(&self, n: usize) -> Result<(), Denied> {
+        match n as f64 > self.burst {
+            true => Err(Denied::OverBurst { burst: self.burst as u64 }),
+            false => Ok(()),
         }
     }
 
@@ -86,7 +109,7 @@ mod tests {
         let t0 = Instant::now();
         assert!(limiter.take(&id, 20, t0).is_ok());
         let wait = limiter.take(&id, 5, t0).unwrap_err();
-        assert_eq!(wait, Duration::from_millis(500));
+        assert_eq!(wait, Denied::Wait(Duration::from_millis(500)));
         assert!(limiter.take(&id, 5, t0 + Duration::from_millis(499)).is_err());
         assert!(limiter.take(&id, 5, t0 + Duration::from_millis(1_000)).is_ok());
     }
@@ -101,12 +124,32 @@ mod tests {
     }
 
     #[test]
-    fn a_request_larger_than_the_burst_passes_when_the_bucket_is_full() {
-        let limiter = Limiter::new(10, 10, 100);
-        let id: Arc<str> = "fn".into();
-        let t0 = Instant::now();
-        assert!(limiter.take(&id, 50, t0).is_ok());
-        assert_eq!(limiter.take(&id, 50, t0).unwrap_err(), Duration::from_secs(1));
+    fn a_request_costs_its_event_count() {
+        // (rate, burst, request sizes one after the other at t0 + ms, expected answers)
+        let over = Denied::OverBurst { burst: 10 };
+        let wait = |ms| Denied::Wait(Duration::from_millis(ms));
+        let cases: [(&[(usize, u64)], &[Result<(), Denied>]); 5] = [
+            // One 1,000-event request a second never passes a 10/s limit, full bucket or not.
+            (&[(1_000, 0), (1_000, 1_000), (1_000, 2_000)], &[Err(over), Err(over), Err(over)]),
+            // Exactly the burst passes on a full bucket, then waits a whole refill.
+            (&[(10, 0), (10, 0), (10, 1_000)], &[Ok(()), Err(wait(1_000)), Ok(())]),
+            // One event over the burst is refused even on a full bucket.
+            (&[(11, 0)], &[Err(over)]),
+            // A refused oversized request takes nothing: the next small one still passes.
+            (&[(50, 0), (10, 0)], &[Err(over), Ok(())]),
+            // Many small requests cost their sum.
+            (&[(4, 0), (4, 0), (4, 0), (2, 200)], &[Ok(()), Ok(()), Err(wait(200)), Ok(())]),
+        ];
+        for (requests, expected) in cases {
+            let limiter = Limiter::new(10, 10, 100);
+            let id: Arc<str> = "fn".into();
+            let t0 = Instant::now();
+            let got: Vec<_> = requests
+                .iter()
+                .map(|&(n, ms)| limiter.take(&id, n, t0 + Duration::from_millis(ms)))
+                .collect();
+            assert_eq!(got, expected, "{requests:?}");
+        }
     }
 
     #[test]

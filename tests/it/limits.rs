@@ -78,3 +78,56 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     assert!(matches!(second, Ok(Ok(_))), "the waiting connection was never served");
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_larger_than_the_burst_is_refused_with_429_not_let_through() {
+    let (nats, setup, relay) = start_relay(|c| {
+        c.auth.rate_limit.events_per_sec = 10;
+        c.auth.rate_limit.burst = 10;
+    })
+    .await;
+    let events: Vec<_> = (0..1_000)
+        .map(|i| serde_json::json!({"subject": "edge.rl.big", "data": i.to_string()}))
+        .collect();
+    let body = serde_json::json!({ "events": events });
+
+    // HTTPS (h2, then h1 a second later: a full bucket does not let it through either).
+    for client in [&relay.h2, &relay.h1] {
+        let resp = relay.publish_events(client).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 429);
+        assert!(!resp.headers().contains_key("retry-after"), "a retry can never help");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        let first = &v["results"][0]["error"];
+        assert_eq!(
+            (first["code"].as_str(), first["reason"].as_str()),
+            (Some("rate_limited"), Some("request_over_burst"))
+        );
+        assert!(first["message"].as_str().unwrap().contains("burst is 10"), "{first}");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+    }
+
+    // The native protocol: every event refused, with no retry delay.
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let big: Vec<_> =
+        (0..1_000).map(|i| edgerelay_client::event("edge.rl.big", i.to_string())).collect();
+    let answer = client.publish(big).await.unwrap();
+    assert_eq!(answer.results.len(), 1_000);
+    for result in &answer.results {
+        match &result.outcome {
+            Some(edgerelay::proto::event_result::Outcome::Refused(r)) => {
+                assert_eq!(
+                    (r.code.as_str(), r.reason.as_str()),
+                    ("rate_limited", "request_over_burst")
+                );
+                assert_eq!(r.retry_after_ms, 0, "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Nothing was drawn from the bucket: a request within the burst still passes.
+    let resp = relay.publish(&relay.h2, "edge.rl.small", "x").send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(stream_messages(&nats.url()).await, 1);
+    relay.shutdown().await;
+}
