@@ -138,7 +138,9 @@ impl Auth {
         let jwt = match &cfg.jwt {
             Some(j) => {
                 let roles = rbac::Roles::parse(&cfg.roles)?;
-                let validator = jwt::Validator::new(j, roles, cfg.rate_limit.tenant_claim.clone());
+                let rl = &cfg.rate_limit;
+                let validator = jwt::Validator::new(j, roles, rl.tenant_claim.clone())
+                    .requiring_tenant(rl.tenant_events_per_sec > 0);
                 let keys = match keys {
                     Some(k) => k,
                     None => Arc::new(idp::KeyStore::new(

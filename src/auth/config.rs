@@ -74,7 +74,8 @@ pub struct RateLimitConfig {
     /// identities of one tenant share one more bucket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_claim: Option<String>,
-    /// Events a second per tenant; 0 = no tenant limit.
+    /// Events a second per tenant; 0 = no tenant limit. When set, a token without a usable
+    /// `tenant_claim` is refused (401), so the tenant bucket cannot be escaped.
     pub tenant_events_per_sec: u64,
     /// Tenant burst; 0 = one second's worth.
     pub tenant_burst: u64,

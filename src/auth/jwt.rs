@@ -10,7 +10,9 @@
 //!    configured audience, `exp` not past and `nbf`/`iat` not in the future (with the
 //!    leeway); a claim of the wrong type is a refusal, never "absent";
 //! 4. short-lived: `exp - iat` (or `exp - now` without `iat`) at most the configured maximum;
-//! 5. the identity claim (`sub` by default) a non-empty string.
+//! 5. the identity claim (`sub` by default) a non-empty string;
+//! 6. when a tenant rate limit is configured, the tenant claim a non-empty string too: a token
+//!    without one would escape the tenant's bucket, so it is refused (fails closed).
 //!
 //! Validated tokens are remembered by their SHA-256 until their `exp` (and only while the key
 //! set is unchanged), so an edge function reusing one token pays for one signature check.
@@ -52,6 +54,8 @@ pub struct Validator {
     max_lifetime: u64,
     identity_claim: String,
     tenant_claim: Option<String>,
+    /// A token must carry the tenant claim (a tenant rate limit is configured).
+    tenant_required: bool,
     roles: Roles,
     cache: Mutex<Cache>,
 }
@@ -90,9 +94,17 @@ impl Validator {
             max_lifetime: cfg.max_token_lifetime_secs,
             identity_claim: cfg.identity_claim.clone(),
             tenant_claim,
+            tenant_required: false,
             roles,
             cache: Mutex::new(Cache { entries: HashMap::new(), max: cfg.token_cache_entries }),
         }
+    }
+
+    /// The same validator refusing tokens without a usable tenant claim when `required` (a
+    /// tenant rate limit is configured and must not be escaped by leaving the claim out).
+    pub fn requiring_tenant(mut self, required: bool) -> Self {
+        self.tenant_required = required && self.tenant_claim.is_some();
+        self
     }
 
     /// The algorithms tokens may be signed with.
@@ -239,21 +251,37 @@ impl Validator {
                 ));
             }
         };
+        let tenant = self.tenant(&claims)?;
         let grant = self.roles.grant(&claims);
         Ok(Valid {
             identity: Identity {
                 name: name.into(),
                 rules: Arc::new(grant.rules),
                 expires: Some(expires + self.leeway),
-                tenant: self
-                    .tenant_claim
-                    .as_ref()
-                    .and_then(|c| claims.get(c))
-                    .and_then(Value::as_str)
-                    .map(Arc::from),
+                tenant,
             },
             expires,
         })
+    }
+
+    /// The tenant claim, when configured: a non-empty string of at most
+    /// [`MAX_IDENTITY_BYTES`]; anything else is no tenant, or a refusal when one is required.
+    fn tenant(&self, claims: &Map<String, Value>) -> Result<Option<Arc<str>>, Refusal> {
+        let Some(claim) = &self.tenant_claim else { return Ok(None) };
+        match claims.get(claim) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_IDENTITY_BYTES => {
+                Ok(Some(Arc::from(s.as_str())))
+            }
+            _ if !self.tenant_required => Ok(None),
+            Some(Value::String(_)) | None => Err(unauthorized(
+                "missing_claim",
+                format!("token has no usable {claim} claim: the tenant rate limit needs it"),
+            )),
+            Some(_) => Err(unauthorized(
+                "bad_claim_type",
+                format!("token claim {claim} is not a string: the tenant rate limit needs it"),
+            )),
+        }
     }
 }
 
@@ -323,4 +351,42 @@ pub fn digest(token: &str) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_tenant_claim_fails_closed_only_when_a_tenant_limit_needs_it() {
+        let validator = |claim: Option<&str>, required| {
+            Validator::new(&JwtConfig::default(), Roles::default(), claim.map(str::to_owned))
+                .requiring_tenant(required)
+        };
+        let long = "t".repeat(MAX_IDENTITY_BYTES + 1);
+        // (tenant claim configured, tenant limit configured, claims, tenant or refusal reason)
+        let cases = [
+            (Some("tenant"), true, json!({"tenant": "acme"}), Ok(Some("acme"))),
+            (Some("tenant"), true, json!({}), Err("missing_claim")),
+            (Some("tenant"), true, json!({"tenant": ""}), Err("missing_claim")),
+            (Some("tenant"), true, json!({"tenant": long}), Err("missing_claim")),
+            (Some("tenant"), true, json!({"tenant": 7}), Err("bad_claim_type")),
+            (Some("tenant"), true, json!({"tenant": ["acme"]}), Err("bad_claim_type")),
+            // Without a tenant limit a missing or odd tenant is only no tenant.
+            (Some("tenant"), false, json!({}), Ok(None)),
+            (Some("tenant"), false, json!({"tenant": 7}), Ok(None)),
+            (Some("tenant"), false, json!({"tenant": "acme"}), Ok(Some("acme"))),
+            (None, true, json!({"tenant": "acme"}), Ok(None)),
+        ];
+        for (claim, required, claims, expected) in cases {
+            let Value::Object(claims) = claims else { unreachable!() };
+            let got = validator(claim, required).tenant(&claims);
+            let got = got.as_ref().map(|t| t.as_deref()).map_err(|r| r.reason);
+            assert_eq!(got, expected, "{claim:?} {required} {claims:?}");
+            if let Err(r) = validator(claim, required).tenant(&claims) {
+                assert_eq!(r.code, ErrorCode::Unauthorized);
+            }
+        }
+    }
 }

@@ -530,6 +530,60 @@ async fn rate_limits_answer_429_with_retry_after_then_recover() {
 }
 
 #[tokio::test]
+async fn a_token_without_a_usable_tenant_claim_is_refused_when_a_tenant_limit_is_set() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    let rl = &mut setup.config.auth.rate_limit;
+    rl.tenant_claim = Some("tenant".into());
+    rl.tenant_events_per_sec = 1_000;
+    let relay = setup.start().await;
+
+    let with = |tenant: Value| {
+        let mut claims = json!({"sub": "fn-t", "scope": "edge:publish"});
+        if !tenant.is_null() {
+            claims["tenant"] = tenant;
+        }
+        idp.token(claims)
+    };
+    // The tenant bucket fails closed: no tenant, an empty one or a non-string one is a 401,
+    // on HTTPS and on the native protocol, and nothing is stored.
+    for (tenant, reason) in [
+        (Value::Null, "missing_claim"),
+        (json!(""), "missing_claim"),
+        (json!(42), "bad_claim_type"),
+        (json!({"id": "acme"}), "bad_claim_type"),
+    ] {
+        let token = with(tenant.clone());
+        assert_eq!(
+            over_https(&relay, &token, "edge.acme.t").await,
+            ("unauthorized".into(), reason.into()),
+            "{tenant}"
+        );
+        let client = setup.quic_client(&relay, &token).await;
+        let answer = client.publish(vec![edgerelay_client::event("edge.acme.t", "x")]).await;
+        let error = answer.unwrap().error.expect("refused");
+        assert_eq!((error.code.as_str(), error.reason.as_str()), ("unauthorized", reason));
+    }
+    assert_eq!(stream_messages(&nats.url()).await, 0);
+    // A token with its tenant passes.
+    assert_eq!(over_https(&relay, &with(json!("acme")), "edge.acme.t").await.0, "accepted");
+    relay.shutdown().await;
+
+    // Without a tenant limit the claim is not needed to authenticate (only the roles that name
+    // it then allow nothing).
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    setup.config.auth.rate_limit.tenant_claim = Some("tenant".into());
+    let relay = setup.start().await;
+    assert_eq!(
+        over_https(&relay, &with(Value::Null), "edge.acme.t").await,
+        ("forbidden".into(), "no_rule_allows".into())
+    );
+}
+
+#[tokio::test]
 async fn keys_from_a_jwks_url_or_a_local_file() {
     let nats = NatsServer::start();
     let idp = TestIdp::start().await;
