@@ -52,7 +52,8 @@ pub struct Credentials<'a> {
 /// Who is publishing, and where they may.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// Recorded as `publisher` on each event.
+    /// Namespaced by the kind of credentials ([`Source::name`]): the idempotency scope, the
+    /// rate-limit bucket, the audit records and the `publisher` of each event.
     pub name: Arc<str>,
     pub rules: Arc<Rules>,
     /// When the credentials stop being valid, unix seconds (a JWT's `exp` plus the leeway);
@@ -60,6 +61,32 @@ pub struct Identity {
     pub expires: Option<u64>,
     /// The tenant (`auth.rate_limit.tenant_claim` of a JWT), for the tenant rate limit.
     pub tenant: Option<Arc<str>>,
+}
+
+/// Where an identity comes from. Its name is namespaced by it (`static:<name>`,
+/// `mtls:<name>`, `jwt:<issuer>:<subject>`), so one kind of credentials can never speak for
+/// another: a JWT whose `sub` equals a static token's name is another identity, with its own
+/// idempotency keys, rate bucket and `publisher`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source<'a> {
+    /// A static token of `auth.static_tokens`, by its configured name.
+    Static(&'a str),
+    /// A client certificate of `auth.mtls.identities`, by its configured name.
+    Mtls(&'a str),
+    /// A JWT: the issuer it was validated against and its identity claim.
+    Jwt { issuer: &'a str, subject: &'a str },
+}
+
+impl Source<'_> {
+    /// The identity's namespaced name.
+    pub fn name(self) -> Arc<str> {
+        match self {
+            Self::Static(name) => format!("static:{name}"),
+            Self::Mtls(name) => format!("mtls:{name}"),
+            Self::Jwt { issuer, subject } => format!("jwt:{issuer}:{subject}"),
+        }
+        .into()
+    }
 }
 
 impl Identity {
@@ -332,6 +359,21 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_are_namespaced_by_kind() {
+        let cases = [
+            (Source::Static("edge"), "static:edge"),
+            (Source::Mtls("edge"), "mtls:edge"),
+            (
+                Source::Jwt { issuer: "https://idp.example", subject: "edge" },
+                "jwt:https://idp.example:edge",
+            ),
+        ];
+        for (source, name) in cases {
+            assert_eq!(&*source.name(), name);
+        }
+    }
 
     #[test]
     fn bearer_header_parsing() {

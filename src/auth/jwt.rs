@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use super::config::{algorithm, JwtConfig};
 use super::jwks::Key;
 use super::rbac::Roles;
-use super::Identity;
+use super::{Identity, Source};
 use crate::error::{excerpt, ErrorCode, Refusal};
 
 /// Longest token accepted.
@@ -255,7 +255,7 @@ impl Validator {
         let grant = self.roles.grant(&claims);
         Ok(Valid {
             identity: Identity {
-                name: name.into(),
+                name: Source::Jwt { issuer: &self.issuer, subject: &name }.name(),
                 rules: Arc::new(grant.rules),
                 expires: Some(expires + self.leeway),
                 tenant,

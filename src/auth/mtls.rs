@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::config::MtlsConfig;
-use super::{Identity, Rules};
+use super::{Identity, Rules, Source};
 use crate::subject::SubjectError;
 
 /// The configured certificate identities.
@@ -23,7 +23,7 @@ impl CertIdentities {
             // Validated at load; a name that does not parse matches nothing.
             let Ok(name) = ServerName::try_from(c.dns_name.clone()) else { continue };
             let identity = Identity {
-                name: c.name.as_str().into(),
+                name: Source::Mtls(&c.name).name(),
                 rules: Arc::new(Rules::parse(&c.allow, &c.deny)?),
                 expires: None,
                 tenant: None,

@@ -128,7 +128,9 @@ mod tests {
         // (rate, burst, request sizes one after the other at t0 + ms, expected answers)
         let over = Denied::OverBurst { burst: 10 };
         let wait = |ms| Denied::Wait(Duration::from_millis(ms));
-        let cases: [(&[(usize, u64)], &[Result<(), Denied>]); 5] = [
+        /// Requests (events, at t0 + ms) and their expected answers.
+        type Case<'a> = (&'a [(usize, u64)], &'a [Result<(), Denied>]);
+        let cases: [Case; 5] = [
             // One 1,000-event request a second never passes a 10/s limit, full bucket or not.
             (&[(1_000, 0), (1_000, 1_000), (1_000, 2_000)], &[Err(over), Err(over), Err(over)]),
             // Exactly the burst passes on a full bucket, then waits a whole refill.

@@ -280,7 +280,7 @@ mod tests {
         let first = session.identity(&current, Some(TOKEN)).await.unwrap();
         let again = session.identity(&current, None).await.unwrap();
         assert!(Arc::ptr_eq(&first.rules, &again.rules), "cached within a generation");
-        assert_eq!(session.last().map(|id| &*id.name), Some("edge"));
+        assert_eq!(session.last().map(|id| &*id.name), Some("static:edge"));
 
         current.store(stage(vec![token("edge.a.>")], None));
         let narrowed = session.identity(&current, None).await.unwrap();
@@ -307,8 +307,8 @@ mod tests {
         let current = Current::new(stage(tokens.clone(), Some(collector("edge.collector.>"))));
         let mut session = Session::new(Peer::new(Some(&chain("collector.edge.test"))));
         let id = session.identity(&current, None).await.unwrap();
-        assert_eq!(&*id.name, "collector");
-        assert_eq!(session.last().map(|id| &*id.name), Some("collector"));
+        assert_eq!(&*id.name, "mtls:collector");
+        assert_eq!(session.last().map(|id| &*id.name), Some("mtls:collector"));
 
         // mTLS off: the certificate proves nothing any more, a token is needed.
         current.store(stage(tokens.clone(), None));
@@ -317,10 +317,10 @@ mod tests {
             (ErrorCode::Unauthorized, "unknown_certificate")
         );
         let id = session.identity(&current, Some(TOKEN)).await.unwrap();
-        assert_eq!(&*id.name, "edge");
+        assert_eq!(&*id.name, "static:edge");
         // The token, not the certificate, from now on, even with mTLS back on.
         current.store(stage(tokens, Some(collector("edge.collector.>"))));
-        assert_eq!(&*session.identity(&current, None).await.unwrap().name, "edge");
+        assert_eq!(&*session.identity(&current, None).await.unwrap().name, "static:edge");
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::StaticToken;
-use super::{Identity, Rules};
+use super::{Identity, Rules, Source};
 
 #[derive(Debug, Default)]
 pub struct StaticTokens {
@@ -21,7 +21,7 @@ impl StaticTokens {
             .map(|t| {
                 let rules = Rules::parse(&t.allow, &t.deny).unwrap_or_default();
                 let identity = Identity {
-                    name: t.name.as_str().into(),
+                    name: Source::Static(&t.name).name(),
                     rules: Arc::new(rules),
                     expires: None,
                     tenant: None,
@@ -57,7 +57,7 @@ mod tests {
             deny: vec![],
         }]);
         let id = t.identify("0123456789abcdef").unwrap();
-        assert_eq!(&*id.name, "edge");
+        assert_eq!(&*id.name, "static:edge");
         assert!(id.rules.permits("edge.x"));
         assert!(t.identify("0123456789abcdeX").is_none());
     }

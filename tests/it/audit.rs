@@ -23,7 +23,7 @@ async fn publish_counts_per_identity_reach_the_audit_stream() {
     let counts: Vec<_> = records.iter().filter(|r| r["kind"] == "counts").collect();
     let total =
         |who: &str| counts.iter().map(|r| r["events"][who].as_u64().unwrap_or(0)).sum::<u64>();
-    assert_eq!((total("edge-test"), total("other")), (3, 1), "{records:?}");
+    assert_eq!((total("static:edge-test"), total("static:other")), (3, 1), "{records:?}");
     assert_eq!(metric(&relay, r#"edgerelay_accepted_events_total{protocol="https"}"#).await, 4);
 }
 
@@ -149,7 +149,7 @@ async fn a_mebibyte_of_bad_json_is_answered_and_audited_in_a_few_dozen_bytes() {
     let refused: Vec<_> = records.iter().filter(|r| r["kind"] == "refused").collect();
     assert_eq!(refused.len(), 3, "{records:?}");
     for r in &refused {
-        assert_eq!(r["identity"], "edge-test");
+        assert_eq!(r["identity"], "static:edge-test");
         let text = r.to_string();
         assert!(text.len() < 600, "{} bytes in one audit record: {text}", text.len());
     }

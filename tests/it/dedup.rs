@@ -70,3 +70,49 @@ async fn a_batch_retried_after_a_lost_ack_is_stored_once() {
     assert!(stored.iter().any(|m| m.seq == ok.seq && m.msg_id == ok.batch));
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_jwt_whose_sub_is_a_static_token_s_name_cannot_claim_that_token_s_keys() {
+    let nats = NatsServer::start();
+    let idp = TestIdp::start().await;
+    let mut setup = Setup::new(&nats.url());
+    setup.with_jwt(&idp);
+    let relay = setup.start().await;
+    // The static token is named `edge-test`; this JWT's `sub` is the same string.
+    let jwt = idp
+        .token(serde_json::json!({"sub": "edge-test", "tenant": "acme", "scope": "edge:publish"}));
+    let send = |token: &str, key: &str| {
+        let req = relay.publish_as(&relay.h2, token, "edge.acme.idem", "x");
+        let req = req.header("Idempotency-Key", key.to_owned()).send();
+        async move {
+            let resp = req.await.unwrap();
+            assert_eq!(resp.status(), 202);
+            resp.json::<Accepted>().await.unwrap()
+        }
+    };
+
+    // The static token's key first: the JWT's event with the same key is another event.
+    let by_static = send(TOKEN, "k-1").await;
+    let by_jwt = send(&jwt, "k-1").await;
+    assert!(!by_static.duplicate && !by_jwt.duplicate, "{by_static:?} {by_jwt:?}");
+    assert_ne!(by_static.seq, by_jwt.seq);
+    // And the other way round: a JWT cannot pre-claim the token's next key.
+    let by_jwt = send(&jwt, "k-2").await;
+    let by_static = send(TOKEN, "k-2").await;
+    assert!(!by_jwt.duplicate && !by_static.duplicate, "{by_jwt:?} {by_static:?}");
+    assert_ne!(by_static.seq, by_jwt.seq);
+    // Within one identity a key is still a key: retries are duplicates.
+    assert!(send(TOKEN, "k-1").await.duplicate);
+    assert!(send(&jwt, "k-2").await.duplicate);
+
+    // Four events, two from each, each with its own namespaced publisher.
+    let stored = read_stream(&nats.url()).await;
+    let mut publishers: Vec<String> =
+        stored.iter().flat_map(|m| m.batch.events.iter().map(|e| e.publisher.clone())).collect();
+    publishers.sort();
+    let jwt_name = format!("jwt:{}:edge-test", idp.issuer());
+    assert_eq!(
+        publishers,
+        [jwt_name.clone(), jwt_name, "static:edge-test".into(), "static:edge-test".into()]
+    );
+}

@@ -131,7 +131,7 @@ async fn the_edgeworker_example_publishes_each_request_once_under_node() {
     }
     for e in &events {
         assert_eq!(e.subject, "edge.ew.shop_example_com");
-        assert_eq!(e.publisher, "edge-test");
+        assert_eq!(e.publisher, "static:edge-test");
         assert_eq!(e.headers.get("content-type").map(String::as_str), Some("application/json"));
         assert!(
             (before..=after).contains(&e.edge_time_unix_ms),

@@ -320,14 +320,14 @@ async fn tenants_publish_only_to_their_own_subjects() {
     let events: Vec<_> = stored.iter().flat_map(|m| m.batch.events.iter()).collect();
     assert_eq!(events.len(), 3);
     // The audit trail says who tried which subject.
+    // Identities are namespaced by kind: a JWT's is `jwt:<issuer>:<sub>`.
+    let who = format!("jwt:{}:edge-fn-acme", idp.issuer());
     let records = audit_records(&nats.url(), 1).await;
     assert!(records.iter().any(|r| r["kind"] == "refused"
-        && r["identity"] == "edge-fn-acme"
+        && r["identity"] == who.as_str()
         && r["subject"] == "edge.globex.click"
         && r["reason"] == "no_rule_allows"));
-    assert!(events
-        .iter()
-        .all(|e| e.publisher == "edge-fn-acme" && e.subject.starts_with("edge.acme.")));
+    assert!(events.iter().all(|e| e.publisher == who && e.subject.starts_with("edge.acme.")));
 }
 
 #[tokio::test]

@@ -141,7 +141,11 @@ async fn a_collector_certificate_is_an_identity_on_https_h3_and_quic() {
     let stored = read_stream(&nats.url()).await;
     let publishers: Vec<_> =
         stored.iter().flat_map(|m| m.batch.events.iter().map(|e| e.publisher.as_str())).collect();
-    assert_eq!(publishers.iter().filter(|p| **p == "collector-fra1").count(), 3, "{publishers:?}");
+    assert_eq!(
+        publishers.iter().filter(|p| **p == "mtls:collector-fra1").count(),
+        3,
+        "{publishers:?}"
+    );
 }
 
 #[tokio::test]

@@ -44,7 +44,7 @@ async fn single_events_round_trip_over_http1_and_http2() {
         assert_eq!(ev.id, key);
         assert_eq!(ev.edge_time_unix_ms, 1_700_000_000_123);
         assert!(ev.ingest_time_unix_us > 1_700_000_000_000_000);
-        assert_eq!(ev.publisher, "edge-test");
+        assert_eq!(ev.publisher, "static:edge-test");
         assert_eq!(ev.headers.get("content-type").map(String::as_str), Some("text/plain"));
     }
     assert!(relay.shutdown().await.complete);
@@ -188,7 +188,7 @@ async fn health_readiness_and_tail() {
     assert_eq!(payloads, ["a", "b", "c"]);
     assert!(lines
         .iter()
-        .all(|l| l["publisher"] == "edge-test" && l["stream_seq"].as_u64().unwrap() > 0));
+        .all(|l| l["publisher"] == "static:edge-test" && l["stream_seq"].as_u64().unwrap() > 0));
     relay.shutdown().await;
 }
 

@@ -62,7 +62,7 @@ async fn pipelined_requests_on_many_streams_and_connections_are_all_stored() {
     for (payload, seq, index) in &answers {
         let ev = &by_seq[seq].batch.events[*index as usize];
         assert_eq!(ev.payload, payload.as_bytes(), "answer points at the wrong event");
-        assert_eq!(ev.publisher, "edge-test");
+        assert_eq!(ev.publisher, "static:edge-test");
     }
     relay.shutdown().await;
 }
