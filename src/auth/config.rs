@@ -49,7 +49,7 @@ pub struct MtlsConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CertIdentity {
-    /// Identity name, recorded as `publisher`.
+    /// Identity name; recorded as `publisher` as `mtls:<name>`.
     pub name: String,
     /// A DNS subject alternative name the certificate must carry.
     pub dns_name: String,

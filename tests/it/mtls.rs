@@ -156,6 +156,30 @@ async fn a_certificate_without_a_configured_name_needs_a_token() {
     assert_eq!(resp.status(), 401);
 }
 
+#[tokio::test]
+async fn a_wildcard_certificate_is_no_identity_on_https_and_quic() {
+    // Signed by the configured CA, and `*.edge.test` would match `collector-fra1.edge.test`.
+    let Collector { nats, setup, relay, h2, cert, key } = collector("*.edge.test").await;
+    let resp = h2.post(relay.url("/v1/publish/edge.collector.cpu")).body("x").send().await.unwrap();
+    assert_eq!(error_reason(resp).await, (401, "missing_token".into()));
+    let quic =
+        edgerelay_client::Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let answer =
+        quic.publish(vec![edgerelay_client::event("edge.collector.quic", "1")]).await.unwrap();
+    let error = answer.error.expect("refused");
+    // A native stream stands on its certificate until it sends a token: that proves nothing.
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("unauthorized", "unknown_certificate")
+    );
+    // With a token the connection is served as any other.
+    assert_eq!(relay.publish(&h2, "edge.other.x", "t").send().await.unwrap().status(), 202);
+    let stored = read_stream(&nats.url()).await;
+    let publishers: Vec<_> =
+        stored.iter().flat_map(|m| m.batch.events.iter().map(|e| e.publisher.as_str())).collect();
+    assert_eq!(publishers, ["static:edge-test"]);
+}
+
 /// Publishes one event on `edge.collector.reload` over HTTPS: the status, or `None` when the TLS
 /// handshake (or the connection) failed.
 async fn collector_publish(client: &reqwest::Client, relay: &TestRelay) -> Option<u16> {
