@@ -258,22 +258,11 @@ impl Ingest {
                 Ticket::Waiting(rx) => waiting.push((index, rx)),
             }
         }
-        // Retries of keys in flight (rare) get the first event's answer.
-        for (index, rx) in waiting {
-            let outcome = match tokio::time::timeout(self.wait_for_first, rx).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => Err(Refusal::new(
-                    ErrorCode::ShuttingDown,
-                    "the relay stopped before answering",
-                )),
-                // The first event's batch is still unresolved (JetStream slow or away): this
-                // retry must not publish it again, so it is told to come back later.
-                Err(_) => Err(Refusal::new(
-                    ErrorCode::AckTimeout,
-                    "an earlier request with this Idempotency-Key is still waiting for JetStream; retry later with the same key",
-                )
-                .because("first_attempt_unresolved")),
-            };
+        // Retries of keys in flight (rare) get the first event's answer, all of the request's
+        // at once under one deadline.
+        for (index, outcome) in
+            wait_for_firsts(waiting, tokio::time::sleep(self.wait_for_first)).await
+        {
             answers.set(index, outcome);
         }
         let outcomes = answers.all().await;
@@ -388,6 +377,37 @@ impl Ingest {
     }
 }
 
+/// Waits for the first attempts of a request's retried keys (`(index, receiver)`), all of them
+/// at once, until `deadline`: a request with many keys in flight waits one deadline, not one
+/// per key. A key still unresolved then is refused (`first_attempt_unresolved`): the retry must
+/// not publish the event again, so it is told to come back later with the same key.
+async fn wait_for_firsts(
+    waiting: Vec<(usize, oneshot::Receiver<Outcome>)>,
+    deadline: impl std::future::Future<Output = ()>,
+) -> Vec<(usize, Outcome)> {
+    use futures::FutureExt;
+    let deadline = deadline.shared();
+    let waits = waiting.into_iter().map(|(index, rx)| {
+        let deadline = deadline.clone();
+        async move {
+            // An answer already there wins over a deadline that passed meanwhile.
+            let outcome = tokio::select! {
+                biased;
+                outcome = rx => outcome.unwrap_or_else(|_| {
+                    Err(Refusal::new(ErrorCode::ShuttingDown, "the relay stopped before answering"))
+                }),
+                () = deadline => Err(Refusal::new(
+                    ErrorCode::AckTimeout,
+                    "an earlier request with this Idempotency-Key is still waiting for JetStream; retry later with the same key",
+                )
+                .because("first_attempt_unresolved")),
+            };
+            (index, outcome)
+        }
+    });
+    futures::future::join_all(waits).await
+}
+
 /// Answers a pending event that could not be queued (so its idempotency key is released),
 /// and the request with the same refusal unless the reply already did.
 fn refuse(p: Pending, code: ErrorCode, message: &'static str) -> Ticket {
@@ -486,6 +506,62 @@ mod tests {
     use super::*;
     use crate::event::Stored;
     use proto::event_result::Outcome as O;
+
+    fn stored(seq: u64) -> Outcome {
+        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: true }))
+    }
+
+    #[tokio::test]
+    async fn a_request_s_keyed_waits_share_one_deadline() {
+        // Five retried keys: 1 and 3 resolve, 4's first attempt is dropped, 0 and 2 never do.
+        let (senders, waiting): (Vec<_>, Vec<_>) = (0..5)
+            .map(|i| {
+                let (tx, rx) = oneshot::channel();
+                (tx, (i * 10, rx))
+            })
+            .unzip();
+        let (deadline_tx, deadline_rx) = oneshot::channel::<()>();
+        let deadline = async move {
+            let _ = deadline_rx.await;
+        };
+        let wait = tokio::spawn(wait_for_firsts(waiting, deadline));
+        let [tx0, tx1, tx2, tx3, tx4]: [_; 5] = senders.try_into().unwrap();
+        tx1.send(stored(11)).unwrap();
+        tx3.send(stored(33)).unwrap();
+        drop(tx4);
+        // The one deadline passes once: every key still waiting is answered with it, and
+        // answers already there win over it.
+        deadline_tx.send(()).unwrap();
+        let got = wait.await.unwrap();
+        let got: Vec<_> = got
+            .iter()
+            .map(|(i, o)| match o {
+                Ok(Ack::Stored(s)) => (*i, format!("seq {}", s.seq)),
+                Err(r) => (*i, r.reason.to_owned()),
+                Ok(other) => panic!("{other:?}"),
+            })
+            .collect();
+        let want = [
+            (0, "first_attempt_unresolved"),
+            (10, "seq 11"),
+            (20, "first_attempt_unresolved"),
+            (30, "seq 33"),
+            (40, "shutting_down"),
+        ];
+        let want: Vec<_> = want.iter().map(|(i, s)| (*i, s.to_string())).collect();
+        assert_eq!(got, want);
+        drop((tx0, tx2));
+    }
+
+    #[tokio::test]
+    async fn keyed_waits_end_as_soon_as_all_resolve_without_the_deadline() {
+        let (tx, rx) = oneshot::channel();
+        tx.send(stored(7)).unwrap();
+        let never = std::future::pending::<()>();
+        let got = wait_for_firsts(vec![(3, rx)], never).await;
+        assert!(matches!(got[..], [(3, Ok(Ack::Stored(Stored { seq: 7, .. })))]));
+        assert!(wait_for_firsts(vec![], std::future::pending()).await.is_empty());
+    }
 
     #[test]
     fn results_name_each_event_s_own_batch() {
