@@ -55,12 +55,14 @@ pub enum StartError {
     /// The disk spool could not be opened (unwritable directory, locked by another relay).
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
-    /// The operating system's random number generator failed, so no boot id could be drawn.
-    /// Starting with a fixed one would repeat an earlier run's `Nats-Msg-Id`s, and JetStream
-    /// would drop the new batches as duplicates.
+    /// The operating system's random number generator failed, so no boot id (or no queue shard
+    /// key) could be drawn. Starting with a fixed boot id would repeat an earlier run's
+    /// `Nats-Msg-Id`s, and JetStream would drop the new batches as duplicates; a fixed shard key
+    /// would let clients aim their subjects at another tenant's shard.
     #[error(
         "the operating system's random number generator failed: cannot draw a boot id \
-         (a fixed one would make JetStream drop new batches as duplicates of an earlier run's)"
+         (a fixed one would make JetStream drop new batches as duplicates of an earlier run's) \
+         or the queues' shard key"
     )]
     Random,
 }

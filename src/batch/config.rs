@@ -25,6 +25,11 @@ pub struct BatchConfig {
     pub shards: usize,
     /// Capacity of each shard's lock-free queue, events. A full queue answers 503.
     pub queue_capacity: usize,
+    /// Bytes of encoded events each shard holds at most (an empty shard still takes one larger
+    /// event); past it the shard is full like at `queue_capacity` (503 `queue_full`). The
+    /// default, 32 MiB, is the default 16,384 events at 2 KiB each: small events meet the event
+    /// bound first, large ones this one.
+    pub queue_max_bytes: usize,
 }
 
 impl Default for BatchConfig {
@@ -36,6 +41,7 @@ impl Default for BatchConfig {
             flush_when_idle: true,
             shards: 0,
             queue_capacity: 16_384,
+            queue_max_bytes: 32 << 20,
         }
     }
 }
@@ -47,6 +53,7 @@ impl BatchConfig {
         p.bad(self.max_events == 0, "batch.max_events must be > 0 (1 turns batching off)");
         p.bad(self.max_bytes > 8 << 20, "batch.max_bytes must be at most 8 MiB (NATS max_payload)");
         p.nonzero("batch.queue_capacity", self.queue_capacity);
+        p.nonzero("batch.queue_max_bytes", self.queue_max_bytes);
         p.bad(self.shards > 1024, "batch.shards must be at most 1024");
         p.into_vec()
     }

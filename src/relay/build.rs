@@ -18,7 +18,7 @@ use crate::admin::{self, Health};
 use crate::audit::{self, Audit};
 use crate::auth::Auth;
 use crate::batch::driver::{self, Batching, Heartbeats, Options};
-use crate::batch::queue::Queues;
+use crate::batch::queue::{Bounds, Queues, ShardKey};
 use crate::config::Config;
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
@@ -96,7 +96,9 @@ pub fn ingest(
     metrics: &Arc<Metrics>,
 ) -> Result<Stage, StartError> {
     let sink = &upstream.sink;
-    let queues = Arc::new(Queues::new(config.batch.shard_count(), config.batch.queue_capacity));
+    let bounds =
+        Bounds { events: config.batch.queue_capacity, bytes: config.batch.queue_max_bytes };
+    let queues = Arc::new(Queues::new(config.batch.shard_count(), bounds, shard_key()?));
     let auth = Arc::new(Auth::new(&config.auth, metrics.clone())?);
     let (audit, audit_queue) = Audit::new(&config.audit, &config.relay.id, metrics.clone());
     let audit = Arc::new(audit);
@@ -213,6 +215,22 @@ fn boot_id_from(
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The key of the queues' shard hash, drawn once per process start.
+fn shard_key() -> Result<ShardKey, StartError> {
+    use ring::rand::SecureRandom;
+    shard_key_from(|bytes| ring::rand::SystemRandom::new().fill(bytes))
+}
+
+/// A shard key from the bytes `fill` draws; its failure stops the start (a fixed key would let
+/// clients work out which subjects share a shard).
+fn shard_key_from(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), ring::error::Unspecified>,
+) -> Result<ShardKey, StartError> {
+    let mut key = [0u8; 16];
+    fill(&mut key).map_err(|_| StartError::Random)?;
+    Ok(ShardKey(key))
+}
+
 /// Opens the spool (off the runtime: it reads every segment once) and logs what it
 /// recovered (after a crash: a torn tail cut off, damaged records skipped).
 async fn open_spool(cfg: SpoolConfig, metrics: Arc<Metrics>) -> Result<Spool, SpoolError> {
@@ -254,5 +272,12 @@ mod tests {
         let err = boot_id_from(|_| Err(ring::error::Unspecified)).unwrap_err();
         assert!(matches!(err, StartError::Random), "{err:?}");
         assert!(err.to_string().contains("random number generator"), "{err}");
+        let err = shard_key_from(|_| Err(ring::error::Unspecified)).unwrap_err();
+        assert!(matches!(err, StartError::Random), "{err:?}");
+        let drawn = shard_key_from(|b| {
+            b.fill(9);
+            Ok(())
+        });
+        assert_eq!(drawn.unwrap().0, [9; 16]);
     }
 }
