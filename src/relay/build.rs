@@ -201,34 +201,41 @@ pub fn batching_of(config: &Config) -> Batching {
 
 /// A random id for this process start, so batch ids never repeat across restarts.
 pub fn boot_id() -> Result<String, StartError> {
-    use ring::rand::SecureRandom;
-    boot_id_from(|bytes| ring::rand::SystemRandom::new().fill(bytes))
+    boot_id_from(system_random)
 }
 
 /// A boot id from the bytes `fill` draws; its failure stops the start (a fixed id would repeat
 /// the last run's Msg-Ids, and JetStream would drop the new batches as duplicates).
-fn boot_id_from(
-    fill: impl FnOnce(&mut [u8]) -> Result<(), ring::error::Unspecified>,
-) -> Result<String, StartError> {
-    let mut bytes = [0u8; 6];
-    fill(&mut bytes).map_err(|_| StartError::Random)?;
+fn boot_id_from(fill: impl FnOnce(&mut [u8]) -> Fill) -> Result<String, StartError> {
+    let bytes: [u8; 6] = drawn(fill)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The key of the queues' shard hash, drawn once per process start.
 fn shard_key() -> Result<ShardKey, StartError> {
-    use ring::rand::SecureRandom;
-    shard_key_from(|bytes| ring::rand::SystemRandom::new().fill(bytes))
+    shard_key_from(system_random)
 }
 
 /// A shard key from the bytes `fill` draws; its failure stops the start (a fixed key would let
 /// clients work out which subjects share a shard).
-fn shard_key_from(
-    fill: impl FnOnce(&mut [u8]) -> Result<(), ring::error::Unspecified>,
-) -> Result<ShardKey, StartError> {
-    let mut key = [0u8; 16];
-    fill(&mut key).map_err(|_| StartError::Random)?;
-    Ok(ShardKey(key))
+fn shard_key_from(fill: impl FnOnce(&mut [u8]) -> Fill) -> Result<ShardKey, StartError> {
+    drawn(fill).map(ShardKey)
+}
+
+/// What filling bytes from a random number generator gives.
+type Fill = Result<(), ring::error::Unspecified>;
+
+/// Fills `bytes` from the operating system's random number generator.
+fn system_random(bytes: &mut [u8]) -> Fill {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new().fill(bytes)
+}
+
+/// `N` bytes from `fill`, or the error that stops the start.
+fn drawn<const N: usize>(fill: impl FnOnce(&mut [u8]) -> Fill) -> Result<[u8; N], StartError> {
+    let mut bytes = [0u8; N];
+    fill(&mut bytes).map_err(|_| StartError::Random)?;
+    Ok(bytes)
 }
 
 /// Opens the spool (off the runtime: it reads every segment once) and logs what it
