@@ -174,6 +174,8 @@ pub struct Metrics {
     pub batch_retries: Counter,
     /// Events waiting in the queues (set when scraped).
     pub queue_depth: Gauge,
+    /// Encoded bytes of the events waiting in the queues (set when scraped).
+    pub queue_bytes: Gauge,
     /// Batches published and not yet acknowledged (set when scraped).
     pub inflight_batches: Gauge,
     /// Bytes of the disk spool's segment files.
@@ -354,6 +356,12 @@ impl Metrics {
             "Events waiting in the queues",
             queue_depth.clone(),
         );
+        let queue_bytes = Gauge::default();
+        registry.register(
+            "queue_depth_bytes",
+            "Encoded bytes of the events waiting in the queues",
+            queue_bytes.clone(),
+        );
         let inflight_batches = Gauge::default();
         registry.register(
             "inflight_batches",
@@ -442,6 +450,7 @@ impl Metrics {
             batches,
             batch_retries,
             queue_depth,
+            queue_bytes,
             inflight_batches,
             spool_bytes,
             spool_records,

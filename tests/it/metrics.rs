@@ -155,6 +155,7 @@ async fn latency_histograms_and_batch_counters_are_exported() {
         "edgerelay_batch_events_count 5",
         r#"edgerelay_accepted_events_total{protocol="https"} 5"#,
         "edgerelay_queue_depth_events 0",
+        "edgerelay_queue_depth_bytes 0",
         "edgerelay_inflight_batches 0",
     ] {
         assert!(text.contains(sample), "missing {sample:?} in\n{text}");
