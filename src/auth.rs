@@ -310,11 +310,15 @@ impl Jwt {
             jwks::Lookup::Fetch => return Err(missing_key(jwks::Missing::NoKeys)),
         };
         self.metrics.jwt_verifications.inc();
-        let valid = self.validator.verify(token, &header, &key, now)?;
-        // A rotated-out key's tokens are remembered only until its grace ends.
+        let mut valid = self.validator.verify(token, &header, &key, now)?;
+        // A rotated-out key's tokens are remembered only until its grace ends, and a native
+        // stream that keeps the identity holds it no longer than that either.
         let until = grace_ends.map_or(valid.expires, |end| {
             valid.expires.min(now + end.saturating_duration_since(at).as_secs())
         });
+        if grace_ends.is_some() {
+            valid.identity.expires = valid.identity.expires.map(|exp| exp.min(until));
+        }
         self.validator.remember(digest, valid.clone(), generation, until, now);
         Ok(valid.identity)
     }

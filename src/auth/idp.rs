@@ -3,6 +3,7 @@
 //! and single-flight fetches when a token names a `kid` the set lacks.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,16 @@ use super::config::{check_url, JwtConfig};
 use super::jwks::{Changes, Keys, Lookup, Missing, Policy};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::shutdown::Shutdown;
+
+/// Key-set changes of every key store of the process, for what keeps an identity across
+/// requests (a native stream) without checking its token each time: a change sends it back to
+/// the key set, where a rotated-out key's tokens last only until its grace ends.
+static KEY_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times any key store's usable keys changed (see [`KEY_CHANGES`]).
+pub fn key_changes() -> u64 {
+    KEY_CHANGES.load(Ordering::Acquire)
+}
 
 /// Largest JWKS or discovery document read.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -188,6 +199,7 @@ impl KeyStore {
         let jwks = fetched?;
         let changes = self.keys.write().unwrap_or_else(|p| p.into_inner()).update(&jwks, now);
         if changes.any() {
+            KEY_CHANGES.fetch_add(1, Ordering::AcqRel);
             self.metrics.jwks_key_changes.inc();
             tracing::info!(
                 added = changes.added,

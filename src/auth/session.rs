@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::CertificateDer;
 
-use super::{Auth, Credentials, Identity};
+use super::{idp, Auth, Credentials, Identity};
 use crate::error::{ErrorCode, Refusal};
 
 /// The auth stage every request uses now: swapped whole by a reload.
@@ -45,7 +45,9 @@ pub struct Session {
     peer: Peer,
     presented: Presented,
     /// The identity the token proves under the stage of that generation.
-    cached: Option<(u64, Identity)>,
+    /// The identity of the token, with the stage generation and key-set changes it was
+    /// derived under.
+    cached: Option<((u64, u64), Identity)>,
 }
 
 /// The credentials a stream's next request stands on.
@@ -172,7 +174,7 @@ impl Session {
             }
             Presented::Token(token) => token,
         };
-        let generation = current.generation();
+        let generation = (current.generation(), idp::key_changes());
         if let Some((g, id)) = &self.cached {
             if *g == generation {
                 return Ok(id.clone());
@@ -180,7 +182,7 @@ impl Session {
         }
         let auth = current.load();
         let id = auth.authenticate(Credentials { bearer: Some(token), peer: None }).await?;
-        self.cached = Some((auth.generation(), id.clone()));
+        self.cached = Some(((auth.generation(), generation.1), id.clone()));
         Ok(id)
     }
 }

@@ -354,6 +354,41 @@ async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
 }
 
 #[tokio::test]
+async fn a_quic_stream_signed_by_a_rotated_out_key_is_refused_once_the_grace_ends() {
+    let idp = TestIdp::start().await;
+    let (nats, setup, relay) = jwt_relay(&idp, |jwt| {
+        jwt.key_grace_secs = 2;
+        jwt.refresh_secs = 1;
+    })
+    .await;
+    let old = idp.token(good_claims(&idp));
+    let client = setup.quic_client(&relay, &old).await;
+    let mut stream = client.stream().await.unwrap();
+    assert_eq!(on_stream(&mut stream, "edge.acme.a").await, None);
+    // The IdP drops the old key; the relay's refresh finds that within a second. The stream
+    // (no token on its later requests) keeps working within the grace...
+    idp.idp.rotate("ES256", true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(on_stream(&mut stream, "edge.acme.b").await, None);
+    // ...and not after it, although the token's exp is an hour away.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let late = on_stream(&mut stream, "edge.acme.c").await.expect("refused after the grace");
+    assert_eq!(late.0, "unauthorized", "{late:?}");
+    // The key is retired, or forgotten already (a refresh after the grace drops it).
+    assert!(["retired_key", "unknown_key", "token_expired"].contains(&late.1.as_str()), "{late:?}");
+    assert_eq!(stream_messages(&nats.url()).await, 2);
+}
+
+/// One request without a token on `stream`: its refusal (code, reason), if refused.
+async fn on_stream(
+    stream: &mut edgerelay_client::PublishStream,
+    subject: &str,
+) -> Option<(String, String)> {
+    stream.send(vec![edgerelay_client::event(subject, "1")]).await.unwrap();
+    stream.recv().await.unwrap().error.map(|e| (e.code, e.reason))
+}
+
+#[tokio::test]
 async fn a_refresh_that_finds_the_same_keys_keeps_checked_tokens_cached() {
     let idp = TestIdp::start().await;
     let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.refresh_secs = 1).await;
