@@ -43,6 +43,9 @@ pub enum ErrorCode {
     NotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
+    /// The request's body stalled: no bytes for `https.body_timeout_ms`, or slower on average
+    /// than `https.body_min_bytes_per_sec`.
+    RequestTimeout,
     /// Too many requests from this identity.
     RateLimited,
     /// The relay's bounded queues are full: back off and retry.
@@ -79,7 +82,7 @@ pub struct Refusal {
 
 impl ErrorCode {
     /// Every code, for clients and dashboards that enumerate them.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::BadSubject,
         Self::BadRequest,
         Self::Unauthorized,
@@ -88,6 +91,7 @@ impl ErrorCode {
         Self::UnsupportedMediaType,
         Self::NotFound,
         Self::MethodNotAllowed,
+        Self::RequestTimeout,
         Self::RateLimited,
         Self::QueueFull,
         Self::NatsUnavailable,
@@ -114,6 +118,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
             Self::RateLimited => "rate_limited",
             Self::QueueFull => "queue_full",
             Self::NatsUnavailable => "nats_unavailable",
@@ -133,6 +138,7 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
             Self::TooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::RateLimited => 429,
@@ -157,6 +163,7 @@ impl ErrorCode {
             | Self::UnsupportedMediaType
             | Self::NotFound
             | Self::MethodNotAllowed
+            | Self::RequestTimeout
             | Self::RateLimited => Side::Edge,
             Self::NatsUnavailable | Self::AckTimeout | Self::Rejected | Self::AuthUnavailable => {
                 Side::Upstream

@@ -4,6 +4,7 @@
 //! authentication, authorization, validation, idempotency, enqueueing and waiting for the
 //! answer — is [`Ingest`], one code path for every protocol.
 
+pub mod body;
 pub mod config;
 pub mod http_api;
 pub mod https;
@@ -175,6 +176,14 @@ impl Ingest {
     /// Counts `bytes` of request body or frame read on `protocol`.
     pub fn received(&self, protocol: Protocol, bytes: usize) {
         self.metrics.protocol(protocol).received_bytes.inc_by(bytes as u64);
+    }
+
+    /// What counts the bytes of refused request bodies drained on `protocol`.
+    pub fn discarded(&self, protocol: Protocol) -> impl Fn(usize) + Send + 'static {
+        let counter = self.metrics.protocol(protocol).discarded_bytes.clone();
+        move |n| {
+            counter.inc_by(n as u64);
+        }
     }
 
     /// Counts a connection of `protocol` as open until the guard is dropped.

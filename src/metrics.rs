@@ -99,6 +99,7 @@ pub struct ProtocolMetrics {
     pub accepted: Counter,
     pub duplicates: Counter,
     pub received_bytes: Counter,
+    pub discarded_bytes: Counter,
     pub ingest_to_ack: Histogram,
     pub edge_to_ack: Histogram,
 }
@@ -118,6 +119,8 @@ pub struct Metrics {
     pub duplicates: Family<ProtocolLabels, Counter>,
     /// Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol.
     pub received_bytes: Family<ProtocolLabels, Counter>,
+    /// Bodies of refused HTTP requests read and dropped unbuffered, bytes, by protocol.
+    pub discarded_bytes: Family<ProtocolLabels, Counter>,
     /// Encoded batches JetStream acknowledged, bytes.
     pub published_bytes: Counter,
     /// Open connections (handshake done), by protocol.
@@ -231,6 +234,12 @@ impl Metrics {
             "received_bytes",
             "Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol",
             received_bytes.clone(),
+        );
+        let discarded_bytes: Family<ProtocolLabels, Counter> = Family::default();
+        registry.register(
+            "discarded_bytes",
+            "Bodies of refused HTTP requests read and dropped without being kept, bytes, by protocol",
+            discarded_bytes.clone(),
         );
         let published_bytes = Counter::default();
         registry.register(
@@ -414,6 +423,7 @@ impl Metrics {
                 accepted: accepted.get_or_create(&labels).clone(),
                 duplicates: duplicates.get_or_create(&labels).clone(),
                 received_bytes: received_bytes.get_or_create(&labels).clone(),
+                discarded_bytes: discarded_bytes.get_or_create(&labels).clone(),
                 ingest_to_ack: ingest_to_ack.get_or_create(&labels).clone(),
                 edge_to_ack: edge_to_ack.get_or_create(&labels).clone(),
             }
@@ -425,6 +435,7 @@ impl Metrics {
             accepted,
             duplicates,
             received_bytes,
+            discarded_bytes,
             published_bytes,
             connections,
             nats_active_cluster,

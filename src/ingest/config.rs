@@ -53,6 +53,23 @@ pub struct HttpsConfig {
     pub header_read_timeout_ms: u64,
     /// A connection with no request in flight for this long is closed, milliseconds.
     pub idle_timeout_ms: u64,
+    /// Longest wait for the next bytes of a request body (HTTP/1.1, HTTP/2 and HTTP/3),
+    /// milliseconds; also the grace before `body_min_bytes_per_sec` counts. A body that
+    /// stalls is answered 408 and dropped (like nginx's `client_body_timeout`).
+    pub body_timeout_ms: u64,
+    /// Least average rate of a request body once `body_timeout_ms` has passed, bytes a second
+    /// (0: none). Cuts a trickle that never quite stalls.
+    pub body_min_bytes_per_sec: u64,
+    /// Most bytes of a refused request's body read and dropped (never kept) after the early
+    /// answer (401, 403, 413, …), so that clients that send the whole body before reading
+    /// the answer (curl over HTTP/2) read the status. Past it the stream is reset.
+    pub discard_body_bytes: u64,
+    /// A connection older than this is asked to close (HTTP/2 GOAWAY; HTTP/1.1 `Connection:
+    /// close` on its next answer), milliseconds (0: no limit). The client reconnects.
+    pub max_connection_age_ms: u64,
+    /// How long requests under way may finish after `max_connection_age_ms` before the
+    /// connection is closed, milliseconds.
+    pub max_connection_age_grace_ms: u64,
     /// HTTP/2: concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
     /// HTTP/2: initial per-stream flow-control window, bytes. The protocol default (64 KiB)
@@ -92,6 +109,12 @@ pub struct QuicConfig {
     pub max_requests_in_flight_per_stream: usize,
     /// A connection with no traffic for this long is closed, milliseconds.
     pub idle_timeout_ms: u64,
+    /// A connection older than this is asked to close (HTTP/3: GOAWAY), milliseconds (0: no
+    /// limit); its requests under way get `max_connection_age_grace_ms` to finish.
+    pub max_connection_age_ms: u64,
+    /// How long requests under way may finish after `max_connection_age_ms` before the
+    /// connection is closed, milliseconds.
+    pub max_connection_age_grace_ms: u64,
     /// With more handshakes than this under way, new clients must first prove their address
     /// (QUIC Retry), which costs them a round trip and an attacker its spoofed addresses.
     pub retry_above_handshakes: usize,
@@ -149,6 +172,11 @@ impl Default for HttpsConfig {
             tls_handshake_timeout_ms: 5_000,
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
+            body_timeout_ms: 10_000,
+            body_min_bytes_per_sec: 4096,
+            discard_body_bytes: 4 << 20,
+            max_connection_age_ms: 3_600_000,
+            max_connection_age_grace_ms: 30_000,
             h2_max_concurrent_streams: 256,
             h2_stream_window_bytes: 1 << 20,
             h2_connection_window_bytes: 16 << 20,
@@ -180,6 +208,7 @@ impl HttpsConfig {
             "https.max_body_bytes must be >= https.max_event_bytes",
         );
         p.nonzero("https.max_events_per_request", self.max_events_per_request);
+        p.nonzero("https.body_timeout_ms", self.body_timeout_ms);
         p.nonzero("https.h2_max_concurrent_streams", self.h2_max_concurrent_streams);
         for (name, window) in [
             ("https.h2_stream_window_bytes", self.h2_stream_window_bytes),
@@ -206,6 +235,8 @@ impl Default for QuicConfig {
             max_frame_bytes: 1 << 20,
             max_requests_in_flight_per_stream: 32,
             idle_timeout_ms: 30_000,
+            max_connection_age_ms: 3_600_000,
+            max_connection_age_grace_ms: 30_000,
             retry_above_handshakes: 256,
             socket_buffer_bytes: 4 << 20,
         }

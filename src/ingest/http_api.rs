@@ -11,10 +11,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Body;
 use prost::Message;
 
+use super::body::{self, BodyLimits};
 use super::json::{self, Answer};
 use super::{EventIn, Ingest};
 use crate::auth::{bearer_token, Credentials, Identity, Peer};
@@ -28,19 +29,22 @@ const JSON: &str = "application/json";
 /// The routes of the API over the shared ingest stage.
 pub struct HttpApi {
     ingest: Arc<Ingest>,
-    max_body_bytes: usize,
+    limits: BodyLimits,
+}
+
+/// What a request asks for, known from its head.
+enum Route {
+    /// `POST /v1/publish/{subject}`: the body is one event's payload.
+    One(String),
+    /// `POST /v1/publish`: the body is many events, protobuf or JSON.
+    Many { protobuf: bool },
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl HttpApi {
-    pub fn new(ingest: Arc<Ingest>, max_body_bytes: usize) -> Self {
-        Self { ingest, max_body_bytes }
-    }
-
-    /// Largest body any route takes.
-    pub fn max_body_bytes(&self) -> usize {
-        self.max_body_bytes.max(self.ingest.max_event_bytes())
+    pub fn new(ingest: Arc<Ingest>, limits: BodyLimits) -> Self {
+        Self { ingest, limits }
     }
 
     /// The identity a connection's client certificate proves now, for its next request:
@@ -54,14 +58,10 @@ impl HttpApi {
         self.ingest.connection_opened(protocol)
     }
 
-    /// Counts and audits a refusal of a request that never reached [`HttpApi::handle`] (its
-    /// body was too large to read) from the client at `from`.
-    pub fn refused(&self, protocol: Protocol, from: SocketAddr, r: &Refusal) {
-        self.ingest.refused(protocol, from, None, None, r);
-    }
-
     /// Answers one request from the client at `from`; `peer` is the connection's
-    /// client-certificate identity.
+    /// client-certificate identity. Route, method, credentials and (for one event) the
+    /// subject are checked from the head before any of the body is read: a refused request's
+    /// body is drained and dropped ([`body::discard`]), never buffered.
     pub async fn handle<B>(
         &self,
         req: Request<B>,
@@ -69,65 +69,118 @@ impl HttpApi {
         peer: Option<&Identity>,
     ) -> Response<Full<Bytes>>
     where
-        B: Body + Send,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
         let protocol =
             if req.version() == http::Version::HTTP_3 { Protocol::H3 } else { Protocol::Https };
-        let path = req.uri().path();
-        let route = if let Some(subject) = path.strip_prefix("/v1/publish/") {
-            Some(subject.to_owned())
-        } else if path == "/v1/publish" {
-            None
-        } else {
-            let r = Refusal::new(ErrorCode::NotFound, "no such route; POST /v1/publish/{subject}");
-            self.ingest.refused(protocol, from, None, None, &r);
-            return refusal(&r);
-        };
-        if req.method() != Method::POST {
-            let r = Refusal::new(ErrorCode::MethodNotAllowed, "use POST");
-            self.ingest.refused(protocol, from, None, None, &r);
-            let mut resp = refusal(&r);
-            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-            return resp;
-        }
-        // The body is read before anything can refuse the request: an HTTP/2 answer sent
-        // before the request body arrived resets the stream, and some clients (curl 7.88)
-        // report that as a failure instead of reading the answer. It is bounded by the limit.
-        let limit = match route {
-            Some(_) => self.ingest.max_event_bytes(),
-            None => self.max_body_bytes,
-        };
-        let (parts, body) = req.into_parts();
-        let req = match read_body(&parts.headers, body, limit).await {
-            Ok(body) => {
-                self.ingest.received(protocol, body.len());
-                Request::from_parts(parts, body)
-            }
-            Err(r) => {
-                self.ingest.refused(protocol, from, None, route.as_deref(), &r);
-                return refusal(&r);
-            }
-        };
+        let (head, body) = req.into_parts();
         // Set once authenticated, so a refusal of the request says whose it was.
         let mut identity = None;
+        let route = match self.admit(&head, peer, &mut identity).await {
+            Ok(route) => route,
+            Err((r, subject)) => {
+                self.ingest.refused(protocol, from, identity.as_ref(), subject.as_deref(), &r);
+                self.discard(protocol, body);
+                let mut resp = refusal(&r);
+                if r.code == ErrorCode::MethodNotAllowed {
+                    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                }
+                return resp;
+            }
+        };
+        let Some(identity) = identity else {
+            let r = Refusal::new(ErrorCode::Internal, "admitted without an identity");
+            return refusal(&r);
+        };
+        let (limit, subject) = match &route {
+            Route::One(subject) => (self.ingest.max_event_bytes(), Some(subject.as_str())),
+            Route::Many { .. } => (self.limits.max_body_bytes, None),
+        };
+        let bytes = match body::read(&head.headers, body, limit, self.limits.pace).await {
+            Ok(bytes) => bytes,
+            Err(unread) => {
+                self.ingest.refused(protocol, from, Some(&identity), subject, &unread.refusal);
+                if let Some(rest) = unread.rest {
+                    self.discard(protocol, rest);
+                }
+                return refusal(&unread.refusal);
+            }
+        };
+        self.ingest.received(protocol, bytes.len());
+        let req = Request::from_parts(head, bytes);
         let result = match &route {
-            Some(subject) => self.publish_one(req, subject, protocol, peer, &mut identity).await,
-            None => self.publish_many(req, protocol, peer, &mut identity).await,
+            Route::One(subject) => self.publish_one(req, subject, protocol, &identity).await,
+            Route::Many { protobuf } => {
+                self.publish_many(req, *protobuf, protocol, &identity).await
+            }
         };
         result.unwrap_or_else(|r| {
-            self.ingest.refused(protocol, from, identity.as_ref(), route.as_deref(), &r);
+            self.ingest.refused(protocol, from, Some(&identity), subject, &r);
             refusal(&r)
         })
     }
 
-    async fn authenticate<B>(
+    /// Everything checked from the head of a request: route, method, credentials, the subject
+    /// of a one-event request, the content type of a multi-event one, and whether the relay
+    /// takes requests now. A refusal comes with the subject it was for; `identity` is set
+    /// once the credentials are good.
+    async fn admit(
         &self,
-        req: &Request<B>,
+        head: &http::request::Parts,
+        peer: Option<&Identity>,
+        identity: &mut Option<Identity>,
+    ) -> Result<Route, (Refusal, Option<String>)> {
+        let path = head.uri.path();
+        let route = if let Some(subject) = path.strip_prefix("/v1/publish/") {
+            Route::One(subject.to_owned())
+        } else if path == "/v1/publish" {
+            Route::Many { protobuf: false }
+        } else {
+            let r = Refusal::new(ErrorCode::NotFound, "no such route; POST /v1/publish/{subject}");
+            return Err((r, None));
+        };
+        let subject = match &route {
+            Route::One(subject) => Some(subject.clone()),
+            Route::Many { .. } => None,
+        };
+        let with_subject = |r| (r, subject.clone());
+        if head.method != Method::POST {
+            return Err(with_subject(Refusal::new(ErrorCode::MethodNotAllowed, "use POST")));
+        }
+        let who = self.authenticate(&head.headers, peer).await.map_err(with_subject)?;
+        let who = identity.insert(who);
+        let route = match route {
+            Route::One(subject) => {
+                self.ingest.check_subject(who, &subject).map_err(with_subject)?;
+                Route::One(subject)
+            }
+            Route::Many { .. } => Route::Many {
+                protobuf: content_type_is_protobuf(&head.headers).map_err(with_subject)?,
+            },
+        };
+        match self.ingest.refuse_early() {
+            Some(r) => Err(with_subject(r)),
+            None => Ok(route),
+        }
+    }
+
+    /// Drains a refused request's body on a task of its own, counting what it drops.
+    fn discard<B>(&self, protocol: Protocol, body: B)
+    where
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+    {
+        body::discard(body, self.limits, self.ingest.discarded(protocol));
+    }
+
+    async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
         peer: Option<&Identity>,
     ) -> Result<Identity, Refusal> {
-        let bearer = match req.headers().get(header::AUTHORIZATION) {
+        let bearer = match headers.get(header::AUTHORIZATION) {
             None => None,
             Some(v) => Some(v.to_str().ok().and_then(bearer_token).ok_or_else(|| {
                 Refusal::new(ErrorCode::Unauthorized, "Authorization must be: Bearer <token>")
@@ -141,14 +194,8 @@ impl HttpApi {
         req: Request<Bytes>,
         subject: &str,
         protocol: Protocol,
-        peer: Option<&Identity>,
-        authenticated: &mut Option<Identity>,
+        identity: &Identity,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        let identity = authenticated.insert(self.authenticate(&req, peer).await?).clone();
-        self.ingest.check_subject(&identity, subject)?;
-        if let Some(r) = self.ingest.refuse_early() {
-            return Err(r);
-        }
         let headers = req.headers();
         let id = match headers.get("idempotency-key") {
             Some(v) => v
@@ -175,7 +222,7 @@ impl HttpApi {
             id,
             edge_time_unix_ms,
         };
-        let outcome = self.ingest.publish(protocol, &identity, event).await;
+        let outcome = self.ingest.publish(protocol, identity, event).await;
         Ok(match &outcome {
             Ok(_) => json_response(
                 StatusCode::ACCEPTED,
@@ -188,30 +235,10 @@ impl HttpApi {
     async fn publish_many(
         &self,
         req: Request<Bytes>,
+        protobuf: bool,
         protocol: Protocol,
-        peer: Option<&Identity>,
-        authenticated: &mut Option<Identity>,
+        identity: &Identity,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        let identity = authenticated.insert(self.authenticate(&req, peer).await?).clone();
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        let protobuf = match content_type.as_str() {
-            PROTOBUF | "application/protobuf" => true,
-            JSON => false,
-            _ => {
-                return Err(Refusal::new(
-                    ErrorCode::UnsupportedMediaType,
-                    "POST /v1/publish takes application/json or application/x-protobuf",
-                ))
-            }
-        };
-        if let Some(r) = self.ingest.refuse_early() {
-            return Err(r);
-        }
         let body = req.into_body();
         let events = if protobuf {
             super::decode_publish_request(body)?
@@ -219,7 +246,7 @@ impl HttpApi {
             json::decode_request(&body)?
         };
         self.ingest.check_request(&events)?;
-        let outcomes = self.ingest.publish_all(protocol, &identity, events).await;
+        let outcomes = self.ingest.publish_all(protocol, identity, events).await;
         // 202 only when every event was taken; otherwise the first refusal's status, so a client
         // that looks only at the status never takes an unacknowledged event for stored.
         let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());
@@ -243,25 +270,20 @@ impl HttpApi {
     }
 }
 
-async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>
-where
-    B: Body + Send,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let too_large =
-        || Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
+/// Whether a multi-event body is protobuf (else JSON), from its `Content-Type`.
+fn content_type_is_protobuf(headers: &http::HeaderMap) -> Result<bool, Refusal> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Refusal::new(ErrorCode::BadRequest, format!("reading the body failed: {e}"))),
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match content_type.as_str() {
+        PROTOBUF | "application/protobuf" => Ok(true),
+        JSON => Ok(false),
+        _ => Err(Refusal::new(
+            ErrorCode::UnsupportedMediaType,
+            "POST /v1/publish takes application/json or application/x-protobuf",
+        )),
     }
 }
 

@@ -1,6 +1,13 @@
 //! The HTTPS front-end: TLS (rustls) with HTTP/1.1 and HTTP/2 chosen by ALPN, served by hyper.
-//! The routes themselves are [`HttpApi`] (shared with HTTP/3); limits on connections,
-//! handshake and header time and idleness live here.
+//! The routes themselves are [`HttpApi`] (shared with HTTP/3, bodies read and paced in
+//! [`super::body`]); limits on connections, handshake and header time, idleness and age live
+//! here.
+//!
+//! A connection is asked to close (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close` or an
+//! immediate close when idle) when it has had no request in flight for `idle_timeout_ms`,
+//! once it is `max_connection_age_ms` old, once one of its requests was cut for a stalled body
+//! (408), and on shutdown. Its requests under way then get `max_connection_age_grace_ms` to
+//! finish (on shutdown, the caller bounds the wait).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -16,7 +23,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::config::HttpsConfig;
@@ -42,8 +49,17 @@ struct Ctx {
     api: Arc<HttpApi>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+}
+
+/// When a connection is asked to close, and how long it then has.
+#[derive(Clone, Copy, Debug)]
+struct ConnectionLimits {
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    /// `None`: no maximum age.
+    max_age: Option<Duration>,
+    grace: Duration,
 }
 
 /// When a connection last finished a request, and how many it has in flight.
@@ -51,6 +67,8 @@ struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
     last_ms: AtomicU64,
+    /// A request was cut for a stalled body: the peer is not worth keeping.
+    stalled: Notify,
 }
 
 /// Counts one request in flight for its connection's idle timer.
@@ -111,8 +129,12 @@ impl Server {
                 api,
                 h1,
                 h2,
-                handshake_timeout: ms(cfg.tls_handshake_timeout_ms),
-                idle_timeout: ms(cfg.idle_timeout_ms),
+                limits: ConnectionLimits {
+                    handshake_timeout: ms(cfg.tls_handshake_timeout_ms),
+                    idle_timeout: ms(cfg.idle_timeout_ms),
+                    max_age: (cfg.max_connection_age_ms > 0).then(|| ms(cfg.max_connection_age_ms)),
+                    grace: ms(cfg.max_connection_age_grace_ms),
+                },
             }),
             max_connections: cfg.max_connections,
         }
@@ -166,7 +188,7 @@ async fn connection(
     stop: Shutdown,
     _permit: OwnedSemaphorePermit,
 ) {
-    let tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => return tracing::debug!("TLS handshake timed out"),
@@ -179,6 +201,7 @@ async fn connection(
         start: Instant::now(),
         in_flight: AtomicUsize::new(0),
         last_ms: AtomicU64::new(0),
+        stalled: Notify::new(),
     });
     let svc = {
         let (ctx, activity) = (ctx.clone(), activity.clone());
@@ -186,8 +209,12 @@ async fn connection(
             let peer = ctx.api.peer_identity(&mut peer.borrow_mut());
             let ctx = ctx.clone();
             let guard = InFlight::start(activity.clone());
+            let activity = activity.clone();
             async move {
                 let resp = ctx.api.handle(req, from, peer.as_ref()).await;
+                if resp.status() == hyper::StatusCode::REQUEST_TIMEOUT {
+                    activity.stalled.notify_one();
+                }
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }
@@ -195,17 +222,19 @@ async fn connection(
     };
     let io = TokioIo::new(tls);
     if is_h2 {
-        drive(ctx.h2.serve_connection(io, svc), &activity, ctx.idle_timeout, stop).await
+        drive(ctx.h2.serve_connection(io, svc), &activity, ctx.limits, stop).await
     } else {
-        drive(ctx.h1.serve_connection(io, svc), &activity, ctx.idle_timeout, stop).await
+        drive(ctx.h1.serve_connection(io, svc), &activity, ctx.limits, stop).await
     }
 }
 
-/// Runs a connection to its end, closing it gracefully when idle too long or on shutdown.
+/// Runs a connection to its end, asking it to close gracefully when idle too long, too old,
+/// after a stalled request, or on shutdown; then closes it after the grace (not on shutdown:
+/// the caller bounds that wait).
 async fn drive(
     conn: impl Graceful,
     activity: &Activity,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     mut stop: Shutdown,
 ) {
     tokio::pin!(conn);
@@ -214,9 +243,14 @@ async fn drive(
         conn.as_mut().graceful();
         closing = true;
     }
-    let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(100)));
+    let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let old_at =
+        limits.max_age.map_or(far, |age| tokio::time::Instant::from_std(activity.start) + age);
+    // Set when the connection is asked to close for age, idleness or a stall.
+    let mut close_at = far;
+    let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(100)));
     loop {
-        tokio::select! {
+        let ask = tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -226,13 +260,19 @@ async fn drive(
             _ = stop.requested(), if !closing => {
                 conn.as_mut().graceful();
                 closing = true;
+                false
             }
-            _ = tick.tick(), if !closing => {
-                if activity.idle_for() >= idle_timeout {
-                    conn.as_mut().graceful();
-                    closing = true;
-                }
+            _ = tokio::time::sleep_until(old_at), if !closing => true,
+            _ = tick.tick(), if !closing => activity.idle_for() >= limits.idle_timeout,
+            _ = activity.stalled.notified(), if !closing => true,
+            _ = tokio::time::sleep_until(close_at) => {
+                return tracing::debug!("connection closed after its grace");
             }
+        };
+        if ask {
+            conn.as_mut().graceful();
+            closing = true;
+            close_at = tokio::time::Instant::now() + limits.grace;
         }
     }
 }

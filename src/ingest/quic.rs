@@ -45,6 +45,7 @@ struct Ctx {
     ingest: Arc<Ingest>,
     native: Arc<Native>,
     api: Arc<HttpApi>,
+    h3_lifetime: h3::Lifetime,
     max_connections: usize,
     max_per_ip: usize,
     retry_above: usize,
@@ -157,6 +158,7 @@ impl Server {
                 )),
                 ingest,
                 api,
+                h3_lifetime: h3::Lifetime::of(cfg),
                 max_connections: cfg.max_connections,
                 max_per_ip: cfg.max_connections_per_ip,
                 retry_above: cfg.retry_above_handshakes,
@@ -208,7 +210,7 @@ impl Server {
                 match conn {
                     Ok(conn) if alpn(&conn).as_deref() == Some(ALPN_H3) => {
                         let _open = ctx.ingest.connection_opened(Protocol::H3);
-                        h3::connection(conn, ctx.api.clone(), stop).await
+                        h3::connection(conn, ctx.api.clone(), ctx.h3_lifetime, stop).await
                     }
                     Ok(conn) => {
                         let _open = ctx.ingest.connection_opened(Protocol::Quic);

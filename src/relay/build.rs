@@ -126,7 +126,10 @@ pub async fn front_ends(
     let clients = tls::ClientCerts::load(client_ca(config))?;
     let tls = tls::server_config(cert.clone(), clients.clone(), &ingest::https::ALPN)?;
     let bind_err = |addr| move |source| StartError::Bind { addr, source };
-    let api = Arc::new(ingest::http_api::HttpApi::new(ingest.clone(), config.https.max_body_bytes));
+    let api = Arc::new(ingest::http_api::HttpApi::new(
+        ingest.clone(),
+        ingest::body::BodyLimits::of(&config.https),
+    ));
     let https = match sockets.https {
         Some(l) => ingest::https::Server::from_std(l, &config.https, tls, api.clone()),
         None => ingest::https::Server::bind(&config.https, tls, api.clone()).await,

@@ -70,7 +70,13 @@ async fn http3_publishes_like_https() {
             415,
             "unsupported_media_type",
         ),
-        ("/v1/publish", vec![], Bytes::from(vec![b'x'; 200_000]), 413, "too_large"),
+        (
+            "/v1/publish",
+            vec![("content-type", "application/json")],
+            Bytes::from(vec![b'x'; 200_000]),
+            413,
+            "too_large",
+        ),
         ("/v2/nothing", vec![], Bytes::new(), 404, "not_found"),
     ];
     for (path, headers, body, want_status, want_code) in cases {

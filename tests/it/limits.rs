@@ -12,7 +12,7 @@ use tokio_rustls::client::TlsStream;
 use crate::support::*;
 
 /// A raw TLS connection speaking HTTP/1.1 (ALPN), so the test controls every byte.
-async fn tls_connect(setup: &Setup, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+pub async fn tls_connect(setup: &Setup, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
     let cfg = tls_client_config(&setup.certs, b"http/1.1");
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -20,7 +20,7 @@ async fn tls_connect(setup: &Setup, addr: SocketAddr) -> std::io::Result<TlsStre
 }
 
 /// Waits for the server to close the connection; true if it did within `within`.
-async fn closed_within(conn: &mut TlsStream<TcpStream>, within: Duration) -> bool {
+pub async fn closed_within(conn: &mut TlsStream<TcpStream>, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
     let read = async {
         loop {

@@ -7,6 +7,7 @@ mod support;
 mod audit;
 mod bad_input;
 mod binary;
+mod bodies;
 mod dashboard;
 mod dedup;
 mod edgeworker;

@@ -1,0 +1,357 @@
+//! Reading HTTP request bodies from peers, whatever the HTTP version: the one place every body
+//! byte the relay keeps goes through ([`read`], and [`Buffered::push`] in it), and the one
+//! place bodies it will not keep are drained ([`discard`]).
+//!
+//! Every read is paced ([`Pace`], sans-IO): the next bytes must arrive within
+//! `https.body_timeout_ms` of the last ones, and after that long the body must average at
+//! least `https.body_min_bytes_per_sec`. A body that misses either is cut: the request is
+//! answered 408 `request_timeout` and the rest of its body is dropped (the stream reset, the
+//! HTTP/1.1 connection closed).
+//!
+//! A request refused before its body is read (401, 403, 404, 413 from `Content-Length`, …)
+//! is answered at once, and its body is read and dropped — never buffered — by a task bounded
+//! by `https.discard_body_bytes` and the same pace. Draining it lets a client that sends its
+//! whole body before reading (curl 7.88 over HTTP/2, the h3 crate's client) end the stream
+//! cleanly and read the status: dropped at once, h2 resets the stream (RST_STREAM NO_ERROR
+//! after the answer), and curl 7.88 reports "(92) Stream error in the HTTP/2 framing layer"
+//! instead of the status. Past the bound the body is dropped all the same — the answer is
+//! complete by then, which RFC 9113 §8.1 and RFC 9114 §4.1 allow.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+
+use super::config::HttpsConfig;
+use crate::error::{ErrorCode, Refusal};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How bodies are read: sizes and pace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest multi-event body (`https.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// The pace every body read keeps.
+    pub pace: PaceLimits,
+    /// Most bytes of an unwanted body read and dropped after an early answer.
+    pub discard_bytes: u64,
+}
+
+/// The deadline and minimum rate of a body read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PaceLimits {
+    /// Longest wait for the next body bytes; also the grace before the rate counts.
+    pub timeout: Duration,
+    /// Least average rate once `timeout` has passed since the first read, bytes a second
+    /// (0: no minimum).
+    pub min_bytes_per_sec: u64,
+}
+
+/// One body read's progress against its [`PaceLimits`]. Takes the time as an argument.
+#[derive(Clone, Debug)]
+pub struct Pace {
+    limits: PaceLimits,
+    started: Instant,
+    last: Instant,
+    bytes: u64,
+}
+
+/// Why a body read was cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// No bytes for `body_timeout_ms`.
+    Timeout,
+    /// Bytes, but on average fewer than `body_min_bytes_per_sec`.
+    TooSlow,
+}
+
+/// A body read that did not end with the body: the refusal, and the unread rest of the body
+/// when draining it lets the client read the answer (see [`discard`]).
+pub struct Unread<B> {
+    pub refusal: Refusal,
+    pub rest: Option<B>,
+}
+
+/// The bytes of one body kept so far, bounded by its limit.
+struct Buffered {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+}
+
+impl BodyLimits {
+    /// The limits of the `[https]` section (HTTP/3 bodies keep the same).
+    pub fn of(cfg: &HttpsConfig) -> Self {
+        Self {
+            max_body_bytes: cfg.max_body_bytes,
+            pace: PaceLimits {
+                timeout: Duration::from_millis(cfg.body_timeout_ms),
+                min_bytes_per_sec: cfg.body_min_bytes_per_sec,
+            },
+            discard_bytes: cfg.discard_body_bytes,
+        }
+    }
+}
+
+impl Pace {
+    pub fn new(limits: PaceLimits, now: Instant) -> Self {
+        Self { limits, started: now, last: now, bytes: 0 }
+    }
+
+    /// `n` bytes arrived at `now`.
+    pub fn on_data(&mut self, n: usize, now: Instant) {
+        self.bytes = self.bytes.saturating_add(n as u64);
+        self.last = self.last.max(now);
+    }
+
+    /// The time by which more bytes must have arrived for the read to keep its pace.
+    pub fn deadline(&self) -> Instant {
+        let gap = self.last + self.limits.timeout;
+        match self.limits.min_bytes_per_sec {
+            0 => gap,
+            rate => {
+                // The average stays >= rate until bytes / rate seconds after the start.
+                let earned = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+                gap.min(self.started + earned.max(self.limits.timeout))
+            }
+        }
+    }
+
+    /// Whether the read has missed its pace at `now`, and how.
+    pub fn check(&self, now: Instant) -> Result<(), Stall> {
+        if now < self.deadline() {
+            Ok(())
+        } else if now >= self.last + self.limits.timeout {
+            Err(Stall::Timeout)
+        } else {
+            Err(Stall::TooSlow)
+        }
+    }
+}
+
+impl Stall {
+    /// The answer to a request whose body was cut.
+    pub fn refusal(self, limits: PaceLimits) -> Refusal {
+        let timeout = limits.timeout.as_millis();
+        match self {
+            Self::Timeout => {
+                Refusal::new(ErrorCode::RequestTimeout, format!("no body bytes for {timeout} ms"))
+                    .because("body_timeout")
+            }
+            Self::TooSlow => Refusal::new(
+                ErrorCode::RequestTimeout,
+                format!("body slower than {} bytes/s", limits.min_bytes_per_sec),
+            )
+            .because("body_too_slow"),
+        }
+    }
+}
+
+impl Buffered {
+    fn new(limit: usize) -> Self {
+        Self { chunks: Vec::new(), len: 0, limit }
+    }
+
+    /// Keeps `chunk`, or says the body is over its limit. The memory budget reserves the
+    /// bytes here, before they are kept.
+    fn push(&mut self, chunk: Bytes) -> Result<(), ()> {
+        if self.len + chunk.len() > self.limit {
+            return Err(());
+        }
+        self.len += chunk.len();
+        if !chunk.is_empty() {
+            self.chunks.push(chunk);
+        }
+        Ok(())
+    }
+
+    fn into_bytes(mut self) -> Bytes {
+        if self.chunks.len() == 1 {
+            return self.chunks.pop().unwrap_or_default();
+        }
+        let mut all = BytesMut::with_capacity(self.len);
+        for c in self.chunks {
+            all.extend_from_slice(&c);
+        }
+        all.freeze()
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes at the pace of `limits`. A body declared
+/// (`Content-Length`) or found larger is refused 413 with its rest to drain; a body that
+/// misses its pace is refused 408 and must be dropped.
+pub async fn read<B>(
+    headers: &http::HeaderMap,
+    mut body: B,
+    limit: usize,
+    limits: PaceLimits,
+) -> Result<Bytes, Unread<B>>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let too_large = |rest| Unread {
+        refusal: Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes")),
+        rest,
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(Some(body)));
+    }
+    let mut kept = Buffered::new(limit);
+    let mut pace = Pace::new(limits, Instant::now());
+    loop {
+        let frame = tokio::time::timeout_at(pace.deadline().into(), body.frame()).await;
+        let now = Instant::now();
+        match frame {
+            Err(_) => match pace.check(now) {
+                Err(stall) => return Err(Unread { refusal: stall.refusal(limits), rest: None }),
+                Ok(()) => continue,
+            },
+            Ok(None) => return Ok(kept.into_bytes()),
+            Ok(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                let refusal =
+                    Refusal::new(ErrorCode::BadRequest, format!("reading the body failed: {e}"));
+                return Err(Unread { refusal, rest: None });
+            }
+            Ok(Some(Ok(frame))) => {
+                let Ok(mut data) = frame.into_data() else { continue }; // trailers
+                let chunk = data.copy_to_bytes(data.remaining());
+                pace.on_data(chunk.len(), now);
+                if kept.push(chunk).is_err() {
+                    return Err(too_large(Some(body)));
+                }
+            }
+        }
+    }
+}
+
+/// Reads and drops what is left of `body` on a task of its own, at most `limits.discard_bytes`
+/// and at the pace of `limits.pace`, then drops the body (resetting it if unfinished). Bytes
+/// drained are counted with `drained`.
+pub fn discard<B>(body: B, limits: BodyLimits, drained: impl Fn(usize) + Send + 'static)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut pace = Pace::new(limits.pace, Instant::now());
+        let mut left = limits.discard_bytes;
+        loop {
+            let frame = tokio::time::timeout_at(pace.deadline().into(), body.frame()).await;
+            let now = Instant::now();
+            match frame {
+                Err(_) if pace.check(now).is_ok() => {}
+                Ok(Some(Ok(frame))) => {
+                    let n = frame.data_ref().map_or(0, Buf::remaining);
+                    pace.on_data(n, now);
+                    drained(n);
+                    match left.checked_sub(n as u64) {
+                        Some(l) => left = l,
+                        None => break,
+                    }
+                }
+                // Ended, failed, or stalled: done either way.
+                _ => break,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_body_must_keep_its_pace() {
+        let limits = PaceLimits { timeout: T, min_bytes_per_sec: 1000 };
+        // (arrivals as (ms, bytes), checked at ms, expected)
+        type Case = (&'static str, Vec<(u64, usize)>, u64, Result<(), Stall>);
+        let cases: Vec<Case> = vec![
+            ("nothing yet, within the timeout", vec![], 9_999, Ok(())),
+            ("nothing at all", vec![], 10_000, Err(Stall::Timeout)),
+            ("a burst then silence", vec![(1_000, 1 << 20)], 10_999, Ok(())),
+            (
+                "a burst then too long a silence",
+                vec![(1_000, 1 << 20)],
+                11_000,
+                Err(Stall::Timeout),
+            ),
+            (
+                "steady above the rate",
+                (1..=20).map(|s| (s * 1_000, 1_500)).collect(),
+                20_500,
+                Ok(()),
+            ),
+            // 100 bytes every 5 s: never 10 s of silence, but 20 B/s after the grace.
+            ("a trickle", (1..=4).map(|s| (s * 5_000, 100)).collect(), 10_000, Err(Stall::TooSlow)),
+            ("a trickle, within the grace", vec![(5_000, 100)], 9_999, Ok(())),
+            // 30 kB by 19 s earns 30 s; the gap ends first, at 29 s.
+            ("ahead of the rate", vec![(1_000, 20_000), (19_000, 10_000)], 28_999, Ok(())),
+            ("then silent", vec![(1_000, 20_000), (19_000, 10_000)], 29_000, Err(Stall::Timeout)),
+            // 23 kB earns 23 s, and the last bytes at 22 s leave the gap open until 32 s.
+            (
+                "fell behind the rate",
+                vec![(1_000, 20_000), (15_000, 1_000), (21_000, 1_000), (22_000, 1_000)],
+                23_000,
+                Err(Stall::TooSlow),
+            ),
+        ];
+        for (name, arrivals, check_at, want) in cases {
+            let t0 = Instant::now();
+            let mut pace = Pace::new(limits, t0);
+            for (ms, n) in arrivals {
+                pace.on_data(n, at(t0, ms));
+            }
+            assert_eq!(pace.check(at(t0, check_at)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn without_a_minimum_rate_only_the_gap_counts() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(PaceLimits { timeout: T, min_bytes_per_sec: 0 }, t0);
+        for s in 1..100 {
+            pace.on_data(1, at(t0, s * 9_000));
+        }
+        assert_eq!(pace.check(at(t0, 99 * 9_000 + 9_999)), Ok(()));
+        assert_eq!(pace.deadline(), at(t0, 99 * 9_000 + 10_000));
+    }
+
+    #[test]
+    fn the_deadline_is_the_first_moment_the_check_fails() {
+        let limits = PaceLimits { timeout: T, min_bytes_per_sec: 1000 };
+        let t0 = Instant::now();
+        let mut pace = Pace::new(limits, t0);
+        pace.on_data(2_000, at(t0, 9_000));
+        // 2 kB earns 2 s, less than the grace: the rate deadline is the grace, at 10 s.
+        assert_eq!(pace.deadline(), at(t0, 10_000));
+        assert_eq!(pace.check(at(t0, 9_999)), Ok(()));
+        assert_eq!(pace.check(at(t0, 10_000)), Err(Stall::TooSlow));
+    }
+
+    #[test]
+    fn stalls_are_answered_408_with_their_reason() {
+        let limits = PaceLimits { timeout: T, min_bytes_per_sec: 1000 };
+        let r = Stall::Timeout.refusal(limits);
+        assert_eq!((r.code.status(), r.reason), (408, "body_timeout"));
+        let r = Stall::TooSlow.refusal(limits);
+        assert_eq!((r.code.status(), r.reason), (408, "body_too_slow"));
+    }
+}
