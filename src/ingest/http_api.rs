@@ -82,7 +82,7 @@ impl HttpApi {
             Ok(route) => route,
             Err((r, subject)) => {
                 self.ingest.refused(protocol, from, identity.as_ref(), subject.as_deref(), &r);
-                self.discard(protocol, body);
+                self.discard(protocol, &head, body);
                 let mut resp = refusal(&r);
                 if r.code == ErrorCode::MethodNotAllowed {
                     resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -103,7 +103,7 @@ impl HttpApi {
             Err(unread) => {
                 self.ingest.refused(protocol, from, Some(&identity), subject, &unread.refusal);
                 if let Some(rest) = unread.rest {
-                    self.discard(protocol, rest);
+                    self.discard(protocol, &head, rest);
                 }
                 return refusal(&unread.refusal);
             }
@@ -166,13 +166,23 @@ impl HttpApi {
         }
     }
 
-    /// Drains a refused request's body on a task of its own, counting what it drops.
-    fn discard<B>(&self, protocol: Protocol, body: B)
+    /// Drains a refused request's body on a task of its own, counting what it drops. Not an
+    /// HTTP/1.1 body the client holds back for `100 Continue`: the answer went out instead of
+    /// it, so the client may never send the body; dropped, hyper closes the connection after
+    /// the answer rather than read the client's next bytes as this body.
+    fn discard<B>(&self, protocol: Protocol, head: &http::request::Parts, body: B)
     where
         B: Body + Send + Unpin + 'static,
         B::Data: Send,
     {
-        body::discard(body, self.limits, self.ingest.discarded(protocol));
+        let expects_continue = head.version <= http::Version::HTTP_11
+            && head
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects_continue {
+            body::discard(body, self.limits, self.ingest.discarded(protocol));
+        }
     }
 
     async fn authenticate(

@@ -137,6 +137,63 @@ async fn unauthenticated_bodies_are_answered_401_without_being_buffered() {
     relay.shutdown().await;
 }
 
+/// One HTTP/1.1 answer read off `conn`: its head and body, as text.
+async fn h1_answer<S: tokio::io::AsyncRead + Unpin>(conn: &mut S) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "connection closed after {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http1_body_is_drained_and_the_connection_serves_the_next_request() {
+    let (_nats, setup, relay) = start_relay(|_| {}).await;
+    let conn = tls_connect(&setup, relay.addr()).await.unwrap();
+    let body = "x".repeat(100_000);
+    let refused = format!(
+        "POST /v1/publish/edge.x HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let next = format!(
+        "POST /v1/publish/edge.keep HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 2\r\n\r\nhi"
+    );
+    // The whole refused request is sent before its answer is read, as a client would.
+    let (mut read, mut write) = tokio::io::split(conn);
+    let writer = tokio::spawn(async move {
+        write.write_all(refused.as_bytes()).await.unwrap();
+        write
+    });
+    let answer = h1_answer(&mut read).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let mut write = writer.await.unwrap();
+    write.write_all(next.as_bytes()).await.unwrap();
+    let answer = h1_answer(&mut read).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    drop(read.unsplit(write));
+    let received = metric(&relay, r#"edgerelay_received_bytes_total{protocol="https"}"#).await;
+    assert_eq!(received, 2, "only the accepted body was kept");
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_too_large_body_reaches_curl_as_413_over_http2_and_http1() {
     let (_nats, setup, relay) = start_relay(|_| {}).await;
