@@ -266,7 +266,7 @@ async fn a_body_trickling_below_the_minimum_rate_is_cut() {
         c.https.body_min_bytes_per_sec = 1000;
     })
     .await;
-    // 10 bytes every 100 ms: never 600 ms without bytes, but 100 bytes a second.
+    // 10 bytes every 100 ms: never 600 ms without bytes, but 100 bytes a second. HTTP/2 first.
     let (mut h2, _driver) = h2_connection(&setup, &relay).await;
     let (body_tx, body) = piecewise();
     let trickle = tokio::spawn(async move {
@@ -287,16 +287,39 @@ async fn a_body_trickling_below_the_minimum_rate_is_cut() {
     let v: serde_json::Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(v["error"]["reason"], "body_too_slow", "{v}");
     trickle.abort();
+
+    // The same over HTTP/3.
+    let (mut h3, _endpoint) = h3_connection(&setup, &relay).await;
+    let stream =
+        h3.send_request(post("/v1/publish/edge.trickle", 3000).body(()).unwrap()).await.unwrap();
+    let (mut send, mut recv) = stream.split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..300 {
+            if send.send_data(Bytes::from_static(b"0123456789")).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(10), recv.recv_response())
+        .await
+        .expect("the HTTP/3 trickle was cut")
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    trickle.abort();
+    let sample =
+        r#"edgerelay_refusals_total{protocol="h3",code="request_timeout",reason="body_too_slow"}"#;
+    assert_eq!(metric(&relay, sample).await, 1);
     relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_their_max_age_get_goaway_and_new_connections_work() {
     let (_nats, setup, relay) = start_relay(|c| {
-        c.https.max_connection_age_ms = 700;
-        c.https.max_connection_age_grace_ms = 500;
-        c.quic.max_connection_age_ms = 700;
-        c.quic.max_connection_age_grace_ms = 500;
+        c.https.max_connection_age_ms = 1_500;
+        c.https.max_connection_age_grace_ms = 1_000;
+        c.quic.max_connection_age_ms = 1_500;
+        c.quic.max_connection_age_grace_ms = 1_000;
     })
     .await;
     let within = Duration::from_secs(5);
@@ -318,7 +341,7 @@ async fn connections_past_their_max_age_get_goaway_and_new_connections_work() {
     let (status, _, _) =
         old.post("/v1/publish/edge.age", &[], Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(status, 202);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert!(old.post("/v1/publish/edge.age", &[], Bytes::from_static(b"x")).await.is_err());
     let new = h3_client(&setup, &relay, TOKEN).await;
     let (status, _, _) =
