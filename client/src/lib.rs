@@ -36,7 +36,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use edgerelay_proto::framing::{self, FrameDecoder};
+use edgerelay_proto::framing::FrameDecoder;
+use edgerelay_proto::request;
 use edgerelay_proto::{ALPN_EDGERELAY, ALPN_H3};
 use prost::Message;
 use tokio::sync::Mutex;
@@ -167,7 +168,11 @@ impl PublishStream {
     /// Sends one request (the first one on the stream carries the token).
     pub async fn send(&mut self, events: Vec<proto::Event>) -> Result<(), ClientError> {
         let req = proto::PublishRequest { events, token: self.token.take().unwrap_or_default() };
-        self.send_raw(&framing::frame(&req)).await
+        // Token first: a relay reads at most its pre-auth limit of a stream's first frame
+        // before that frame's token has authenticated the stream.
+        let mut frame = BytesMut::new();
+        request::encode_token_first(&req, &mut frame);
+        self.send_raw(&frame).await
     }
 
     /// Sends raw bytes (for tests of malformed input).
