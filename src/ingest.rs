@@ -11,6 +11,7 @@ pub mod https;
 pub mod idempotency;
 pub mod json;
 pub mod quic;
+pub mod read_pace;
 
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).
 pub use edgerelay_proto::framing;
@@ -194,6 +195,11 @@ impl Ingest {
     /// Largest single event payload.
     pub fn max_event_bytes(&self) -> usize {
         self.max_event_bytes
+    }
+
+    /// Most events in one multi-event request.
+    pub fn max_events_per_request(&self) -> usize {
+        self.max_events_per_request
     }
 
     /// Refuses a multi-event request as a whole: no events, or more than the limit.

@@ -6,7 +6,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Longest varint prefix (a u64).
-const MAX_VARINT_BYTES: usize = 10;
+pub const MAX_VARINT_BYTES: usize = 10;
 
 /// Why the byte stream cannot be framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -33,16 +33,22 @@ impl FrameDecoder {
     /// Takes the next complete frame off the front of `buf`; `Ok(None)` if more bytes are
     /// needed. An error is final for the stream.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        let Some((len, prefix)) = read_varint(buf)? else { return Ok(None) };
-        if len > self.max_frame as u64 {
-            return Err(FrameError::TooLong { len, max: self.max_frame });
-        }
-        let len = len as usize;
+        let Some((prefix, len)) = self.header(buf)? else { return Ok(None) };
         if buf.len() < prefix + len {
             return Ok(None);
         }
         buf.advance(prefix);
         Ok(Some(buf.split_to(len).freeze()))
+    }
+
+    /// The length prefix at the front of `buf`, once complete: its own length and the length it
+    /// announces (checked against the limit). An error is final for the stream.
+    pub fn header(&self, buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+        let Some((len, prefix)) = read_varint(buf)? else { return Ok(None) };
+        if len > self.max_frame as u64 {
+            return Err(FrameError::TooLong { len, max: self.max_frame });
+        }
+        Ok(Some((prefix, len as usize)))
     }
 
     /// Bytes still needed for the frame at the front of `buf` (to size reads), if known.

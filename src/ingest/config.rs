@@ -104,6 +104,16 @@ pub struct QuicConfig {
     pub connection_window_bytes: u32,
     /// Longest frame (one `PublishRequest`), bytes; refused from its length prefix.
     pub max_frame_bytes: usize,
+    /// Most bytes of frame a stream holds before it has an identity (a token accepted, or a
+    /// client certificate that names one). A longer first frame must carry its token in its
+    /// first this-many bytes (the Rust client writes it first), else the stream is refused.
+    pub preauth_frame_bytes: usize,
+    /// A frame that has started must get a byte at least this often, milliseconds; else the
+    /// stream is stopped (`frame_timeout`). Counted only while the relay is reading the stream.
+    pub frame_timeout_ms: u64,
+    /// After the first `frame_timeout_ms` of a frame, it must arrive at least this fast on
+    /// average, bytes per second; else the stream is stopped (`frame_too_slow`). 0: no minimum.
+    pub frame_min_bytes_per_sec: u64,
     /// Requests a stream may have waiting for their answers; beyond it the relay stops reading
     /// the stream and flow control pushes back on the client.
     pub max_requests_in_flight_per_stream: usize,
@@ -233,6 +243,9 @@ impl Default for QuicConfig {
             stream_window_bytes: 256 << 10,
             connection_window_bytes: 1 << 20,
             max_frame_bytes: 1 << 20,
+            preauth_frame_bytes: 16 << 10,
+            frame_timeout_ms: 10_000,
+            frame_min_bytes_per_sec: 4096,
             max_requests_in_flight_per_stream: 32,
             idle_timeout_ms: 30_000,
             max_connection_age_ms: 3_600_000,
@@ -257,6 +270,12 @@ impl QuicConfig {
         );
         p.nonzero("quic.max_requests_in_flight_per_stream", self.max_requests_in_flight_per_stream);
         p.nonzero("quic.idle_timeout_ms", self.idle_timeout_ms);
+        p.nonzero("quic.preauth_frame_bytes", self.preauth_frame_bytes);
+        p.bad(
+            self.preauth_frame_bytes > self.max_frame_bytes,
+            "quic.preauth_frame_bytes must be <= quic.max_frame_bytes",
+        );
+        p.nonzero("quic.frame_timeout_ms", self.frame_timeout_ms);
         p.into_vec()
     }
 }

@@ -8,9 +8,10 @@
 //! concurrent streams per connection, per-stream and per-connection flow-control windows
 //! (quinn's connection window is unbounded by default), requests in flight per stream (beyond
 //! it the relay stops reading, so flow control pushes back), the frame length (checked from
-//! the prefix, before any of the body is buffered), the idle timeout, and address validation
-//! (Retry) once many handshakes are under way. 0-RTT is off: a replayed publish would be
-//! stored twice.
+//! the prefix, before any of the body is buffered), the pre-auth frame limit of a stream with
+//! no identity yet, deadlines and a minimum rate for frames, a maximum connection age, the idle
+//! timeout, and address validation (Retry) once many handshakes are under way. 0-RTT is off: a
+//! replayed publish would be stored twice.
 
 pub mod h3;
 pub mod native;
@@ -25,8 +26,11 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio::task::JoinSet;
 
 use self::native::Native;
+use self::stream::Limits;
 use super::config::QuicConfig;
+use super::framing::FrameDecoder;
 use super::http_api::HttpApi;
+use super::read_pace::Pace;
 use super::Ingest;
 use crate::metrics::Protocol;
 use crate::section::ms;
@@ -153,8 +157,8 @@ impl Server {
             ctx: Arc::new(Ctx {
                 native: Arc::new(Native::new(
                     ingest.clone(),
-                    cfg.max_frame_bytes,
-                    cfg.max_requests_in_flight_per_stream,
+                    limits(cfg),
+                    ms(cfg.max_connection_age_ms),
                 )),
                 ingest,
                 api,
@@ -238,6 +242,19 @@ fn transport(cfg: &QuicConfig) -> TransportConfig {
         .send_window(u64::from(cfg.connection_window_bytes))
         .max_idle_timeout(IdleTimeout::try_from(ms(cfg.idle_timeout_ms)).ok());
     t
+}
+
+/// What bounds a native stream, from the config.
+fn limits(cfg: &QuicConfig) -> Limits {
+    Limits {
+        decoder: FrameDecoder::new(cfg.max_frame_bytes),
+        preauth_frame_bytes: cfg.preauth_frame_bytes,
+        max_in_flight: cfg.max_requests_in_flight_per_stream,
+        pace: Pace {
+            timeout: ms(cfg.frame_timeout_ms),
+            min_bytes_per_sec: cfg.frame_min_bytes_per_sec,
+        },
+    }
 }
 
 /// The client's verified certificate chain, if it presented one.

@@ -6,140 +6,222 @@
 //! many requests may be in flight per stream and many streams per connection. Everything after
 //! decoding is the shared [`Ingest`] stage.
 //!
-//! What a stream does — the in-flight cap, broken framing and its stop codes, end of stream and
-//! shutdown — is decided by [`StreamState`] ([`super::stream`]); this module only moves bytes
-//! between it, the QUIC stream and the ingest stage. A request that decodes but is wrong (bad
-//! protobuf, no token) is answered with an error and the stream goes on.
+//! What a stream does — the in-flight cap, the pre-auth limit, slow frames, broken framing and
+//! its stop codes, end of stream and shutdown — is decided by [`StreamState`]
+//! ([`super::stream`]); this module only moves bytes between it, the QUIC stream and the
+//! ingest stage, and keeps the clock. A frame is read token first
+//! ([`edgerelay_proto::request`]): its token is found and its events counted (and refused past
+//! the limit) before one event is decoded, and the stream is authenticated before the events
+//! are. A request that decodes but is wrong (bad protobuf, no token) is answered with an error
+//! and the stream goes on.
+//!
+//! A connection ends when the client closes it, when the relay drains
+//! ([`CONNECTION_SHUTTING_DOWN`]), when it is older than `quic.max_connection_age_ms`
+//! ([`CONNECTION_GOING_AWAY`]: its streams stop reading and answer what they read first, as in
+//! a drain), or when its last stream was stopped as too slow ([`CONNECTION_STALLED`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
+use edgerelay_proto::request::{self, ScanError};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
 use quinn::VarInt;
 use tokio::task::JoinSet;
 
-use super::stream::{Action, StreamState};
+use super::stream::{Action, Limits, StreamState};
 use crate::auth::{Identity, Peer, Session};
-use crate::error::Refusal;
-use crate::ingest::framing::{self, FrameDecoder};
+use crate::error::{ErrorCode, Refusal};
+use crate::ingest::framing;
 use crate::ingest::{events_of, invalid_request, proto_refusal, results_of, EventIn, Ingest};
 use crate::metrics::Protocol;
 use crate::proto;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown};
 
 pub use edgerelay_proto::ALPN_EDGERELAY;
 
 /// CONNECTION_CLOSE code when the relay shuts down.
 pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
-/// Bytes read from a stream at once.
-const READ_CHUNK: usize = 64 << 10;
+/// CONNECTION_CLOSE code of a connection past `quic.max_connection_age_ms`, after its answers:
+/// going away, reconnect.
+pub const CONNECTION_GOING_AWAY: u32 = 0x21;
+/// CONNECTION_CLOSE code of a connection whose last streams were stopped as too slow.
+pub const CONNECTION_STALLED: u32 = 0x22;
 
 /// What every native connection shares.
 pub(super) struct Native {
     ingest: Arc<Ingest>,
-    decoder: FrameDecoder,
-    max_in_flight: usize,
+    limits: Limits,
+    max_age: Duration,
+}
+
+/// How a stream ended, for its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// Stopped because a frame was too slow.
+    TooSlow,
+    /// Anything else.
+    Done,
 }
 
 impl Native {
-    /// Frames of at most `max_frame_bytes`, at most `max_in_flight` requests unanswered per
-    /// stream.
-    pub(super) fn new(ingest: Arc<Ingest>, max_frame_bytes: usize, max_in_flight: usize) -> Self {
-        Self { ingest, decoder: FrameDecoder::new(max_frame_bytes), max_in_flight }
+    /// Streams bounded by `limits`; connections closed after `max_age`.
+    pub(super) fn new(ingest: Arc<Ingest>, limits: Limits, max_age: Duration) -> Self {
+        Self { ingest, limits, max_age }
     }
 }
 
 /// Serves one connection that chose `edgerelay/1`: a task per stream, until the client closes
-/// the connection or `stop`; then lets the streams finish and closes it with
-/// [`CONNECTION_SHUTTING_DOWN`].
+/// the connection, `stop`, its maximum age, or its last stream stalled; then lets the streams
+/// finish (a drain: they stop reading and answer what they read) and closes it with the code
+/// that says why.
 pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut stop: Shutdown) {
     // A client certificate is every stream's credential until a token replaces it.
-    let peer = Peer::new(super::peer_certificates(&conn).as_deref());
+    let mut peer = Peer::new(super::peer_certificates(&conn).as_deref());
+    let authenticated = native.ingest.peer_identity(&mut peer).is_some();
     let from = conn.remote_address();
+    let (drain, draining) = shutdown::channel();
+    let age = tokio::time::sleep(native.max_age);
+    tokio::pin!(age);
     let mut streams = JoinSet::new();
-    loop {
+    let (code, reason): (u32, &[u8]) = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let session = Session::new(peer.clone());
-                    streams.spawn(stream(send, recv, native.clone(), from, stop.clone(), session));
+                    let stream = Stream { send, recv, from, session, authenticated };
+                    streams.spawn(stream.serve(native.clone(), draining.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC connection ended");
-                    break;
+                    break (CONNECTION_SHUTTING_DOWN, b"shutting down");
                 }
             },
-            _ = stop.requested() => break,
+            Some(ended) = streams.join_next() => {
+                if matches!(ended, Ok(Ended::TooSlow)) && streams.is_empty() {
+                    break (CONNECTION_STALLED, b"stalled");
+                }
+            }
+            () = &mut age => break (CONNECTION_GOING_AWAY, b"going away: reconnect"),
+            _ = stop.requested() => break (CONNECTION_SHUTTING_DOWN, b"shutting down"),
         }
-        while streams.try_join_next().is_some() {}
-    }
+    };
+    drain.signal();
     while streams.join_next().await.is_some() {}
-    conn.close(VarInt::from_u32(CONNECTION_SHUTTING_DOWN), b"shutting down");
+    conn.close(VarInt::from_u32(code), reason);
 }
 
-/// Serves one stream: carries out what its [`StreamState`] decides.
-async fn stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    native: Arc<Native>,
+/// One stream and what it is served with.
+struct Stream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
     from: SocketAddr,
-    mut stop: Shutdown,
-    mut session: Session,
-) {
-    let mut state = StreamState::new(native.decoder, native.max_in_flight, stop.is_shutdown());
-    let mut answers = FuturesUnordered::new();
-    loop {
-        match state.poll() {
-            Action::Decode { id, frame } => {
-                let answer = request(frame, from, &mut session, &native).await;
-                answers.push(async move { (id, answer.await) });
-            }
-            Action::Write(answer) => {
-                if send.write_all(&framing::frame(&answer)).await.is_err() {
-                    return; // the client went away; what it was answered stays answered
+    session: Session,
+    /// The connection's certificate names an identity.
+    authenticated: bool,
+}
+
+impl Stream {
+    /// Serves the stream: carries out what its [`StreamState`] decides.
+    async fn serve(self, native: Arc<Native>, mut stop: Shutdown) -> Ended {
+        let Self { mut send, mut recv, from, mut session, authenticated } = self;
+        let mut state = StreamState::new(native.limits, authenticated, stop.is_shutdown());
+        let mut answers = FuturesUnordered::new();
+        loop {
+            match state.poll(Instant::now()) {
+                Action::Decode { id, frame } => {
+                    let answer = request(frame, from, &mut session, &native).await;
+                    state.authenticated(session.last().is_some());
+                    answers.push(async move { (id, answer.await) });
                 }
-            }
-            Action::Refuse(r) => {
-                native.ingest.refused(Protocol::Quic, from, session.last(), None, &r);
-                let _ = send.write_all(&framing::frame(&refused(r))).await;
-            }
-            Action::Stop(code) => {
-                let _ = recv.stop(VarInt::from_u32(code));
-            }
-            Action::Finish => {
-                let _ = send.finish();
-                let _ = send.stopped().await;
-                return;
-            }
-            Action::Wait(wait) => tokio::select! {
-                Some((id, answer)) = answers.next(), if wait.answers => state.answered(id, answer),
-                chunk = recv.read_chunk(READ_CHUNK, true), if wait.read => match chunk {
-                    Ok(Some(chunk)) => state.received(&chunk.bytes),
-                    Ok(None) => state.end_of_stream(),
-                    Err(_) => return, // reset by the client or the connection is gone
+                Action::Authenticate { head } => {
+                    state.head_checked(authenticate_head(&head, &mut session, &native).await);
+                }
+                Action::Write(answer) => {
+                    if send.write_all(&framing::frame(&answer)).await.is_err() {
+                        return Ended::Done; // the client went away; what it was answered stays
+                    }
+                }
+                Action::Refuse(r) => {
+                    native.ingest.refused(Protocol::Quic, from, session.last(), None, &r);
+                    let _ = send.write_all(&framing::frame(&refused(r))).await;
+                }
+                Action::Stop(code) => {
+                    let _ = recv.stop(VarInt::from_u32(code));
+                }
+                Action::Finish => {
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                    return if state.too_slow() { Ended::TooSlow } else { Ended::Done };
+                }
+                // Memory-budget seam: a global budget would reserve `wait.read` bytes here,
+                // before the read, and release them as the stream takes frames in.
+                Action::Wait(wait) => tokio::select! {
+                    Some((id, answer)) = answers.next(), if wait.answers => {
+                        state.answered(id, answer)
+                    }
+                    chunk = recv.read_chunk(wait.read, true), if wait.read > 0 => match chunk {
+                        Ok(Some(chunk)) => {
+                            native.ingest.received(Protocol::Quic, chunk.bytes.len());
+                            state.received(&chunk.bytes, Instant::now());
+                        }
+                        Ok(None) => state.end_of_stream(),
+                        Err(_) => return Ended::Done, // reset by the client, or connection gone
+                    },
+                    _ = stop.requested(), if wait.shutdown => state.shutdown(),
+                    // The frame under way is due: poll again.
+                    () = sleep_until(wait.deadline), if wait.deadline.is_some() => {}
+                    // Never reached: a wait always asks for something.
+                    else => return Ended::Done,
                 },
-                _ = stop.requested(), if wait.shutdown => state.shutdown(),
-                // Never reached: a wait always asks for something.
-                else => return,
-            },
+            }
         }
     }
 }
 
-/// One request frame: decode, authenticate (a token on the frame replaces the stream's
-/// credentials; without one, what the stream presented is checked against the current auth
-/// stage), and return the future of its answer. A refused request is counted and audited; an
-/// authentication refusal also drops the stream's credentials.
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Authenticates a stream from the head of a frame over the pre-auth limit: its token must be
+/// there (written first).
+async fn authenticate_head(
+    head: &[u8],
+    session: &mut Session,
+    native: &Native,
+) -> Result<(), Refusal> {
+    let Some(token) = request::token_in_head(head) else {
+        return Err(Refusal::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "the first frame of a stream must be at most {} bytes or carry its token first",
+                head.len()
+            ),
+        )
+        .because("token_not_first"));
+    };
+    native.ingest.stream_identity(session, Some(token)).await.map(drop)
+}
+
+/// One request frame: find its token and count its events, authenticate (a token on the frame
+/// replaces the stream's credentials; without one, what the stream presented is checked
+/// against the current auth stage), decode, and return the future of its answer. A refused
+/// request is counted and audited; an authentication refusal also drops the stream's
+/// credentials.
 async fn request(
     frame: Bytes,
     from: SocketAddr,
     session: &mut Session,
     native: &Native,
 ) -> BoxFuture<'static, proto::PublishResponse> {
-    native.ingest.received(Protocol::Quic, frame.len());
     match admit(frame, session, native).await {
         Ok((id, events)) => {
             let ingest = native.ingest.clone();
@@ -158,15 +240,23 @@ async fn request(
     }
 }
 
-/// Decodes a request frame and finds who sent it.
+/// Finds who sent a request frame, then decodes it: the token and the event count come from a
+/// scan of the frame's fields, so no event is decoded before the stream is authenticated, and
+/// none at all past the per-request limit.
 async fn admit(
     frame: Bytes,
     session: &mut Session,
     native: &Native,
 ) -> Result<(Identity, Vec<EventIn>), Refusal> {
+    let scan =
+        request::scan(&frame, native.ingest.max_events_per_request()).map_err(|e| match e {
+            ScanError::TooManyEvents { .. } => {
+                Refusal::new(ErrorCode::TooLarge, e.to_string()).because("too_many_events")
+            }
+            ScanError::Malformed(_) => Refusal::new(ErrorCode::BadRequest, e.to_string()),
+        })?;
+    let id = native.ingest.stream_identity(session, scan.token).await?;
     let req = proto::PublishRequest::decode(frame).map_err(|e| invalid_request(&e))?;
-    let token = (!req.token.is_empty()).then_some(req.token.as_str());
-    let id = native.ingest.stream_identity(session, token).await?;
     let events = events_of(req);
     native.ingest.check_request(&events)?;
     Ok((id, events))
