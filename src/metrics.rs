@@ -117,7 +117,8 @@ pub struct Metrics {
     pub accepted: Family<ProtocolLabels, Counter>,
     /// Events answered from the idempotency cache (an `Idempotency-Key` retry), by protocol.
     pub duplicates: Family<ProtocolLabels, Counter>,
-    /// Request bodies (HTTP) and request frames (QUIC) read, bytes, by protocol.
+    /// Request bodies (HTTP) and native stream bytes as read (QUIC, refused frames included),
+    /// bytes, by protocol.
     pub received_bytes: Family<ProtocolLabels, Counter>,
     /// Bodies of refused HTTP requests read and dropped unbuffered, bytes, by protocol.
     pub discarded_bytes: Family<ProtocolLabels, Counter>,

@@ -29,6 +29,12 @@
 //! A lost connection is re-established by the next [`Client::stream`] or [`Client::publish`];
 //! requests that were in flight on it are not retried (their answers never came: retry them
 //! with the same event ids, and the relay's idempotency answers the duplicates).
+//!
+//! A relay closes connections past its maximum age, and all of them when it shuts down, after
+//! answering every request it read: that is [`ClientError::GoingAway`], not a failure. The
+//! client then drops the connection at once (the next stream goes to a new one), and
+//! [`Client::publish`] retries its request once on a new connection by itself, since the
+//! relay did not read it.
 
 #![forbid(unsafe_code)]
 
@@ -38,7 +44,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use edgerelay_proto::framing::FrameDecoder;
 use edgerelay_proto::request;
-use edgerelay_proto::{ALPN_EDGERELAY, ALPN_H3};
+use edgerelay_proto::{
+    ALPN_EDGERELAY, ALPN_H3, CONNECTION_GOING_AWAY, CONNECTION_SHUTTING_DOWN, STREAM_SHUTTING_DOWN,
+};
 use prost::Message;
 use tokio::sync::Mutex;
 
@@ -77,6 +85,10 @@ pub enum ClientError {
     /// An answer did not decode.
     #[error("bad answer: {0}")]
     Decode(String),
+    /// The relay is closing this connection (maximum age or shutdown) after answering what it
+    /// read; this request was not read. Retry it on a new connection.
+    #[error("the relay is going away: {0}")]
+    GoingAway(String),
 }
 
 /// A connection to one relay, re-established on demand.
@@ -88,6 +100,7 @@ pub struct Client {
 
 /// One bidirectional stream: requests go out pipelined, answers come back in order.
 pub struct PublishStream {
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     buf: BytesMut,
@@ -114,12 +127,15 @@ impl Client {
         Ok(client)
     }
 
-    /// Opens a new stream (reconnecting first if the connection was lost).
+    /// Opens a new stream (reconnecting first if the connection was lost or is going away).
     pub async fn stream(&self) -> Result<PublishStream, ClientError> {
         let conn = self.connection().await?;
-        let (send, recv) =
-            conn.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        let (send, recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => return Err(self.forget_if_going_away(&conn, connection_error(&e))),
+        };
         Ok(PublishStream {
+            conn,
             send,
             recv,
             buf: BytesMut::new(),
@@ -128,16 +144,43 @@ impl Client {
         })
     }
 
-    /// Publishes `events` as one request on a fresh stream and returns the answer.
+    /// Publishes `events` as one request on a fresh stream and returns the answer. A relay
+    /// going away before reading it gets it again on a new connection, once.
     pub async fn publish(
         &self,
         events: Vec<proto::Event>,
     ) -> Result<proto::PublishResponse, ClientError> {
+        let req = proto::PublishRequest { events, token: self.config.token.clone() };
+        let mut frame = BytesMut::new();
+        request::encode_token_first(&req, &mut frame);
+        match self.publish_once(&frame).await {
+            Err(ClientError::GoingAway(_)) => self.publish_once(&frame).await,
+            other => other,
+        }
+    }
+
+    /// Sends one request `frame` (carrying the token) on a new stream and reads its answer.
+    async fn publish_once(&self, frame: &[u8]) -> Result<proto::PublishResponse, ClientError> {
         let mut stream = self.stream().await?;
-        stream.send(events).await?;
-        let answer = stream.recv().await?;
+        let answer = match stream.send_raw(frame).await {
+            Ok(()) => stream.recv().await,
+            Err(e) => Err(e),
+        };
         stream.finish();
-        Ok(answer)
+        answer.map_err(|e| self.forget_if_going_away(&stream.conn, e))
+    }
+
+    /// Passes `e` on; when it says the relay is going away, the next stream goes to a new
+    /// connection without waiting for this one to close.
+    fn forget_if_going_away(&self, conn: &quinn::Connection, e: ClientError) -> ClientError {
+        if matches!(e, ClientError::GoingAway(_)) {
+            if let Ok(mut guard) = self.connection.try_lock() {
+                if guard.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                    *guard = None;
+                }
+            }
+        }
+        e
     }
 
     /// The live connection, or a new one.
@@ -177,7 +220,15 @@ impl PublishStream {
 
     /// Sends raw bytes (for tests of malformed input).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.send.write_all(bytes).await.map_err(|e| ClientError::Stream(e.to_string()))
+        self.send.write_all(bytes).await.map_err(|e| match e {
+            quinn::WriteError::Stopped(code)
+                if code.into_inner() == STREAM_SHUTTING_DOWN.into() =>
+            {
+                ClientError::GoingAway(e.to_string())
+            }
+            quinn::WriteError::ConnectionLost(e) => connection_error(&e),
+            e => ClientError::Stream(e.to_string()),
+        })
     }
 
     /// Reads the next answer.
@@ -196,6 +247,7 @@ impl PublishStream {
                 Ok(None) => {
                     return Err(ClientError::Stream("the relay finished the stream".into()))
                 }
+                Err(quinn::ReadError::ConnectionLost(e)) => return Err(connection_error(&e)),
                 Err(e) => return Err(ClientError::Stream(e.to_string())),
             }
         }
@@ -204,6 +256,21 @@ impl PublishStream {
     /// Says no more requests will come on this stream.
     pub fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+}
+
+/// A lost connection as an error: [`ClientError::GoingAway`] when the relay closed it after
+/// answering what it read.
+fn connection_error(e: &quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if [CONNECTION_GOING_AWAY, CONNECTION_SHUTTING_DOWN]
+                .iter()
+                .any(|&code| close.error_code.into_inner() == u64::from(code)) =>
+        {
+            ClientError::GoingAway(e.to_string())
+        }
+        e => ClientError::Connection(e.to_string()),
     }
 }
 

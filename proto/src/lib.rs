@@ -23,3 +23,14 @@ pub const ALPN_EDGERELAY: &[u8] = b"edgerelay/1";
 
 /// ALPN of HTTP/3, served on the same UDP port as the native protocol.
 pub const ALPN_H3: &[u8] = b"h3";
+
+/// Native protocol, STOP_SENDING code: the relay (or this connection, past its maximum age) is
+/// draining; it answers the requests it read before and reads no more on this stream.
+pub const STREAM_SHUTTING_DOWN: u32 = 0x12;
+
+/// Native protocol, CONNECTION_CLOSE code: the relay shut down after answering what it read.
+pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
+
+/// Native protocol, CONNECTION_CLOSE code: the connection reached the relay's maximum age and
+/// closed after answering what it read. Not an error: reconnect.
+pub const CONNECTION_GOING_AWAY: u32 = 0x21;

@@ -23,6 +23,7 @@ mod nats_faults;
 mod package;
 mod publish;
 mod quic;
+mod quic_limits;
 mod reload;
 mod revocation;
 mod spool;

@@ -44,11 +44,7 @@ use crate::shutdown::{self, Shutdown};
 
 pub use edgerelay_proto::ALPN_EDGERELAY;
 
-/// CONNECTION_CLOSE code when the relay shuts down.
-pub const CONNECTION_SHUTTING_DOWN: u32 = 0x20;
-/// CONNECTION_CLOSE code of a connection past `quic.max_connection_age_ms`, after its answers:
-/// going away, reconnect.
-pub const CONNECTION_GOING_AWAY: u32 = 0x21;
+pub use edgerelay_proto::{CONNECTION_GOING_AWAY, CONNECTION_SHUTTING_DOWN};
 /// CONNECTION_CLOSE code of a connection whose last streams were stopped as too slow.
 pub const CONNECTION_STALLED: u32 = 0x22;
 

@@ -62,9 +62,7 @@ use crate::ingest::read_pace::{Pace, Progress, Slow};
 pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
 /// STOP_SENDING / RESET code: a frame's length prefix was malformed.
 pub const STREAM_MALFORMED: u32 = 0x11;
-/// STOP_SENDING code: the relay (or this connection) is draining and reads no more requests
-/// on this stream.
-pub const STREAM_SHUTTING_DOWN: u32 = 0x12;
+pub use edgerelay_proto::STREAM_SHUTTING_DOWN;
 /// STOP_SENDING code: a frame over the pre-auth limit on a stream without an identity did not
 /// carry an accepted token in its first `preauth_frame_bytes`.
 pub const STREAM_UNAUTHENTICATED: u32 = 0x13;
