@@ -107,6 +107,7 @@ pub struct QuicConfig {
     /// Most bytes of frame a stream holds before it has an identity (a token accepted, or a
     /// client certificate that names one). A longer first frame must carry its token in its
     /// first this-many bytes (the Rust client writes it first), else the stream is refused.
+    /// Above `max_frame_bytes` it is `max_frame_bytes`.
     pub preauth_frame_bytes: usize,
     /// A frame that has started must get a byte at least this often, milliseconds; else the
     /// stream is stopped (`frame_timeout`). Counted only while the relay is reading the stream.
@@ -271,10 +272,6 @@ impl QuicConfig {
         p.nonzero("quic.max_requests_in_flight_per_stream", self.max_requests_in_flight_per_stream);
         p.nonzero("quic.idle_timeout_ms", self.idle_timeout_ms);
         p.nonzero("quic.preauth_frame_bytes", self.preauth_frame_bytes);
-        p.bad(
-            self.preauth_frame_bytes > self.max_frame_bytes,
-            "quic.preauth_frame_bytes must be <= quic.max_frame_bytes",
-        );
         p.nonzero("quic.frame_timeout_ms", self.frame_timeout_ms);
         p.into_vec()
     }

@@ -248,7 +248,7 @@ fn transport(cfg: &QuicConfig) -> TransportConfig {
 fn limits(cfg: &QuicConfig) -> Limits {
     Limits {
         decoder: FrameDecoder::new(cfg.max_frame_bytes),
-        preauth_frame_bytes: cfg.preauth_frame_bytes,
+        preauth_frame_bytes: cfg.preauth_frame_bytes.min(cfg.max_frame_bytes),
         max_in_flight: cfg.max_requests_in_flight_per_stream,
         pace: Pace {
             timeout: ms(cfg.frame_timeout_ms),
