@@ -83,11 +83,13 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
+    /// Reads as (ms after the start, bytes), when checked (ms after the start), the verdict.
+    type Row = (&'static [(u64, usize)], u64, Result<(), Slow>);
+
     #[test]
     fn reads_are_judged_by_the_gap_and_by_the_rate_after_the_grace() {
         let pace = Pace { timeout: MS(1000), min_bytes_per_sec: 100 };
-        // (reads as (ms after the start, bytes), when checked (ms), verdict)
-        let rows: &[(&[(u64, usize)], u64, Result<(), Slow>)] = &[
+        let rows: &[Row] = &[
             (&[], 999, Ok(())),
             (&[], 1000, Err(Slow::Stalled)),
             // A read resets the gap...
