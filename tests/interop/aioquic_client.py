@@ -43,12 +43,14 @@ def field(number, wire_type, value):
 
 
 def publish_request(token, events):
-    """PublishRequest{events=1: Event{subject=1, payload=2, id=4}, token=2}."""
-    body = b""
+    """PublishRequest{events=1: Event{subject=1, payload=2, id=4}, token=2}, token field first
+    (any field order is valid protobuf; the relay authenticates a large first frame from its
+    first 16 KiB, so the token goes there)."""
+    body = field(2, 2, token.encode()) if token else b""
     for subject, payload, event_id in events:
         ev = field(1, 2, subject.encode()) + field(2, 2, payload.encode()) + field(4, 2, event_id.encode())
         body += field(1, 2, ev)
-    return body + field(2, 2, token.encode())
+    return body
 
 
 def read_varint(buf, pos):
