@@ -319,7 +319,9 @@ mod tests {
     #[test]
     fn quic_and_idempotency_settings_are_checked() {
         let quic: QuicConfig = toml::from_str(
-            "max_connections = 0\nstream_window_bytes = 2048\nconnection_window_bytes = 1024\n",
+            "max_connections = 0\nstream_window_bytes = 2048\nconnection_window_bytes = 1024\n\
+             preauth_frame_bytes = 0\nframe_timeout_ms = 0\nmax_connection_age_ms = 0\n\
+             frame_min_bytes_per_sec = 0\n",
         )
         .unwrap();
         assert_eq!(
@@ -327,6 +329,8 @@ mod tests {
             [
                 "quic.max_connections must be > 0",
                 "quic.connection_window_bytes must be >= quic.stream_window_bytes",
+                "quic.preauth_frame_bytes must be > 0",
+                "quic.frame_timeout_ms must be > 0",
             ]
         );
         assert!(QuicConfig::default().problems().is_empty());
