@@ -159,6 +159,7 @@ impl Server {
                     ingest.clone(),
                     limits(cfg),
                     ms(cfg.max_connection_age_ms),
+                    ms(cfg.max_connection_age_grace_ms),
                 )),
                 ingest,
                 api,

@@ -18,7 +18,7 @@
 //! A connection ends when the client closes it, when the relay drains
 //! ([`CONNECTION_SHUTTING_DOWN`]), when it is older than `quic.max_connection_age_ms`
 //! ([`CONNECTION_GOING_AWAY`]: its streams stop reading and answer what they read first, as in
-//! a drain), or when its last stream was stopped as too slow ([`CONNECTION_STALLED`]).
+//! a drain, for at most `quic.max_connection_age_grace_ms`), or when its last stream was stopped as too slow ([`CONNECTION_STALLED`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,7 +52,10 @@ pub const CONNECTION_STALLED: u32 = 0x22;
 pub(super) struct Native {
     ingest: Arc<Ingest>,
     limits: Limits,
-    max_age: Duration,
+    /// Connections older than this go away (`None`: never)...
+    max_age: Option<Duration>,
+    /// ...after letting their streams finish for at most this long.
+    age_grace: Duration,
 }
 
 /// How a stream ended, for its connection.
@@ -65,9 +68,16 @@ enum Ended {
 }
 
 impl Native {
-    /// Streams bounded by `limits`; connections closed after `max_age`.
-    pub(super) fn new(ingest: Arc<Ingest>, limits: Limits, max_age: Duration) -> Self {
-        Self { ingest, limits, max_age }
+    /// Streams bounded by `limits`; connections go away after `max_age` (zero: never), their
+    /// streams given `age_grace` to finish.
+    pub(super) fn new(
+        ingest: Arc<Ingest>,
+        limits: Limits,
+        max_age: Duration,
+        age_grace: Duration,
+    ) -> Self {
+        let max_age = (!max_age.is_zero()).then_some(max_age);
+        Self { ingest, limits, max_age, age_grace }
     }
 }
 
@@ -81,7 +91,12 @@ pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut
     let authenticated = native.ingest.peer_identity(&mut peer).is_some();
     let from = conn.remote_address();
     let (drain, draining) = shutdown::channel();
-    let age = tokio::time::sleep(native.max_age);
+    let age = async {
+        match native.max_age {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(age);
     let mut streams = JoinSet::new();
     let (code, reason): (u32, &[u8]) = loop {
@@ -107,7 +122,14 @@ pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut
         }
     };
     drain.signal();
-    while streams.join_next().await.is_some() {}
+    let finished = async { while streams.join_next().await.is_some() {} };
+    if code == CONNECTION_GOING_AWAY {
+        // Streams still busy after the grace are cut by the close (their tasks are aborted
+        // when `streams` drops): their clients retry with the same idempotency keys.
+        let _ = tokio::time::timeout(native.age_grace, finished).await;
+    } else {
+        finished.await;
+    }
     conn.close(VarInt::from_u32(code), reason);
 }
 
