@@ -11,7 +11,6 @@ pub mod https;
 pub mod idempotency;
 pub mod json;
 pub mod quic;
-pub mod read_pace;
 
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).
 pub use edgerelay_proto::framing;

@@ -27,10 +27,10 @@ use tokio::task::JoinSet;
 
 use self::native::Native;
 use self::stream::Limits;
+use super::body::PaceLimits;
 use super::config::QuicConfig;
 use super::framing::FrameDecoder;
 use super::http_api::HttpApi;
-use super::read_pace::Pace;
 use super::Ingest;
 use crate::metrics::Protocol;
 use crate::section::ms;
@@ -251,7 +251,7 @@ fn limits(cfg: &QuicConfig) -> Limits {
         decoder: FrameDecoder::new(cfg.max_frame_bytes),
         preauth_frame_bytes: cfg.preauth_frame_bytes.min(cfg.max_frame_bytes),
         max_in_flight: cfg.max_requests_in_flight_per_stream,
-        pace: Pace {
+        pace: PaceLimits {
             timeout: ms(cfg.frame_timeout_ms),
             min_bytes_per_sec: cfg.frame_min_bytes_per_sec,
         },

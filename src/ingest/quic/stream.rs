@@ -26,10 +26,10 @@
 //!   [`STREAM_UNAUTHENTICATED`]. The driver reports after every request whether the stream
 //!   has an identity; while it authenticates a request, it polls nothing, so pipelined frames
 //!   wait unread.
-//! - **Slow frames.** A frame that has started must keep coming ([`read_pace`]: a timeout
-//!   between reads, a minimum rate), measured only while the machine asks for bytes. A frame
-//!   too slow ends reading: the requests before it are answered, then a refusal
-//!   (`bad_request`, reason `frame_timeout` or `frame_too_slow`) is written, the client's side
+//! - **Slow frames.** A frame that has started must keep coming (the [`Pace`] of HTTP bodies:
+//!   a timeout between reads, a minimum rate), measured only while the machine asks for
+//!   bytes. A frame too slow ends reading: the requests before it are answered, then a refusal
+//!   (`request_timeout`, reason `frame_timeout` or `frame_too_slow`) is written, the client's side
 //!   is stopped with [`STREAM_TOO_SLOW`], and [`StreamState::too_slow`] says so.
 //! - **Broken framing.** A length prefix over the frame limit or a malformed prefix ends
 //!   reading at once and drops what was buffered after it; the requests before it are answered,
@@ -46,8 +46,6 @@
 //! Memory-budget seam: every byte buffered here is asked for by a [`Wait::read`] of at most
 //! that many bytes, so a global budget would reserve `read` bytes before the driver reads and
 //! release them as frames are taken in.
-//!
-//! [`read_pace`]: crate::ingest::read_pace
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -55,8 +53,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{ErrorCode, Refusal};
+use crate::ingest::body::{Pace, PaceLimits, Stall};
 use crate::ingest::framing::{FrameDecoder, FrameError, MAX_VARINT_BYTES};
-use crate::ingest::read_pace::{Pace, Progress, Slow};
 
 /// STOP_SENDING / RESET code: a frame's length prefix exceeded the limit.
 pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
@@ -81,7 +79,7 @@ pub struct Limits {
     /// Requests taken in and not yet answered on the wire (at least one).
     pub max_in_flight: usize,
     /// How fast a started frame must come.
-    pub pace: Pace,
+    pub pace: PaceLimits,
 }
 
 /// One stream's state; `A` is an answer as the driver writes it.
@@ -103,7 +101,7 @@ pub struct StreamState<A> {
     /// An [`Action::Authenticate`] awaits its [`StreamState::head_checked`].
     authenticating: bool,
     /// The frame under way, while the machine asks for bytes.
-    progress: Option<Progress>,
+    progress: Option<Pace>,
     /// Why reading broke, and the STOP_SENDING code that says so (phase `Broken`).
     broken: Option<(Refusal, u32)>,
     /// Reading ended because a frame was too slow.
@@ -190,7 +188,7 @@ impl<A> StreamState<A> {
         if self.phase == Phase::Reading {
             self.buf.extend_from_slice(bytes);
             let pace = self.limits.pace;
-            self.progress.get_or_insert_with(|| pace.start(now)).read(bytes.len(), now);
+            self.progress.get_or_insert_with(|| Pace::new(pace, now)).on_data(bytes.len(), now);
         }
     }
 
@@ -286,10 +284,10 @@ impl<A> StreamState<A> {
         }
         if read > 0 && !self.buf.is_empty() {
             let pace = self.limits.pace;
-            let progress = *self.progress.get_or_insert_with(|| pace.start(now));
-            if let Err(slow) = pace.check(&progress, now) {
+            let progress = self.progress.get_or_insert_with(|| Pace::new(pace, now));
+            if let Err(stall) = progress.check(now) {
                 self.too_slow = true;
-                self.break_off(slow_refusal(slow, &pace), STREAM_TOO_SLOW);
+                self.break_off(slow_refusal(stall, &pace), STREAM_TOO_SLOW);
                 return self.poll(now);
             }
         }
@@ -298,7 +296,7 @@ impl<A> StreamState<A> {
             read,
             answers: self.unanswered > 0,
             shutdown: reading,
-            deadline: self.progress.map(|p| self.limits.pace.deadline(&p)),
+            deadline: self.progress.as_ref().map(Pace::deadline),
         })
     }
 
@@ -374,15 +372,15 @@ impl<A> StreamState<A> {
 }
 
 /// The refusal of a frame too slow.
-fn slow_refusal(slow: Slow, pace: &Pace) -> Refusal {
-    match slow {
-        Slow::Stalled => Refusal::new(
-            ErrorCode::BadRequest,
+fn slow_refusal(stall: Stall, pace: &PaceLimits) -> Refusal {
+    match stall {
+        Stall::Timeout => Refusal::new(
+            ErrorCode::RequestTimeout,
             format!("frame stalled: no bytes for {} ms", pace.timeout.as_millis()),
         )
         .because("frame_timeout"),
-        Slow::TooSlow => Refusal::new(
-            ErrorCode::BadRequest,
+        Stall::TooSlow => Refusal::new(
+            ErrorCode::RequestTimeout,
             format!("frame slower than {} bytes/s", pace.min_bytes_per_sec),
         )
         .because("frame_too_slow"),

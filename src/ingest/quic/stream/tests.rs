@@ -45,7 +45,8 @@ const LIMIT: usize = 100;
 const PREAUTH: usize = 20;
 /// What an authenticated stream may read at once.
 const ANY: usize = READ_CHUNK;
-const PACE: Pace = Pace { timeout: Duration::from_millis(1000), min_bytes_per_sec: 100 };
+const PACE: PaceLimits =
+    PaceLimits { timeout: Duration::from_millis(1000), min_bytes_per_sec: 100 };
 
 fn limits(max_in_flight: usize) -> Limits {
     Limits {
@@ -427,7 +428,7 @@ fn a_partial_large_frame_at_the_fin_is_dropped_unchecked() {
 
 #[test]
 fn a_stalled_frame_is_refused_at_the_timeout_and_stops_the_stream() {
-    let stalled = Out::Refuse(ErrorCode::BadRequest, "frame_timeout");
+    let stalled = Out::Refuse(ErrorCode::RequestTimeout, "frame_timeout");
     run(
         4,
         false,
@@ -443,8 +444,9 @@ fn a_stalled_frame_is_refused_at_the_timeout_and_stops_the_stream() {
 
 #[test]
 fn a_trickle_below_the_minimum_rate_is_refused() {
-    // 100 bytes/s after a 1 s grace: each byte earns 10 ms.
-    let slow = Out::Refuse(ErrorCode::BadRequest, "frame_too_slow");
+    // 100 bytes/s on average once 1 s has passed: 3 bytes do not keep a frame alive past it,
+    // though no gap reaches the timeout.
+    let slow = Out::Refuse(ErrorCode::RequestTimeout, "frame_too_slow");
     run(
         4,
         false,
@@ -452,7 +454,7 @@ fn a_trickle_below_the_minimum_rate_is_refused() {
             (Read(partial(LIMIT as u64, 1)), &[W(ANY, false, true)]),
             (Later(500), &[W(ANY, false, true)]),
             (Read(vec![0]), &[W(ANY, false, true)]),
-            (Later(529), &[W(ANY, false, true)]),
+            (Later(499), &[W(ANY, false, true)]),
             (Later(1), &[slow, S(STREAM_TOO_SLOW), F]),
         ],
     );
@@ -460,7 +462,7 @@ fn a_trickle_below_the_minimum_rate_is_refused() {
 
 #[test]
 fn the_clock_runs_only_while_the_stream_asks_for_bytes() {
-    let stalled = Out::Refuse(ErrorCode::BadRequest, "frame_timeout");
+    let stalled = Out::Refuse(ErrorCode::RequestTimeout, "frame_timeout");
     // At the cap: a partial frame waits as long as the answer takes.
     run(
         1,
