@@ -218,10 +218,20 @@ mod tests {
         events: impl IntoIterator<Item = Ev>,
         now: Instant,
     ) -> (Batcher<Ev>, Vec<Ready<Ev>>) {
+        fed_over(limits, events.into_iter().map(|e| (0, e)), now)
+    }
+
+    /// A batcher with `limits` fed each `(ms, event)` at `t0 + ms`, and the batches it
+    /// flushed meanwhile.
+    fn fed_over(
+        limits: Limits,
+        events: impl IntoIterator<Item = (u64, Ev)>,
+        t0: Instant,
+    ) -> (Batcher<Ev>, Vec<Ready<Ev>>) {
         let mut b = Batcher::new(limits);
         let mut out = Vec::new();
-        for e in events {
-            b.push(e, now, &mut out);
+        for (ms, e) in events {
+            b.push(e, t0 + Duration::from_millis(ms), &mut out);
         }
         (b, out)
     }
@@ -278,12 +288,9 @@ mod tests {
     fn flushes_by_linger_on_a_simulated_clock() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut b = Batcher::new(limits(100, 10_000, 5));
-        let mut out = Vec::new();
-        assert_eq!(b.next_deadline(), None);
-        b.push(Ev("a", 1, 0), t0, &mut out);
-        b.push(Ev("b", 1, 1), t0 + ms(2), &mut out);
-        b.push(Ev("a", 1, 2), t0 + ms(3), &mut out);
+        assert_eq!(Batcher::<Ev>::new(limits(100, 10_000, 5)).next_deadline(), None);
+        let events = [(0, Ev("a", 1, 0)), (2, Ev("b", 1, 1)), (3, Ev("a", 1, 2))];
+        let (mut b, mut out) = fed_over(limits(100, 10_000, 5), events, t0);
         assert_eq!(b.next_deadline(), Some(t0 + ms(5)));
         b.poll_flush(t0 + ms(4), &mut out);
         assert!(out.is_empty());
@@ -302,11 +309,9 @@ mod tests {
     fn a_batch_flushed_early_leaves_no_stale_deadline() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut b = Batcher::new(limits(2, 10_000, 5));
-        let mut out = Vec::new();
-        b.push(Ev("a", 1, 0), t0, &mut out);
-        b.push(Ev("a", 1, 1), t0, &mut out); // flushed by count
-        b.push(Ev("a", 1, 2), t0 + ms(3), &mut out); // new batch, deadline t0+8
+        // The first two are flushed by count; the third opens a new batch, deadline t0+8.
+        let events = [(0, Ev("a", 1, 0)), (0, Ev("a", 1, 1)), (3, Ev("a", 1, 2))];
+        let (mut b, mut out) = fed_over(limits(2, 10_000, 5), events, t0);
         assert_eq!(b.next_deadline(), Some(t0 + ms(8)));
         b.poll_flush(t0 + ms(6), &mut out);
         assert_eq!(out.len(), 1, "the old deadline must not flush the new batch early");
