@@ -319,6 +319,16 @@ mod tests {
         Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: false }
     }
 
+    /// Key `a` claimed at `t0`, claimed again (that claim waits), then completed with
+    /// `answer`: the cache, and what the waiter was told.
+    fn waiter_told(t0: Instant, answer: Outcome) -> (Idempotency, Outcome) {
+        let c = claimed_a(t0);
+        let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
+        c.complete(key(&c, "a"), &answer, t0);
+        let told = rx.try_recv().unwrap();
+        (c, told)
+    }
+
     #[test]
     fn a_stored_key_is_answered_as_duplicate_within_the_window() {
         let t0 = Instant::now();
@@ -336,21 +346,16 @@ mod tests {
     #[test]
     fn a_refused_key_can_be_retried_and_waiters_get_the_refusal() {
         let t0 = Instant::now();
-        let c = claimed_a(t0);
-        let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
         let refusal = Refusal::new(ErrorCode::AckTimeout, "x");
-        c.complete(key(&c, "a"), &Err(refusal.clone()), t0);
-        assert_eq!(rx.try_recv().unwrap(), Err(refusal));
+        let (c, told) = waiter_told(t0, Err(refusal.clone()));
+        assert_eq!(told, Err(refusal));
         assert!(matches!(c.claim(key(&c, "a"), t0), Claim::New));
     }
 
     #[test]
     fn waiters_get_the_stored_result_marked_duplicate() {
-        let t0 = Instant::now();
-        let c = claimed_a(t0);
-        let Claim::Wait(mut rx) = c.claim(key(&c, "a"), t0) else { panic!() };
-        c.complete(key(&c, "a"), &Ok(Ack::Stored(stored(3))), t0);
-        let Ok(Ack::Stored(s)) = rx.try_recv().unwrap() else { panic!() };
+        let (_, told) = waiter_told(Instant::now(), Ok(Ack::Stored(stored(3))));
+        let Ok(Ack::Stored(s)) = told else { panic!() };
         assert!(s.duplicate);
     }
 
