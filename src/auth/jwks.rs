@@ -476,59 +476,25 @@ mod tests {
         let changes =
             |added, retired, replaced, skipped| Changes { added, retired, replaced, skipped };
         // (what, set before, set fetched, changes, generation moves)
-        type Case = (&'static str, Vec<Jwk>, Vec<Jwk>, Changes, bool);
-        let cases: Vec<Case> = vec![
-            (
-                "same keys",
-                vec![a.clone(), b.clone()],
-                vec![a.clone(), b.clone()],
-                changes(0, 0, 0, 0),
-                false,
-            ),
-            (
-                "same keys, other order",
-                vec![a.clone(), b.clone()],
-                vec![b.clone(), a.clone()],
-                changes(0, 0, 0, 0),
-                false,
-            ),
-            (
-                "an unusable key appears",
-                vec![a.clone()],
-                vec![a.clone(), hmac.clone()],
-                changes(0, 0, 0, 1),
-                false,
-            ),
-            (
-                "a key appears",
-                vec![a.clone()],
-                vec![a.clone(), b.clone()],
-                changes(1, 0, 0, 0),
-                true,
-            ),
-            (
-                "a key is rotated out",
-                vec![a.clone(), b.clone()],
-                vec![a.clone()],
-                changes(0, 1, 0, 0),
-                true,
-            ),
-            (
-                "new material under a known kid",
-                vec![a.clone(), b.clone()],
-                vec![a2.clone(), b.clone()],
-                changes(0, 0, 1, 0),
-                true,
-            ),
+        type Case<'a> = (&'static str, &'a [&'a Jwk], &'a [&'a Jwk], Changes, bool);
+        let cases: [Case; 7] = [
+            ("same keys", &[&a, &b], &[&a, &b], changes(0, 0, 0, 0), false),
+            ("same keys, other order", &[&a, &b], &[&b, &a], changes(0, 0, 0, 0), false),
+            ("an unusable key appears", &[&a], &[&a, &hmac], changes(0, 0, 0, 1), false),
+            ("a key appears", &[&a], &[&a, &b], changes(1, 0, 0, 0), true),
+            ("a key is rotated out", &[&a, &b], &[&a], changes(0, 1, 0, 0), true),
+            ("new material under a known kid", &[&a, &b], &[&a2, &b], changes(0, 0, 1, 0), true),
             (
                 "the same key without its alg (it verifies the same)",
-                vec![a.clone(), b.clone()],
-                vec![a.clone(), unnamed],
+                &[&a, &b],
+                &[&a, &unnamed],
                 changes(0, 0, 0, 0),
                 false,
             ),
         ];
+        let owned = |keys: &[&Jwk]| keys.iter().map(|&k| k.clone()).collect::<Vec<_>>();
         for (what, before, fetched, expected, moves) in cases {
+            let (before, fetched) = (owned(before), owned(fetched));
             let t0 = Instant::now();
             let mut keys = Keys::new(policy(), ALLOWED.to_vec());
             keys.update(&before, t0);
