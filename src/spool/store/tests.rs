@@ -54,6 +54,21 @@ fn tamper(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
     std::fs::write(path, &bytes).unwrap();
 }
 
+/// A spool at `tmp` of `segment_bytes` segments (fsync always) left holding records `0..n`,
+/// its first segment then changed by `change` ([`tamper`]): its config and that segment's path.
+async fn damaged(
+    tmp: &Path,
+    segment_bytes: u64,
+    n: u64,
+    change: impl FnOnce(&mut Vec<u8>),
+) -> (SpoolConfig, PathBuf) {
+    let c = cfg(tmp, 1 << 20, segment_bytes, FsyncPolicy::Always);
+    left_on_disk(&c, n).await;
+    let first = seg_path(&c, 1);
+    tamper(&first, change);
+    (c, first)
+}
+
 fn ids(records: &[Spooled]) -> Vec<String> {
     records.iter().map(|r| r.record.msg_id.clone()).collect()
 }
@@ -238,10 +253,8 @@ async fn a_torn_tail_is_truncated_on_open_and_appends_continue_after_it() {
 #[tokio::test]
 async fn a_bit_flipped_record_is_skipped_counted_and_its_segment_still_retires() {
     let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 1 << 20, 3 * frame(), FsyncPolicy::Always);
-    left_on_disk(&c, 6).await;
-    let path = seg_path(&c, 1);
-    tamper(&path, |b| b[(frame() + 20) as usize] ^= 0x08);
+    let (c, path) =
+        damaged(tmp.path(), 3 * frame(), 6, |b| b[(frame() + 20) as usize] ^= 0x08).await;
     // And a torn tail in the middle segment-to-be: a non-last segment keeps it.
     let (spool, recovery, metrics) = open(&c);
     assert_eq!((recovery.total.records, recovery.total.corrupt), (5, 1));
@@ -261,10 +274,7 @@ async fn a_bit_flipped_record_is_skipped_counted_and_its_segment_still_retires()
 #[tokio::test]
 async fn a_torn_tail_of_an_older_segment_is_reported_and_left_in_place() {
     let tmp = tempfile::tempdir().unwrap();
-    let c = cfg(tmp.path(), 1 << 20, 2 * frame(), FsyncPolicy::Always);
-    left_on_disk(&c, 4).await;
-    let first = seg_path(&c, 1);
-    tamper(&first, |b| b.truncate(b.len() - 5));
+    let (c, first) = damaged(tmp.path(), 2 * frame(), 4, |b| b.truncate(b.len() - 5)).await;
     let (spool, recovery, _) = open(&c);
     assert_eq!((recovery.total.records, recovery.total.torn_bytes), (3, frame() - 5));
     assert!(matches!(recovery.damage[0].kind, DamageKind::Torn { truncated: false, .. }));
