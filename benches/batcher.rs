@@ -10,7 +10,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BatchSize, Bencher, BenchmarkId, Criterion, Throughput,
+};
 use edgerelay::batch::batcher::{Batcher, FlushReason, Item, Limits, Ready};
 use edgerelay::proto;
 use prost::Message;
@@ -64,21 +66,33 @@ fn batch(sequence: u64, events: Vec<proto::Event>) -> proto::Batch {
     proto::Batch { relay_id: "bench".into(), boot_id: "0123456789ab".into(), sequence, events }
 }
 
-fn push_flush(c: &mut Criterion) {
+/// Group `name`, one benchmark per batch size `max_events` over [`EVENTS`] events of 256-byte
+/// `payload`: `bench(b, &payload, max_events)`.
+fn per_batch_size(
+    c: &mut Criterion,
+    name: &str,
+    mut bench: impl FnMut(&mut Bencher<'_>, &Bytes, usize),
+) {
     let payload = Bytes::from(vec![b'x'; 256]);
-    let mut group = c.benchmark_group("batcher_push_flush");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(EVENTS as u64));
     for max_events in BATCH_SIZES {
         group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
-            b.iter_batched(
-                || (0..EVENTS).map(|i| Ev(event(i, &payload))).collect::<Vec<_>>(),
-                // Returned, so dropping the events is not timed.
-                |events| batched(n, events),
-                BatchSize::LargeInput,
-            )
+            bench(b, &payload, n)
         });
     }
     group.finish();
+}
+
+fn push_flush(c: &mut Criterion) {
+    per_batch_size(c, "batcher_push_flush", |b, payload, n| {
+        b.iter_batched(
+            || (0..EVENTS).map(|i| Ev(event(i, payload))).collect::<Vec<_>>(),
+            // Returned, so dropping the events is not timed.
+            |events| batched(n, events),
+            BatchSize::LargeInput,
+        )
+    });
 }
 
 fn batch_encode(c: &mut Criterion) {
@@ -96,23 +110,17 @@ fn batch_encode(c: &mut Criterion) {
 }
 
 fn batch_and_encode(c: &mut Criterion) {
-    let payload = Bytes::from(vec![b'x'; 256]);
-    let mut group = c.benchmark_group("batch_and_encode_256B");
-    group.throughput(Throughput::Elements(EVENTS as u64));
-    for max_events in BATCH_SIZES {
-        group.bench_with_input(BenchmarkId::from_parameter(max_events), &max_events, |b, &n| {
-            b.iter(|| {
-                let ready = batched(n, (0..EVENTS).map(|i| Ev(event(i, &payload))));
-                let mut bytes = 0;
-                for (seq, r) in ready.into_iter().enumerate() {
-                    let events = r.items.into_iter().map(|e| e.0).collect();
-                    bytes += batch(seq as u64, events).encode_to_vec().len();
-                }
-                bytes
-            })
-        });
-    }
-    group.finish();
+    per_batch_size(c, "batch_and_encode_256B", |b, payload, n| {
+        b.iter(|| {
+            let ready = batched(n, (0..EVENTS).map(|i| Ev(event(i, payload))));
+            let mut bytes = 0;
+            for (seq, r) in ready.into_iter().enumerate() {
+                let events = r.items.into_iter().map(|e| e.0).collect();
+                bytes += batch(seq as u64, events).encode_to_vec().len();
+            }
+            bytes
+        })
+    });
 }
 
 criterion_group!(benches, push_flush, batch_encode, batch_and_encode);
