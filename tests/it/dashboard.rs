@@ -85,11 +85,8 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
 
     // Labelled series appear once something happened: a JWT (JWKS fetch), an accepted event
     // with an edge timestamp, its duplicate, a refusal.
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let relay = setup.start().await;
+    let (_nats, _setup, relay) = start_jwt_relay(&idp, |_| {}).await;
     let token = idp.token(serde_json::json!({"tenant": "acme", "scope": "edge:publish"}));
     for (subject, status) in [("edge.acme.x", 202), ("edge.acme.x", 202), ("edge.globex.x", 403)] {
         let resp = relay

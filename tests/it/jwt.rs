@@ -48,11 +48,7 @@ async fn jwt_relay(
     idp: &TestIdp,
     change: impl FnOnce(&mut JwtConfig),
 ) -> (NatsServer, Setup, TestRelay) {
-    let nats = NatsServer::start();
-    let mut setup = Setup::new(&nats.url());
-    change(setup.with_jwt(idp));
-    let relay = setup.start().await;
-    (nats, setup, relay)
+    start_setup(|setup| change(setup.with_jwt(idp))).await
 }
 
 /// One hostile token and the refusal it must get.
@@ -518,16 +514,15 @@ async fn a_quic_stream_keeps_its_identity_only_until_the_token_expires() {
 
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after_then_recover() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let rl = &mut setup.config.auth.rate_limit;
-    rl.events_per_sec = 4;
-    rl.burst = 4;
-    rl.tenant_claim = Some("tenant".into());
-    rl.tenant_events_per_sec = 6;
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_jwt_relay(&idp, |c| {
+        let rl = &mut c.auth.rate_limit;
+        rl.events_per_sec = 4;
+        rl.burst = 4;
+        rl.tenant_claim = Some("tenant".into());
+        rl.tenant_events_per_sec = 6;
+    })
+    .await;
 
     // Per identity: a static token.
     for i in 0..4 {

@@ -236,11 +236,8 @@ fn tenant_token(idp: &TestIdp, aud: &str) -> String {
 
 #[tokio::test]
 async fn jwt_settings_and_the_identity_provider_reload_without_a_restart() {
-    let nats = NatsServer::start();
     let (idp_a, idp_b) = (TestIdp::start().await, TestIdp::start().await);
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp_a);
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_jwt_relay(&idp_a, |_| {}).await;
     let a_token = tenant_token(&idp_a, "edgerelay");
     assert_eq!(answer_to(&relay, &a_token, "edge.acme.x").await.0, 202);
 

@@ -188,11 +188,8 @@ async fn a_reload_that_removes_an_mtls_identity_or_turns_mtls_off_refuses_the_ne
 
 #[tokio::test]
 async fn a_reload_that_changes_roles_reaches_a_jwt_on_an_open_quic_stream_before_its_exp() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let relay = setup.start().await;
+    let (_nats, setup, relay) = start_jwt_relay(&idp, |_| {}).await;
     let claims = serde_json::json!({"aud": "edgerelay", "scope": "edge:publish", "tenant": "acme"});
     let quic = setup.quic_client(&relay, &idp.token(claims)).await;
     let mut stream = quic.stream().await.unwrap();

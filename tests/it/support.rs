@@ -93,9 +93,28 @@ impl Setup {
 /// A nats-server of its own and a relay on it started in-process, with [`Setup::new`]'s config
 /// changed by `change` first.
 pub async fn start_relay(change: impl FnOnce(&mut Config)) -> (NatsServer, Setup, TestRelay) {
+    start_setup(|setup| change(&mut setup.config)).await
+}
+
+/// [`start_relay`] accepting `idp`'s tokens ([`Setup::with_jwt`]), its config changed by
+/// `change` after.
+pub async fn start_jwt_relay(
+    idp: &TestIdp,
+    change: impl FnOnce(&mut Config),
+) -> (NatsServer, Setup, TestRelay) {
+    start_setup(|setup| {
+        setup.with_jwt(idp);
+        change(&mut setup.config);
+    })
+    .await
+}
+
+/// A nats-server of its own and a relay on it started in-process, with the [`Setup`] changed
+/// by `change` first.
+pub async fn start_setup(change: impl FnOnce(&mut Setup)) -> (NatsServer, Setup, TestRelay) {
     let nats = NatsServer::start();
     let mut setup = Setup::new(&nats.url());
-    change(&mut setup.config);
+    change(&mut setup);
     let relay = setup.start().await;
     (nats, setup, relay)
 }
