@@ -188,6 +188,13 @@ async fn over_https(relay: &TestRelay, token: &str, subject: &str) -> (String, S
     (code, v["error"]["reason"].as_str().unwrap_or("").to_owned())
 }
 
+/// A good token of `idp`'s ([`good_claims`]), once `relay` has accepted it on `edge.acme.a`.
+async fn accepted_token(idp: &TestIdp, relay: &TestRelay) -> String {
+    let token = idp.token(good_claims(idp));
+    assert_eq!(over_https(relay, &token, "edge.acme.a").await.0, "accepted");
+    token
+}
+
 async fn over_h3(setup: &Setup, relay: &TestRelay, token: &str, subject: &str) -> (String, String) {
     let client = h3_client(setup, relay, token).await;
     let (status, _, body) = client
@@ -330,8 +337,7 @@ async fn tenants_publish_only_to_their_own_subjects() {
 async fn key_rotation_is_picked_up_and_rotated_out_keys_stop_after_the_grace() {
     let idp = TestIdp::start().await;
     let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.key_grace_secs = 2).await;
-    let old = idp.token(good_claims(&idp));
-    assert_eq!(over_https(&relay, &old, "edge.acme.a").await.0, "accepted");
+    let old = accepted_token(&idp, &relay).await;
 
     // The IdP signs with a new key and drops the old one; the relay has never seen the new kid.
     idp.idp.rotate("ES256", true).unwrap();
@@ -388,8 +394,7 @@ async fn on_stream(
 async fn a_refresh_that_finds_the_same_keys_keeps_checked_tokens_cached() {
     let idp = TestIdp::start().await;
     let (_nats, _setup, relay) = jwt_relay(&idp, |jwt| jwt.refresh_secs = 1).await;
-    let token = idp.token(good_claims(&idp));
-    assert_eq!(over_https(&relay, &token, "edge.acme.a").await.0, "accepted");
+    let token = accepted_token(&idp, &relay).await;
     let counts = || async {
         (
             metric(&relay, "edgerelay_jwks_key_changes_total").await,
