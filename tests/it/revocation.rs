@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use edgerelay::proto::event_result::Outcome;
-use edgerelay_client::{Client, H3Client, PublishStream};
+use edgerelay_client::{Client, ClientConfig, H3Client, PublishStream};
 use http_body_util::{BodyExt, Full};
 
 use crate::mtls::{client_tls, collector_setup, quic_config};
@@ -79,6 +79,16 @@ async fn on_stream(stream: &mut PublishStream, subject: &str) -> String {
     }
 }
 
+/// A relay of [`collector_setup`] for `collector-fra1.edge.test` on `nats`, one HTTP/2
+/// connection presenting the collector's certificate, and a QUIC client config presenting it.
+async fn collector_relay(nats: &NatsServer) -> (Setup, TestRelay, H2Conn, ClientConfig) {
+    let (setup, cert, key) = collector_setup(nats, "collector-fra1.edge.test");
+    let relay = setup.start().await;
+    let h2 = H2Conn::open(&relay, client_tls(&setup.certs, &cert, &key)).await;
+    let quic = quic_config(&setup, &relay, &cert, &key);
+    (setup, relay, h2, quic)
+}
+
 fn ok() -> (u16, String) {
     (202, String::new())
 }
@@ -90,14 +100,12 @@ fn refused(status: u16, reason: &str) -> (u16, String) {
 #[tokio::test]
 async fn a_reload_that_narrows_rules_refuses_the_next_request_on_open_h2_h3_and_quic_connections() {
     let nats = NatsServer::start();
-    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
-    let relay = setup.start().await;
     // Opened before the reload: the collector's certificate on HTTP/2, HTTP/3 and a native
     // stream; the static token on HTTP/3 and a native stream (sent on its first request only).
-    let mut h2 = H2Conn::open(&relay, client_tls(&setup.certs, &cert, &key)).await;
-    let h3 = H3Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let (setup, relay, mut h2, with_cert) = collector_relay(&nats).await;
+    let h3 = H3Client::connect(with_cert.clone()).await.unwrap();
     let h3_token = h3_client(&setup, &relay, TOKEN).await;
-    let cert_quic = Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let cert_quic = Client::connect(with_cert).await.unwrap();
     let mut cert_stream = cert_quic.stream().await.unwrap();
     let token_quic = setup.quic_client(&relay, TOKEN).await;
     let mut token_stream = token_quic.stream().await.unwrap();
@@ -152,10 +160,8 @@ async fn a_reload_that_removes_a_static_token_refuses_the_next_request_on_an_ope
 #[tokio::test]
 async fn a_reload_that_removes_an_mtls_identity_or_turns_mtls_off_refuses_the_next_request() {
     let nats = NatsServer::start();
-    let (setup, cert, key) = collector_setup(&nats, "collector-fra1.edge.test");
-    let relay = setup.start().await;
-    let mut h2 = H2Conn::open(&relay, client_tls(&setup.certs, &cert, &key)).await;
-    let quic = Client::connect(quic_config(&setup, &relay, &cert, &key)).await.unwrap();
+    let (setup, relay, mut h2, with_cert) = collector_relay(&nats).await;
+    let quic = Client::connect(with_cert).await.unwrap();
     let mut stream = quic.stream().await.unwrap();
     assert_eq!(h2.publish("edge.collector.a", None).await, ok());
     assert_eq!(on_stream(&mut stream, "edge.collector.a").await, "accepted");
