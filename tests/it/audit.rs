@@ -6,8 +6,19 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use edgerelay::config::Config;
 
 use crate::support::*;
+
+/// [`start_relay`] with unauthenticated refusals counted in windows of 2 s (long enough for
+/// every request of a test to fall into one), its config changed by `change` after.
+async fn counting_relay(change: impl FnOnce(&mut Config)) -> (NatsServer, Setup, TestRelay) {
+    start_relay(|c| {
+        c.audit.refusals_interval_ms = 2_000;
+        change(c);
+    })
+    .await
+}
 
 #[tokio::test]
 async fn publish_counts_per_identity_reach_the_audit_stream() {
@@ -47,12 +58,7 @@ async fn a_full_audit_queue_drops_and_counts_records_and_requests_are_still_answ
 
 #[tokio::test]
 async fn unauthenticated_refusals_from_one_source_become_one_record_with_their_count() {
-    let (nats, setup, relay) = start_relay(|c| {
-        // Long enough for every request below to fall into one window.
-        c.audit.refusals_interval_ms = 2_000;
-        c.audit.log_lines_per_interval = 1;
-    })
-    .await;
+    let (nats, setup, relay) = counting_relay(|c| c.audit.log_lines_per_interval = 1).await;
     let no_token =
         (0..100).map(|_| relay.h2.post(relay.url("/v1/publish/edge.x")).body("x").send());
     let answers = futures::future::join_all(no_token).await;
@@ -102,11 +108,7 @@ async fn unauthenticated_refusals_from_one_source_become_one_record_with_their_c
 
 #[tokio::test]
 async fn sources_beyond_the_key_limit_are_counted_as_other() {
-    let (nats, setup, relay) = start_relay(|c| {
-        c.audit.refusals_interval_ms = 2_000;
-        c.audit.refusals_max_keys = 1;
-    })
-    .await;
+    let (nats, setup, relay) = counting_relay(|c| c.audit.refusals_max_keys = 1).await;
     // Two keys of one window: the QUIC refusal takes the only slot, the HTTPS one is folded.
     let quic = setup.quic_client(&relay, "not-a-valid-token").await;
     quic.publish(vec![edgerelay_client::event("edge.x", "x")]).await.unwrap();
