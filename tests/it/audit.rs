@@ -127,13 +127,7 @@ async fn a_mebibyte_of_bad_json_is_answered_and_audited_in_a_few_dozen_bytes() {
     let huge = "z".repeat(1 << 20);
     let body =
         format!(r#"{{"events":[{{"subject":"edge.a","data":"x","edge_time_unix_ms":"{huge}"}}]}}"#);
-    let resp = relay
-        .publish_events(&relay.h2)
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.post_events("application/json", body.clone()).await;
     assert_eq!(resp.status(), 400);
     let answer = resp.text().await.unwrap();
     assert!(answer.len() < 400, "{} bytes answered: {answer}", answer.len());

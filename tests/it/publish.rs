@@ -124,13 +124,7 @@ async fn multi_event_json_and_protobuf_get_one_result_per_event() {
         ],
         token: String::new(),
     };
-    let resp = relay
-        .publish_events(&relay.h2)
-        .header("Content-Type", "application/x-protobuf")
-        .body(req.encode_to_vec())
-        .send()
-        .await
-        .unwrap();
+    let resp = relay.post_events("application/x-protobuf", req.encode_to_vec()).await;
     assert_eq!(resp.status(), 400);
     let out = proto::PublishResponse::decode(resp.bytes().await.unwrap()).unwrap();
     use proto::event_result::Outcome;

@@ -188,6 +188,16 @@ impl TestRelay {
         client.post(self.url("/v1/publish")).bearer_auth(TOKEN)
     }
 
+    /// `POST /v1/publish` over HTTP/2 with the test token, `body` of `content_type`: the answer.
+    pub async fn post_events(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let req = self.publish_events(&self.h2).header("content-type", content_type).body(body);
+        req.send().await.unwrap()
+    }
+
     /// Applies `config` as a SIGHUP would.
     pub async fn reload(
         &self,
