@@ -44,7 +44,7 @@ use tokio::time::timeout;
 use crate::procs::{self, Memory};
 use crate::report;
 use ledger::{Ledger, Load, LoadSpec, RetryPolicy, Target};
-use verify::{Stored, Timeline, Verdict};
+use verify::{Counts, Stored, Timeline, Verdict};
 
 /// The scenarios, in the order a full run takes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
@@ -162,12 +162,9 @@ pub struct Row {
     pub scenario: Scenario,
     pub duration_s: f64,
     pub rate: f64,
-    pub sent: u64,
-    pub acknowledged: u64,
-    pub missing: u64,
-    pub duplicated: u64,
-    pub stored_unacknowledged: u64,
-    pub recovery_ms: Option<f64>,
+    /// The verdict's, its recovery rounded to the microsecond.
+    #[serde(flatten)]
+    pub counts: Counts,
     pub max_rss_mib: Option<f64>,
     pub p99_ack_ms: f64,
     pub pass: bool,
@@ -404,12 +401,10 @@ impl Outcome {
             scenario,
             duration_s: round3(self.ledger.elapsed.as_secs_f64()),
             rate: self.rate,
-            sent: verdict.sent,
-            acknowledged: verdict.acknowledged,
-            missing: verdict.missing,
-            duplicated: verdict.duplicated,
-            stored_unacknowledged: verdict.stored_unacknowledged,
-            recovery_ms: verdict.recovery_ms.map(round3),
+            counts: Counts {
+                recovery_ms: verdict.counts.recovery_ms.map(round3),
+                ..verdict.counts.clone()
+            },
             max_rss_mib: self.memory.map(|m| round3(m.rss_kib.max(m.hwm_kib) as f64 / 1024.0)),
             p99_ack_ms: verdict.ack_latency_ms.p99,
             pass: reasons.is_empty(),
@@ -429,12 +424,7 @@ impl Row {
             scenario,
             duration_s: round3(elapsed.as_secs_f64()),
             rate: 0.0,
-            sent: 0,
-            acknowledged: 0,
-            missing: 0,
-            duplicated: 0,
-            stored_unacknowledged: 0,
-            recovery_ms: None,
+            counts: Counts::default(),
             max_rss_mib: None,
             p99_ack_ms: 0.0,
             pass: false,
@@ -518,12 +508,12 @@ pub fn markdown(rows: &[Row], long: bool) -> String {
             r.scenario.name(),
             r.duration_s,
             r.rate,
-            r.sent,
-            r.acknowledged,
-            r.missing,
-            r.duplicated,
-            r.stored_unacknowledged,
-            opt(r.recovery_ms),
+            r.counts.sent,
+            r.counts.acknowledged,
+            r.counts.missing,
+            r.counts.duplicated,
+            r.counts.stored_unacknowledged,
+            opt(r.counts.recovery_ms),
             opt(r.max_rss_mib),
             r.p99_ack_ms,
             if r.pass { "PASS" } else { "FAIL" }
@@ -585,5 +575,13 @@ mod tests {
         let text = markdown(&[broken], false);
         assert!(text.contains("| drain | 3.0 |"), "{text}");
         assert!(text.contains("FAIL: did not complete: relay never ready"), "{text}");
+    }
+
+    #[test]
+    fn a_rows_counts_are_its_own_keys_in_the_json_in_table_order() {
+        let broken = Row::broken(Scenario::Drain, &anyhow::anyhow!("x"), Duration::from_secs(3));
+        let json = serde_json::to_string(&broken).unwrap();
+        let keys = r#""rate":0.0,"sent":0,"acknowledged":0,"missing":0,"duplicated":0,"stored_unacknowledged":0,"recovery_ms":null,"max_rss_mib":null,"#;
+        assert!(json.contains(keys), "{json}");
     }
 }

@@ -91,16 +91,27 @@ pub struct Stored {
     pub undecodable: u64,
 }
 
+/// What a run comes to in the result table: the verdict's first counts, which the table's row
+/// shows too.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counts {
+    pub sent: u64,
+    pub acknowledged: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub stored_unacknowledged: u64,
+    /// Longest recovery over the recovery marks; `None` without marks.
+    pub recovery_ms: Option<f64>,
+}
+
 /// The ledger held against the streams.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Verdict {
-    pub sent: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub attempts: u64,
-    pub acknowledged: u64,
     /// Acknowledged with `spooled: true`.
     pub spooled: u64,
-    pub missing: u64,
-    pub duplicated: u64,
     /// Of `duplicated`: the event's attempts spanned a relay restart.
     pub duplicated_excused: u64,
     /// Of `duplicated`: the copies are in different clusters' streams (not a failure: the
@@ -110,11 +121,8 @@ pub struct Verdict {
     pub missing_written_off: u64,
     /// Of `duplicated`: an earlier attempt had an ambiguous answer (504, timeout, reset).
     pub duplicated_after_ambiguous: u64,
-    pub stored_unacknowledged: u64,
     pub never_acknowledged: u64,
     pub false_acks: u64,
-    /// Longest recovery over the recovery marks; `None` without marks.
-    pub recovery_ms: Option<f64>,
     /// Recovery marks after which no 2xx came.
     pub never_recovered: Vec<String>,
     /// Send→answer of the 2xx attempts.
@@ -244,7 +252,8 @@ pub fn gap_threshold(rate: f64) -> Duration {
 
 /// Holds the ledger against what is stored and the timeline; see the module docs.
 pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duration) -> Verdict {
-    let mut v = Verdict { sent: ledger.events.len() as u64, ..Verdict::default() };
+    let sent = ledger.events.len() as u64;
+    let mut v = Verdict { counts: Counts { sent, ..Counts::default() }, ..Verdict::default() };
     let mut latency = model::histogram();
     let restarts: Vec<Duration> = timeline.restarts().collect();
     let mut ack_times = Vec::new();
@@ -256,14 +265,14 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
         let count = stored.counts.get(&e.n).copied().unwrap_or(0);
         match (&e.ack, e.acked_attempt()) {
             (Some(ack), Some(a)) => {
-                v.acknowledged += 1;
+                v.counts.acknowledged += 1;
                 v.spooled += u64::from(ack.spooled == Some(true));
                 latency.saturating_record((a.answered - a.sent).as_micros() as u64);
                 ack_times.push(a.answered);
                 if count == 0 && stored.written_off.contains(&e.n) {
                     v.missing_written_off += 1;
                 } else if count == 0 {
-                    v.missing += 1;
+                    v.counts.missing += 1;
                     if v.missing_examples.len() < 10 {
                         v.missing_examples.push(e.n);
                     }
@@ -278,11 +287,11 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
             }
             _ => {
                 v.never_acknowledged += 1;
-                v.stored_unacknowledged += u64::from(count > 0);
+                v.counts.stored_unacknowledged += u64::from(count > 0);
             }
         }
         if count > 1 {
-            v.duplicated += 1;
+            v.counts.duplicated += 1;
             // From the first attempt's send to the last one's answer: a retry may wait for a
             // connection and be handled by the process started meanwhile.
             let (first, last) = match (e.attempts.first(), e.attempts.last()) {
@@ -316,7 +325,7 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
         match first {
             Some(t) => {
                 let ms = (t - m.at).as_secs_f64() * 1e3;
-                v.recovery_ms = Some(v.recovery_ms.map_or(ms, |r: f64| r.max(ms)));
+                v.counts.recovery_ms = Some(v.counts.recovery_ms.map_or(ms, |r: f64| r.max(ms)));
             }
             None => v.never_recovered.push(m.what.clone()),
         }
@@ -329,13 +338,13 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
         }
     }
 
-    if v.missing > 0 {
+    if v.counts.missing > 0 {
         v.failures.push(format!(
             "{} acknowledged events missing from every stream (e.g. {:?})",
-            v.missing, v.missing_examples
+            v.counts.missing, v.missing_examples
         ));
     }
-    let unexcused = v.duplicated - v.duplicated_excused - v.duplicated_across_clusters;
+    let unexcused = v.counts.duplicated - v.duplicated_excused - v.duplicated_across_clusters;
     if unexcused > 0 {
         v.failures.push(format!(
             "{unexcused} events stored more than once although every retry carried the same \
@@ -350,7 +359,7 @@ pub fn judge(ledger: &Ledger, stored: &Stored, timeline: &Timeline, gap: Duratio
     for what in &v.never_recovered {
         v.failures.push(format!("no 2xx after `{what}`"));
     }
-    if v.acknowledged == 0 {
+    if v.counts.acknowledged == 0 {
         v.failures.push("nothing was acknowledged".into());
     }
     v
@@ -412,9 +421,12 @@ mod tests {
             ],
         };
         let v = judge(&ledger, &stored(&[(0, 1), (2, 2), (3, 1)]), &Timeline::default(), secs(1.0));
-        assert_eq!((v.sent, v.acknowledged, v.missing), (5, 3, 1));
-        assert_eq!((v.duplicated, v.duplicated_after_ambiguous, v.duplicated_excused), (1, 1, 0));
-        assert_eq!((v.stored_unacknowledged, v.never_acknowledged), (1, 2));
+        assert_eq!((v.counts.sent, v.counts.acknowledged, v.counts.missing), (5, 3, 1));
+        assert_eq!(
+            (v.counts.duplicated, v.duplicated_after_ambiguous, v.duplicated_excused),
+            (1, 1, 0)
+        );
+        assert_eq!((v.counts.stored_unacknowledged, v.never_acknowledged), (1, 2));
         assert_eq!(v.failures.len(), 2, "{:?}", v.failures);
         assert_eq!(v.answers["202"], 3);
         assert_eq!(v.ack_latency_ms.count, 3);
@@ -434,8 +446,8 @@ mod tests {
         both.merge(stored(&[(0, 1)]));
         both.written_off.insert(1);
         let v = judge(&ledger, &both, &Timeline::default(), secs(1.0));
-        assert_eq!((v.duplicated, v.duplicated_across_clusters), (1, 1));
-        assert_eq!((v.missing, v.missing_written_off), (0, 1));
+        assert_eq!((v.counts.duplicated, v.duplicated_across_clusters), (1, 1));
+        assert_eq!((v.counts.missing, v.missing_written_off), (0, 1));
         assert!(v.failures.is_empty(), "{:?}", v.failures);
     }
 
@@ -462,7 +474,7 @@ mod tests {
         let mut t = Timeline::default();
         t.mark(secs(2.0), MarkKind::RelayRestart, "relay restarted");
         let v = judge(&ledger, &stored(&[(0, 2)]), &t, secs(1.0));
-        assert_eq!((v.duplicated, v.duplicated_excused), (1, 1));
+        assert_eq!((v.counts.duplicated, v.duplicated_excused), (1, 1));
         assert!(v.failures.is_empty(), "{:?}", v.failures);
     }
 
@@ -485,7 +497,7 @@ mod tests {
         t.mark(secs(9.0), MarkKind::Recovery, "never");
         let v = judge(&ledger, &stored(&[(0, 1), (1, 1), (2, 1), (3, 1)]), &t, secs(1.0));
         assert_eq!(v.false_acks, 1);
-        assert!((v.recovery_ms.unwrap() - 400.0).abs() < 1e-6, "{:?}", v.recovery_ms);
+        assert!((v.counts.recovery_ms.unwrap() - 400.0).abs() < 1e-6, "{:?}", v.counts.recovery_ms);
         assert_eq!(v.never_recovered, ["never"]);
         assert_eq!(v.failures.len(), 2, "{:?}", v.failures);
     }
