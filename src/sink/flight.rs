@@ -357,9 +357,12 @@ mod tests {
         *T0.get_or_init(Instant::now) + Duration::from_millis(ms)
     }
 
+    /// One row of a table: an input and the step it must return (`None` for none).
+    type Row = (Input, Option<Step>);
+
     /// Feeds `table`'s inputs to a flight sent at `at(0)` and checks each step (`None` for
     /// the inputs that return none), then the `edgerelay_batches_total` outcomes counted.
-    fn check(params: Params, table: &[(Input, Option<Step>)], outcomes: &[&str]) {
+    fn check(params: Params, table: &[Row], outcomes: &[&str]) {
         let mut f = Flight::new(at(0), params);
         let mut counted = Vec::new();
         for (i, (input, want)) in table.iter().enumerate() {
@@ -423,6 +426,27 @@ mod tests {
         Some(Step::Spool(cause))
     }
 
+    /// The rows most tables open with: started with cluster 0 active, published there, sent.
+    fn sent() -> Vec<Row> {
+        vec![(Start(0, Cluster(0)), publish(0)), (Sent, None)]
+    }
+
+    /// A retryable failure at `failed` ms (cluster 0 still active) answered with a retry at
+    /// `retry` ms, which publishes on cluster 0 again.
+    fn retried(failed: u64, retry: u64) -> Vec<Row> {
+        vec![(fail(failed), retry_at(retry)), (Retry(retry, Cluster(0)), publish(0))]
+    }
+
+    /// A retryable failure at `failed` ms that the deadline answers with a 504 (the requests
+    /// are told), then the flight retried at `retry` ms on cluster 0 with its keys kept.
+    fn told_504(failed: u64, retry: u64) -> Vec<Row> {
+        vec![
+            (fail(failed), tell(ack_timeout())),
+            (Told, retry_at(retry)),
+            (Retry(retry, Cluster(0)), publish(0)),
+        ]
+    }
+
     #[test]
     fn an_acknowledged_batch_is_answered_stored_by_the_cluster_that_stored_it() {
         let stored = done(End::Stored { cluster: 1, seq: 42, late: false });
@@ -433,71 +457,49 @@ mod tests {
     #[test]
     fn a_504_at_the_deadline_keeps_the_keys_and_the_batch_is_still_retried() {
         let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
+            sent(),
             // No PubAck within ack_timeout: retried after 100 ms, then 200 ms.
-            (fail(300), retry_at(400)),
-            (Retry(400, Cluster(0)), publish(0)),
-            (fail(700), retry_at(900)),
-            (Retry(900, Cluster(0)), publish(0)),
-            // The next pause would end past the deadline: the requests are told 504 now…
-            (fail(1_000), tell(ack_timeout())),
-            // …and the batch goes on being published with its Msg-Id.
-            (Told, retry_at(1_400)),
-            (Retry(1_400, Cluster(0)), publish(0)),
+            retried(300, 400),
+            retried(700, 900),
+            // The next pause would end past the deadline: the requests are told 504 now, and
+            // the batch goes on being published with its Msg-Id.
+            told_504(1_000, 1_400),
         ];
-        check(params(false), &table, &["timeout"]);
+        check(params(false), &table.concat(), &["timeout"]);
     }
 
     #[test]
     fn a_late_ack_after_the_504_answers_the_kept_keys_stored_late() {
-        let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (fail(950), tell(ack_timeout())),
-            (Told, retry_at(1_050)),
-            (Retry(1_050, Cluster(0)), publish(0)),
-            (Acked(0, 7), done(End::Stored { cluster: 0, seq: 7, late: true })),
-        ];
-        check(params(false), &table, &["timeout", "stored_late"]);
+        let late = (Acked(0, 7), done(End::Stored { cluster: 0, seq: 7, late: true }));
+        let table = [sent(), told_504(950, 1_050), vec![late]];
+        check(params(false), &table.concat(), &["timeout", "stored_late"]);
     }
 
     #[test]
     fn retries_after_the_deadline_back_off_to_a_second_and_end_with_the_duplicate_window() {
         let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (fail(100), retry_at(200)),
-            (Retry(200, Cluster(0)), publish(0)),
-            (fail(300), retry_at(500)),
-            (Retry(500, Cluster(0)), publish(0)),
-            (fail(600), tell(ack_timeout())),
-            (Told, retry_at(1_000)),
-            (Retry(1_000, Cluster(0)), publish(0)),
-            (fail(1_500), retry_at(2_300)),
-            (Retry(2_300, Cluster(0)), publish(0)),
-            (fail(2_800), retry_at(3_800)),
-            (Retry(3_800, Cluster(0)), publish(0)),
-            (fail(4_300), retry_at(5_300)),
-            (Retry(5_300, Cluster(0)), publish(0)),
+            sent(),
+            retried(100, 200),
+            retried(300, 500),
+            told_504(600, 1_000),
+            retried(1_500, 2_300),
+            retried(2_800, 3_800),
+            retried(4_300, 5_300),
             // Past the duplicate window a retry could store it twice: give up, 504. Counted as
             // `timeout` when it was told, not again.
-            (fail(5_800), refused(ack_timeout(), Why::Unresolved)),
+            vec![(fail(5_800), refused(ack_timeout(), Why::Unresolved))],
         ];
-        check(params(false), &table, &["timeout"]);
+        check(params(false), &table.concat(), &["timeout"]);
     }
 
     #[test]
     fn a_failover_retries_the_batch_on_the_new_cluster_within_the_same_deadline() {
         // `Step::Publish` names a cluster and nothing else: the window publishes the flight's
         // one encoded batch, with its one Msg-Id, wherever the step says.
-        let mut table = vec![
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            // Cluster 0 went silent and the router moved to cluster 1.
-            (Failed(300, Failure::Retryable, Cluster(1)), retry_at(400)),
-            (Retry(400, Cluster(1)), publish(1)),
-        ];
+        let mut table = sent();
+        // Cluster 0 went silent and the router moved to cluster 1.
+        table.push((Failed(300, Failure::Retryable, Cluster(1)), retry_at(400)));
+        table.push((Retry(400, Cluster(1)), publish(1)));
         // The edge sees a slower answer, not an error…
         let stored = (Acked(1, 3), done(End::Stored { cluster: 1, seq: 3, late: false }));
         check(params(false), &[&table[..], &[stored]].concat(), &["stored"]);
@@ -509,21 +511,11 @@ mod tests {
     #[test]
     fn a_permanent_error_answers_at_once_even_after_the_504() {
         let permanent = || Failed(2, Failure::Permanent(stream_full()), Cluster(0));
-        let at_once = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (permanent(), refused(stream_full(), Why::Permanent)),
-        ];
-        check(params(false), &at_once, &["refused"]);
-        let after_504 = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (fail(990), tell(ack_timeout())),
-            (Told, retry_at(1_090)),
-            (Retry(1_090, Cluster(0)), publish(0)),
-            (permanent(), refused(stream_full(), Why::Permanent)),
-        ];
-        check(params(false), &after_504, &["timeout", "refused"]);
+        let refused_at_once = || vec![(permanent(), refused(stream_full(), Why::Permanent))];
+        let at_once = [sent(), refused_at_once()];
+        check(params(false), &at_once.concat(), &["refused"]);
+        let after_504 = [sent(), told_504(990, 1_090), refused_at_once()];
+        check(params(false), &after_504.concat(), &["timeout", "refused"]);
     }
 
     #[test]
@@ -534,27 +526,19 @@ mod tests {
             check(params(true), &table, &["spooled"]);
         }
         // Also when the active cluster is lost between two attempts.
-        let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
+        let lost = vec![
             (Failed(300, Failure::Retryable, NoServer), retry_at(400)),
             (Retry(400, NoServer), spool(Cause::NoCluster)),
             (Spooled, done(End::Spooled)),
         ];
-        check(params(true), &table, &["spooled"]);
+        check(params(true), &[sent(), lost].concat(), &["spooled"]);
     }
 
     #[test]
     fn with_the_spool_a_silent_cluster_gets_the_batch_until_the_deadline_then_the_spool() {
-        let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (fail(500), retry_at(600)),
-            (Retry(600, Cluster(0)), publish(0)),
-            (fail(900), spool(Cause::Deadline)),
-            (Spooled, done(End::Spooled)),
-        ];
-        check(params(true), &table, &["spooled"]);
+        let to_spool = vec![(fail(900), spool(Cause::Deadline)), (Spooled, done(End::Spooled))];
+        let table = [sent(), retried(500, 600), to_spool];
+        check(params(true), &table.concat(), &["spooled"]);
     }
 
     #[test]
@@ -610,27 +594,21 @@ mod tests {
     #[test]
     fn told_past_the_duplicate_window_gives_up_right_after_telling() {
         let short_window = Params { resolve_within: Duration::from_millis(500), ..params(false) };
-        let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
-            (fail(950), tell(ack_timeout())),
-            (Told, refused(ack_timeout(), Why::Unresolved)),
-        ];
-        check(short_window, &table, &["timeout"]);
+        let told_then_given_up =
+            vec![(fail(950), tell(ack_timeout())), (Told, refused(ack_timeout(), Why::Unresolved))];
+        check(short_window, &[sent(), told_then_given_up].concat(), &["timeout"]);
     }
 
     #[test]
     fn the_504_is_a_503_when_no_cluster_is_usable_at_the_deadline() {
         let unreachable = Refusal::new(ErrorCode::NatsUnavailable, "no NATS server is reachable");
-        let table = [
-            (Start(0, Cluster(0)), publish(0)),
-            (Sent, None),
+        let no_cluster = vec![
             (Failed(950, Failure::Retryable, NoServer), tell(unreachable)),
             (Told, retry_at(1_050)),
             // Still resolving: with no cluster it waits for one instead of spooling.
             (Retry(1_050, NoServer), retry_at(1_250)),
             (Retry(1_250, Cluster(1)), publish(1)),
         ];
-        check(params(false), &table, &["timeout"]);
+        check(params(false), &[sent(), no_cluster].concat(), &["timeout"]);
     }
 }
