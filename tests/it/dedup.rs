@@ -73,11 +73,8 @@ async fn a_batch_retried_after_a_lost_ack_is_stored_once() {
 
 #[tokio::test]
 async fn a_jwt_whose_sub_is_a_static_token_s_name_cannot_claim_that_token_s_keys() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let relay = setup.start().await;
+    let (nats, _setup, relay) = start_jwt_relay(&idp, |_| {}).await;
     // The static token is named `edge-test`; this JWT's `sub` is the same string.
     let jwt = idp
         .token(serde_json::json!({"sub": "edge-test", "tenant": "acme", "scope": "edge:publish"}));

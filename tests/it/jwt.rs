@@ -566,14 +566,12 @@ async fn rate_limits_answer_429_with_retry_after_then_recover() {
 
 #[tokio::test]
 async fn a_token_without_a_usable_tenant_claim_is_refused_when_a_tenant_limit_is_set() {
-    let nats = NatsServer::start();
     let idp = TestIdp::start().await;
-    let mut setup = Setup::new(&nats.url());
-    setup.with_jwt(&idp);
-    let rl = &mut setup.config.auth.rate_limit;
-    rl.tenant_claim = Some("tenant".into());
-    rl.tenant_events_per_sec = 1_000;
-    let relay = setup.start().await;
+    let (nats, setup, relay) = start_jwt_relay(&idp, |c| {
+        c.auth.rate_limit.tenant_claim = Some("tenant".into());
+        c.auth.rate_limit.tenant_events_per_sec = 1_000;
+    })
+    .await;
 
     let with = |tenant: Value| {
         let mut claims = json!({"sub": "fn-t", "scope": "edge:publish"});
