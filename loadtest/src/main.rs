@@ -33,7 +33,8 @@
 //!   `global` (regions behind WAN proxies), `chaos` (faults under load, checked against a
 //!   ledger), `bench` (the repository's benchmarks, `scripts/bench*`: nats-server and relays
 //!   started here, `loadtest` runs in alternating rounds, the markdown of BENCHMARKS.md),
-//!   `demo` (what `scripts/demo` shows).
+//!   `demo` (what `scripts/demo` shows), `attack` (the attack suite: what attacks cost the relay
+//!   beside legitimate traffic).
 //! - `relay_config`: `relay-config`, a relay TOML from flags for scripts (the test kit's
 //!   builder).
 
@@ -66,7 +67,7 @@ use clap::{Parser, Subcommand};
 
 use harness::run_single;
 use mode::{bare, direct_js, h3, https, quic, quic_idle};
-use scenario::{chaos, compare, demo, global};
+use scenario::{attack, chaos, compare, demo, global};
 
 /// Open-loop load generator for the edgerelay API: offers a constant event rate and reports
 /// coordinated-omission-corrected latency (from each request's intended send time). `--rate 0`
@@ -111,6 +112,11 @@ enum Command {
     /// acknowledged event missing, duplicates counted). A markdown table; exits non-zero if a
     /// scenario fails.
     Chaos(Box<chaos::Args>),
+    /// The attack suite: slow bodies, native-frame trickle, decode amplification, floods, the
+    /// oversized error echo, each against its own relay beside legitimate traffic at a fixed
+    /// rate: relay peak RSS, goodput and p99 against a baseline, audit bytes and log lines per
+    /// second of attack, pass/fail against thresholds.
+    Attack(Box<attack::Args>),
     /// The repository's benchmarks (what scripts/bench* run): nats-server and relays started
     /// here, variants in alternating rounds, markdown for BENCHMARKS.md.
     Bench(Box<scenario::bench::Args>),
@@ -138,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             Command::Compare(args) => compare::run(*args, stop).await,
             Command::Global(args) => global::run(*args, stop).await,
             Command::Chaos(args) => chaos::run(*args, stop).await,
+            Command::Attack(args) => attack::run(*args, stop).await,
             Command::Bench(args) => scenario::bench::run(*args, stop).await,
             Command::Demo(args) => demo::run(*args, stop).await,
             Command::RelayConfig(args) => relay_config::run(&args),

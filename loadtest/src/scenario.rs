@@ -1,6 +1,8 @@
 //! The scenarios: several runs, modes and processes in one invocation, on top of the harness
 //! and the modes. Each writes its own tables and files; none of them is a mode.
 //!
+//! - `attack`: the attack suite: attacks on the relay's front-ends beside legitimate traffic
+//!   at a fixed rate, what they cost (memory, goodput, p99, audit bytes, log lines).
 //! - `bench`: the repository's benchmarks (`scripts/bench*`): the stacks, alternating rounds and
 //!   the markdown blocks of BENCHMARKS.md.
 //! - `compare`: several modes one after the other at the same offered load (or each its own
@@ -13,6 +15,7 @@
 //! - `demo`: what `scripts/demo` shows: nats-server, a dev IdP and the relay with JWT auth,
 //!   a refused cross-tenant publish, an HTTPS load with a consumer, then a drain.
 
+pub mod attack;
 pub mod bench;
 pub mod chaos;
 pub mod compare;

@@ -27,7 +27,7 @@
 //! - `scenarios`: one function per scenario of NATS' and the relay's faults.
 //! - `resilience`: the scenarios of the relay's failover and disk spool.
 
-mod lab;
+pub mod lab;
 mod ledger;
 mod resilience;
 mod scenarios;

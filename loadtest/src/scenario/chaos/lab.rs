@@ -43,6 +43,9 @@ pub struct Lab {
     /// The CA of the relays' certificate.
     pub ca: PathBuf,
     certs: PathBuf,
+    /// The relays' `EDGERELAY_LOG` filter: `warn` (chaos reads only problems); the attack suite
+    /// counts the lines a production relay writes, at `info`.
+    pub relay_log_filter: &'static str,
 }
 
 /// A relay process, restartable with the same config (and so the same ports).
@@ -53,6 +56,7 @@ pub struct Relay {
     config: PathBuf,
     bin: PathBuf,
     log: PathBuf,
+    log_filter: &'static str,
     child: Option<Child>,
     /// The running process's pid (0 when none), for the memory sampler.
     pid: Arc<AtomicU32>,
@@ -94,6 +98,7 @@ impl Lab {
             nats_bin: nats_bin.to_owned(),
             relay_bin: relay_bin.to_owned(),
             token: format!("chaos-{:016x}", crate::events::nonce()),
+            relay_log_filter: "warn",
         })
     }
 
@@ -163,6 +168,7 @@ impl Lab {
             config: path,
             bin: self.relay_bin.clone(),
             log: self.logs.join(format!("relay-{name}.log")),
+            log_filter: self.relay_log_filter,
             child: None,
             pid: Arc::new(AtomicU32::new(0)),
         };
@@ -177,6 +183,11 @@ impl Relay {
         super::ledger::Target { addr: self.https, ca: lab.ca.clone(), token: lab.token.clone() }
     }
 
+    /// The file the relay's output (its log) is appended to.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
     pub fn pid(&self) -> Option<u32> {
         match self.pid.load(Ordering::Relaxed) {
             0 => None,
@@ -188,7 +199,7 @@ impl Relay {
     pub async fn start(&mut self) -> anyhow::Result<()> {
         ensure!(self.child.is_none(), "relay {} is already running", self.name);
         let mut command = Command::new(&self.bin);
-        command.args(["run", "--config"]).arg(&self.config).env("EDGERELAY_LOG", "warn");
+        command.args(["run", "--config"]).arg(&self.config).env("EDGERELAY_LOG", self.log_filter);
         let child = spawn_logged(&format!("relay {}", self.name), &mut command, &self.log)?;
         self.pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
         self.child = Some(child);
