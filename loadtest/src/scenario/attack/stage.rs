@@ -465,7 +465,8 @@ mod tests {
 
     #[test]
     fn each_threshold_fails_on_its_own() {
-        let cases: [(fn(&mut Row), &str); 5] = [
+        type Change = fn(&mut Row);
+        let cases: [(Change, &str); 5] = [
             (|r| r.hwm_mib = 500.0, "relay RSS 500 MiB > 416 MiB"),
             (|r| r.goodput_ratio = 0.5, "goodput 50.0 %"),
             (|r| r.p99_ratio = 3.5, "p99 3.5×"),
