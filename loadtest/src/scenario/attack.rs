@@ -207,6 +207,20 @@ pub struct Thresholds {
     pub max_log_lines_per_sec: f64,
 }
 
+/// Where the attacks go and what they may use.
+pub struct Aim {
+    pub https: std::net::SocketAddr,
+    pub quic: std::net::SocketAddr,
+    pub ca: std::path::PathBuf,
+    /// The name the relay's certificate carries.
+    pub server_name: String,
+    /// The valid static token (for the error echo, which needs an authenticated request).
+    pub token: String,
+    pub intensity: Intensity,
+    /// Local addresses to connect from (conn-flood-v6); empty: the system's choice.
+    pub sources: Vec<std::net::IpAddr>,
+}
+
 /// What an attack did, counted as it goes.
 #[derive(Debug, Default)]
 pub struct Tally {

@@ -27,8 +27,7 @@ use tokio::time::{sleep, timeout, MissedTickBehavior};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::stage::Aim;
-use super::Tally;
+use super::{Aim, Tally};
 use crate::mode::tls::tls_config;
 
 /// Bytes written at once into a slow body.

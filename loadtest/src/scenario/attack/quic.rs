@@ -14,8 +14,7 @@ use prost::Message as _;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
 
-use super::stage::Aim;
-use super::Tally;
+use super::{Aim, Tally};
 
 /// decode-amp: streams per connection at most (each holds one decoded frame at a time).
 pub const AMP_MAX_STREAMS: u32 = 4;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
 use super::super::chaos::lab::{Lab, Relay};
-use super::{http, quic, Args, Intensity, Scenario, Tally, Thresholds};
+use super::{http, quic, Aim, Args, Scenario, Tally, Thresholds};
 use crate::events::EventArgs;
 use crate::harness::Target;
 use crate::mode::https::{self, HttpVersion};
@@ -35,20 +35,6 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 /// The subject prefix of the legitimate load (the attacks use `edge.attack`).
 const LEGIT_PREFIX: &str = "edge.legit";
-
-/// Where the attacks go and what they may use.
-pub struct Aim {
-    pub https: std::net::SocketAddr,
-    pub quic: std::net::SocketAddr,
-    pub ca: std::path::PathBuf,
-    /// The name the relay's certificate carries.
-    pub server_name: String,
-    /// The valid static token (for the error echo, which needs an authenticated request).
-    pub token: String,
-    pub intensity: Intensity,
-    /// Local addresses to connect from (conn-flood-v6); empty: the system's choice.
-    pub sources: Vec<std::net::IpAddr>,
-}
 
 /// The legitimate load's result in one phase.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
