@@ -9,7 +9,7 @@ use std::process::Command;
 
 #[path = "support/bins.rs"]
 mod bins;
-use bins::bin_flags;
+use bins::{assert_nothing_left, bin_flags};
 
 const SCENARIOS: [&str; 4] = ["attack", "slow-h2", "decode-amp", "unauth-flood"];
 
@@ -62,9 +62,5 @@ fn short_attack_scenarios_run_and_report() {
     assert!(out.join("slow-h2/relay-relay.log").exists());
 
     // Nothing of the run is left: every child's command line names a config under `out`.
-    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    let out = out.to_string_lossy();
-    let left: Vec<&str> = ps.lines().filter(|l| l.contains(out.as_ref())).collect();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert_nothing_left(&out);
 }

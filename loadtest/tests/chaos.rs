@@ -10,7 +10,7 @@ use std::process::Command;
 
 #[path = "support/bins.rs"]
 mod bins;
-use bins::bin_flags;
+use bins::{assert_nothing_left, bin_flags};
 
 const SCENARIOS: [&str; 7] =
     ["chaos", "nats-kill", "failover", "spool-outage", "drain", "stream-full", "spool-corrupt"];
@@ -71,9 +71,5 @@ fn short_chaos_scenarios_lose_nothing_acknowledged() {
     }
 
     // Nothing of the run is left: every child's command line names a config under `out`.
-    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    let out = out.to_string_lossy();
-    let left: Vec<&str> = ps.lines().filter(|l| l.contains(out.as_ref())).collect();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert_nothing_left(&out);
 }

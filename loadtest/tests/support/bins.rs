@@ -25,3 +25,13 @@ pub fn bin_flags() -> [OsString; 4] {
         relay_bin().into(),
     ]
 }
+
+/// Fails if a process of the run is left: every child's command line names a path under `out`.
+#[allow(dead_code)] // Not every test that includes this module starts processes.
+pub fn assert_nothing_left(out: &Path) {
+    let ps = std::process::Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let out = out.to_string_lossy();
+    let left: Vec<&str> = ps.lines().filter(|l| l.contains(out.as_ref())).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
