@@ -5,11 +5,9 @@
 //! the attack did; no timing or memory threshold is asserted (`--no-fail`). Afterwards no
 //! relay or nats-server of the run is left.
 
-use std::process::Command;
-
 #[path = "support/bins.rs"]
 mod bins;
-use bins::{assert_nothing_left, bin_flags};
+use bins::{assert_nothing_left, run_suite};
 
 const SCENARIOS: [&str; 4] = ["attack", "slow-h2", "decode-amp", "unauth-flood"];
 
@@ -17,29 +15,27 @@ const SCENARIOS: [&str; 4] = ["attack", "slow-h2", "decode-amp", "unauth-flood"]
 fn short_attack_scenarios_run_and_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let json = dir.path().join("rows.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(SCENARIOS)
-        .args(bin_flags())
-        .args(["--rate", "50", "--duration", "2s", "--warmup", "1s", "--ramp", "1s"])
-        .args(["--connections", "2", "--streams", "4", "--amp-events", "50000"])
-        .args(["--flood-rate", "200", "--no-fail"])
-        .arg("--out")
-        .arg(&out)
-        .arg("--json")
-        .arg(&json)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running loadtest attack");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "loadtest attack failed\n{stdout}\n{stderr}");
-
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let rows = rows.as_array().unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
-    assert_eq!(names, SCENARIOS[1..], "{stdout}");
-    for r in rows {
+    let flags = [
+        "--rate",
+        "50",
+        "--duration",
+        "2s",
+        "--warmup",
+        "1s",
+        "--ramp",
+        "1s",
+        "--connections",
+        "2",
+        "--streams",
+        "4",
+        "--amp-events",
+        "50000",
+        "--flood-rate",
+        "200",
+        "--no-fail",
+    ];
+    let (rows, stdout) = run_suite(&[&SCENARIOS[..], &flags[..]].concat(), &out);
+    for r in &rows {
         assert_eq!(r["completed"], true, "{r}\n{stdout}");
         assert!(r["baseline"]["goodput"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["attacked"]["goodput"].as_f64().is_some(), "{r}");

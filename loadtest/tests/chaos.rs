@@ -6,11 +6,9 @@
 //! flight, the full stream refused clearly, the corrupted spool detected. Afterwards no relay
 //! or nats-server of the run is left.
 
-use std::process::Command;
-
 #[path = "support/bins.rs"]
 mod bins;
-use bins::{assert_nothing_left, bin_flags};
+use bins::{assert_nothing_left, run_suite};
 
 const SCENARIOS: [&str; 7] =
     ["chaos", "nats-kill", "failover", "spool-outage", "drain", "stream-full", "spool-corrupt"];
@@ -19,26 +17,8 @@ const SCENARIOS: [&str; 7] =
 fn short_chaos_scenarios_lose_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let json = dir.path().join("rows.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(SCENARIOS)
-        .args(bin_flags())
-        .arg("--out")
-        .arg(&out)
-        .arg("--json")
-        .arg(&json)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running loadtest chaos");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "loadtest chaos failed\n{stdout}\n{stderr}");
-
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let rows = rows.as_array().unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
-    assert_eq!(names, SCENARIOS[1..], "{stdout}");
-    for r in rows {
+    let (rows, stdout) = run_suite(&SCENARIOS, &out);
+    for r in &rows {
         assert_eq!(r["pass"], true, "{r}\n{stdout}");
         assert_eq!(r["missing"], 0, "{r}");
         assert_eq!(r["duplicated"], r["verdict"]["duplicated_across_clusters"], "{r}");
