@@ -5,6 +5,7 @@
 //! answer — is [`Ingest`], one code path for every protocol.
 
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod http_api;
 pub mod https;

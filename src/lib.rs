@@ -52,6 +52,7 @@ pub mod relay;
 pub mod section;
 pub mod shutdown;
 pub mod sink;
+pub mod source;
 pub mod spool;
 pub mod subject;
 pub mod systemd;

@@ -18,27 +18,21 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::metrics::Protocol;
+pub use crate::source::{Prefix, Prefixes};
 
 /// Where a refused request came from, as precisely as it is counted.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {
     /// The peer's address cut to the configured prefix length.
-    Prefix(IpAddr, u8),
+    Prefix(Prefix),
     /// The front-end did not know the peer's address.
     Unknown,
     /// Any source beyond the window's `max_keys`.
     Other,
-}
-
-/// How peers' addresses become [`Source`]s: IPv4 and IPv6 prefix lengths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefixes {
-    pub ipv4: u8,
-    pub ipv6: u8,
 }
 
 /// What one count is about.
@@ -78,21 +72,9 @@ pub struct Refusals {
 }
 
 impl Source {
-    /// `ip`'s source at these prefix lengths; an IPv4-mapped IPv6 address counts as IPv4.
+    /// `ip`'s source at these prefix lengths.
     pub fn of(ip: Option<IpAddr>, prefixes: Prefixes) -> Self {
-        match ip.map(|ip| ip.to_canonical()) {
-            None => Self::Unknown,
-            Some(IpAddr::V4(v4)) => {
-                let len = prefixes.ipv4.min(32);
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                Self::Prefix(Ipv4Addr::from(u32::from(v4) & mask).into(), len)
-            }
-            Some(IpAddr::V6(v6)) => {
-                let len = prefixes.ipv6.min(128);
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                Self::Prefix(Ipv6Addr::from(u128::from(v6) & mask).into(), len)
-            }
-        }
+        ip.map_or(Self::Unknown, |ip| Self::Prefix(prefixes.of(ip)))
     }
 }
 
@@ -152,7 +134,7 @@ impl Refusals {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Prefix(ip, len) => write!(f, "{ip}/{len}"),
+            Self::Prefix(prefix) => prefix.fmt(f),
             Self::Unknown => f.write_str("unknown"),
             Self::Other => f.write_str("other"),
         }
@@ -162,6 +144,7 @@ impl fmt::Display for Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     const PREFIXES: Prefixes = Prefixes { ipv4: 32, ipv6: 64 };
 
@@ -184,20 +167,12 @@ mod tests {
     }
 
     #[test]
-    fn sources_are_addresses_cut_to_their_prefix() {
-        for (addr, prefixes, want) in [
-            ("192.0.2.7", PREFIXES, "192.0.2.7/32"),
-            ("192.0.2.7", Prefixes { ipv4: 24, ipv6: 64 }, "192.0.2.0/24"),
-            ("192.0.2.7", Prefixes { ipv4: 0, ipv6: 64 }, "0.0.0.0/0"),
-            ("2001:db8:1:2:3:4:5:6", PREFIXES, "2001:db8:1:2::/64"),
-            ("2001:db8:1:2:ffff::1", PREFIXES, "2001:db8:1:2::/64"),
-            ("2001:db8:1:2:3:4:5:6", Prefixes { ipv4: 32, ipv6: 48 }, "2001:db8:1::/48"),
-            ("2001:db8::1", Prefixes { ipv4: 32, ipv6: 128 }, "2001:db8::1/128"),
-            ("::ffff:192.0.2.7", PREFIXES, "192.0.2.7/32"),
-            ("::1", PREFIXES, "::/64"),
-        ] {
-            assert_eq!(Source::of(ip(addr), prefixes).to_string(), want, "{addr}");
-        }
+    fn sources_are_prefixes_or_unknown() {
+        // The cutting itself is `source`'s (tested there).
+        assert_eq!(
+            Source::of(ip("2001:db8:1:2:ffff::1"), PREFIXES).to_string(),
+            "2001:db8:1:2::/64"
+        );
         assert_eq!(Source::of(None, PREFIXES).to_string(), "unknown");
     }
 

@@ -1,0 +1,325 @@
+//! The memory budget: the bytes the relay holds for its peers — request bodies and native
+//! frames while they are read, and the requests decoded from them until they are answered —
+//! under one limit for the whole relay, with a share per source (address prefix, see
+//! [`crate::source`]) and per connection, checked *before* anything is allocated. When a share
+//! is used up, the read is refused (503 `queue_full`, reason `memory_budget`, with
+//! `Retry-After`): overload is an answer, never growth, and one source cannot take what the
+//! others need.
+//!
+//! [`Ledger`] decides, on plain counts (sans-IO, table-tested); [`Budget`] shares one ledger
+//! between tasks; a connection reserves through its [`Share`], and a [`Held`] gives its bytes
+//! back when dropped, so no path can forget to.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{ErrorCode, Refusal};
+use crate::source::{Prefix, Prefixes};
+
+/// What a client is told to wait before retrying a read the budget refused.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How much the relay may hold for peers, bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Everything held for every peer.
+    pub total: usize,
+    /// Held for one source (address prefix), all its connections together.
+    pub per_source: usize,
+    /// Held for one connection, all its requests together.
+    pub per_connection: usize,
+}
+
+/// Which share a reservation would have overrun.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    Total,
+    Source,
+    Connection,
+}
+
+/// The counts behind the budget (sans-IO): bytes held in all and per source.
+#[derive(Debug)]
+pub struct Ledger {
+    limits: Limits,
+    used: usize,
+    by_source: HashMap<Prefix, usize>,
+}
+
+/// The relay's budget, shared by every front-end.
+#[derive(Debug)]
+pub struct Budget {
+    ledger: Mutex<Ledger>,
+    limits: Limits,
+    prefixes: Prefixes,
+}
+
+/// One connection's share of the budget: reservations through it count against its source
+/// and itself as well as the total.
+#[derive(Clone, Debug)]
+pub struct Share {
+    budget: Arc<Budget>,
+    source: Prefix,
+    used: Arc<AtomicUsize>,
+}
+
+/// Bytes reserved for one read (and what is decoded from it); given back when dropped.
+#[derive(Debug)]
+#[must_use = "the bytes are given back when this is dropped"]
+pub struct Held {
+    share: Share,
+    bytes: usize,
+}
+
+impl Ledger {
+    pub fn new(limits: Limits) -> Self {
+        Self { limits, used: 0, by_source: HashMap::new() }
+    }
+
+    /// Takes `bytes` for `source`, whose connection already holds `connection`, unless a
+    /// share would be overrun; then nothing is taken.
+    pub fn take(&mut self, source: Prefix, connection: usize, bytes: usize) -> Result<(), Over> {
+        let held = self.by_source.get(&source).copied().unwrap_or(0);
+        if connection.saturating_add(bytes) > self.limits.per_connection {
+            return Err(Over::Connection);
+        }
+        if held.saturating_add(bytes) > self.limits.per_source {
+            return Err(Over::Source);
+        }
+        if self.used.saturating_add(bytes) > self.limits.total {
+            return Err(Over::Total);
+        }
+        self.used += bytes;
+        *self.by_source.entry(source).or_insert(0) += bytes;
+        Ok(())
+    }
+
+    /// Gives back `bytes` that `source` took.
+    pub fn give(&mut self, source: Prefix, bytes: usize) {
+        self.used = self.used.saturating_sub(bytes);
+        if let Some(held) = self.by_source.get_mut(&source) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// Bytes held in all.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Sources holding anything (the table never outgrows them).
+    pub fn sources(&self) -> usize {
+        self.by_source.len()
+    }
+}
+
+impl Over {
+    /// The refusal of a read that would overrun this share.
+    pub fn refusal(self) -> Refusal {
+        let (reason, whose) = match self {
+            Over::Total => ("memory_budget", "the relay holds as much from its peers as it may"),
+            Over::Source => ("source_memory_budget", "this source holds as much as one source may"),
+            Over::Connection => {
+                ("connection_memory_budget", "this connection holds as much as one connection may")
+            }
+        };
+        Refusal::new(ErrorCode::QueueFull, format!("{whose}: retry shortly"))
+            .because(reason)
+            .retry_after(RETRY_AFTER)
+    }
+}
+
+impl Budget {
+    pub fn new(limits: Limits, prefixes: Prefixes) -> Arc<Self> {
+        Arc::new(Self { ledger: Mutex::new(Ledger::new(limits)), limits, prefixes })
+    }
+
+    /// The share of a new connection from `peer`.
+    pub fn connection(self: &Arc<Self>, peer: IpAddr) -> Share {
+        Share {
+            budget: self.clone(),
+            source: self.prefixes.of(peer),
+            used: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The configured shares.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Bytes held for peers now.
+    pub fn used(&self) -> usize {
+        self.lock().used()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Share {
+    /// Reserves `bytes` before they are read or allocated.
+    pub fn reserve(&self, bytes: usize) -> Result<Held, Refusal> {
+        let mut held = Held { share: self.clone(), bytes: 0 };
+        held.grow(bytes)?;
+        Ok(held)
+    }
+
+    /// Bytes this connection holds now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Held {
+    /// Reserves `more` bytes on top (a body of unknown length as it arrives, the events
+    /// decoded from it); on refusal what was held stays held.
+    pub fn grow(&mut self, more: usize) -> Result<(), Refusal> {
+        let share = &self.share;
+        let mut ledger = share.budget.lock();
+        ledger.take(share.source, share.used(), more).map_err(Over::refusal)?;
+        share.used.fetch_add(more, Ordering::Relaxed);
+        self.bytes += more;
+        Ok(())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let share = &self.share;
+            share.budget.lock().give(share.source, self.bytes);
+            share.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The budget to use when none is configured: a quarter of the memory the relay may use
+/// (`limit`, the cgroup's `memory.max` or the machine's RAM), within 64 MiB and 8 GiB.
+pub fn default_total(limit: Option<u64>) -> usize {
+    const MIB: u64 = 1 << 20;
+    let quarter = limit.map_or(1 << 30, |l| l / 4);
+    quarter.clamp(64 * MIB, 8 << 30) as usize
+}
+
+/// The memory the relay may use: its cgroup's `memory.max` if set, else the machine's RAM.
+pub fn memory_limit() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+    let cgroup = cgroup.and_then(|s| s.trim().parse::<u64>().ok());
+    cgroup.or_else(|| {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { total: 100, per_source: 60, per_connection: 40 };
+
+    fn source(ip: &str) -> Prefix {
+        Prefixes::DEFAULT.of(ip.parse().unwrap())
+    }
+
+    /// Has `sources` hold `bytes` between them, as many small reads.
+    fn fill(ledger: &mut Ledger, sources: &[Prefix], mut bytes: usize) {
+        for &s in sources.iter().cycle() {
+            if bytes == 0 {
+                break;
+            }
+            let n = bytes.min(10);
+            if ledger.take(s, 0, n).is_ok() {
+                bytes -= n;
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_is_refused_by_the_first_share_it_would_overrun() {
+        // (held by the connection, by its source, by everyone) + bytes → outcome
+        for (case, connection, by_source, total, bytes, want) in [
+            ("fits every share", 0, 0, 0, 40, Ok(())),
+            ("fills the connection exactly", 30, 30, 30, 10, Ok(())),
+            ("over the connection", 30, 30, 30, 11, Err(Over::Connection)),
+            ("over the source", 0, 50, 50, 11, Err(Over::Source)),
+            ("over the total", 0, 0, 95, 6, Err(Over::Total)),
+            ("nothing is free", 0, 0, 100, 1, Err(Over::Total)),
+            ("zero bytes always fit", 40, 60, 100, 0, Ok(())),
+            ("a huge read overflows nothing", 0, 0, 0, usize::MAX, Err(Over::Connection)),
+        ] {
+            let mut ledger = Ledger::new(LIMITS);
+            let mine = source("192.0.2.1");
+            fill(&mut ledger, &[mine], by_source);
+            fill(&mut ledger, &[source("198.51.100.1"), source("198.51.100.2")], total - by_source);
+            let before = ledger.used();
+            assert_eq!(ledger.take(mine, connection, bytes), want, "{case}");
+            let taken = if want.is_ok() { bytes } else { 0 };
+            assert_eq!(ledger.used(), before + taken, "{case}: refused reads take nothing");
+        }
+    }
+
+    #[test]
+    fn what_is_given_back_is_free_again_and_sources_leave_the_table() {
+        let mut ledger = Ledger::new(LIMITS);
+        let (a, b) = (source("2001:db8:1:2::1"), source("2001:db8:1:2::99"));
+        ledger.take(a, 0, 30).unwrap();
+        ledger.take(b, 0, 30).unwrap();
+        assert_eq!(ledger.sources(), 1, "one /64 is one source");
+        assert_eq!(ledger.take(a, 0, 1), Err(Over::Source));
+        ledger.give(a, 30);
+        ledger.give(b, 30);
+        assert_eq!((ledger.used(), ledger.sources()), (0, 0));
+        assert_eq!(ledger.take(a, 0, 40), Ok(()));
+    }
+
+    #[test]
+    fn held_bytes_come_back_when_dropped_and_a_refused_growth_keeps_what_was_held() {
+        let budget = Budget::new(LIMITS, Prefixes::DEFAULT);
+        let conn = budget.connection("192.0.2.1".parse().unwrap());
+        let other = budget.connection("192.0.2.1".parse().unwrap());
+        let mut body = conn.reserve(25).unwrap();
+        body.grow(10).unwrap();
+        let refused = body.grow(10).unwrap_err();
+        assert_eq!(
+            (refused.code, refused.reason),
+            (ErrorCode::QueueFull, "connection_memory_budget")
+        );
+        assert!(refused.retry_after.is_some(), "a retry helps once reads finish");
+        assert_eq!((body.bytes(), conn.used(), budget.used()), (35, 35, 35));
+        // The other connection of the same source gets the rest of the source's share.
+        assert_eq!(other.reserve(26).unwrap_err().reason, "source_memory_budget");
+        let second = other.reserve(25).unwrap();
+        drop(body);
+        assert_eq!((conn.used(), budget.used()), (0, 25));
+        drop(second);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_default_is_a_quarter_of_the_memory_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        for (limit, want) in [
+            (None, 1024 * MIB),
+            (Some(16 * 1024 * MIB), 4096 * MIB),
+            (Some(128 * MIB), 64 * MIB),
+            (Some(1 << 40), 8192 * MIB),
+        ] {
+            assert_eq!(default_total(limit) as u64, want, "{limit:?}");
+        }
+    }
+}
