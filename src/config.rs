@@ -19,7 +19,9 @@ use crate::admin::config::AdminConfig;
 use crate::audit::config::AuditConfig;
 use crate::auth::config::AuthConfig;
 use crate::batch::config::BatchConfig;
-use crate::ingest::config::{AckMode, HttpsConfig, IdempotencyConfig, QuicConfig, Settings};
+use crate::ingest::config::{
+    AckMode, HttpsConfig, IdempotencyConfig, PeersConfig, QuicConfig, Settings,
+};
 use crate::section::{ms, Exposed, Problems};
 use crate::sink::config::{NatsConfig, StreamConfig};
 use crate::spool::config::SpoolConfig;
@@ -45,6 +47,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Remembering idempotency keys so client retries are answered, not stored twice.
     pub idempotency: IdempotencyConfig,
+    /// What the relay grants its peers: the memory budget and its shares, source prefixes.
+    pub peers: PeersConfig,
     /// The admin listener: health, readiness and Prometheus metrics.
     pub admin: AdminConfig,
     /// The audit trail of refusals and per-identity publish counts.
@@ -138,6 +142,7 @@ impl Config {
             self.stream.problems(),
             self.auth.problems(),
             self.idempotency.problems(),
+            self.peers.problems(),
             self.audit.problems(),
             self.spool.problems(),
             self.cross_section_problems(),
@@ -173,6 +178,11 @@ impl Config {
         }
     }
 
+    /// The largest single read from a peer: a whole body or a native frame, bytes.
+    pub fn largest_read(&self) -> usize {
+        self.https.max_body_bytes.max(self.https.max_event_bytes).max(self.quic.max_frame_bytes)
+    }
+
     /// The rules that involve more than one section.
     fn cross_section_problems(&self) -> Vec<String> {
         let mut p = Problems::default();
@@ -196,6 +206,17 @@ impl Config {
                 b.max_bytes, h.max_event_bytes
             ),
         );
+        let (largest, peers) = (self.largest_read(), &self.peers);
+        for (name, share) in [
+            ("peers.memory_budget_bytes", peers.memory_budget_bytes),
+            ("peers.memory_per_source_bytes", peers.memory_per_source_bytes),
+            ("peers.memory_per_connection_bytes", peers.memory_per_connection_bytes),
+        ] {
+            p.bad(
+                share > 0 && share < largest,
+                format!("{name} ({share}) must hold the largest read ({largest} bytes: https.max_body_bytes or quic.max_frame_bytes), or it is refused always"),
+            );
+        }
         let refused = format!("{}.{}.refused", self.audit.subject_prefix, self.relay.id);
         let mut stream_patterns =
             self.stream.subjects.iter().filter_map(|s| Pattern::parse(s).ok());

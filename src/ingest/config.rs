@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::budget;
 use crate::section::Problems;
+use crate::source::Prefixes;
 
 /// When the edge is answered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -149,6 +151,29 @@ pub struct IdempotencyConfig {
     pub max_keys: usize,
 }
 
+/// What the relay grants its peers, whatever the protocol: a memory budget for what they make
+/// it hold (bodies and frames while read, the requests decoded from them until answered), with
+/// a share per source and per connection, and how addresses are grouped into sources (also for
+/// `https.max_connections_per_ip` and `quic.max_connections_per_ip`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersConfig {
+    /// Bytes held for all peers at most; a read beyond it is refused with 503 `queue_full`
+    /// (reason `memory_budget`) and `Retry-After`. 0: a quarter of the memory the relay may
+    /// use (its cgroup's `memory.max`, else the machine's RAM), within 64 MiB and 8 GiB.
+    pub memory_budget_bytes: usize,
+    /// Bytes held for one source (all its connections) at most. 0: an eighth of the budget.
+    pub memory_per_source_bytes: usize,
+    /// Bytes held for one connection (all its requests) at most. 0: four of the largest reads
+    /// (`https.max_body_bytes`, `quic.max_frame_bytes`).
+    pub memory_per_connection_bytes: usize,
+    /// An IPv4 peer's source: its address cut to this prefix length (32: the address).
+    pub ipv4_prefix_len: u8,
+    /// An IPv6 peer's source: its address cut to this prefix length (64: its /64, which one
+    /// host usually has whole).
+    pub ipv6_prefix_len: u8,
+}
+
 /// What the ingest pipeline ([`super::Ingest`]) is built from, gathered from several sections
 /// by `Config::ingest`.
 #[derive(Clone, Debug)]
@@ -274,6 +299,61 @@ impl QuicConfig {
         p.nonzero("quic.preauth_frame_bytes", self.preauth_frame_bytes);
         p.nonzero("quic.frame_timeout_ms", self.frame_timeout_ms);
         p.into_vec()
+    }
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        Self {
+            memory_budget_bytes: 0,
+            memory_per_source_bytes: 0,
+            memory_per_connection_bytes: 0,
+            ipv4_prefix_len: 32,
+            ipv6_prefix_len: 64,
+        }
+    }
+}
+
+impl PeersConfig {
+    /// Everything wrong with this section (shares larger than what holds them are checked
+    /// once resolved, see [`PeersConfig::limits`]).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Problems::default();
+        p.bad(self.ipv4_prefix_len > 32, "peers.ipv4_prefix_len must be at most 32");
+        p.bad(self.ipv6_prefix_len > 128, "peers.ipv6_prefix_len must be at most 128");
+        let set = |v: usize| (v > 0).then_some(v);
+        let (total, source, conn) = (
+            set(self.memory_budget_bytes),
+            set(self.memory_per_source_bytes),
+            set(self.memory_per_connection_bytes),
+        );
+        p.bad(
+            matches!((total, source), (Some(t), Some(s)) if s > t),
+            "peers.memory_per_source_bytes must be <= peers.memory_budget_bytes",
+        );
+        p.bad(
+            matches!((source, conn), (Some(s), Some(c)) if c > s),
+            "peers.memory_per_connection_bytes must be <= peers.memory_per_source_bytes",
+        );
+        p.into_vec()
+    }
+
+    /// The source prefixes.
+    pub fn prefixes(&self) -> Prefixes {
+        Prefixes { ipv4: self.ipv4_prefix_len, ipv6: self.ipv6_prefix_len }
+    }
+
+    /// The budget's shares, those left at 0 resolved: the total from `memory_limit` (see
+    /// [`budget::default_total`]), a connection's from `largest_read`, which every share must
+    /// hold at least.
+    pub fn limits(&self, memory_limit: Option<u64>, largest_read: usize) -> budget::Limits {
+        let or = |v: usize, default: usize| if v > 0 { v } else { default };
+        let total = or(self.memory_budget_bytes, budget::default_total(memory_limit));
+        let per_source = or(self.memory_per_source_bytes, total / 8);
+        let per_connection = or(self.memory_per_connection_bytes, largest_read.saturating_mul(4));
+        let per_connection = per_connection.max(largest_read).min(per_source.max(largest_read));
+        let per_source = per_source.max(per_connection);
+        budget::Limits { total: total.max(per_source), per_source, per_connection }
     }
 }
 
