@@ -147,6 +147,7 @@ fn route(uri: &http::Uri, health: &Health) -> Response<Full<Bytes>> {
             m.queue_depth.set(health.queues.depth() as i64);
             m.queue_bytes.set(health.queues.bytes() as i64);
             m.inflight_batches.set(health.sink.in_flight() as i64);
+            m.peers_memory.set(health.ingest.held_for_peers() as i64);
             let mut resp = Response::new(Full::new(Bytes::from(m.render())));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,

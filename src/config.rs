@@ -20,7 +20,7 @@ use crate::audit::config::AuditConfig;
 use crate::auth::config::AuthConfig;
 use crate::batch::config::BatchConfig;
 use crate::ingest::config::{
-    AckMode, HttpsConfig, IdempotencyConfig, PeersConfig, QuicConfig, Settings,
+    AckMode, HttpsConfig, IdempotencyConfig, PeersConfig, QuicConfig, Settings, DECODED_EVENT_BYTES,
 };
 use crate::section::{ms, Exposed, Problems};
 use crate::sink::config::{NatsConfig, StreamConfig};
@@ -175,12 +175,17 @@ impl Config {
             stream_subjects: self.stream.subjects.clone(),
             wait_for_first: ms(self.nats.publish_deadline_ms),
             idempotency: self.idempotency.clone(),
+            peers: self.peers.clone(),
+            largest_request: self.largest_request(),
         }
     }
 
-    /// The largest single read from a peer: a whole body or a native frame, bytes.
-    pub fn largest_read(&self) -> usize {
-        self.https.max_body_bytes.max(self.https.max_event_bytes).max(self.quic.max_frame_bytes)
+    /// The most one request may hold of the memory budget, bytes: its largest read (a whole
+    /// body or a native frame) kept, a JSON body's decoded copies of it, and its events.
+    pub fn largest_request(&self) -> usize {
+        let h = &self.https;
+        let read = h.max_body_bytes.max(h.max_event_bytes).max(self.quic.max_frame_bytes);
+        2 * read + h.max_events_per_request * DECODED_EVENT_BYTES
     }
 
     /// The rules that involve more than one section.
@@ -206,7 +211,7 @@ impl Config {
                 b.max_bytes, h.max_event_bytes
             ),
         );
-        let (largest, peers) = (self.largest_read(), &self.peers);
+        let (largest, peers) = (self.largest_request(), &self.peers);
         for (name, share) in [
             ("peers.memory_budget_bytes", peers.memory_budget_bytes),
             ("peers.memory_per_source_bytes", peers.memory_per_source_bytes),
@@ -214,7 +219,7 @@ impl Config {
         ] {
             p.bad(
                 share > 0 && share < largest,
-                format!("{name} ({share}) must hold the largest read ({largest} bytes: https.max_body_bytes or quic.max_frame_bytes), or it is refused always"),
+                format!("{name} ({share}) must hold the largest request ({largest} bytes: twice the larger of https.max_body_bytes and quic.max_frame_bytes, plus {DECODED_EVENT_BYTES} bytes per event of https.max_events_per_request), or it is refused always"),
             );
         }
         let refused = format!("{}.{}.refused", self.audit.subject_prefix, self.relay.id);
@@ -313,11 +318,14 @@ mod tests {
             max_frame_bytes = 1000
             [stream]
             subjects = [">"]
+            [peers]
+            memory_per_connection_bytes = 1048576
             "#,
         );
         assert_reported(
             &all,
             &[
+                "peers.memory_per_connection_bytes (1048576) must hold the largest request (1392000 bytes",
                 "https.listen and admin.listen are the same address",
                 "quic.listen and admin.listen are the same address",
                 "quic.max_frame_bytes must exceed https.max_event_bytes",

@@ -16,6 +16,8 @@ pub mod quic;
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).
 pub use edgerelay_proto::framing;
 
+pub use config::DECODED_EVENT_BYTES;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use crate::proto;
 use crate::section::ms;
 use crate::sink::Sink;
 use crate::subject::{self, Pattern};
+use budget::{Budget, Share};
 use config::{AckMode, Settings};
 use idempotency::{Claim, Idempotency};
 
@@ -66,6 +69,8 @@ pub struct Ingest {
     queues: Arc<Queues>,
     sink: Arc<Sink>,
     idempotency: Arc<Idempotency>,
+    /// What peers may make the relay hold.
+    budget: Arc<Budget>,
     stream_subjects: Vec<Pattern>,
     ack_mode: AckMode,
     /// How long a retry waits for the outcome of the first request with its idempotency key.
@@ -102,6 +107,16 @@ impl Ingest {
                 ms(cfg.idempotency.window_ms),
                 cfg.idempotency.max_keys,
             )),
+            budget: {
+                let limits = cfg.peers.limits(budget::memory_limit(), cfg.largest_request);
+                tracing::info!(
+                    total = limits.total,
+                    per_source = limits.per_source,
+                    per_connection = limits.per_connection,
+                    "memory budget for peers"
+                );
+                Budget::new(limits, cfg.peers.prefixes())
+            },
             stream_subjects: cfg
                 .stream_subjects
                 .iter()
@@ -185,6 +200,34 @@ impl Ingest {
         move |n| {
             counter.inc_by(n as u64);
         }
+    }
+
+    /// The memory budget's share of a new connection from `peer`.
+    pub fn share(&self, peer: std::net::IpAddr) -> Share {
+        self.budget.connection(peer)
+    }
+
+    /// The memory a request of `wire_bytes` may take once decoded, beyond its payloads (which
+    /// stay slices of what was read): its events, at most one per two bytes on the wire and
+    /// `max_events_per_request`, at [`DECODED_EVENT_BYTES`] each.
+    pub fn decoded_bytes(&self, wire_bytes: usize) -> usize {
+        (wire_bytes / 2).min(self.max_events_per_request) * DECODED_EVENT_BYTES
+    }
+
+    /// Bytes held for peers now (the memory budget's use).
+    pub fn held_for_peers(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Counts a connection of `protocol` refused before its handshake, for `reason`.
+    pub fn connection_refused(&self, protocol: Protocol, reason: &'static str) {
+        let labels = crate::metrics::ConnectionRefusedLabels { protocol, reason };
+        self.metrics.connections_refused.get_or_create(&labels).inc();
+    }
+
+    /// Per-source connection slots, at most `max` per source.
+    pub fn slots(&self, max: usize) -> Arc<budget::Slots> {
+        budget::Slots::new(max, self.budget.prefixes())
     }
 
     /// Counts a connection of `protocol` as open until the guard is dropped.

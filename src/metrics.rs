@@ -57,6 +57,13 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// A connection refused before its handshake: on which front-end, and why (`per_source`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusedLabels {
+    pub protocol: Protocol,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
     pub protocol: Protocol,
@@ -126,6 +133,9 @@ pub struct Metrics {
     pub published_bytes: Counter,
     /// Open connections (handshake done), by protocol.
     pub connections: Family<ProtocolLabels, Gauge>,
+    /// Connections refused before their handshake, by protocol and reason (`per_source`:
+    /// their source had `max_connections_per_ip` open).
+    pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
     /// 1 for the NATS cluster batches are published to, else 0.
     pub nats_active_cluster: Family<ClusterLabels, Gauge>,
     /// Round trip of a JetStream API request to the cluster, seconds (NaN when it failed).
@@ -182,6 +192,9 @@ pub struct Metrics {
     pub queue_bytes: Gauge,
     /// Batches published and not yet acknowledged (set when scraped).
     pub inflight_batches: Gauge,
+    /// Bytes held for peers under the memory budget: bodies and frames being read, requests
+    /// decoded and not yet answered (set when scraped).
+    pub peers_memory: Gauge,
     /// Bytes of the disk spool's segment files.
     pub spool_bytes: Gauge,
     /// Records (batches) in the disk spool not yet replayed.
@@ -372,6 +385,18 @@ impl Metrics {
             "Encoded bytes of the events waiting in the queues",
             queue_bytes.clone(),
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused before their handshake, by protocol and reason",
+            connections_refused.clone(),
+        );
+        let peers_memory = Gauge::default();
+        registry.register(
+            "peers_memory_bytes",
+            "Bytes held for peers under the memory budget (bodies and frames read, requests not yet answered)",
+            peers_memory.clone(),
+        );
         let inflight_batches = Gauge::default();
         registry.register(
             "inflight_batches",
@@ -464,6 +489,8 @@ impl Metrics {
             queue_depth,
             queue_bytes,
             inflight_batches,
+            peers_memory,
+            connections_refused,
             spool_bytes,
             spool_records,
             spool_appends,

@@ -23,6 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 
+use super::budget::{Held, Share};
 use super::config::HttpsConfig;
 use crate::error::{ErrorCode, Refusal};
 
@@ -74,11 +75,13 @@ pub struct Unread<B> {
     pub rest: Option<B>,
 }
 
-/// The bytes of one body kept so far, bounded by its limit.
+/// The bytes of one body kept so far, bounded by its limit and reserved from the memory
+/// budget before they are kept.
 struct Buffered {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
+    held: Held,
 }
 
 impl BodyLimits {
@@ -150,60 +153,72 @@ impl Stall {
 }
 
 impl Buffered {
-    fn new(limit: usize) -> Self {
-        Self { chunks: Vec::new(), len: 0, limit }
+    fn new(limit: usize, held: Held) -> Self {
+        Self { chunks: Vec::new(), len: 0, limit, held }
     }
 
-    /// Keeps `chunk`, or says the body is over its limit. The memory budget reserves the
-    /// bytes here, before they are kept.
-    fn push(&mut self, chunk: Bytes) -> Result<(), ()> {
+    /// Keeps `chunk`, or says why not: the body is over its limit (413), or the memory budget
+    /// has no room for it (503). What was reserved up front (a declared length) is used first.
+    fn push(&mut self, chunk: Bytes) -> Result<(), Refusal> {
         if self.len + chunk.len() > self.limit {
-            return Err(());
+            return Err(too_large(self.limit));
         }
-        self.len += chunk.len();
+        let len = self.len + chunk.len();
+        if len > self.held.bytes() {
+            self.held.grow(len - self.held.bytes())?;
+        }
+        self.len = len;
         if !chunk.is_empty() {
             self.chunks.push(chunk);
         }
         Ok(())
     }
 
-    fn into_bytes(mut self) -> Bytes {
+    fn into_bytes(mut self) -> (Bytes, Held) {
         if self.chunks.len() == 1 {
-            return self.chunks.pop().unwrap_or_default();
+            return (self.chunks.pop().unwrap_or_default(), self.held);
         }
         let mut all = BytesMut::with_capacity(self.len);
         for c in self.chunks {
             all.extend_from_slice(&c);
         }
-        all.freeze()
+        (all.freeze(), self.held)
     }
 }
 
-/// Reads a whole body of at most `limit` bytes at the pace of `limits`. A body declared
-/// (`Content-Length`) or found larger is refused 413 with its rest to drain; a body that
-/// misses its pace is refused 408 and must be dropped.
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes"))
+}
+
+/// Reads a whole body of at most `limit` bytes at the pace of `limits`, its bytes reserved
+/// from `share` of the memory budget before they are kept (the declared `Content-Length` up
+/// front). A body declared or found larger is refused 413, one the budget has no room for 503,
+/// each with its rest to drain; a body that misses its pace is refused 408 and must be
+/// dropped. The body comes with what it holds of the budget: keep it until the request is
+/// answered.
 pub async fn read<B>(
     headers: &http::HeaderMap,
     mut body: B,
     limit: usize,
     limits: PaceLimits,
-) -> Result<Bytes, Unread<B>>
+    share: &Share,
+) -> Result<(Bytes, Held), Unread<B>>
 where
     B: Body + Unpin,
     B::Error: Into<BoxError>,
 {
-    let too_large = |rest| Unread {
-        refusal: Refusal::new(ErrorCode::TooLarge, format!("body is larger than {limit} bytes")),
-        rest,
-    };
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large(Some(body)));
+        return Err(Unread { refusal: too_large(limit), rest: Some(body) });
     }
-    let mut kept = Buffered::new(limit);
+    let held = match share.reserve(declared.unwrap_or(0) as usize) {
+        Ok(held) => held,
+        Err(refusal) => return Err(Unread { refusal, rest: Some(body) }),
+    };
+    let mut kept = Buffered::new(limit, held);
     let mut pace = Pace::new(limits, Instant::now());
     loop {
         let frame = tokio::time::timeout_at(pace.deadline().into(), body.frame()).await;
@@ -224,8 +239,8 @@ where
                 let Ok(mut data) = frame.into_data() else { continue }; // trailers
                 let chunk = data.copy_to_bytes(data.remaining());
                 pace.on_data(chunk.len(), now);
-                if kept.push(chunk).is_err() {
-                    return Err(too_large(Some(body)));
+                if let Err(refusal) = kept.push(chunk) {
+                    return Err(Unread { refusal, rest: Some(body) });
                 }
             }
         }

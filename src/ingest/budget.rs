@@ -154,6 +154,11 @@ impl Budget {
         self.limits
     }
 
+    /// How addresses are grouped into sources.
+    pub fn prefixes(&self) -> Prefixes {
+        self.prefixes
+    }
+
     /// Bytes held for peers now.
     pub fn used(&self) -> usize {
         self.lock().used()
@@ -202,6 +207,52 @@ impl Drop for Held {
             let share = &self.share;
             share.budget.lock().give(share.source, self.bytes);
             share.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Connections open per source, at most `max` each (`https.max_connections_per_ip`,
+/// `quic.max_connections_per_ip`): one host cannot take the connection slots the others need.
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    prefixes: Prefixes,
+    open: Mutex<HashMap<Prefix, usize>>,
+}
+
+/// One connection's slot; freed when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    source: Prefix,
+}
+
+impl Slots {
+    pub fn new(max: usize, prefixes: Prefixes) -> Arc<Self> {
+        Arc::new(Self { max, prefixes, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// A slot for a connection from `peer`, unless its source has `max` open.
+    pub fn take(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let source = self.prefixes.of(peer);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(source).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { slots: self.clone(), source })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
         }
     }
 }
@@ -308,6 +359,18 @@ mod tests {
         assert_eq!((conn.used(), budget.used()), (0, 25));
         drop(second);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_source_has_at_most_max_connections_and_a_closed_one_frees_its_slot() {
+        let slots = Slots::new(2, Prefixes::DEFAULT);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = slots.take(ip("2001:db8:1:2::1")).unwrap();
+        let _b = slots.take(ip("2001:db8:1:2::2")).unwrap();
+        assert!(slots.take(ip("2001:db8:1:2::3")).is_none(), "one /64, one source");
+        assert!(slots.take(ip("2001:db8:1:3::1")).is_some(), "the next /64 is another source");
+        drop(a);
+        assert!(slots.take(ip("2001:db8:1:2::3")).is_some());
     }
 
     #[test]

@@ -14,6 +14,10 @@ use super::budget;
 use crate::section::Problems;
 use crate::source::Prefixes;
 
+/// What one decoded event takes beyond its payload and strings, bytes: the memory budget
+/// reserves this much per event a request may hold.
+pub const DECODED_EVENT_BYTES: usize = 192;
+
 /// When the edge is answered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,6 +47,9 @@ pub struct HttpsConfig {
     pub tls_key: PathBuf,
     /// Connections open at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections open at once from one source (an IPv4 address, an IPv6 /64: see
+    /// `[peers]`); a further one is closed at once, before its TLS handshake.
+    pub max_connections_per_ip: usize,
     /// Largest request body (a multi-event request), bytes. Larger bodies get 413.
     pub max_body_bytes: usize,
     /// Largest single event payload, bytes. Must fit in one batch (`batch.max_bytes`).
@@ -96,7 +103,8 @@ pub struct QuicConfig {
     pub listen: Option<SocketAddr>,
     /// QUIC connections open at once; more are refused.
     pub max_connections: usize,
-    /// QUIC connections open at once from one source address.
+    /// QUIC connections open at once from one source (an IPv4 address, an IPv6 /64: see
+    /// `[peers]`); a further one is refused at its first packet.
     pub max_connections_per_ip: usize,
     /// Bidirectional streams a client may have open at once on one connection.
     pub max_streams_per_connection: u32,
@@ -164,8 +172,9 @@ pub struct PeersConfig {
     pub memory_budget_bytes: usize,
     /// Bytes held for one source (all its connections) at most. 0: an eighth of the budget.
     pub memory_per_source_bytes: usize,
-    /// Bytes held for one connection (all its requests) at most. 0: four of the largest reads
-    /// (`https.max_body_bytes`, `quic.max_frame_bytes`).
+    /// Bytes held for one connection (all its requests) at most. 0: two of the largest
+    /// requests (a largest read — `https.max_body_bytes`, `quic.max_frame_bytes` — kept, its
+    /// decoded copies and its events).
     pub memory_per_connection_bytes: usize,
     /// An IPv4 peer's source: its address cut to this prefix length (32: the address).
     pub ipv4_prefix_len: u8,
@@ -193,6 +202,11 @@ pub struct Settings {
     pub wait_for_first: Duration,
     /// The `[idempotency]` section.
     pub idempotency: IdempotencyConfig,
+    /// The `[peers]` section.
+    pub peers: PeersConfig,
+    /// The most one request may hold of the memory budget, bytes (see
+    /// `Config::largest_request`).
+    pub largest_request: usize,
 }
 
 impl Default for HttpsConfig {
@@ -202,6 +216,7 @@ impl Default for HttpsConfig {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             max_body_bytes: 1 << 20,
             max_event_bytes: 64 << 10,
             max_events_per_request: 1000,
@@ -238,6 +253,7 @@ impl HttpsConfig {
             }
         }
         p.nonzero("https.max_connections", self.max_connections);
+        p.nonzero("https.max_connections_per_ip", self.max_connections_per_ip);
         p.nonzero("https.max_event_bytes", self.max_event_bytes);
         p.bad(
             self.max_body_bytes < self.max_event_bytes,
@@ -344,14 +360,16 @@ impl PeersConfig {
     }
 
     /// The budget's shares, those left at 0 resolved: the total from `memory_limit` (see
-    /// [`budget::default_total`]), a connection's from `largest_read`, which every share must
-    /// hold at least.
-    pub fn limits(&self, memory_limit: Option<u64>, largest_read: usize) -> budget::Limits {
+    /// [`budget::default_total`]), a connection's from `largest_request`, which every share
+    /// must hold at least.
+    pub fn limits(&self, memory_limit: Option<u64>, largest_request: usize) -> budget::Limits {
         let or = |v: usize, default: usize| if v > 0 { v } else { default };
         let total = or(self.memory_budget_bytes, budget::default_total(memory_limit));
         let per_source = or(self.memory_per_source_bytes, total / 8);
-        let per_connection = or(self.memory_per_connection_bytes, largest_read.saturating_mul(4));
-        let per_connection = per_connection.max(largest_read).min(per_source.max(largest_read));
+        let per_connection =
+            or(self.memory_per_connection_bytes, largest_request.saturating_mul(2));
+        let per_connection =
+            per_connection.max(largest_request).min(per_source.max(largest_request));
         let per_source = per_source.max(per_connection);
         budget::Limits { total: total.max(per_source), per_source, per_connection }
     }
@@ -416,5 +434,53 @@ mod tests {
         assert!(QuicConfig::default().problems().is_empty());
         let idempotency = IdempotencyConfig { max_keys: 0, ..IdempotencyConfig::default() };
         assert_eq!(idempotency.problems(), ["idempotency.max_keys must be > 0"]);
+    }
+
+    #[test]
+    fn peers_settings_are_checked_and_their_shares_resolved() {
+        let peers: PeersConfig = toml::from_str(
+            "memory_budget_bytes = 100\nmemory_per_source_bytes = 200\nipv6_prefix_len = 129\n",
+        )
+        .unwrap();
+        assert_eq!(
+            peers.problems(),
+            [
+                "peers.ipv6_prefix_len must be at most 128",
+                "peers.memory_per_source_bytes must be <= peers.memory_budget_bytes",
+            ]
+        );
+        assert!(PeersConfig::default().problems().is_empty());
+        const MIB: usize = 1 << 20;
+        let request = 3 * MIB;
+        let set = |total, source, connection| PeersConfig {
+            memory_budget_bytes: total,
+            memory_per_source_bytes: source,
+            memory_per_connection_bytes: connection,
+            ..PeersConfig::default()
+        };
+        let limits = |total, per_source, per_connection| budget::Limits {
+            total,
+            per_source,
+            per_connection,
+        };
+        for (case, peers, memory, want) in [
+            (
+                "defaults on 16 GiB",
+                set(0, 0, 0),
+                Some(16 << 30),
+                limits(4 << 30, 512 * MIB, 6 * MIB),
+            ),
+            ("defaults, memory unknown", set(0, 0, 0), None, limits(1 << 30, 128 * MIB, 6 * MIB)),
+            // A small budget's eighth is less than one request: the source still holds one.
+            ("tiny budget", set(8 * MIB, 0, 0), None, limits(8 * MIB, 3 * MIB, 3 * MIB)),
+            (
+                "all set",
+                set(64 * MIB, 16 * MIB, 4 * MIB),
+                None,
+                limits(64 * MIB, 16 * MIB, 4 * MIB),
+            ),
+        ] {
+            assert_eq!(peers.limits(memory, request), want, "{case}");
+        }
     }
 }

@@ -16,6 +16,7 @@ use hyper::body::Body;
 use prost::Message;
 
 use super::body::{self, BodyLimits};
+use super::budget::{Held, Share};
 use super::json::{self, Answer};
 use super::{EventIn, Ingest};
 use crate::auth::{bearer_token, Credentials, Identity, Peer};
@@ -53,6 +54,16 @@ impl HttpApi {
         self.ingest.peer_identity(peer)
     }
 
+    /// The memory budget's share of a new connection from `peer`.
+    pub fn share(&self, peer: std::net::IpAddr) -> Share {
+        self.ingest.share(peer)
+    }
+
+    /// The shared ingest stage.
+    pub fn ingest(&self) -> &Arc<Ingest> {
+        &self.ingest
+    }
+
     /// Counts a connection of `protocol` as open until the guard is dropped.
     pub fn connection_opened(&self, protocol: Protocol) -> crate::metrics::OpenConnection {
         self.ingest.connection_opened(protocol)
@@ -67,6 +78,7 @@ impl HttpApi {
         req: Request<B>,
         from: SocketAddr,
         peer: Option<&Identity>,
+        share: &Share,
     ) -> Response<Full<Bytes>>
     where
         B: Body + Send + Unpin + 'static,
@@ -98,22 +110,23 @@ impl HttpApi {
             Route::One(subject) => (self.ingest.max_event_bytes(), Some(subject.as_str())),
             Route::Many { .. } => (self.limits.max_body_bytes, None),
         };
-        let bytes = match body::read(&head.headers, body, limit, self.limits.pace).await {
-            Ok(bytes) => bytes,
-            Err(unread) => {
-                self.ingest.refused(protocol, from, Some(&identity), subject, &unread.refusal);
-                if let Some(rest) = unread.rest {
-                    self.discard(protocol, &head, rest);
+        let (bytes, mut held) =
+            match body::read(&head.headers, body, limit, self.limits.pace, share).await {
+                Ok(read) => read,
+                Err(unread) => {
+                    self.ingest.refused(protocol, from, Some(&identity), subject, &unread.refusal);
+                    if let Some(rest) = unread.rest {
+                        self.discard(protocol, &head, rest);
+                    }
+                    return refusal(&unread.refusal);
                 }
-                return refusal(&unread.refusal);
-            }
-        };
+            };
         self.ingest.received(protocol, bytes.len());
         let req = Request::from_parts(head, bytes);
         let result = match &route {
             Route::One(subject) => self.publish_one(req, subject, protocol, &identity).await,
             Route::Many { protobuf } => {
-                self.publish_many(req, *protobuf, protocol, &identity).await
+                self.publish_many(req, *protobuf, protocol, &identity, &mut held).await
             }
         };
         result.unwrap_or_else(|r| {
@@ -248,8 +261,12 @@ impl HttpApi {
         protobuf: bool,
         protocol: Protocol,
         identity: &Identity,
+        held: &mut Held,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         let body = req.into_body();
+        // What decoding allocates is reserved first: a JSON body's payloads are copies.
+        let copies = if protobuf { 0 } else { body.len() };
+        held.grow(self.ingest.decoded_bytes(body.len()) + copies)?;
         let events = if protobuf {
             super::decode_publish_request(body)?
         } else {

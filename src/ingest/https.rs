@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::budget::{Slot, Slots};
 use super::config::HttpsConfig;
 use super::http_api::HttpApi;
 use crate::auth::Peer;
@@ -42,6 +43,8 @@ pub struct Server {
     acceptor: TlsAcceptor,
     ctx: Arc<Ctx>,
     max_connections: usize,
+    /// Connections open per source.
+    per_source: Arc<Slots>,
 }
 
 /// What every connection shares.
@@ -122,6 +125,7 @@ impl Server {
             .max_header_list_size(16 << 10)
             .keep_alive_interval(ms(cfg.idle_timeout_ms / 2))
             .keep_alive_timeout(Duration::from_secs(20));
+        let per_source = api.ingest().slots(cfg.max_connections_per_ip);
         Self {
             listener,
             acceptor: TlsAcceptor::from(tls),
@@ -137,6 +141,7 @@ impl Server {
                 },
             }),
             max_connections: cfg.max_connections,
+            per_source,
         }
     }
 
@@ -163,10 +168,15 @@ impl Server {
             };
             match accepted {
                 Ok((tcp, from)) => {
+                    let Some(slot) = self.per_source.take(from.ip()) else {
+                        // Closed before the handshake: it costs the relay no TLS state.
+                        self.ctx.api.ingest().connection_refused(Protocol::Https, "per_source");
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (acceptor, ctx, stop) =
                         (self.acceptor.clone(), self.ctx.clone(), stop.clone());
-                    tokio::spawn(connection(tcp, from, acceptor, ctx, stop, permit));
+                    tokio::spawn(connection(tcp, from, acceptor, ctx, stop, (permit, slot)));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -186,7 +196,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     ctx: Arc<Ctx>,
     stop: Shutdown,
-    _permit: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, Slot),
 ) {
     let tls = match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -197,6 +207,7 @@ async fn connection(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     // Only this connection's task calls the service, one request at a time.
     let peer = RefCell::new(Peer::new(tls.get_ref().1.peer_certificates()));
+    let share = ctx.api.share(from.ip());
     let activity = Arc::new(Activity {
         start: Instant::now(),
         in_flight: AtomicUsize::new(0),
@@ -207,11 +218,11 @@ async fn connection(
         let (ctx, activity) = (ctx.clone(), activity.clone());
         service_fn(move |req| {
             let peer = ctx.api.peer_identity(&mut peer.borrow_mut());
-            let ctx = ctx.clone();
+            let (ctx, share) = (ctx.clone(), share.clone());
             let guard = InFlight::start(activity.clone());
             let activity = activity.clone();
             async move {
-                let resp = ctx.api.handle(req, from, peer.as_ref()).await;
+                let resp = ctx.api.handle(req, from, peer.as_ref(), &share).await;
                 if resp.status() == hyper::StatusCode::REQUEST_TIMEOUT {
                     activity.stalled.notify_one();
                 }

@@ -349,3 +349,60 @@ async fn connections_past_their_max_age_get_goaway_and_new_connections_work() {
     assert_eq!(status, 202);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_beyond_the_memory_budget_are_refused_503_and_the_bytes_come_back() {
+    let mib = 1 << 20;
+    // One source may hold one largest request (a 1 MiB JSON body, its copies, its events).
+    let share = 2 * mib + 1000 * edgerelay::ingest::DECODED_EVENT_BYTES;
+    let (_nats, setup, relay) = start_relay(|c| {
+        c.https.max_body_bytes = mib;
+        c.quic.max_frame_bytes = mib;
+        c.peers.memory_per_source_bytes = share;
+        c.peers.memory_per_connection_bytes = share;
+    })
+    .await;
+    let within = Duration::from_secs(5);
+    let held = || metric(&relay, "edgerelay_peers_memory_bytes");
+    let until_held = |want: u64| async move {
+        let deadline = tokio::time::Instant::now() + within;
+        while held().await != want {
+            assert!(tokio::time::Instant::now() < deadline, "never held {want} bytes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Two authenticated bodies declared at 1 MiB hold their declared size while they come.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (mut conn, driver) = h2_connection(&setup, &relay).await;
+        let (body_tx, body) = piecewise();
+        body_tx.send(Bytes::from_static(b"[")).await.unwrap();
+        let req = post("/v1/publish", mib).header("content-type", "application/json");
+        let req = req.body(body).unwrap();
+        let pending = tokio::spawn(async move { conn.send_request(req).await });
+        stalled.push((body_tx, pending, driver));
+    }
+    until_held(2 * mib as u64).await;
+    // A third body from the same source finds no room: refused before anything is read.
+    let (mut third, third_driver) = h2_connection(&setup, &relay).await;
+    let (third_tx, body) = piecewise();
+    let req = post("/v1/publish", 300_000).header("content-type", "application/json");
+    let req = req.body(body).unwrap();
+    let resp = tokio::time::timeout(within, third.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let sample = r#"edgerelay_refusals_total{protocol="https",code="queue_full",reason="source_memory_budget"}"#;
+    assert_eq!(metric(&relay, sample).await, 1);
+    // The clients go away mid-body: every reservation is given back.
+    drop(third_tx);
+    third_driver.abort();
+    for (body_tx, pending, driver) in stalled {
+        drop(body_tx);
+        pending.abort();
+        driver.abort();
+    }
+    until_held(0).await;
+    let resp = relay.publish(&relay.h2, "edge.budget", "fits again").send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    relay.shutdown().await;
+}

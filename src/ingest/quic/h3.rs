@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::section::ms;
 
 use crate::auth::{Identity, Peer};
+use crate::ingest::budget::Share;
 use crate::ingest::http_api::HttpApi;
 use crate::shutdown::Shutdown;
 
@@ -68,6 +69,7 @@ pub async fn connection(
 ) {
     let mut peer = Peer::new(super::peer_certificates(&conn).as_deref());
     let from = conn.remote_address();
+    let share = api.share(from.ip());
     let quic = conn.clone();
     let mut h3 = match h3::server::builder()
         .max_field_section_size(16 << 10)
@@ -86,9 +88,12 @@ pub async fn connection(
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     let (api, peer) = (api.clone(), api.peer_identity(&mut peer));
+                    let share = share.clone();
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
-                            Ok((req, stream)) => request(req, stream, &api, from, peer.as_ref()).await,
+                            Ok((req, stream)) => {
+                                request(req, stream, &api, (from, &share), peer.as_ref()).await
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "HTTP/3 request headers");
                                 false
@@ -129,13 +134,13 @@ async fn request(
     req: Request<()>,
     stream: Stream,
     api: &HttpApi,
-    from: SocketAddr,
+    (from, share): (SocketAddr, &Share),
     peer: Option<&Identity>,
 ) -> bool {
     let (mut send, recv) = stream.split();
     let (head, ()) = req.into_parts();
     let req = Request::from_parts(head, H3Body { recv, ended: false });
-    let resp = api.handle(req, from, peer).await;
+    let resp = api.handle(req, from, peer, share).await;
     let stalled = resp.status() == StatusCode::REQUEST_TIMEOUT;
     let (parts, mut body) = resp.into_parts();
     if send.send_response(Response::from_parts(parts, ())).await.is_err() {
