@@ -88,7 +88,7 @@ fn publish_request_decode(c: &mut Criterion) {
         let body = Bytes::from(body);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &body, |b, body| {
-            b.iter(|| decode_publish_request(body.clone()).unwrap())
+            b.iter(|| decode_publish_request(body.clone(), n).unwrap())
         });
     }
     group.finish();

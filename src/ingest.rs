@@ -15,6 +15,7 @@ pub mod quic;
 
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).
 pub use edgerelay_proto::framing;
+use edgerelay_proto::request::{self, Scan, ScanError};
 
 pub use config::DECODED_EVENT_BYTES;
 
@@ -529,11 +530,26 @@ pub fn proto_refusal(r: &Refusal) -> proto::Refused {
     }
 }
 
-/// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events. The relay's own
-/// fields (`ingest_time_unix_us`, `publisher`) are ignored: the relay sets them.
+/// Scans a protobuf `PublishRequest` (HTTP body or QUIC frame) at the field level: its token,
+/// and its events counted — refused past `max_events` before any event is decoded, so a
+/// request of empty events (2 bytes each on the wire, ~200 decoded) cannot make the relay
+/// allocate a hundred times what it read.
+pub fn scan_publish_request(frame: &[u8], max_events: usize) -> Result<Scan<'_>, Refusal> {
+    request::scan(frame, max_events).map_err(|e| match e {
+        ScanError::TooManyEvents { .. } => {
+            Refusal::new(ErrorCode::TooLarge, e.to_string()).because("too_many_events")
+        }
+        ScanError::Malformed(_) => Refusal::new(ErrorCode::BadRequest, e.to_string()),
+    })
+}
+
+/// Decodes a protobuf `PublishRequest` (HTTP body or QUIC frame) into events, scanned first
+/// (see [`scan_publish_request`]). The relay's own fields (`ingest_time_unix_us`,
+/// `publisher`) are ignored: the relay sets them.
 ///
 /// Decoding from `Bytes` keeps payloads as slices of the request, without a copy.
-pub fn decode_publish_request(body: Bytes) -> Result<Vec<EventIn>, Refusal> {
+pub fn decode_publish_request(body: Bytes, max_events: usize) -> Result<Vec<EventIn>, Refusal> {
+    scan_publish_request(&body, max_events)?;
     let req = proto::PublishRequest::decode(body).map_err(|e| invalid_request(&e))?;
     Ok(events_of(req))
 }

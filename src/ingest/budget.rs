@@ -170,6 +170,11 @@ impl Budget {
 }
 
 impl Share {
+    /// Holds nothing yet: what a stream's buffer holds grows and shrinks with it.
+    pub fn hold(&self) -> Held {
+        Held { share: self.clone(), bytes: 0 }
+    }
+
     /// Reserves `bytes` before they are read or allocated.
     pub fn reserve(&self, bytes: usize) -> Result<Held, Refusal> {
         let mut held = Held { share: self.clone(), bytes: 0 };
@@ -198,6 +203,32 @@ impl Held {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Holds at least `bytes` in all, reserving what is missing (see [`Held::grow`]).
+    pub fn cover(&mut self, bytes: usize) -> Result<(), Refusal> {
+        match bytes.checked_sub(self.bytes) {
+            Some(more) if more > 0 => self.grow(more),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives back what is held beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        if let Some(less) = self.bytes.checked_sub(bytes).filter(|l| *l > 0) {
+            let share = &self.share;
+            share.budget.lock().give(share.source, less);
+            share.used.fetch_sub(less, Ordering::Relaxed);
+            self.bytes = bytes;
+        }
+    }
+
+    /// Moves `bytes` of what is held (all of it, if less) to a [`Held`] of their own: a frame
+    /// taken out of a stream's buffer keeps its bytes until its request is answered.
+    pub fn split_off(&mut self, bytes: usize) -> Held {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Held { share: self.share.clone(), bytes }
     }
 }
 
@@ -359,6 +390,24 @@ mod tests {
         assert_eq!((conn.used(), budget.used()), (0, 25));
         drop(second);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_stream_s_holding_follows_its_buffer_and_frames_leave_with_their_bytes() {
+        let budget = Budget::new(LIMITS, Prefixes::DEFAULT);
+        let conn = budget.connection("192.0.2.1".parse().unwrap());
+        let mut reading = conn.reserve(0).unwrap();
+        reading.cover(30).unwrap(); // a read of up to 30 bytes
+        reading.shrink_to(12); // 12 came
+        assert_eq!(budget.used(), 12);
+        let frame = reading.split_off(10); // a 10-byte frame leaves the buffer
+        assert_eq!((reading.bytes(), frame.bytes(), budget.used()), (2, 10, 12));
+        reading.cover(2).unwrap();
+        assert_eq!(budget.used(), 12, "covering what is held takes nothing");
+        assert_eq!(reading.cover(41).unwrap_err().reason, "connection_memory_budget");
+        drop(frame);
+        drop(reading);
+        assert_eq!((budget.used(), conn.used()), (0, 0));
     }
 
     #[test]

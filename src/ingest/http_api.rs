@@ -268,7 +268,7 @@ impl HttpApi {
         let copies = if protobuf { 0 } else { body.len() };
         held.grow(self.ingest.decoded_bytes(body.len()) + copies)?;
         let events = if protobuf {
-            super::decode_publish_request(body)?
+            super::decode_publish_request(body, self.ingest.max_events_per_request())?
         } else {
             json::decode_request(&body)?
         };

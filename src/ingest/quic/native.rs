@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgerelay_proto::request::{self, ScanError};
+use edgerelay_proto::request;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
@@ -36,8 +36,12 @@ use tokio::task::JoinSet;
 use super::stream::{Action, Limits, StreamState};
 use crate::auth::{Identity, Peer, Session};
 use crate::error::{ErrorCode, Refusal};
+use crate::ingest::budget::{Held, Share};
 use crate::ingest::framing;
-use crate::ingest::{events_of, invalid_request, proto_refusal, results_of, EventIn, Ingest};
+use crate::ingest::{
+    events_of, invalid_request, proto_refusal, results_of, scan_publish_request, EventIn, Ingest,
+    DECODED_EVENT_BYTES,
+};
 use crate::metrics::Protocol;
 use crate::proto;
 use crate::shutdown::{self, Shutdown};
@@ -90,6 +94,7 @@ pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut
     let mut peer = Peer::new(super::peer_certificates(&conn).as_deref());
     let authenticated = native.ingest.peer_identity(&mut peer).is_some();
     let from = conn.remote_address();
+    let share = native.ingest.share(from.ip());
     let (drain, draining) = shutdown::channel();
     let age = async {
         match native.max_age {
@@ -104,7 +109,8 @@ pub(super) async fn connection(conn: quinn::Connection, native: Arc<Native>, mut
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let session = Session::new(peer.clone());
-                    let stream = Stream { send, recv, from, session, authenticated };
+                    let share = share.clone();
+                    let stream = Stream { send, recv, from, session, authenticated, share };
                     streams.spawn(stream.serve(native.clone(), draining.clone()));
                 }
                 Err(e) => {
@@ -141,18 +147,24 @@ struct Stream {
     session: Session,
     /// The connection's certificate names an identity.
     authenticated: bool,
+    /// The connection's share of the memory budget.
+    share: Share,
 }
 
 impl Stream {
     /// Serves the stream: carries out what its [`StreamState`] decides.
     async fn serve(self, native: Arc<Native>, mut stop: Shutdown) -> Ended {
-        let Self { mut send, mut recv, from, mut session, authenticated } = self;
+        let Self { mut send, mut recv, from, mut session, authenticated, share } = self;
         let mut state = StreamState::new(native.limits, authenticated, stop.is_shutdown());
+        // What the stream's buffer holds of the memory budget.
+        let mut reading = share.hold();
         let mut answers = FuturesUnordered::new();
         loop {
             match state.poll(Instant::now()) {
                 Action::Decode { id, frame } => {
-                    let answer = request(frame, from, &mut session, &native).await;
+                    let held = reading.split_off(frame.len());
+                    reading.shrink_to(state.buffered());
+                    let answer = request(frame, held, from, &mut session, &native).await;
                     state.authenticated(session.last().is_some());
                     answers.push(async move { (id, answer.await) });
                 }
@@ -176,30 +188,39 @@ impl Stream {
                     let _ = send.stopped().await;
                     return if state.too_slow() { Ended::TooSlow } else { Ended::Done };
                 }
-                // Memory-budget seam: a global budget would reserve `wait.read` bytes here,
-                // before the read, and release them as the stream takes frames in.
-                Action::Wait(wait) => tokio::select! {
+                // The read is reserved before it happens; with no room in the budget the
+                // stream waits (flow control holds the client back) and tries again.
+                Action::Wait(wait) => {
+                    let room = wait.read > 0 && reading.cover(state.buffered() + wait.read).is_ok();
+                    let read = if room { wait.read } else { 0 };
+                    tokio::select! {
                     Some((id, answer)) = answers.next(), if wait.answers => {
                         state.answered(id, answer)
                     }
-                    chunk = recv.read_chunk(wait.read, true), if wait.read > 0 => match chunk {
+                    chunk = recv.read_chunk(read, true), if read > 0 => match chunk {
                         Ok(Some(chunk)) => {
                             native.ingest.received(Protocol::Quic, chunk.bytes.len());
                             state.received(&chunk.bytes, Instant::now());
+                            reading.shrink_to(state.buffered());
                         }
                         Ok(None) => state.end_of_stream(),
                         Err(_) => return Ended::Done, // reset by the client, or connection gone
                     },
+                    () = tokio::time::sleep(BUDGET_RETRY), if wait.read > 0 && !room => {}
                     _ = stop.requested(), if wait.shutdown => state.shutdown(),
                     // The frame under way is due: poll again.
                     () = sleep_until(wait.deadline), if wait.deadline.is_some() => {}
                     // Never reached: a wait always asks for something.
                     else => return Ended::Done,
-                },
+                    }
+                }
             }
         }
     }
 }
+
+/// How long a stream the memory budget has no room for waits before it tries to read again.
+const BUDGET_RETRY: Duration = Duration::from_millis(20);
 
 /// Sleeps until `deadline` (forever without one).
 async fn sleep_until(deadline: Option<Instant>) {
@@ -236,15 +257,17 @@ async fn authenticate_head(
 /// credentials.
 async fn request(
     frame: Bytes,
+    mut held: Held,
     from: SocketAddr,
     session: &mut Session,
     native: &Native,
 ) -> BoxFuture<'static, proto::PublishResponse> {
-    match admit(frame, session, native).await {
+    match admit(frame, &mut held, session, native).await {
         Ok((id, events)) => {
             let ingest = native.ingest.clone();
             Box::pin(async move {
                 let outcomes = ingest.publish_all(Protocol::Quic, &id, events).await;
+                drop(held); // the frame and its events, held until answered
                 proto::PublishResponse {
                     results: results_of(&outcomes, ingest.names()),
                     error: None,
@@ -263,17 +286,13 @@ async fn request(
 /// none at all past the per-request limit.
 async fn admit(
     frame: Bytes,
+    held: &mut Held,
     session: &mut Session,
     native: &Native,
 ) -> Result<(Identity, Vec<EventIn>), Refusal> {
-    let scan =
-        request::scan(&frame, native.ingest.max_events_per_request()).map_err(|e| match e {
-            ScanError::TooManyEvents { .. } => {
-                Refusal::new(ErrorCode::TooLarge, e.to_string()).because("too_many_events")
-            }
-            ScanError::Malformed(_) => Refusal::new(ErrorCode::BadRequest, e.to_string()),
-        })?;
+    let scan = scan_publish_request(&frame, native.ingest.max_events_per_request())?;
     let id = native.ingest.stream_identity(session, scan.token).await?;
+    held.grow(scan.events * DECODED_EVENT_BYTES)?;
     let req = proto::PublishRequest::decode(frame).map_err(|e| invalid_request(&e))?;
     let events = events_of(req);
     native.ingest.check_request(&events)?;

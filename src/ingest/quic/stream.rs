@@ -43,9 +43,9 @@
 //!   behaves as end of stream: what was read is answered. A stream that opens while its
 //!   connection is already draining reads nothing and finishes at once.
 //!
-//! Memory-budget seam: every byte buffered here is asked for by a [`Wait::read`] of at most
-//! that many bytes, so a global budget would reserve `read` bytes before the driver reads and
-//! release them as frames are taken in.
+//! The memory budget: every byte buffered here is asked for by a [`Wait::read`] of at most
+//! that many bytes, so the driver reserves `read` bytes before it reads, holds what stays
+//! [`buffered`](StreamState::buffered), and hands each frame's bytes to its request.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -235,6 +235,12 @@ impl<A> StreamState<A> {
             *slot = Some(answer);
             self.unanswered -= 1;
         }
+    }
+
+    /// Bytes read and not yet taken in as a frame (what the memory budget holds for the
+    /// stream's reading).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// Requests taken in whose answers are not written yet.
