@@ -4,7 +4,7 @@
 //! endpoint, the accept loop and what both protocols share: the transport config and the
 //! connection limits.
 //!
-//! Limits, all sized so memory stays bounded: connections in total and per source address,
+//! Limits, all sized so memory stays bounded: connections in total and per source (`[peers]`),
 //! concurrent streams per connection, per-stream and per-connection flow-control windows
 //! (quinn's connection window is unbounded by default), requests in flight per stream (beyond
 //! it the relay stops reading, so flow control pushes back), the frame length (checked from
@@ -17,10 +17,9 @@ pub mod h3;
 pub mod native;
 pub mod stream;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio::task::JoinSet;
@@ -28,6 +27,7 @@ use tokio::task::JoinSet;
 use self::native::Native;
 use self::stream::Limits;
 use super::body::PaceLimits;
+use super::budget::Slots;
 use super::config::QuicConfig;
 use super::framing::FrameDecoder;
 use super::http_api::HttpApi;
@@ -51,16 +51,10 @@ struct Ctx {
     api: Arc<HttpApi>,
     h3_lifetime: h3::Lifetime,
     max_connections: usize,
-    max_per_ip: usize,
     retry_above: usize,
     handshaking: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// Releases a source address's connection slot when its connection ends.
-struct IpSlot {
-    ctx: Arc<Ctx>,
-    ip: IpAddr,
+    /// Connections open per source.
+    per_source: Arc<Slots>,
 }
 
 /// Errors binding the QUIC endpoint. The operator's side.
@@ -161,14 +155,13 @@ impl Server {
                     ms(cfg.max_connection_age_ms),
                     ms(cfg.max_connection_age_grace_ms),
                 )),
+                per_source: ingest.slots(cfg.max_connections_per_ip),
                 ingest,
                 api,
                 h3_lifetime: h3::Lifetime::of(cfg),
                 max_connections: cfg.max_connections,
-                max_per_ip: cfg.max_connections_per_ip,
                 retry_above: cfg.retry_above_handshakes,
                 handshaking: AtomicUsize::new(0),
-                per_ip: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -200,7 +193,8 @@ impl Server {
                 let _ = incoming.retry();
                 continue;
             }
-            let Some(slot) = IpSlot::take(&self.ctx, ip) else {
+            let Some(slot) = self.ctx.per_source.take(ip) else {
+                self.ctx.ingest.connection_refused(Protocol::Quic, "per_source");
                 incoming.refuse();
                 continue;
             };
@@ -271,28 +265,4 @@ pub(super) fn peer_certificates(
 /// The protocol the handshake agreed on.
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
-}
-
-impl IpSlot {
-    fn take(ctx: &Arc<Ctx>, ip: IpAddr) -> Option<Self> {
-        let mut map = ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= ctx.max_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(Self { ctx: ctx.clone(), ip })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
