@@ -35,6 +35,14 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+#[cfg(test)]
+impl Stored {
+    /// For tests: stored at `seq` as the first event of `batch` on the first cluster.
+    pub(crate) fn answer(seq: u64, batch: u64, duplicate: bool) -> Outcome {
+        Ok(Ack::Stored(Stored { seq, batch, index: 0, cluster: 0, duplicate }))
+    }
+}
+
 /// The names answers give: the stream, the clusters, and the batches' `Nats-Msg-Id`s
 /// (`{relay.id}.{boot id}.{batch}`), the same for every event of one relay process.
 #[derive(Clone, Debug)]
@@ -210,10 +218,6 @@ impl Drop for Reply {
 mod tests {
     use super::*;
 
-    fn stored(seq: u64) -> Outcome {
-        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: false }))
-    }
-
     #[tokio::test]
     async fn answers_come_back_in_order_once_all_are_in() {
         let answers = Answers::new(3);
@@ -221,16 +225,16 @@ mod tests {
             let answers = answers.clone();
             async move { answers.all().await }
         });
-        answers.set(2, stored(3));
-        answers.set(0, stored(1));
+        answers.set(2, Stored::answer(3, 1, false));
+        answers.set(0, Stored::answer(1, 1, false));
         // A second answer for an event changes nothing.
-        answers.set(0, stored(9));
+        answers.set(0, Stored::answer(9, 1, false));
         assert!(!waiter.is_finished());
         // A reply dropped unanswered still answers.
         drop(Reply::new(Some((answers.clone(), 1)), None));
         let outcomes = waiter.await.unwrap();
-        assert_eq!(outcomes[0], stored(1));
+        assert_eq!(outcomes[0], Stored::answer(1, 1, false));
         assert_eq!(outcomes[1].as_ref().unwrap_err().code, ErrorCode::ShuttingDown);
-        assert_eq!(outcomes[2], stored(3));
+        assert_eq!(outcomes[2], Stored::answer(3, 1, false));
     }
 }

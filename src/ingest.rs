@@ -581,8 +581,9 @@ mod tests {
     use crate::event::Stored;
     use proto::event_result::Outcome as O;
 
+    /// A retry's answer: the first attempt's, as a duplicate.
     fn stored(seq: u64) -> Outcome {
-        Ok(Ack::Stored(Stored { seq, batch: 1, index: 0, cluster: 0, duplicate: true }))
+        Stored::answer(seq, 1, true)
     }
 
     #[tokio::test]
@@ -640,9 +641,7 @@ mod tests {
     #[test]
     fn results_name_each_event_s_own_batch() {
         let names = Names::new("EDGE", vec!["default".into()], "r", "b");
-        let stored = |batch| {
-            Ok(Ack::Stored(Stored { seq: 9, batch, index: 0, cluster: 0, duplicate: false }))
-        };
+        let stored = |batch| Stored::answer(9, batch, false);
         let refused = Err(Refusal::new(ErrorCode::QueueFull, "full"));
         let outcomes = [stored(1), stored(1), refused, stored(2), stored(1)];
         let batches: Vec<String> = results_of(&outcomes, &names)

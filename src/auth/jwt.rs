@@ -345,7 +345,7 @@ fn refusal_of(kind: &ErrorKind) -> Refusal {
     }
 }
 
-/// SHA-256 of a token: the token cache's key.
+/// SHA-256 of a token: the key of the token cache and of the static tokens.
 pub fn digest(token: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let mut out = [0; 32];

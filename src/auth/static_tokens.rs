@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::StaticToken;
+use super::jwt::digest;
 use super::{Identity, Rules, Source};
 
 #[derive(Debug, Default)]
@@ -35,13 +36,6 @@ impl StaticTokens {
     pub fn identify(&self, token: &str) -> Option<Identity> {
         self.by_digest.get(&digest(token)).cloned()
     }
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 #[cfg(test)]
