@@ -182,7 +182,8 @@ pub struct Intensity {
 /// What a scenario must meet (the "Done when" of issue 15).
 #[derive(Clone, Debug, clap::Args)]
 pub struct Thresholds {
-    /// The relay's memory budget for bytes buffered from peers, MiB (its default).
+    /// The relay's memory budget for bytes buffered from peers (`peers.memory_budget_bytes`),
+    /// MiB: the relay is configured with it.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub rss_budget_mib: u64,
 

@@ -208,6 +208,8 @@ async fn phases(
     config.auth.static_tokens[0].allow = vec!["edge.>".into()];
     config.audit.enabled = true;
     config.relay.shutdown_grace_ms = 2_000;
+    // The budget the RSS is judged against is the relay's own.
+    config.peers.memory_budget_bytes = (args.thresholds.rss_budget_mib << 20) as usize;
     let quic_port = free_shared_port();
     config.quic.listen = Some(if v6 {
         std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, quic_port))
