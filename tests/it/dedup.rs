@@ -39,11 +39,7 @@ async fn an_idempotency_key_retry_gets_the_original_answer_and_is_stored_once() 
 
 #[tokio::test]
 async fn a_batch_retried_after_a_lost_ack_is_stored_once() {
-    let (nats, _setup, relay) = start_relay(|c| {
-        c.nats.ack_timeout_ms = 200;
-        c.nats.publish_deadline_ms = 8_000;
-    })
-    .await;
+    let (nats, _setup, relay) = start_relay(nats_deadlines(200, 8_000)).await;
     // Warm up so the stream exists and the connection is idle.
     assert_eq!(relay.publish(&relay.h2, "edge.retry", "warm").send().await.unwrap().status(), 202);
 

@@ -45,11 +45,7 @@ async fn nats_down_before_publishing_gives_503_then_recovers() {
 
 #[tokio::test]
 async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
-    let (mut nats, _setup, relay) = start_relay(|c| {
-        c.nats.ack_timeout_ms = 300;
-        c.nats.publish_deadline_ms = 1_500;
-    })
-    .await;
+    let (mut nats, _setup, relay) = start_relay(nats_deadlines(300, 1_500)).await;
     assert_eq!(
         relay.publish(&relay.h1, "edge.faults", "first").send().await.unwrap().status(),
         202
@@ -99,11 +95,7 @@ async fn nats_killed_while_publishing_never_yields_a_false_202_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twice() {
-    let (nats, _setup, relay) = start_relay(|c| {
-        c.nats.ack_timeout_ms = 300;
-        c.nats.publish_deadline_ms = 1_000;
-    })
-    .await;
+    let (nats, _setup, relay) = start_relay(nats_deadlines(300, 1_000)).await;
     let send = || {
         relay.publish(&relay.h2, "edge.faults", "once").header("Idempotency-Key", "k-504").send()
     };
@@ -142,8 +134,7 @@ async fn a_retry_after_a_504_waits_for_the_first_attempt_and_is_never_stored_twi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_held_by_unresolved_batches_refuses_new_events_within_the_deadline() {
     let (nats, _setup, relay) = start_relay(|c| {
-        c.nats.ack_timeout_ms = 200;
-        c.nats.publish_deadline_ms = 800;
+        nats_deadlines(200, 800)(c);
         c.nats.max_inflight_batches = 1;
     })
     .await;

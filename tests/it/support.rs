@@ -119,6 +119,15 @@ pub async fn start_setup(change: impl FnOnce(&mut Setup)) -> (NatsServer, Setup,
     (nats, setup, relay)
 }
 
+/// A config change for [`start_relay`]: how long the relay waits for a NATS ack, and for a
+/// publish as a whole, in milliseconds.
+pub fn nats_deadlines(ack_timeout_ms: u64, publish_deadline_ms: u64) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.nats.ack_timeout_ms = ack_timeout_ms;
+        c.nats.publish_deadline_ms = publish_deadline_ms;
+    }
+}
+
 /// A relay running in this process, with clients for it.
 pub struct TestRelay {
     relay: Option<Relay>,
