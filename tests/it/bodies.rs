@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use edgerelay::config::Config;
 use futures::stream::BoxStream;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
@@ -102,6 +103,15 @@ fn post(path: &str, declared: usize) -> http::request::Builder {
     http::Request::post(format!("https://localhost{path}"))
         .header("authorization", format!("Bearer {TOKEN}"))
         .header("content-length", declared.to_string())
+}
+
+/// A config change for [`start_relay`]: how long a body may go without bytes, in
+/// milliseconds, and the slowest rate it may arrive at.
+fn body_deadlines(timeout_ms: u64, min_bytes_per_sec: u64) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.https.body_timeout_ms = timeout_ms;
+        c.https.body_min_bytes_per_sec = min_bytes_per_sec;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,11 +219,7 @@ async fn a_too_large_body_reaches_curl_as_413_over_http2_and_http1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_cut_at_the_body_timeout_on_every_http_version() {
-    let (_nats, setup, relay) = start_relay(|c| {
-        c.https.body_timeout_ms = 500;
-        c.https.body_min_bytes_per_sec = 0;
-    })
-    .await;
+    let (_nats, setup, relay) = start_relay(body_deadlines(500, 0)).await;
     let within = Duration::from_secs(5);
 
     // HTTP/1.1: part of the body, then nothing: 408, then the connection is closed.
@@ -261,11 +267,7 @@ async fn a_stalled_body_is_cut_at_the_body_timeout_on_every_http_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickling_below_the_minimum_rate_is_cut() {
-    let (_nats, setup, relay) = start_relay(|c| {
-        c.https.body_timeout_ms = 600;
-        c.https.body_min_bytes_per_sec = 1000;
-    })
-    .await;
+    let (_nats, setup, relay) = start_relay(body_deadlines(600, 1000)).await;
     // 10 bytes every 100 ms: never 600 ms without bytes, but 100 bytes a second. HTTP/2 first.
     let (mut h2, _driver) = h2_connection(&setup, &relay).await;
     let (body_tx, body) = piecewise();
