@@ -144,13 +144,11 @@ async fn an_oversize_frame_is_refused_from_its_prefix_and_the_connection_goes_on
 
 #[tokio::test]
 async fn streams_beyond_the_limit_wait_and_idle_connections_close() {
-    let (_nats, setup, relay) = start_relay(|c| {
+    let (_nats, setup, relay, _client, conn) = start_quic_relay(|c| {
         c.quic.max_streams_per_connection = 2;
         c.quic.idle_timeout_ms = 500;
     })
     .await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
     let (mut s1, _r1) = conn.open_bi().await.unwrap();
     let (mut s2, _r2) = conn.open_bi().await.unwrap();
     // Streams only count once they carry data.
@@ -178,9 +176,8 @@ fn decode_one(body: &[u8]) -> proto::PublishResponse {
 
 #[tokio::test]
 async fn a_corpus_of_malformed_frames_never_hurts_the_connection() {
-    let (_nats, setup, relay) = start_relay(|c| c.quic.max_frame_bytes = 8 << 10).await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
+    let (_nats, _setup, relay, client, conn) =
+        start_quic_relay(|c| c.quic.max_frame_bytes = 8 << 10).await;
     let prefix = |n: u64| {
         let mut b = bytes::BytesMut::new();
         framing::put_len(n, &mut b);

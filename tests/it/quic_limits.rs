@@ -49,9 +49,7 @@ async fn stopped(send: &mut quinn::SendStream) -> u64 {
 
 #[tokio::test]
 async fn a_large_frame_announced_without_a_token_is_refused_after_the_pre_auth_limit() {
-    let (_nats, setup, relay) = start_relay(|_| {}).await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
+    let (_nats, _setup, relay, client, conn) = start_quic_relay(|_| {}).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // 1 MiB announced, 200 KiB sent at once, no token anywhere.
     let mut frame = BytesMut::new();
@@ -109,9 +107,8 @@ async fn a_100_kb_first_frame_works_token_first_and_an_old_client_gets_a_clear_r
 
 #[tokio::test]
 async fn a_frame_of_a_million_empty_events_is_refused_without_decoding_them() {
-    let (_nats, setup, relay) = start_relay(|c| c.quic.max_frame_bytes = 4 << 20).await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
+    let (_nats, _setup, relay, _client, conn) =
+        start_quic_relay(|c| c.quic.max_frame_bytes = 4 << 20).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // Token first, then 1,000,001 empty events (two bytes each): ~2 MB that would decode to
     // ~170 MB of `Event`s.
@@ -131,9 +128,8 @@ async fn a_frame_of_a_million_empty_events_is_refused_without_decoding_them() {
 
 #[tokio::test]
 async fn a_stalled_frame_is_stopped_at_the_timeout_and_its_connection_closed() {
-    let (_nats, setup, relay) = start_relay(|c| c.quic.frame_timeout_ms = 300).await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
+    let (_nats, _setup, relay, _client, conn) =
+        start_quic_relay(|c| c.quic.frame_timeout_ms = 300).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut first = BytesMut::new();
     proto::request::encode_token_first(
@@ -161,13 +157,11 @@ async fn a_stalled_frame_is_stopped_at_the_timeout_and_its_connection_closed() {
 
 #[tokio::test]
 async fn a_trickle_below_the_minimum_rate_is_stopped() {
-    let (_nats, setup, relay) = start_relay(|c| {
+    let (_nats, _setup, relay, _client, conn) = start_quic_relay(|c| {
         c.quic.frame_timeout_ms = 300;
         c.quic.frame_min_bytes_per_sec = 1000;
     })
     .await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut start = BytesMut::new();
     framing::put_len(1000, &mut start);
@@ -190,9 +184,8 @@ async fn a_trickle_below_the_minimum_rate_is_stopped() {
 
 #[tokio::test]
 async fn a_connection_past_its_max_age_answers_then_goes_away_and_the_client_reconnects() {
-    let (_nats, setup, relay) = start_relay(|c| c.quic.max_connection_age_ms = 1000).await;
-    let client = setup.quic_client(&relay, TOKEN).await;
-    let conn = client.connection().await.unwrap();
+    let (_nats, _setup, relay, client, conn) =
+        start_quic_relay(|c| c.quic.max_connection_age_ms = 1000).await;
     // A request read before the age is answered.
     let mut stream = client.stream().await.unwrap();
     stream.send(vec![event("edge.q", "before")]).await.unwrap();

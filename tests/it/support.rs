@@ -119,6 +119,16 @@ pub async fn start_setup(change: impl FnOnce(&mut Setup)) -> (NatsServer, Setup,
     (nats, setup, relay)
 }
 
+/// [`start_relay`] and a native-protocol client of it with [`TOKEN`], connected.
+pub async fn start_quic_relay(
+    change: impl FnOnce(&mut Config),
+) -> (NatsServer, Setup, TestRelay, edgerelay_client::Client, quinn::Connection) {
+    let (nats, setup, relay) = start_relay(change).await;
+    let client = setup.quic_client(&relay, TOKEN).await;
+    let conn = client.connection().await.unwrap();
+    (nats, setup, relay, client, conn)
+}
+
 /// A config change for [`start_relay`]: how long the relay waits for a NATS ack, and for a
 /// publish as a whole, in milliseconds.
 pub fn nats_deadlines(ack_timeout_ms: u64, publish_deadline_ms: u64) -> impl FnOnce(&mut Config) {
