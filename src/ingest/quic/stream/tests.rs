@@ -310,18 +310,15 @@ fn shutdown_stops_reading_with_its_code_and_answers_what_was_read() {
     );
 }
 
+/// One frame read, then the client's fin: reading is over, the frame's answer awaited.
+fn one_frame_then_the_fin() -> [(In, &'static [Out]); 2] {
+    [(Read(frames(&[1])), &[D(0), W(ANY, true, true)]), (Fin, &[W(0, true, false)])]
+}
+
 #[test]
 fn shutdown_after_the_fin_sends_no_stop() {
-    run(
-        4,
-        false,
-        &[
-            (Read(frames(&[1])), &[D(0), W(ANY, true, true)]),
-            (Fin, &[W(0, true, false)]),
-            (Shutdown, &[W(0, true, false)]),
-            (Answer(0), &[Wr(0), F]),
-        ],
-    );
+    let then: [(In, &[Out]); 2] = [(Shutdown, &[W(0, true, false)]), (Answer(0), &[Wr(0), F])];
+    run(4, false, &[&one_frame_then_the_fin()[..], &then].concat());
 }
 
 #[test]
@@ -337,20 +334,15 @@ fn a_stream_opened_while_draining_reads_nothing_and_finishes_without_a_stop() {
 #[test]
 fn inputs_after_reading_ended_change_nothing() {
     // The driver reads nothing once the machine stops asking; were it to, nothing changes.
-    run(
-        4,
-        false,
-        &[
-            (Read(frames(&[1])), &[D(0), W(ANY, true, true)]),
-            (Fin, &[W(0, true, false)]),
-            (Read(frames(&[1])), &[W(0, true, false)]),
-            (Fin, &[W(0, true, false)]),
-            (Shutdown, &[W(0, true, false)]),
-            (Answer(0), &[Wr(0), F]),
-            (Read(frames(&[1])), &[F]),
-            (Answer(1), &[F]),
-        ],
-    );
+    let then: [(In, &[Out]); 6] = [
+        (Read(frames(&[1])), &[W(0, true, false)]),
+        (Fin, &[W(0, true, false)]),
+        (Shutdown, &[W(0, true, false)]),
+        (Answer(0), &[Wr(0), F]),
+        (Read(frames(&[1])), &[F]),
+        (Answer(1), &[F]),
+    ];
+    run(4, false, &[&one_frame_then_the_fin()[..], &then].concat());
 }
 
 /// A frame announcing `len` bytes, with only its first `have` bytes.
