@@ -467,10 +467,7 @@ mod tests {
         assert_eq!(parse(&["attack", "all"]).unwrap().scenarios, [Scenario::All]);
         assert!(parse(&["attack"]).is_err());
         assert!(parse(&["attack", "nope"]).is_err());
-        for s in Scenario::ALL {
-            let parsed = <Scenario as clap::ValueEnum>::from_str(s.name(), false).unwrap();
-            assert_eq!(parsed, s);
-        }
+        testing::assert_names_parse_back(&Scenario::ALL, Scenario::name);
     }
 
     #[test]

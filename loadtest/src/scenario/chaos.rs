@@ -559,10 +559,7 @@ mod tests {
         assert!(args.long);
         assert!(parse(&["chaos"]).unwrap().scenarios.is_empty());
         assert!(parse(&["chaos", "nope"]).is_err());
-        for s in Scenario::ALL {
-            let parsed = <Scenario as clap::ValueEnum>::from_str(s.name(), false).unwrap();
-            assert_eq!(parsed, s);
-        }
+        testing::assert_names_parse_back(&Scenario::ALL, Scenario::name);
     }
 
     #[test]
