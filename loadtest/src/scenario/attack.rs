@@ -308,13 +308,11 @@ impl Scenario {
                 "{} HTTP/1.1 connections, each POST declaring {body} KiB, all but 1 byte sent, no token",
                 i.connections * i.streams
             ),
-            Scenario::SlowH2 => format!(
-                "{} HTTP/2 connections × {} streams, each POST declaring {body} KiB, all but 1 byte, no token",
-                i.connections, i.streams
-            ),
-            Scenario::SlowH3 => format!(
-                "{} HTTP/3 connections × {} streams, each POST declaring {body} KiB, all but 1 byte, no token",
-                i.connections, i.streams
+            Scenario::SlowH2 | Scenario::SlowH3 => format!(
+                "{} HTTP/{} connections × {} streams, each POST declaring {body} KiB, all but 1 byte, no token",
+                i.connections,
+                if self == Scenario::SlowH2 { 2 } else { 3 },
+                i.streams
             ),
             Scenario::NativeTrickle => format!(
                 "{} QUIC connections × {} streams announcing a {body} KiB frame, trickled at {} KiB/s, all but 1 byte, no token",
