@@ -111,28 +111,22 @@ pub(crate) fn endpoint(
 }
 
 impl Server {
-    /// Binds the UDP socket on `listen` and serves QUIC on it.
-    pub fn bind(
-        cfg: &QuicConfig,
-        listen: SocketAddr,
-        tls: Arc<rustls::ServerConfig>,
-        ingest: Arc<Ingest>,
-        api: Arc<HttpApi>,
-    ) -> Result<Self, QuicError> {
-        let socket = udp_socket(listen, cfg.socket_buffer_bytes)
-            .map_err(|source| QuicError::Bind { addr: listen, source })?;
-        Self::on_socket(cfg, socket, tls, ingest, api)
+    /// The UDP socket to serve on, bound on `listen` with the configured buffer sizes (unless
+    /// systemd handed one over: see [`Server::on_socket`]).
+    pub fn bind(cfg: &QuicConfig, listen: SocketAddr) -> Result<UdpSocket, QuicError> {
+        udp_socket(listen, cfg.socket_buffer_bytes)
+            .map_err(|source| QuicError::Bind { addr: listen, source })
     }
 
-    /// Serves QUIC on a UDP socket already bound (inherited from systemd), with the
-    /// configured buffer sizes.
+    /// Serves QUIC on a bound UDP socket ([`Server::bind`], or inherited from systemd), with
+    /// the configured buffer sizes; the native protocol and HTTP/3 share `api`'s ingest stage.
     pub fn on_socket(
         cfg: &QuicConfig,
         socket: UdpSocket,
         tls: Arc<rustls::ServerConfig>,
-        ingest: Arc<Ingest>,
         api: Arc<HttpApi>,
     ) -> Result<Self, QuicError> {
+        let ingest = api.ingest().clone();
         let listen = socket.local_addr().map_err(|source| QuicError::Bind {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,

@@ -145,11 +145,11 @@ pub async fn front_ends(
                 clients.clone(),
                 &[ingest::quic::ALPN_EDGERELAY, ingest::quic::ALPN_H3],
             )?;
-            let ingest = ingest.clone();
-            Some(match sockets.quic {
-                Some(s) => ingest::quic::Server::on_socket(&config.quic, s, tls, ingest, api)?,
-                None => ingest::quic::Server::bind(&config.quic, listen, tls, ingest, api)?,
-            })
+            let socket = match sockets.quic {
+                Some(inherited) => inherited,
+                None => ingest::quic::Server::bind(&config.quic, listen)?,
+            };
+            Some(ingest::quic::Server::on_socket(&config.quic, socket, tls, api)?)
         }
         None => None,
     };
