@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -76,11 +75,6 @@ struct Activity {
 
 /// Counts one request in flight for its connection's idle timer.
 struct InFlight(Arc<Activity>);
-
-/// hyper's HTTP/1 and HTTP/2 connections, driven alike.
-trait Graceful: Future<Output = hyper::Result<()>> {
-    fn graceful(self: Pin<&mut Self>);
-}
 
 impl Server {
     /// Binds the listener on `https.listen`; `tls` must offer [`ALPN`].
@@ -233,17 +227,20 @@ async fn connection(
     };
     let io = TokioIo::new(tls);
     if is_h2 {
-        drive(ctx.h2.serve_connection(io, svc), &activity, ctx.limits, stop).await
+        let conn = ctx.h2.serve_connection(io, svc);
+        drive(conn, |c| c.graceful_shutdown(), &activity, ctx.limits, stop).await
     } else {
-        drive(ctx.h1.serve_connection(io, svc), &activity, ctx.limits, stop).await
+        let conn = ctx.h1.serve_connection(io, svc);
+        drive(conn, |c| c.graceful_shutdown(), &activity, ctx.limits, stop).await
     }
 }
 
 /// Runs a connection to its end, asking it to close gracefully when idle too long, too old,
 /// after a stalled request, or on shutdown; then closes it after the grace (not on shutdown:
-/// the caller bounds that wait).
-async fn drive(
-    conn: impl Graceful,
+/// the caller bounds that wait). `graceful` asks hyper's HTTP/1 or HTTP/2 connection to close.
+async fn drive<C: Future<Output = hyper::Result<()>>>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
     activity: &Activity,
     limits: ConnectionLimits,
     mut stop: Shutdown,
@@ -251,7 +248,7 @@ async fn drive(
     tokio::pin!(conn);
     let mut closing = false;
     if stop.is_shutdown() {
-        conn.as_mut().graceful();
+        graceful(conn.as_mut());
         closing = true;
     }
     let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
@@ -269,7 +266,7 @@ async fn drive(
                 return;
             }
             _ = stop.requested(), if !closing => {
-                conn.as_mut().graceful();
+                graceful(conn.as_mut());
                 closing = true;
                 false
             }
@@ -281,7 +278,7 @@ async fn drive(
             }
         };
         if ask {
-            conn.as_mut().graceful();
+            graceful(conn.as_mut());
             closing = true;
             close_at = tokio::time::Instant::now() + limits.grace;
         }
@@ -310,32 +307,5 @@ impl Drop for InFlight {
         let a = &self.0;
         a.last_ms.store(a.start.elapsed().as_millis() as u64, Ordering::Relaxed);
         a.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl<I, S, B> Graceful for http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown()
-    }
-}
-
-impl<I, S, B, E> Graceful for http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown()
     }
 }

@@ -566,13 +566,17 @@ mod tests {
 
     #[test]
     fn units_read_well() {
-        assert_eq!(fmt_us(850.0), "850 µs");
-        assert_eq!(fmt_us(3100.0), "3.10 ms");
-        assert_eq!(fmt_us(150_000.0), "150.0 ms");
-        assert_eq!(fmt_us(2_500_000.0), "2.50 s");
-        assert_eq!(fmt_bound(102_400.0), "102m");
-        assert_eq!(fmt_bound(1_638_400.0), "1.6s");
-        assert_eq!(fmt_bytes_rate(1_234_567.0), "1.23 MB/s");
-        assert_eq!(fmt_uptime(59.9), "59s");
+        for (shown, want) in [
+            (fmt_us(850.0), "850 µs"),
+            (fmt_us(3100.0), "3.10 ms"),
+            (fmt_us(150_000.0), "150.0 ms"),
+            (fmt_us(2_500_000.0), "2.50 s"),
+            (fmt_bound(102_400.0), "102m"),
+            (fmt_bound(1_638_400.0), "1.6s"),
+            (fmt_bytes_rate(1_234_567.0), "1.23 MB/s"),
+            (fmt_uptime(59.9), "59s"),
+        ] {
+            assert_eq!(shown, want);
+        }
     }
 }
