@@ -9,7 +9,8 @@
 //! issue 15.
 //!
 //! Every scenario is bounded in time (`--warmup`, `--ramp`, `--duration`, and a set-up limit)
-//! and in count (each attack's intensity flags), and stays on 127.0.0.1 / ::1.
+//! and in count (each attack's intensity flags), and stays on loopback: the attack from
+//! 127.0.0.2 (or its own IPv6 /64), the legitimate load from 127.0.0.1 (`::1`).
 //!
 //! # Layout
 //!
@@ -331,7 +332,7 @@ impl Scenario {
                 i.connections, i.flood_rate
             ),
             Scenario::ConnFloodV4 => format!(
-                "up to {} TLS + {} QUIC connections from 127.0.0.1 at {}/s, held idle",
+                "up to {} TLS + {} QUIC connections from 127.0.0.2 at {}/s, held idle",
                 i.flood_connections, i.flood_connections, i.connect_rate
             ),
             Scenario::ConnFloodV6 => format!(

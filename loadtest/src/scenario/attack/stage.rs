@@ -25,6 +25,11 @@ use crate::schedule::RunArgs;
 use crate::token::TokenArgs;
 use edgerelay_testkit::free_shared_port;
 
+/// Where the IPv4 attacks come from: one address of its own on loopback (Linux answers on all
+/// of 127.0.0.0/8 without configuration), so the relay's per-source limits tell it apart from
+/// the legitimate load on 127.0.0.1.
+const ATTACKER_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
 /// Longest the set-up (nats-server, relay) and the tear-down of a scenario may take, besides
 /// its phases.
 const SET_UP_ALLOWANCE: Duration = Duration::from_secs(60);
@@ -228,7 +233,13 @@ async fn phases(
         server_name: "localhost".into(),
         token: lab.token.clone(),
         intensity: args.intensity.clone(),
-        sources: if v6 { super::netns::sources(args.intensity.v6_sources) } else { Vec::new() },
+        // The attacker and the legitimate clients are different sources, as at a real PoP:
+        // the attack comes from 127.0.0.2 (or a /64 of its own), the load from 127.0.0.1 (::1).
+        sources: if v6 {
+            super::netns::sources(args.intensity.v6_sources)
+        } else {
+            vec![ATTACKER_V4.into()]
+        },
     });
     let legit = legit_target(args, &aim, &lab.token)?;
     let run = RunArgs {
