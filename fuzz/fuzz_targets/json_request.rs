@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = edgerelay::ingest::json::decode_request(data);
+    let _ = edgerelay::ingest::json::decode_request(data, 1000);
 });

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(frame)) = decoder.decode(&mut buf) {
         assert!(frame.len() <= 4096);
         taken += frame.len();
-        let _ = edgerelay::ingest::decode_publish_request(frame);
+        let _ = edgerelay::ingest::decode_publish_request(frame, 1000);
     }
     assert!(taken <= data.len());
 });

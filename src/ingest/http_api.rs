@@ -270,7 +270,7 @@ impl HttpApi {
         let events = if protobuf {
             super::decode_publish_request(body, self.ingest.max_events_per_request())?
         } else {
-            json::decode_request(&body)?
+            json::decode_request(&body, self.ingest.max_events_per_request())?
         };
         self.ingest.check_request(&events)?;
         let outcomes = self.ingest.publish_all(protocol, identity, events).await;

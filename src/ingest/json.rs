@@ -9,21 +9,28 @@
 //! many     {"results":[<accepted | queued | refused>, …]}
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 
 use base64::Engine;
 use bytes::Bytes;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::EventIn;
 use crate::error::{excerpt, ErrorCode, Refusal};
 use crate::event::{Ack, Names, Outcome};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The request body `{"events":[…]}`, read with its events counted as they come: past `max`
+/// the body is refused before the rest are allocated (a 1 MiB body holds ~40,000 minimal
+/// events, forty times `max_events_per_request`).
 struct Request {
-    events: Vec<JsonEvent>,
+    max: usize,
 }
+
+/// The `events` array of a [`Request`], at most `0` of them.
+struct Events(usize);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,10 +83,21 @@ struct Many<'a> {
     results: Vec<Answer<'a>>,
 }
 
-/// Decodes a multi-event JSON body.
-pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
-    let req: Request = serde_json::from_slice(body).map_err(|e| invalid_json(&e))?;
-    req.events
+/// Decodes a multi-event JSON body of at most `max_events` events (more: 413, refused as soon
+/// as the one over the limit is read).
+pub fn decode_request(body: &[u8], max_events: usize) -> Result<Vec<EventIn>, Refusal> {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let events = Request { max: max_events }
+        .deserialize(&mut reader)
+        .and_then(|events| reader.end().map(|()| events))
+        .map_err(|e| match e.is_data() && e.to_string().starts_with(TOO_MANY) {
+            true => Refusal::new(
+                ErrorCode::TooLarge,
+                format!("more than {max_events} events in one request"),
+            ),
+            false => invalid_json(&e),
+        })?;
+    events
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
@@ -110,6 +128,66 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<EventIn>, Refusal> {
             })
         })
         .collect()
+}
+
+/// How a [`Request`] says it has too many events (turned into a 413).
+const TOO_MANY: &str = "too many events";
+
+impl<'de> DeserializeSeed<'de> for Request {
+    type Value = Vec<JsonEvent>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_struct("Request", &["events"], self)
+    }
+}
+
+impl<'de> Visitor<'de> for Request {
+    type Value = Vec<JsonEvent>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with an `events` array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut events = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key != "events" {
+                return Err(de::Error::unknown_field(&key, &["events"]));
+            }
+            if events.is_some() {
+                return Err(de::Error::duplicate_field("events"));
+            }
+            events = Some(map.next_value_seed(Events(self.max))?);
+        }
+        events.ok_or_else(|| de::Error::missing_field("events"))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Events {
+    type Value = Vec<JsonEvent>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Events {
+    type Value = Vec<JsonEvent>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut events = Vec::new();
+        while let Some(event) = seq.next_element::<JsonEvent>()? {
+            if events.len() == self.0 {
+                return Err(de::Error::custom(TOO_MANY));
+            }
+            events.push(event);
+        }
+        Ok(events)
+    }
 }
 
 /// The refusal of a body serde_json could not read. Its messages quote the offending value
@@ -170,7 +248,7 @@ mod tests {
     fn decodes_text_and_base64_events() {
         let body = br#"{"events":[{"subject":"edge.a","data":"hi","id":"k1"},
                        {"subject":"edge.b","data_base64":"AAEC","headers":{"x":"y"}}]}"#;
-        let evs = decode_request(body).unwrap();
+        let evs = decode_request(body, 1000).unwrap();
         assert_eq!(evs[0].payload, Bytes::from_static(b"hi"));
         assert_eq!(evs[0].id, "k1");
         assert_eq!(evs[1].payload, Bytes::from_static(&[0, 1, 2]));
@@ -187,8 +265,29 @@ mod tests {
             br#"{"events":"#,
             b"",
         ] {
-            let err = decode_request(body).unwrap_err();
+            let err = decode_request(body, 1000).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn events_past_the_limit_are_refused_as_they_are_read() {
+        let event = r#"{"subject":"a","data":""}"#;
+        let body = |n: usize| format!(r#"{{"events":[{}]}}"#, vec![event; n].join(","));
+        assert_eq!(decode_request(body(3).as_bytes(), 3).unwrap().len(), 3);
+        let err = decode_request(body(40_000).as_bytes(), 3).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge, "{err}");
+        assert_eq!(err.message, "more than 3 events in one request");
+        // The object's own rules hold as before.
+        for (body, want) in [
+            (r#"{"events":[],"x":1}"#, "unknown field `x`"),
+            (r#"{"events":[],"events":[]}"#, "duplicate field `events`"),
+            (r#"{}"#, "missing field `events`"),
+            (r#"{"events":[]} 1"#, "trailing characters"),
+        ] {
+            let err = decode_request(body.as_bytes(), 3).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{body}");
+            assert!(err.message.contains(want), "{body}: {}", err.message);
         }
     }
 
@@ -200,7 +299,7 @@ mod tests {
             format!(r#"{{"events":[{{"subject":"a","data":"x","{huge}":1}}]}}"#),
             format!(r#"{{"events":[{{"subject":"a","data":"x","headers":{{"k":{huge}}}}}]}}"#),
         ] {
-            let err = decode_request(body.as_bytes()).unwrap_err();
+            let err = decode_request(body.as_bytes(), 1000).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest);
             let zs = err.message.matches('z').count();
             assert!(zs <= ECHO_BYTES, "{} bytes of input echoed: {}", zs, err.message);
@@ -211,7 +310,7 @@ mod tests {
             );
         }
         let short =
-            decode_request(br#"{"events":[{"subject":"a","data":"x","n":1}]}"#).unwrap_err();
+            decode_request(br#"{"events":[{"subject":"a","data":"x","n":1}]}"#, 1000).unwrap_err();
         assert!(short.message.contains("unknown field `n`"), "{}", short.message);
         assert!(!short.message.contains("at line"), "{}", short.message);
     }
