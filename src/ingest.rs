@@ -11,6 +11,7 @@ pub mod http_api;
 pub mod https;
 pub mod idempotency;
 pub mod json;
+pub mod pace;
 pub mod quic;
 
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).

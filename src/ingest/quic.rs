@@ -26,11 +26,11 @@ use tokio::task::JoinSet;
 
 use self::native::Native;
 use self::stream::Limits;
-use super::body::PaceLimits;
 use super::budget::Slots;
 use super::config::QuicConfig;
 use super::framing::FrameDecoder;
 use super::http_api::HttpApi;
+use super::pace::PaceLimits;
 use super::Ingest;
 use crate::metrics::Protocol;
 use crate::section::ms;

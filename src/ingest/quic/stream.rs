@@ -53,8 +53,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{ErrorCode, Refusal};
-use crate::ingest::body::{Pace, PaceLimits, Stall};
 use crate::ingest::framing::{FrameDecoder, FrameError, MAX_VARINT_BYTES};
+use crate::ingest::pace::{Pace, PaceLimits, Stall};
 
 /// STOP_SENDING / RESET code: a frame's length prefix exceeded the limit.
 pub const STREAM_FRAME_TOO_LARGE: u32 = 0x10;
