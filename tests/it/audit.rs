@@ -3,7 +3,7 @@
 //! unauthenticated ones counted per source into one record per interval, input quoted in a few
 //! dozen bytes, a stream bounded in bytes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use edgerelay::config::Config;
@@ -158,7 +158,15 @@ async fn a_mebibyte_of_bad_json_is_answered_and_audited_in_a_few_dozen_bytes() {
 async fn the_audit_stream_is_created_with_max_bytes_and_an_existing_one_is_kept() {
     let (nats, _setup, relay) = start_relay(|c| c.audit.max_bytes = 5 << 20).await;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let created = js.get_stream("EDGERELAY_AUDIT").await.unwrap().cached_info().config.clone();
+    // The audit task creates the stream in the background, after the relay is up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let created = loop {
+        match js.get_stream("EDGERELAY_AUDIT").await {
+            Ok(stream) => break stream.cached_info().config.clone(),
+            Err(e) if Instant::now() > deadline => panic!("no audit stream after 10 s: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     assert_eq!(created.max_bytes, 5 << 20);
     assert_eq!(created.max_age, Duration::from_secs(7 * 86_400));
     drop(relay);
