@@ -96,6 +96,12 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2)]
     legit_connections: u32,
 
+    /// Nice value of the attacker's threads (its own runtime). At a PoP the attacker is another
+    /// machine: at 19 its own CPU goes to the relay and the legitimate load first; 0 weighs it
+    /// as a neighbour on the relay's cores.
+    #[arg(long, value_name = "NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    attacker_nice: i32,
+
     #[command(flatten)]
     intensity: Intensity,
 
@@ -402,13 +408,13 @@ pub fn markdown(rows: &[Row], t: &Thresholds) -> String {
     let _ = writeln!(
         out,
         "#### `loadtest attack`\n\n| scenario | attack s | relay RSS before → peak MiB (VmHWM) | \
-         goodput ev/s base → attack (ratio) | p99 ms base → attack (ratio) | audit bytes/s | \
-         log lines/s | result |\n|---|---:|---:|---:|---:|---:|---:|:---:|"
+         goodput ev/s base → attack (ratio) | p99 ms base → attack (ratio) | relay CPU % base → \
+         attack | audit bytes/s | log lines/s | result |\n|---|---:|---:|---:|---:|---:|---:|---:|:---:|"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.0} → {:.0} ({:.0}) | {:.0} → {:.0} ({:.2}) | {:.1} → {:.1} ({:.1}×) | {:.0} | {:.1} | {} |",
+            "| {} | {:.1} | {:.0} → {:.0} ({:.0}) | {:.0} → {:.0} ({:.2}) | {:.1} → {:.1} ({:.1}×) | {:.0} → {:.0} | {:.0} | {:.1} | {} |",
             r.scenario.name(),
             r.attack_s,
             r.rss_before_mib,
@@ -420,6 +426,8 @@ pub fn markdown(rows: &[Row], t: &Thresholds) -> String {
             r.baseline.p99_ms,
             r.attacked.p99_ms,
             r.p99_ratio,
+            r.relay_cpu_base_pct,
+            r.relay_cpu_attack_pct,
             r.audit_bytes_per_sec,
             r.log_lines_per_sec,
             r.verdict()

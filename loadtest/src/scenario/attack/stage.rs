@@ -20,6 +20,7 @@ use crate::events::EventArgs;
 use crate::harness::Target;
 use crate::mode::https::{self, HttpVersion};
 use crate::model::Summary;
+use crate::probe::cpu_time;
 use crate::procs::Memory;
 use crate::schedule::RunArgs;
 use crate::token::TokenArgs;
@@ -69,6 +70,10 @@ pub struct Row {
     pub hwm_mib: f64,
     pub baseline: Legit,
     pub attacked: Legit,
+    /// The relay's CPU use while the legitimate load was measured, without and with the
+    /// attack, in % of one core.
+    pub relay_cpu_base_pct: f64,
+    pub relay_cpu_attack_pct: f64,
     pub goodput_ratio: f64,
     pub p99_ratio: f64,
     pub audit_bytes: u64,
@@ -94,6 +99,8 @@ impl Row {
             hwm_mib: 0.0,
             baseline: Legit::default(),
             attacked: Legit::default(),
+            relay_cpu_base_pct: 0.0,
+            relay_cpu_attack_pct: 0.0,
             goodput_ratio: 0.0,
             p99_ratio: 0.0,
             audit_bytes: 0,
@@ -250,17 +257,23 @@ async fn phases(
         pacer_spin: Duration::ZERO,
     };
 
+    let cpu = Cpu::start(pid);
     let baseline = measure(&legit, &run, stop.clone()).await.context("the baseline")?;
+    let relay_cpu_base_pct = cpu.percent();
     let memory_before = Memory::of(pid).unwrap_or_default();
     let audit_before = audit_bytes(&nats.url(), &config.audit.stream).await?;
     let lines_before = log_lines(relay.log());
     let sampler = relay.sample_memory();
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
-    let attack = tokio::spawn(launch(scenario, Arc::clone(&aim), Arc::clone(&tally)));
+    let attacker = attacker_runtime(args.attacker_nice).context("the attacker's runtime")?;
+    let attack = attacker.spawn(launch(scenario, Arc::clone(&aim), Arc::clone(&tally)));
     sleep(args.ramp).await;
+    let cpu = Cpu::start(pid);
     let attacked = measure(&legit, &run, stop.clone()).await;
+    let relay_cpu_attack_pct = cpu.percent();
     let attack_end = attack_outcome(attack, &relay).await;
+    attacker.shutdown_background();
     let attack_s = started.elapsed().as_secs_f64();
     let peak = sampler.max();
     drop(sampler);
@@ -310,6 +323,8 @@ async fn phases(
         p99_ratio: ratio(attacked.p99_ms, baseline.p99_ms),
         baseline,
         attacked,
+        relay_cpu_base_pct,
+        relay_cpu_attack_pct,
         audit_bytes: audit,
         audit_bytes_per_sec: round2(audit as f64 / attack_s),
         log_lines: lines,
@@ -318,6 +333,43 @@ async fn phases(
         reasons: Vec::new(),
         notes,
     })
+}
+
+/// The attacker's runtime: threads of its own at a low CPU priority (`--attacker-nice`). At a PoP the
+/// attacker is another machine; here its own work (building and encrypting hundreds of MiB/s)
+/// would otherwise share the legitimate client's runtime and take the box's two cores from the
+/// relay. What the relay spends on the attack still counts: the relay's CPU is measured, and
+/// what the attacker achieved at that priority is in the row's notes (requests, MiB sent).
+fn attacker_runtime(nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("attacker")
+        .on_thread_start(move || {
+            // Linux keeps the nice value per thread: `None` (0) is the calling thread. Best
+            // effort: at the usual priority the attack only gets stronger.
+            let _ = rustix::process::setpriority_process(None, nice);
+        })
+        .enable_all()
+        .build()
+}
+
+/// The relay's CPU time from a start.
+struct Cpu {
+    pid: u32,
+    at: Instant,
+    used: Duration,
+}
+
+impl Cpu {
+    fn start(pid: u32) -> Self {
+        Self { pid, at: Instant::now(), used: cpu_time(pid).unwrap_or_default() }
+    }
+
+    /// CPU used since the start, in % of one core (0 when the relay is gone).
+    fn percent(&self) -> f64 {
+        let used = cpu_time(self.pid).unwrap_or_default().saturating_sub(self.used);
+        round2(100.0 * used.as_secs_f64() / self.at.elapsed().as_secs_f64().max(1e-3))
+    }
 }
 
 /// Starts `scenario`'s attack; it runs until aborted (or fails to start).
