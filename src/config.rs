@@ -165,6 +165,30 @@ impl Config {
         files.iter().filter_map(|(field, path)| Exposed::check(field, path)).collect()
     }
 
+    /// Settings that are valid but probably not meant: a warning each, logged at start and on
+    /// reload and printed by `check-config`.
+    pub fn doubts(&self) -> Vec<String> {
+        let rl = &self.auth.rate_limit;
+        let most = self.https.max_events_per_request as u64;
+        let buckets = [
+            ("auth.rate_limit.burst", rl.events_per_sec, rl.burst),
+            ("auth.rate_limit.tenant_burst", rl.tenant_events_per_sec, rl.tenant_burst),
+        ];
+        buckets
+            .into_iter()
+            .filter_map(|(field, per_sec, burst)| {
+                // 0 is one second's worth.
+                let burst = if burst == 0 { per_sec } else { burst };
+                (per_sec > 0 && burst < most).then(|| {
+                    format!(
+                        "{field} is {burst} events, fewer than https.max_events_per_request ({most}): \
+                         a request of more events than {burst} is always refused (429 request_over_burst)"
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// What the ingest pipeline is built from.
     pub fn ingest(&self) -> Settings {
         Settings {
@@ -496,6 +520,23 @@ mod tests {
             "not in config/edgerelay.example.toml:\n{}",
             missing.join("\n")
         );
+    }
+
+    #[test]
+    fn a_burst_smaller_than_the_largest_request_is_doubted() {
+        let mut config = Config::default();
+        assert_eq!(config.doubts(), Vec::<String>::new(), "no limit, no doubt");
+        config.https.max_events_per_request = 1_000;
+        config.auth.rate_limit.events_per_sec = 100; // burst 0: one second's worth, 100
+        config.auth.rate_limit.tenant_events_per_sec = 5_000;
+        let doubts = config.doubts();
+        assert_eq!(doubts.len(), 1, "{doubts:?}");
+        assert!(doubts[0].starts_with("auth.rate_limit.burst is 100 events"), "{doubts:?}");
+        config.auth.rate_limit.burst = 1_000;
+        config.auth.rate_limit.tenant_burst = 10;
+        let doubts = config.doubts();
+        assert_eq!(doubts.len(), 1, "{doubts:?}");
+        assert!(doubts[0].starts_with("auth.rate_limit.tenant_burst is 10 events"), "{doubts:?}");
     }
 
     #[cfg(unix)]

@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                warn_exposed(&c, &config);
+                warn_config(&c, &config);
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            warn_exposed(&config, &path);
+            warn_config(&config, &path);
             // Before the runtime starts threads: this takes the socket-activation variables
             // out of the environment.
             let systemd = match edgerelay::systemd::Systemd::from_env() {
@@ -289,11 +289,15 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// One warning for each file of `config` (read from `path`) holding secrets that other users
-/// can read: the config itself, TLS and NATS keys, NATS credentials.
-fn warn_exposed(config: &Config, path: &std::path::Path) {
+/// can read (the config itself, TLS and NATS keys, NATS credentials) and for each setting
+/// that is probably not meant ([`Config::doubts`]).
+fn warn_config(config: &Config, path: &std::path::Path) {
     for exposed in config.exposed_files(path) {
         tracing::warn!(file = %exposed.path.display(), mode = format_args!("{:04o}", exposed.mode),
             "{exposed}");
+    }
+    for doubt in config.doubts() {
+        tracing::warn!(config = %path.display(), "{doubt}");
     }
 }
 
@@ -303,7 +307,7 @@ fn reload_config(path: &std::path::Path, reload: &tokio::sync::mpsc::Sender<Conf
     match Config::load(path) {
         Ok(config) => {
             tracing::info!(config = %path.display(), "SIGHUP: reloading");
-            warn_exposed(&config, path);
+            warn_config(&config, path);
             if reload.try_send(config).is_err() {
                 tracing::warn!("SIGHUP: a reload is already under way; send SIGHUP again");
             }

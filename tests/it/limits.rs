@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -105,6 +106,17 @@ async fn a_request_larger_than_the_burst_is_refused_with_429_not_let_through() {
         assert!(first["message"].as_str().unwrap().contains("burst is 10"), "{first}");
         tokio::time::sleep(Duration::from_millis(1_000)).await;
     }
+
+    // HTTP/3: the same answer.
+    let h3 = h3_client(&setup, &relay, TOKEN).await;
+    let json = [("content-type", "application/json")];
+    let (status, headers, answer) =
+        h3.post("/v1/publish", &json, Bytes::from(body.to_string())).await.unwrap();
+    assert_eq!(status, 429);
+    assert!(!headers.contains_key("retry-after"), "a retry can never help");
+    let v: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(v["results"][0]["error"]["reason"], "request_over_burst", "{v}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
 
     // The native protocol: every event refused, with no retry delay.
     let client = setup.quic_client(&relay, TOKEN).await;
