@@ -108,7 +108,11 @@ impl Server {
         h1.timer(TokioTimer::new())
             .header_read_timeout(ms(cfg.header_read_timeout_ms))
             .keep_alive(true)
-            .max_headers(64);
+            .max_headers(64)
+            // hyper's read buffer grows to ~400 KiB on a fast body, outside the memory budget:
+            // 256 connections draining refused 1 MiB bodies held 217 MiB. 64 KiB reads cost a
+            // legitimate body nothing measurable; it also bounds an HTTP/1.1 head (h2: 16 KiB).
+            .max_buf_size(64 << 10);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(cfg.h2_max_concurrent_streams)
