@@ -203,11 +203,22 @@ pub async fn decode_amp(aim: Arc<Aim>, tally: Arc<Tally>) -> anyhow::Result<()> 
                     };
                     loop {
                         tally.start();
-                        if send.write_all(&frame).await.is_err() {
+                        // Written piece by piece so that what got out before the relay stopped
+                        // the stream is counted.
+                        let mut at = 0;
+                        while at < frame.len() {
+                            match send.write(&frame[at..]).await {
+                                Ok(n) => {
+                                    tally.sent(n);
+                                    at += n;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if at < frame.len() {
                             tally.close();
                             break;
                         }
-                        tally.sent(frame.len());
                         match read_answer(&mut recv).await {
                             Some(code) => tally.answer(code),
                             None => {
