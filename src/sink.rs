@@ -28,7 +28,7 @@ pub mod window;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
@@ -158,6 +158,14 @@ impl Sink {
     }
 
     /// Where batches can go now, as a [`flight::Flight`] wants to know it.
+    /// The last round trip probed to the cluster batches go to (none before the first probe,
+    /// after a failed one, or with no cluster usable).
+    pub fn round_trip(&self) -> Option<Duration> {
+        let Active::Cluster(i) = self.active_now() else { return None };
+        let secs = self.clusters[i].rtt_gauge.get();
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    }
+
     fn active_now(&self) -> Active {
         let i = self.active.load(Ordering::Relaxed);
         if i < self.clusters.len() {

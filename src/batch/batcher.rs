@@ -34,8 +34,9 @@ pub enum FlushReason {
     Bytes,
     /// Its linger time passed.
     Linger,
-    /// Nothing was waiting for an acknowledgement, so there was no reason to wait
-    /// ([`Batcher::flush_all`] with this reason).
+    /// Nothing was waiting for an acknowledgement, so there was no reason to wait, or an
+    /// early flush was due ([`crate::batch::early`]) ([`Batcher::flush_all`] with this
+    /// reason).
     Idle,
     /// Shutdown ([`Batcher::flush_all`] with this reason).
     Drain,
@@ -158,11 +159,24 @@ impl<T: Item> Batcher<T> {
 
     /// Flushes every open batch, oldest first.
     pub fn flush_all(&mut self, reason: FlushReason, out: &mut Vec<Ready<T>>) {
-        while let Some((_, subject, generation)) = self.deadlines.pop_front() {
+        self.flush_oldest(usize::MAX, reason, out);
+    }
+
+    /// Flushes the `n` oldest open batches (or all, if fewer are open).
+    pub fn flush_oldest(&mut self, n: usize, reason: FlushReason, out: &mut Vec<Ready<T>>) {
+        let mut flushed = 0;
+        while flushed < n {
+            let Some((_, subject, generation)) = self.deadlines.pop_front() else { break };
             if self.open.get(&subject).is_some_and(|o| o.generation == generation) {
                 self.flush(&subject, reason, out);
+                flushed += 1;
             }
         }
+    }
+
+    /// Batches open (being filled).
+    pub fn open_batches(&self) -> usize {
+        self.open.len()
     }
 
     /// Items waiting in open batches.
@@ -347,6 +361,22 @@ mod tests {
         assert!(out.iter().all(|r| r.reason == FlushReason::Idle));
         assert!(b.is_empty());
         assert_eq!(b.next_deadline(), None);
+    }
+
+    #[test]
+    fn flush_oldest_takes_the_oldest_batches_only() {
+        let t0 = Instant::now();
+        let events = [Ev("y", 1, 0), Ev("x", 1, 1), Ev("z", 1, 2), Ev("y", 1, 3)];
+        let (mut b, mut out) = fed(limits(10, 10_000, 5), events, t0);
+        assert_eq!(b.open_batches(), 3);
+        b.flush_oldest(2, FlushReason::Idle, &mut out);
+        let got: Vec<(&str, Vec<u32>)> = out.iter().map(|r| (r.subject.as_str(), ids(r))).collect();
+        assert_eq!(got, [("y", vec![0, 3]), ("x", vec![1])]);
+        assert_eq!((b.open_batches(), b.len()), (1, 1));
+        b.flush_oldest(0, FlushReason::Idle, &mut out);
+        assert_eq!(out.len(), 2);
+        // z keeps its linger deadline.
+        assert_eq!(b.next_deadline(), Some(t0 + Duration::from_millis(5)));
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub struct BatchConfig {
     /// outstanding: unbatched latency at low rates, full batches under load (the ack clock
     /// sets the batch size). Off: every batch waits `linger_ms` unless it fills up.
     pub flush_when_idle: bool,
+    /// With `flush_when_idle`, also publish at once while acks are outstanding from a cluster
+    /// whose probed round trip is longer than `linger_ms`, up to this many batches a second
+    /// per queue shard (0: never). With NATS a WAN round trip away a batch is almost always in
+    /// flight, so without it every event waits its whole linger; the rate bounds the extra
+    /// JetStream messages under load, when batching takes over again.
+    pub early_flushes_per_sec: u32,
     /// Number of queue shards (each with its own batcher task). 0 = number of CPUs. Events of
     /// one subject always go to the same shard, so their order is kept.
     pub shards: usize,
@@ -39,6 +45,7 @@ impl Default for BatchConfig {
             max_bytes: 512 << 10,
             linger_ms: 2,
             flush_when_idle: true,
+            early_flushes_per_sec: 1_000,
             shards: 0,
             queue_capacity: 16_384,
             queue_max_bytes: 32 << 20,

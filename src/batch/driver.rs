@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::batcher::{Batcher, FlushReason, Limits, Ready};
+use super::early::EarlyFlushes;
 use super::queue::Queues;
 use crate::event::Pending;
 use crate::shutdown::Shutdown;
@@ -44,6 +45,9 @@ pub trait Publish: Send + Sync + 'static {
 
     /// Resolves the next time the last batch in flight is answered.
     fn idle(&self) -> impl Future<Output = ()> + Send;
+
+    /// The round trip to NATS lately, if known.
+    fn round_trip(&self) -> Option<Duration>;
 }
 
 /// How a driver batches: the part of `[batch]` a reload may change. Drivers read it from a
@@ -51,8 +55,11 @@ pub trait Publish: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batching {
     pub limits: Limits,
-    /// Flush open batches as soon as nothing is in flight (`batch.flush_when_idle`).
+    /// Flush open batches as soon as nothing is in flight (`batch.flush_when_idle`)...
     pub flush_when_idle: bool,
+    /// ...and, while batches are in flight, at up to this many times a second
+    /// (`batch.early_flushes_per_sec`, [`EarlyFlushes`]).
+    pub early_flushes_per_sec: u32,
 }
 
 /// How a driver paces itself (fixed for the life of the process).
@@ -127,17 +134,18 @@ async fn drive<P: Publish>(
 ) {
     let Options { heartbeat, wedge_after_first_batch } = options;
     let shard = queues.shard(index);
-    let Batching { limits, mut flush_when_idle } = *batching.borrow_and_update();
-    let mut batcher = Batcher::new(limits);
+    let mut current = *batching.borrow_and_update();
+    let mut batcher = Batcher::new(current.limits);
+    let mut early = EarlyFlushes::new(current.early_flushes_per_sec);
     let mut ready = Vec::new();
     let mut closing = stop.is_shutdown();
     loop {
         let now = Instant::now();
         heartbeats.beat(index, now);
         if batching.has_changed().unwrap_or(false) {
-            let new = *batching.borrow_and_update();
-            batcher.set_limits(new.limits);
-            flush_when_idle = new.flush_when_idle;
+            current = *batching.borrow_and_update();
+            batcher.set_limits(current.limits);
+            early.set_rate(current.early_flushes_per_sec);
         }
         let mut popped = 0;
         while popped < POP_BUDGET {
@@ -149,8 +157,19 @@ async fn drive<P: Publish>(
             batcher.flush_all(FlushReason::Drain, &mut ready);
         } else {
             batcher.poll_flush(now, &mut ready);
-            if flush_when_idle && sink.in_flight() == 0 {
-                batcher.flush_all(FlushReason::Idle, &mut ready);
+            // Nothing in flight: everything goes. Acks outstanding from NATS further away than
+            // the linger: the ack clock cannot batch anything in time, so the oldest batches
+            // the early-flush rate allows go now.
+            if current.flush_when_idle && !batcher.is_empty() {
+                let far = |rtt: Duration| rtt > current.limits.linger;
+                let n = match sink.in_flight() {
+                    0 => usize::MAX,
+                    _ if sink.round_trip().is_some_and(far) => {
+                        early.take(batcher.open_batches(), now)
+                    }
+                    _ => 0,
+                };
+                batcher.flush_oldest(n, FlushReason::Idle, &mut ready);
             }
         }
         let published = !ready.is_empty();
@@ -176,7 +195,7 @@ async fn drive<P: Publish>(
             _ = shard.notified() => {}
             _ = sleep_until(deadline), if deadline.is_some() => {}
             // A missed wake-up here costs at most the linger time.
-            _ = sink.idle(), if flush_when_idle && deadline.is_some() => {}
+            _ = sink.idle(), if current.flush_when_idle && deadline.is_some() => {}
             _ = stop.requested(), if !closing => closing = true,
             // Idle, but alive: go round the loop to record a heartbeat.
             _ = tokio::time::sleep(heartbeat) => {}

@@ -199,6 +199,7 @@ pub fn batching_of(config: &Config) -> Batching {
             linger: ms(config.batch.linger_ms),
         },
         flush_when_idle: config.batch.flush_when_idle,
+        early_flushes_per_sec: config.batch.early_flushes_per_sec,
     }
 }
 

@@ -34,6 +34,7 @@ pub const RELOADABLE: &[&str] = &[
     "batch.max_bytes",
     "batch.linger_ms",
     "batch.flush_when_idle",
+    "batch.early_flushes_per_sec",
 ];
 
 /// What a reload changed.

@@ -323,6 +323,10 @@ impl Publish for Sink {
     fn idle(&self) -> impl std::future::Future<Output = ()> + Send {
         Sink::idle(self)
     }
+
+    fn round_trip(&self) -> Option<Duration> {
+        Sink::round_trip(self)
+    }
 }
 
 /// The NATS message of a batch: its payload, `Nats-Msg-Id` and the batch headers.

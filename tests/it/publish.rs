@@ -1,6 +1,7 @@
 //! Publishing over HTTP/1.1 and HTTP/2, single and multi-event, and reading it back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use edgerelay::ingest::config::AckMode;
 use edgerelay::proto;
@@ -48,6 +49,52 @@ async fn single_events_round_trip_over_http1_and_http2() {
         assert_eq!(ev.headers.get("content-type").map(String::as_str), Some("text/plain"));
     }
     assert!(relay.shutdown().await.complete);
+}
+
+/// NATS 200 ms away (a WAN round trip, longer than the 150 ms linger): three events 20 ms
+/// apart. Without early flushes (`early_flushes_per_sec = 0`, the rule before it existed) only
+/// the first goes at once; the others wait for the linger and share a batch. With them, each
+/// goes at once, in its own batch.
+#[tokio::test]
+async fn with_nats_far_away_events_go_at_once_by_early_flushes() {
+    let nats = NatsServer::start();
+    let far = delay_proxy(([127, 0, 0, 1], nats.port).into(), Duration::from_millis(100)).await;
+    for (early, batches) in [(0, 2), (1_000, 3)] {
+        let mut setup = Setup::new(&format!("nats://{far}"));
+        // Shorter than the round trip, long enough to hold the later two events together.
+        setup.config.batch.linger_ms = 150;
+        setup.config.batch.max_events = 1_000;
+        setup.config.batch.early_flushes_per_sec = early;
+        let relay = setup.start().await;
+        // Early flushes wait for the first probe to say NATS is far.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !far_probed(&relay).await {
+            assert!(std::time::Instant::now() < deadline, "no round trip probed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sends = (0..3u64).map(|i| {
+            let req = relay.publish(&relay.h2, "edge.far", format!("event-{i}"));
+            async move {
+                tokio::time::sleep(Duration::from_millis(20 * i)).await;
+                let resp = req.send().await.unwrap();
+                assert_eq!(resp.status(), 202);
+                resp.json::<Accepted>().await.unwrap().batch
+            }
+        });
+        let ids: HashSet<String> = futures::future::join_all(sends).await.into_iter().collect();
+        assert_eq!(ids.len(), batches, "early_flushes_per_sec = {early}: {ids:?}");
+        relay.shutdown().await;
+    }
+}
+
+/// The relay's probe measured a round trip to NATS of at least 100 ms.
+async fn far_probed(relay: &TestRelay) -> bool {
+    let text =
+        relay.h1.get(relay.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("edgerelay_nats_rtt_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .any(|rtt| rtt >= 0.1)
 }
 
 #[tokio::test]

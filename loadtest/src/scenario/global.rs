@@ -155,6 +155,11 @@ pub struct Args {
     #[arg(long, value_name = "MS", default_value_t = 5.0, value_parser = parse_positive)]
     relay_share_ms: f64,
 
+    /// The relays' `batch.early_flushes_per_sec` [default: the relay's own default]: 0 is the
+    /// rule before it existed (publish at once only when no batch is in flight).
+    #[arg(long, value_name = "N")]
+    early_flushes_per_sec: Option<u32>,
+
     /// The nats-server binary [default: $NATS_SERVER_BIN, else nats-server on the PATH]
     #[arg(long, value_name = "FILE", env = "NATS_SERVER_BIN")]
     nats_server_bin: Option<PathBuf>,

@@ -6,7 +6,8 @@
 //!
 //! Variants: `batched` (the default config), `unbatched` (`batch.max_events = 1`: one
 //! JetStream message per event), `fixed-linger` (`batch.flush_when_idle = false`: every batch
-//! waits `linger_ms` unless full), and `before` (the default config run by the edgerelay
+//! waits `linger_ms` unless full), `early-N` (`batch.early_flushes_per_sec = N`: batches
+//! also go at once N times a second while acks are outstanding), and `before` (the default config run by the edgerelay
 //! binary in `BEFORE_BIN`, an earlier build: an A/B of a change to the relay, e.g.
 //! `BEFORE_BIN=... VARIANTS="before batched"`).
 //!
@@ -46,8 +47,8 @@ pub struct Args {
     /// Payload bytes.
     #[arg(long, env = "PAYLOAD", default_value_t = 256)]
     payload: u32,
-    /// Space-separated: batched, unbatched, fixed-linger, before; the first is the baseline of
-    /// the ratios.
+    /// Space-separated: batched, unbatched, fixed-linger, early-N, before; the first is
+    /// the baseline of the ratios.
     #[arg(long, env = "VARIANTS", default_value = "batched unbatched")]
     variants: String,
     /// Space-separated: how the load reaches each relay, `https` and/or `quic` (the native
@@ -101,7 +102,12 @@ fn config(stack: &Stack, variant: &str, quic: bool) -> anyhow::Result<Config> {
         "batched" | "before" => {}
         "unbatched" => config.batch.max_events = 1,
         "fixed-linger" => config.batch.flush_when_idle = false,
-        _ => bail!("unknown variant {variant} (batched, unbatched, fixed-linger, before)"),
+        _ => match variant.strip_prefix("early-").map(str::parse) {
+            Some(Ok(n)) => config.batch.early_flushes_per_sec = n,
+            _ => bail!(
+                "unknown variant {variant} (batched, unbatched, fixed-linger, early-N, before)"
+            ),
+        },
     }
     config.stream.name = format!("BENCH_{}", variant.to_uppercase().replace('-', "_"));
     config.stream.subjects = vec![format!("edge.{variant}.>")];

@@ -92,7 +92,11 @@ impl Topology {
             let admin = local(free_port());
             let config = work.path().join(format!("relay-{}.toml", region.name));
             let nats = nats_proxy.local_addr();
-            write_toml(&relay_config(region, relay, admin, nats, &certs, token), &config)?;
+            let mut relay_cfg = relay_config(region, relay, admin, nats, &certs, token);
+            if let Some(n) = args.early_flushes_per_sec {
+                relay_cfg.batch.early_flushes_per_sec = n;
+            }
+            write_toml(&relay_cfg, &config)?;
             let name = format!("relay {}", region.name);
             children.spawn(
                 &name,
