@@ -46,6 +46,13 @@ impl Pace {
         self.last = self.last.max(now);
     }
 
+    /// The relay did not read for `d` (no room in the memory budget): that time is not the
+    /// peer's, so the read's clock moves on by it.
+    pub fn hold(&mut self, d: Duration) {
+        self.started += d;
+        self.last += d;
+    }
+
     /// The time by which more bytes must have arrived for the read to keep its pace.
     pub fn deadline(&self) -> Instant {
         let gap = self.last + self.limits.timeout;
@@ -165,6 +172,9 @@ mod tests {
         assert_eq!(pace.deadline(), at(t0, 10_000));
         assert_eq!(pace.check(at(t0, 9_999)), Ok(()));
         assert_eq!(pace.check(at(t0, 10_000)), Err(Stall::TooSlow));
+        // Time the relay held the read (no room in the memory budget) is not the peer's.
+        pace.hold(Duration::from_secs(30));
+        assert_eq!(pace.deadline(), at(t0, 40_000));
     }
 
     #[test]

@@ -426,8 +426,8 @@ pub fn markdown(rows: &[Row], t: &Thresholds) -> String {
             r.baseline.p99_ms,
             r.attacked.p99_ms,
             r.p99_ratio,
-            r.relay_cpu_base_pct,
-            r.relay_cpu_attack_pct,
+            r.baseline.relay_cpu_pct,
+            r.attacked.relay_cpu_pct,
             r.audit_bytes_per_sec,
             r.log_lines_per_sec,
             r.verdict()

@@ -206,7 +206,9 @@ impl Stream {
                         Ok(None) => state.end_of_stream(),
                         Err(_) => return Ended::Done, // reset by the client, or connection gone
                     },
-                    () = tokio::time::sleep(BUDGET_RETRY), if wait.read > 0 && !room => {}
+                    () = tokio::time::sleep(BUDGET_RETRY), if wait.read > 0 && !room => {
+                        state.held(BUDGET_RETRY);
+                    }
                     _ = stop.requested(), if wait.shutdown => state.shutdown(),
                     // The frame under way is due: poll again.
                     () = sleep_until(wait.deadline), if wait.deadline.is_some() => {}

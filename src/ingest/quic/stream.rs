@@ -48,7 +48,7 @@
 //! [`buffered`](StreamState::buffered), and hands each frame's bytes to its request.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -189,6 +189,14 @@ impl<A> StreamState<A> {
             self.buf.extend_from_slice(bytes);
             let pace = self.limits.pace;
             self.progress.get_or_insert_with(|| Pace::new(pace, now)).on_data(bytes.len(), now);
+        }
+    }
+
+    /// The relay held off reading for `d` (no room in the memory budget): the frame under
+    /// way is not late by that time.
+    pub fn held(&mut self, d: Duration) {
+        if let Some(progress) = &mut self.progress {
+            progress.hold(d);
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Legit {
     pub p50_ms: f64,
     pub errors: u64,
     pub error_kinds: std::collections::BTreeMap<String, u64>,
+    /// The relay's CPU use meanwhile, % of one core.
+    pub relay_cpu_pct: f64,
 }
 
 /// One scenario's line of the table (and of the JSON).
@@ -70,10 +72,6 @@ pub struct Row {
     pub hwm_mib: f64,
     pub baseline: Legit,
     pub attacked: Legit,
-    /// The relay's CPU use while the legitimate load was measured, without and with the
-    /// attack, in % of one core.
-    pub relay_cpu_base_pct: f64,
-    pub relay_cpu_attack_pct: f64,
     pub goodput_ratio: f64,
     pub p99_ratio: f64,
     pub audit_bytes: u64,
@@ -99,8 +97,6 @@ impl Row {
             hwm_mib: 0.0,
             baseline: Legit::default(),
             attacked: Legit::default(),
-            relay_cpu_base_pct: 0.0,
-            relay_cpu_attack_pct: 0.0,
             goodput_ratio: 0.0,
             p99_ratio: 0.0,
             audit_bytes: 0,
@@ -170,13 +166,14 @@ impl Row {
 }
 
 impl Legit {
-    fn of(summary: &Summary) -> Self {
+    fn of(summary: &Summary, relay_cpu_pct: f64) -> Self {
         Legit {
             goodput: round2(summary.achieved_rate),
             p99_ms: round2(summary.latency_ms.p99),
             p50_ms: round2(summary.latency_ms.p50),
             errors: summary.error_total,
             error_kinds: summary.errors.clone(),
+            relay_cpu_pct,
         }
     }
 }
@@ -289,8 +286,8 @@ async fn phases(
     let attacked = attacked.context("the load under attack")?;
 
     let mib = |kib: u64| round2(kib as f64 / 1024.0);
-    let baseline = Legit::of(&baseline);
-    let attacked = Legit::of(&attacked);
+    let baseline = Legit::of(&baseline, relay_cpu_base_pct);
+    let attacked = Legit::of(&attacked, relay_cpu_attack_pct);
     let audit = audit_after.saturating_sub(audit_before);
     let lines = lines_after.saturating_sub(lines_before);
     let mut notes = vec![tally.line()];
@@ -323,8 +320,6 @@ async fn phases(
         p99_ratio: ratio(attacked.p99_ms, baseline.p99_ms),
         baseline,
         attacked,
-        relay_cpu_base_pct,
-        relay_cpu_attack_pct,
         audit_bytes: audit,
         audit_bytes_per_sec: round2(audit as f64 / attack_s),
         log_lines: lines,

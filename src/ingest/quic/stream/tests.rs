@@ -18,6 +18,9 @@ enum In {
     Answer(u64),
     /// The clock moves on this many milliseconds.
     Later(u64),
+    /// The driver held off reading this many milliseconds (no room in the memory budget),
+    /// and the clock moved on as much.
+    Held(u64),
     /// The driver reports whether the stream has an identity after a request.
     Authed(bool),
     /// The verdict on a head: accepted, or refused as unauthorized.
@@ -90,6 +93,10 @@ fn run_as(authenticated: bool, max_in_flight: usize, draining: bool, rows: &[(In
             Shutdown => s.shutdown(),
             Answer(id) => s.answered(*id, *id),
             Later(ms) => now += Duration::from_millis(*ms),
+            Held(ms) => {
+                s.held(Duration::from_millis(*ms));
+                now += Duration::from_millis(*ms);
+            }
             Authed(yes) => s.authenticated(*yes),
             Head(true) => s.head_checked(Ok(())),
             Head(false) => s.head_checked(Err(Refusal::new(ErrorCode::Unauthorized, "no"))),
@@ -455,7 +462,8 @@ fn a_trickle_below_the_minimum_rate_is_refused() {
 #[test]
 fn the_clock_runs_only_while_the_stream_asks_for_bytes() {
     let stalled = Out::Refuse(ErrorCode::RequestTimeout, "frame_timeout");
-    // At the cap: a partial frame waits as long as the answer takes.
+    // At the cap: a partial frame waits as long as the answer takes; then as long as the
+    // driver holds off reading (no room in the memory budget).
     run(
         1,
         false,
@@ -463,6 +471,7 @@ fn the_clock_runs_only_while_the_stream_asks_for_bytes() {
             (Read([frames(&[1]), partial(5, 1)].concat()), &[D(0), W(0, true, true)]),
             (Later(5000), &[W(0, true, true)]),
             (Answer(0), &[Wr(0), W(ANY, false, true)]),
+            (Held(5000), &[W(ANY, false, true)]),
             (Later(999), &[W(ANY, false, true)]),
             (Later(1), &[stalled.clone(), S(STREAM_TOO_SLOW), F]),
         ],
