@@ -179,6 +179,32 @@ macro_rules! read_by_visitor {
 
 read_by_visitor!(Request, Events, Event, Headers, Millis);
 
+/// An object's key, borrowed from the body unless it holds escapes (serde's own `Cow<str>`
+/// always copies: an allocation per key of every event).
+struct Name<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// `key` is none of `fields`: refused with an excerpt of it.
 fn unknown_field<E: de::Error>(key: &str, fields: &[&str]) -> E {
     E::custom(format_args!("unknown field `{}`, expected one of {fields:?}", excerpt(key)))
@@ -214,10 +240,10 @@ impl<'de> Visitor<'de> for Request {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut events = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match &*key {
+        while let Some(key) = map.next_key::<Name<'de>>()? {
+            match &*key.0 {
                 "events" => once_seed(&mut events, "events", &mut map, Events(self.max))?,
-                _ => return Err(unknown_field(&key, &["events"])),
+                _ => return Err(unknown_field(&key.0, &["events"])),
             }
         }
         events.ok_or_else(|| de::Error::missing_field("events"))
@@ -248,8 +274,8 @@ impl<'de> Visitor<'de> for Event {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut e = JsonEvent::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match &*key {
+        while let Some(key) = map.next_key::<Name<'de>>()? {
+            match &*key.0 {
                 "subject" => once(&mut e.subject, "subject", &mut map)?,
                 "data" => once(&mut e.data, "data", &mut map)?,
                 "data_base64" => once(&mut e.data_base64, "data_base64", &mut map)?,
@@ -258,7 +284,7 @@ impl<'de> Visitor<'de> for Event {
                 "edge_time_unix_ms" => {
                     once_seed(&mut e.edge_time_unix_ms, "edge_time_unix_ms", &mut map, Millis)?
                 }
-                _ => return Err(unknown_field(&key, EVENT_FIELDS)),
+                _ => return Err(unknown_field(&key.0, EVENT_FIELDS)),
             }
         }
         if e.subject.is_none() {
