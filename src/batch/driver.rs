@@ -157,19 +157,10 @@ async fn drive<P: Publish>(
             batcher.flush_all(FlushReason::Drain, &mut ready);
         } else {
             batcher.poll_flush(now, &mut ready);
-            // Nothing in flight: everything goes. Acks outstanding from NATS further away than
-            // the linger: the ack clock cannot batch anything in time, so the oldest batches
-            // the early-flush rate allows go now.
             if current.flush_when_idle && !batcher.is_empty() {
-                let far = |rtt: Duration| rtt > current.limits.linger;
-                let n = match sink.in_flight() {
-                    0 => usize::MAX,
-                    _ if sink.round_trip().is_some_and(far) => {
-                        early.take(batcher.open_batches(), now)
-                    }
-                    _ => 0,
-                };
-                batcher.flush_oldest(n, FlushReason::Idle, &mut ready);
+                let (open, linger) = (batcher.open_batches(), current.limits.linger);
+                let due = early.due(open, sink.in_flight(), sink.round_trip(), linger, now);
+                batcher.flush_oldest(due, FlushReason::Idle, &mut ready);
             }
         }
         let published = !ready.is_empty();

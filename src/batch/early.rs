@@ -8,7 +8,7 @@
 //! at once wherever NATS is, and under load the extra JetStream messages are bounded by that
 //! rate while batching takes over again.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A token bucket of early flushes, one per batch: `per_sec` a second, bursts of a tenth of a
 /// second's worth.
@@ -36,8 +36,27 @@ impl EarlyFlushes {
         }
     }
 
+    /// How many of `open` batches to publish before their linger at `now`, with `in_flight`
+    /// batches awaiting acks from a cluster `round_trip` away (if probed): all of them when
+    /// nothing is in flight; as many as the rate allows when acks come back later than
+    /// `linger` (the ack clock cannot batch anything in time); else none.
+    pub fn due(
+        &mut self,
+        open: usize,
+        in_flight: usize,
+        round_trip: Option<Duration>,
+        linger: Duration,
+        now: Instant,
+    ) -> usize {
+        match in_flight {
+            0 => open,
+            _ if round_trip.is_some_and(|rtt| rtt > linger) => self.take(open, now),
+            _ => 0,
+        }
+    }
+
     /// Takes up to `want` early flushes (one per batch) at `now`: as many as the rate allows.
-    pub fn take(&mut self, want: usize, now: Instant) -> usize {
+    fn take(&mut self, want: usize, now: Instant) -> usize {
         if self.per_sec == 0 || want == 0 {
             return 0;
         }
@@ -54,12 +73,31 @@ impl EarlyFlushes {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     /// A rate, then (wanted, at ms, taken) steps; `None` as wanted is a reload to that rate.
     type Case = (u32, &'static [(Option<usize>, u64, usize)]);
+
+    #[test]
+    fn only_acks_slower_than_the_linger_make_batches_due_early() {
+        let t0 = Instant::now();
+        let linger = Duration::from_millis(2);
+        let ms = |n| Some(Duration::from_millis(n));
+        // (in flight, round trip, due of 3 open batches)
+        for (in_flight, rtt, due) in [
+            (0, None, 3),
+            (0, ms(0), 3),
+            (2, None, 0),
+            (2, ms(1), 0),
+            (2, ms(2), 0),
+            (2, ms(20), 3),
+        ] {
+            let mut e = EarlyFlushes::new(1_000);
+            assert_eq!(e.due(3, in_flight, rtt, linger, t0), due, "{in_flight} {rtt:?}");
+        }
+        let mut none = EarlyFlushes::new(0);
+        assert_eq!(none.due(3, 2, ms(20), linger, t0), 0);
+    }
 
     #[test]
     fn early_flushes_follow_the_rate_and_the_burst() {
