@@ -7,16 +7,18 @@
 //! this module depends on none of those. The idempotency cache a [`Reply`] settles is seen
 //! through [`Remember`].
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Instant;
 
+use bytes::{BufMut, Bytes};
 use futures::task::AtomicWaker;
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
 use crate::error::{ErrorCode, Refusal};
-use crate::proto;
 
 /// Where JetStream stored an event. Plain numbers (`Copy`, no shared strings): one is made,
 /// copied and cached per event on several threads; [`Names`] spells out the stream and batch
@@ -68,6 +70,18 @@ impl Names {
     pub fn batch(&self, batch: u64) -> String {
         format!("{}.{batch}", self.batch_prefix)
     }
+
+    /// The length of [`Names::batch`], without making it.
+    pub fn batch_len(&self, batch: u64) -> usize {
+        self.batch_prefix.len() + 1 + itoa::Buffer::new().format(batch).len()
+    }
+
+    /// Writes [`Names::batch`] to `out`, without allocating.
+    pub fn put_batch(&self, batch: u64, out: &mut impl bytes::BufMut) {
+        out.put_slice(self.batch_prefix.as_bytes());
+        out.put_u8(b'.');
+        out.put_slice(itoa::Buffer::new().format(batch).as_bytes());
+    }
 }
 
 /// What the edge is told about one event.
@@ -84,10 +98,90 @@ pub enum Ack {
 
 pub type Outcome = Result<Ack, Refusal>;
 
+/// One event as the relay publishes it (`edgerelay.v1.Event` in a `Batch`): what the edge sent
+/// and what the relay adds. Not prost's `Event`: the publisher is the request's identity name,
+/// shared by its events instead of copied into each, and the batch encoder writes the bytes
+/// prost would ([`Event::encode`], tested against prost).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Event {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: HashMap<String, String>,
+    /// Idempotency key; empty for none.
+    pub id: String,
+    pub edge_time_unix_ms: u64,
+    pub ingest_time_unix_us: u64,
+    pub publisher: Arc<str>,
+}
+
+impl Event {
+    /// The length of the encoded message.
+    pub fn encoded_len(&self) -> usize {
+        use prost::encoding::{bytes, hash_map, string, uint64};
+        let str_len = |tag: u32, v: &str| {
+            if v.is_empty() {
+                0
+            } else {
+                key_len(tag) + encoded_len_varint(v.len() as u64) + v.len()
+            }
+        };
+        let u64_len = |tag: u32, v: u64| if v == 0 { 0 } else { uint64::encoded_len(tag, &v) };
+        str_len(1, &self.subject)
+            + if self.payload.is_empty() { 0 } else { bytes::encoded_len(2, &self.payload) }
+            + hash_map::encoded_len(string::encoded_len, string::encoded_len, 3, &self.headers)
+            + str_len(4, &self.id)
+            + u64_len(5, self.edge_time_unix_ms)
+            + u64_len(6, self.ingest_time_unix_us)
+            + str_len(7, &self.publisher)
+    }
+
+    /// Writes the message (without a length prefix), fields in order and defaults left out,
+    /// as prost does.
+    pub fn encode(&self, out: &mut impl BufMut) {
+        use prost::encoding::{hash_map, string};
+        put_str(1, &self.subject, out);
+        if !self.payload.is_empty() {
+            encode_key(2, WireType::LengthDelimited, out);
+            encode_varint(self.payload.len() as u64, out);
+            out.put_slice(&self.payload);
+        }
+        hash_map::encode(
+            |t, v, b| string::encode(t, v, b),
+            string::encoded_len,
+            |t, v, b| string::encode(t, v, b),
+            string::encoded_len,
+            3,
+            &self.headers,
+            out,
+        );
+        put_str(4, &self.id, out);
+        put_u64(5, self.edge_time_unix_ms, out);
+        put_u64(6, self.ingest_time_unix_us, out);
+        put_str(7, &self.publisher, out);
+    }
+}
+
+/// A string field, left out when empty (as prost writes proto3 fields).
+pub(crate) fn put_str(tag: u32, v: &str, out: &mut impl BufMut) {
+    if !v.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(v.len() as u64, out);
+        out.put_slice(v.as_bytes());
+    }
+}
+
+/// A varint field, left out when zero (as prost writes proto3 fields).
+pub(crate) fn put_u64(tag: u32, v: u64, out: &mut impl BufMut) {
+    if v != 0 {
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(v, out);
+    }
+}
+
 /// An event in a queue or batch, with the means to answer it.
 #[derive(Debug)]
 pub struct Pending {
-    pub event: proto::Event,
+    pub event: Event,
     /// Encoded size of the event inside a `Batch`.
     pub size: usize,
     /// When it was enqueued.
@@ -217,6 +311,43 @@ impl Drop for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto;
+    use prost::Message;
+
+    #[test]
+    fn an_event_is_encoded_as_prost_encodes_it() {
+        let full = proto::Event {
+            subject: "edge.a.b".into(),
+            payload: Bytes::from(vec![7; 300]),
+            headers: [("k".to_owned(), "v".to_owned()), ("empty".to_owned(), String::new())].into(),
+            id: "key-1".into(),
+            edge_time_unix_ms: 1_700_000_000_000,
+            ingest_time_unix_us: u64::MAX,
+            publisher: "tenant-a".into(),
+        };
+        for want in
+            [full.clone(), proto::Event::default(), proto::Event { headers: [].into(), ..full }]
+        {
+            let event = Event {
+                subject: want.subject.clone(),
+                payload: want.payload.clone(),
+                headers: want.headers.clone(),
+                id: want.id.clone(),
+                edge_time_unix_ms: want.edge_time_unix_ms,
+                ingest_time_unix_us: want.ingest_time_unix_us,
+                publisher: want.publisher.as_str().into(),
+            };
+            let mut got = Vec::new();
+            event.encode(&mut got);
+            // A map's entries come in the map's order, the same for one map: decode to compare.
+            assert_eq!(proto::Event::decode(&got[..]).unwrap(), want);
+            assert_eq!(got.len(), want.encoded_len());
+            assert_eq!(event.encoded_len(), want.encoded_len());
+            if want.headers.len() < 2 {
+                assert_eq!(got, want.encode_to_vec());
+            }
+        }
+    }
 
     #[tokio::test]
     async fn answers_come_back_in_order_once_all_are_in() {

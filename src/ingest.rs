@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod json;
 pub mod pace;
 pub mod quic;
+pub mod results;
 
 /// The native protocol's framing, shared with the client (`edgerelay-proto`).
 pub use edgerelay_proto::framing;
@@ -33,7 +34,7 @@ use crate::audit::Audit;
 use crate::auth::{Auth, Credentials, Current, Identity, Peer, Session};
 use crate::batch::queue::{PushError, Queues};
 use crate::error::{ErrorCode, Refusal, Side};
-use crate::event::{Ack, Answers, Names, Outcome, Pending, Remember, Reply, Slot};
+use crate::event::{Ack, Answers, Event, Names, Outcome, Pending, Remember, Reply, Slot};
 use crate::metrics::latency::Stage;
 use crate::metrics::{Metrics, Protocol};
 use crate::proto;
@@ -381,14 +382,14 @@ impl Ingest {
                 Claim::Wait(rx) => return Ticket::Waiting(rx),
             }
         }
-        let event = proto::Event {
+        let event = Event {
             subject: ev.subject,
             payload: ev.payload,
             headers: ev.headers,
             id: ev.id,
             edge_time_unix_ms: ev.edge_time_unix_ms,
             ingest_time_unix_us: at.unix_us,
-            publisher: identity.name.to_string(),
+            publisher: identity.name.clone(),
         };
         let len = event.encoded_len();
         let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
@@ -495,41 +496,7 @@ impl Arrival {
     }
 }
 
-/// A request's outcomes as protobuf results (shared by every protobuf front-end). The events
-/// of one request share a few batches, so each batch's id is spelled out once.
-pub fn results_of(outcomes: &[Outcome], names: &Names) -> Vec<proto::EventResult> {
-    use proto::event_result::Outcome as O;
-    let mut batch_id = (u64::MAX, String::new());
-    let result = |outcome: &Outcome| match outcome {
-        Ok(Ack::Stored(s)) => {
-            if batch_id.0 != s.batch {
-                batch_id = (s.batch, names.batch(s.batch));
-            }
-            O::Accepted(proto::Accepted {
-                stream: names.stream.clone(),
-                cluster: names.cluster(s.cluster).to_owned(),
-                seq: s.seq,
-                batch: batch_id.1.clone(),
-                index: s.index,
-                duplicate: s.duplicate,
-            })
-        }
-        Ok(Ack::Queued) => O::Queued(proto::Queued {}),
-        Ok(Ack::Spooled) => O::Spooled(proto::Spooled {}),
-        Err(r) => O::Refused(proto_refusal(r)),
-    };
-    outcomes.iter().map(result).map(|o| proto::EventResult { outcome: Some(o) }).collect()
-}
-
-/// A refusal as protobuf (shared by every protobuf front-end).
-pub fn proto_refusal(r: &Refusal) -> proto::Refused {
-    proto::Refused {
-        code: r.code.as_str().to_owned(),
-        message: r.message.to_string(),
-        retry_after_ms: r.retry_after.map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32),
-        reason: r.reason.to_owned(),
-    }
-}
+pub use results::proto_refusal;
 
 /// Scans a protobuf `PublishRequest` (HTTP body or QUIC frame) at the field level: its token,
 /// and its events counted — refused past `max_events` before any event is decoded, so a
@@ -580,7 +547,6 @@ pub fn events_of(req: proto::PublishRequest) -> Vec<EventIn> {
 mod tests {
     use super::*;
     use crate::event::Stored;
-    use proto::event_result::Outcome as O;
 
     /// A retry's answer: the first attempt's, as a duplicate.
     fn stored(seq: u64) -> Outcome {
@@ -637,22 +603,5 @@ mod tests {
         let got = wait_for_firsts(vec![(3, rx)], never).await;
         assert!(matches!(got[..], [(3, Ok(Ack::Stored(Stored { seq: 7, .. })))]));
         assert!(wait_for_firsts(vec![], std::future::pending()).await.is_empty());
-    }
-
-    #[test]
-    fn results_name_each_event_s_own_batch() {
-        let names = Names::new("EDGE", vec!["default".into()], "r", "b");
-        let stored = |batch| Stored::answer(9, batch, false);
-        let refused = Err(Refusal::new(ErrorCode::QueueFull, "full"));
-        let outcomes = [stored(1), stored(1), refused, stored(2), stored(1)];
-        let batches: Vec<String> = results_of(&outcomes, &names)
-            .into_iter()
-            .map(|r| match r.outcome {
-                Some(O::Accepted(a)) => format!("{}/{}", a.stream, a.batch),
-                Some(O::Refused(r)) => r.code,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(batches, ["EDGE/r.b.1", "EDGE/r.b.1", "queue_full", "EDGE/r.b.2", "EDGE/r.b.1"]);
     }
 }

@@ -198,7 +198,7 @@ mod tests {
 
     fn sized(subject: &str, size: usize) -> Pending {
         Pending {
-            event: crate::proto::Event { subject: subject.into(), ..Default::default() },
+            event: crate::event::Event { subject: subject.into(), ..Default::default() },
             size,
             enqueued: Instant::now(),
             reply: Reply::default(),

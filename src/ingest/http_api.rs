@@ -13,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Body;
-use prost::Message;
 
 use super::body::{self, BodyLimits};
 use super::budget::{Held, Share};
@@ -22,7 +21,6 @@ use super::{EventIn, Ingest};
 use crate::auth::{bearer_token, Credentials, Identity, Peer};
 use crate::error::{ErrorCode, Refusal};
 use crate::metrics::Protocol;
-use crate::proto;
 
 const PROTOBUF: &str = "application/x-protobuf";
 const JSON: &str = "application/json";
@@ -279,11 +277,9 @@ impl HttpApi {
         let first_refusal = outcomes.iter().find_map(|o| o.as_ref().err());
         let status = first_refusal.map_or(StatusCode::ACCEPTED, |r| status_of(r.code));
         let mut resp = if protobuf {
-            let body = proto::PublishResponse {
-                results: super::results_of(&outcomes, self.ingest.names()),
-                error: None,
-            };
-            let mut resp = Response::new(Full::new(Bytes::from(body.encode_to_vec())));
+            let mut body = Vec::new();
+            super::results::encode(&outcomes, self.ingest.names(), false, &mut body);
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
             resp
         } else {

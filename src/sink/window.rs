@@ -14,17 +14,17 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
-use prost::Message;
+use prost::encoding::{encode_key, encode_varint, WireType};
 
 use super::flight::{Active, Cause, End, Failure, Flight, Step, Why};
 use super::Sink;
 use crate::batch::driver::Publish;
 use crate::batch::Ready;
 use crate::error::{ErrorCode, Refusal};
-use crate::event::{Ack, Pending, Reply, Stored};
+use crate::event::{put_str, put_u64, Ack, Pending, Reply, Stored};
 use crate::metrics::latency::Stage;
 use crate::metrics::OutcomeLabels;
-use crate::proto::{self, SpoolRecord};
+use crate::proto::SpoolRecord;
 
 /// Header carrying the number of events in a batch.
 pub const EVENTS_HEADER: &str = "Edgerelay-Events";
@@ -111,26 +111,25 @@ impl Sink {
         self.window_size as usize - self.window.available_permits()
     }
 
-    /// Numbers and encodes a batch that got its turn at `now`.
+    /// Numbers and encodes a batch that got its turn at `now`: an `edgerelay.v1.Batch`, its
+    /// events written one after the other into a buffer of the size the queues counted.
     fn encode(&self, batch: Ready<Pending>, oldest: Instant, now: Instant) -> Encoded {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let msg_id = self.names.batch(seq);
-        let mut events = Vec::with_capacity(batch.items.len());
-        let mut replies = Vec::with_capacity(batch.items.len());
-        for p in batch.items {
-            events.push(p.event);
-            replies.push(p.reply);
-        }
         let waited = now.saturating_duration_since(oldest);
         self.metrics.queue_wait.observe(waited.as_secs_f64());
         self.metrics.latency.record(Stage::QueueWait, waited, now);
-        let payload = proto::Batch {
-            relay_id: self.relay_id.clone(),
-            boot_id: self.boot_id.clone(),
-            sequence: seq,
-            events,
+        let mut payload =
+            Vec::with_capacity(self.relay_id.len() + self.boot_id.len() + 16 + batch.bytes);
+        put_str(1, &self.relay_id, &mut payload);
+        put_str(2, &self.boot_id, &mut payload);
+        put_u64(3, seq, &mut payload);
+        for p in &batch.items {
+            encode_key(4, WireType::LengthDelimited, &mut payload);
+            encode_varint(p.event.encoded_len() as u64, &mut payload);
+            p.event.encode(&mut payload);
         }
-        .encode_to_vec();
+        let replies: Vec<Reply> = batch.items.into_iter().map(|p| p.reply).collect();
         self.metrics.batch_events.observe(replies.len() as f64);
         self.metrics.batch_bytes.observe(payload.len() as f64);
         Encoded {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use edgerelay_proto::request;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -39,7 +39,7 @@ use crate::error::{ErrorCode, Refusal};
 use crate::ingest::budget::{Held, Share};
 use crate::ingest::framing;
 use crate::ingest::{
-    events_of, invalid_request, proto_refusal, results_of, scan_publish_request, EventIn, Ingest,
+    events_of, invalid_request, proto_refusal, results, scan_publish_request, EventIn, Ingest,
     DECODED_EVENT_BYTES,
 };
 use crate::metrics::Protocol;
@@ -155,7 +155,8 @@ impl Stream {
     /// Serves the stream: carries out what its [`StreamState`] decides.
     async fn serve(self, native: Arc<Native>, mut stop: Shutdown) -> Ended {
         let Self { mut send, mut recv, from, mut session, authenticated, share } = self;
-        let mut state = StreamState::new(native.limits, authenticated, stop.is_shutdown());
+        let mut state: StreamState<Bytes> =
+            StreamState::new(native.limits, authenticated, stop.is_shutdown());
         // What the stream's buffer holds of the memory budget.
         let mut reading = share.hold();
         let mut answers = FuturesUnordered::new();
@@ -172,13 +173,13 @@ impl Stream {
                     state.head_checked(authenticate_head(&head, &mut session, &native).await);
                 }
                 Action::Write(answer) => {
-                    if send.write_all(&framing::frame(&answer)).await.is_err() {
+                    if send.write_all(&answer).await.is_err() {
                         return Ended::Done; // the client went away; what it was answered stays
                     }
                 }
                 Action::Refuse(r) => {
                     native.ingest.refused(Protocol::Quic, from, session.last(), None, &r);
-                    let _ = send.write_all(&framing::frame(&refused(r))).await;
+                    let _ = send.write_all(&refused(r)).await;
                 }
                 Action::Stop(code) => {
                     let _ = recv.stop(VarInt::from_u32(code));
@@ -263,17 +264,16 @@ async fn request(
     from: SocketAddr,
     session: &mut Session,
     native: &Native,
-) -> BoxFuture<'static, proto::PublishResponse> {
+) -> BoxFuture<'static, Bytes> {
     match admit(frame, &mut held, session, native).await {
         Ok((id, events)) => {
             let ingest = native.ingest.clone();
             Box::pin(async move {
                 let outcomes = ingest.publish_all(Protocol::Quic, &id, events).await;
                 drop(held); // the frame and its events, held until answered
-                proto::PublishResponse {
-                    results: results_of(&outcomes, ingest.names()),
-                    error: None,
-                }
+                let mut answer = BytesMut::new();
+                results::encode(&outcomes, ingest.names(), true, &mut answer);
+                answer.freeze()
             })
         }
         Err(r) => {
@@ -301,7 +301,7 @@ async fn admit(
     Ok((id, events))
 }
 
-/// A request refused as a whole.
-fn refused(r: Refusal) -> proto::PublishResponse {
-    proto::PublishResponse { results: Vec::new(), error: Some(proto_refusal(&r)) }
+/// A request refused as a whole, framed.
+fn refused(r: Refusal) -> Bytes {
+    framing::frame(&proto::PublishResponse { results: Vec::new(), error: Some(proto_refusal(&r)) })
 }
