@@ -8,11 +8,14 @@
 //! event (`Event.id`), so consumers can de-duplicate.
 //!
 //! Almost every key is new, and at high rates the cache is far larger than the CPU's caches,
-//! so the layout is chosen to touch main memory once per key: keys in flight sit in a small
-//! table; completed keys go into the current of two *generations* (a table plus a Bloom
-//! filter); a new key is recognised as new by the filters alone. A generation is dropped
-//! whole, never key by key: when the current one is full (half of a shard's keys) or older
-//! than the window, it becomes the previous one and the previous one is dropped.
+//! so the layout is chosen to touch main memory as little as possible per key: keys in flight
+//! sit in a small table; completed keys go into the current of two *generations*. A generation
+//! is a table of 64-byte buckets, each holding the tags of [`SLOTS`] keys and where their
+//! entries are, beside the entries in the order they were stored: a new key is recognised as
+//! new from one bucket (one cache line) per generation, and its completion, milliseconds later,
+//! writes into the bucket its claim just read and appends to the entries. A generation is
+//! dropped whole, never key by key: when the current one is full (half of a shard's keys) or
+//! older than the window, it becomes the previous one and the previous one is dropped.
 //!
 //! Both generations are allocated at their full size at start-up and reused: the one dropped
 //! is cleared and becomes the new current one. Nothing is allocated, grown or freed while
@@ -69,8 +72,6 @@ pub struct Idempotency {
     /// shard or bucket, nor find colliding keys.
     seeds: [RandomState; 2],
     window: Duration,
-    /// Keys per generation and shard: two generations hold at most `max_keys` in all.
-    generation_keys: usize,
 }
 
 type Table<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
@@ -84,12 +85,36 @@ struct Inner {
     previous: Generation,
 }
 
+/// Completed keys: a table of buckets over the entries, in the order they were stored.
 #[derive(Debug)]
 struct Generation {
     /// When its first key was stored.
     started: Option<Instant>,
-    stored: Table<(Stored, Instant)>,
-    filter: Filter,
+    /// A power of two of them; a key's bucket comes from its low bits, and a full bucket
+    /// passes keys on to the next one.
+    buckets: Box<[Bucket]>,
+    /// At most the generation's keys: allocated once, never grown.
+    entries: Vec<Entry>,
+}
+
+/// Keys per bucket.
+const SLOTS: usize = 5;
+
+/// One cache line of the table: the tags of up to [`SLOTS`] keys (0: free; slots fill in
+/// order) and the index of each one's entry.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct Bucket {
+    tags: [u64; SLOTS],
+    entries: [u32; SLOTS],
+}
+
+/// A completed key: read only for a retry, when a tag matches.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    key: Key,
+    stored: Stored,
+    at: Instant,
 }
 
 /// What [`Idempotency::claim`] found.
@@ -113,7 +138,6 @@ impl Idempotency {
             shards: (0..SHARDS).map(|_| Mutex::new(Inner::new(generation_keys))).collect(),
             seeds: [RandomState::new(), RandomState::new()],
             window,
-            generation_keys,
         }
     }
 
@@ -146,7 +170,7 @@ impl Idempotency {
             return; // not claimed, or already completed
         };
         if let Ok(Ack::Stored(stored)) = outcome {
-            inner.rotate(now, self.window, self.generation_keys);
+            inner.rotate(now, self.window);
             inner.current.insert(key, *stored, now);
         }
         drop(inner);
@@ -165,7 +189,7 @@ impl Idempotency {
     /// Keys remembered (completed or in flight), including expired ones not yet dropped.
     pub fn len(&self) -> usize {
         let count =
-            |i: &Inner| i.in_flight.len() + i.current.stored.len() + i.previous.stored.len();
+            |i: &Inner| i.in_flight.len() + i.current.entries.len() + i.previous.entries.len();
         self.shards.iter().map(|s| count(&lock(s))).sum()
     }
 
@@ -196,17 +220,17 @@ impl Inner {
     /// The stored result of `key`, if it was completed less than `window` before `now`.
     fn stored(&self, key: Key, now: Instant, window: Duration) -> Option<&Stored> {
         [&self.current, &self.previous].into_iter().find_map(|g| {
-            let (stored, at) = g.get(key)?;
-            (now.saturating_duration_since(*at) < window).then_some(stored)
+            let entry = g.get(key)?;
+            (now.saturating_duration_since(entry.at) < window).then_some(&entry.stored)
         })
     }
 
     /// Starts a new current generation if the current one is full or older than `window`
     /// (so everything in the previous one has expired): the previous one is forgotten and its
     /// memory becomes the new current one. Returns whether it rotated.
-    fn rotate(&mut self, now: Instant, window: Duration, keys: usize) -> bool {
+    fn rotate(&mut self, now: Instant, window: Duration) -> bool {
         let old = self.current.started.is_some_and(|t| now.saturating_duration_since(t) >= window);
-        if self.current.stored.len() < keys && !old {
+        if !self.current.is_full() && !old {
             return false;
         }
         std::mem::swap(&mut self.current, &mut self.previous);
@@ -216,80 +240,83 @@ impl Inner {
 }
 
 impl Generation {
-    /// An empty generation with room for `keys` keys.
+    /// An empty generation with room for `keys` keys, its buckets at most 2/5 full.
     fn new(keys: usize) -> Self {
+        let buckets = (keys * 2).div_ceil(SLOTS).next_power_of_two();
         Self {
             started: None,
-            stored: Table::with_capacity_and_hasher(keys, Default::default()),
-            filter: Filter::new(keys),
+            buckets: vec![Bucket::default(); buckets].into_boxed_slice(),
+            entries: Vec::with_capacity(keys),
         }
+    }
+
+    fn is_full(&self) -> bool {
+        self.entries.len() >= self.entries.capacity()
     }
 
     /// Forgets every key, keeping the memory.
     fn clear(&mut self) {
         self.started = None;
-        self.stored.clear();
-        self.filter.clear();
+        self.buckets.fill(Bucket::default());
+        self.entries.clear();
     }
 
-    fn get(&self, key: Key) -> Option<&(Stored, Instant)> {
-        // The filter answers "not here" for almost every new key without touching the table.
-        if !self.filter.may_contain(key) {
-            return None;
+    /// The tag of `key` (never 0, the free slot) and its first bucket. The fingerprint is
+    /// already random, so its bits are used directly: the high half's low bits pick the
+    /// shard, so the bucket comes from the low half.
+    fn place(&self, key: Key) -> (u64, usize) {
+        ((key.0 >> 64) as u64 | 1, key.0 as usize & (self.buckets.len() - 1))
+    }
+
+    /// Where `key` is (`Ok((bucket, slot))`), or else the free slot it would take (`Err`;
+    /// `None` only if no slot is free, which [`Generation::is_full`] prevents).
+    fn slot(&self, key: Key) -> Result<(usize, usize), Option<(usize, usize)>> {
+        let (tag, first) = self.place(key);
+        let mask = self.buckets.len() - 1;
+        for i in 0..self.buckets.len() {
+            let b = (first + i) & mask;
+            let bucket = &self.buckets[b];
+            for s in 0..SLOTS {
+                match bucket.tags[s] {
+                    0 => return Err(Some((b, s))),
+                    t if t == tag && self.entry(b, s).is_some_and(|e| e.key == key) => {
+                        return Ok((b, s))
+                    }
+                    _ => {}
+                }
+            }
         }
-        self.stored.get(&key)
+        Err(None)
     }
 
+    fn entry(&self, bucket: usize, slot: usize) -> Option<&Entry> {
+        self.entries.get(self.buckets[bucket].entries[slot] as usize)
+    }
+
+    fn get(&self, key: Key) -> Option<&Entry> {
+        let (b, s) = self.slot(key).ok()?;
+        self.entry(b, s)
+    }
+
+    /// Stores `key` (again, if it is here already and expired); a full generation takes
+    /// nothing (the caller rotates first).
     fn insert(&mut self, key: Key, stored: Stored, now: Instant) {
-        self.started.get_or_insert(now);
-        self.filter.insert(key);
-        self.stored.insert(key, (stored, now));
-    }
-}
-
-/// A blocked Bloom filter over fingerprints: each key sets [`Filter::BITS`] bits within one
-/// 64-byte block, so a lookup reads one cache line. Sized at 12–24 bits per key, it answers
-/// "maybe" for a key it never saw well under 1% of the time; it never misses a key it holds.
-#[derive(Debug)]
-struct Filter {
-    blocks: Box<[[u64; 8]]>,
-}
-
-impl Filter {
-    /// Bits set per key.
-    const BITS: u32 = 6;
-
-    fn new(keys: usize) -> Self {
-        let blocks = (keys * 12).div_ceil(512).next_power_of_two();
-        Self { blocks: vec![[0; 8]; blocks].into_boxed_slice() }
-    }
-
-    /// The block and the bits of `key`: the fingerprint is already random, so its bits are
-    /// used directly (the high half's low bits pick the shard, so the block comes from above).
-    fn bits(&self, key: Key) -> (usize, impl Iterator<Item = (usize, u64)>) {
-        let block = ((key.0 >> 72) as usize) & (self.blocks.len() - 1);
-        let low = key.0 as u64;
-        let bits = (0..Self::BITS).map(move |i| {
-            let bit = (low >> (9 * i)) & 511;
-            ((bit / 64) as usize, 1u64 << (bit % 64))
-        });
-        (block, bits)
-    }
-
-    fn clear(&mut self) {
-        self.blocks.fill([0; 8]);
-    }
-
-    fn insert(&mut self, key: Key) {
-        let (block, bits) = self.bits(key);
-        for (word, mask) in bits {
-            self.blocks[block][word] |= mask;
+        let entry = Entry { key, stored, at: now };
+        match self.slot(key) {
+            Ok((b, s)) => {
+                let index = self.buckets[b].entries[s] as usize;
+                if let Some(e) = self.entries.get_mut(index) {
+                    *e = entry;
+                }
+            }
+            Err(Some((b, s))) if !self.is_full() => {
+                self.started.get_or_insert(now);
+                self.buckets[b].tags[s] = self.place(key).0;
+                self.buckets[b].entries[s] = self.entries.len() as u32;
+                self.entries.push(entry);
+            }
+            Err(_) => {}
         }
-    }
-
-    fn may_contain(&self, key: Key) -> bool {
-        let (block, mut bits) = self.bits(key);
-        bits.all(|(word, mask)| self.blocks[block][word] & mask != 0)
     }
 }
 
@@ -374,15 +401,18 @@ mod tests {
     #[test]
     fn generations_are_allocated_at_their_full_size_and_reused() {
         let mut inner = Inner::new(1_000);
-        let capacity = inner.current.stored.capacity();
+        let capacity = inner.current.entries.capacity();
+        let buckets = inner.current.buckets.as_ptr();
         assert!(capacity >= 1_000, "{capacity}");
         let t0 = Instant::now();
         for i in 0..3_000u64 {
-            inner.rotate(t0, Duration::from_secs(10), 1_000);
+            inner.rotate(t0, Duration::from_secs(10));
             inner.current.insert(Key(u128::from(i) << 64 | u128::from(i)), stored(i), t0);
         }
-        assert_eq!(inner.current.stored.capacity(), capacity);
-        assert_eq!(inner.previous.stored.capacity(), capacity);
+        assert_eq!(inner.current.entries.capacity(), capacity);
+        assert_eq!(inner.previous.entries.capacity(), capacity);
+        let tables = [inner.current.buckets.as_ptr(), inner.previous.buckets.as_ptr()];
+        assert!(tables.contains(&buckets));
     }
 
     #[test]
@@ -408,7 +438,7 @@ mod tests {
         let window = Duration::from_secs(10);
         let keys: Vec<Key> = (0..5).map(|i| key(&c, &i.to_string())).collect();
         for (i, k) in keys.iter().enumerate() {
-            inner.rotate(t0, window, 2);
+            inner.rotate(t0, window);
             inner.current.insert(*k, stored(i as u64), t0);
         }
         // Generations of 2: {4} current, {2, 3} previous, {0, 1} dropped.
@@ -425,26 +455,51 @@ mod tests {
         let t0 = Instant::now();
         let (a, b) = (key(&c, "a"), key(&c, "b"));
         inner.current.insert(a, stored(1), t0);
-        assert!(!inner.rotate(t0 + Duration::from_secs(9), window, 1_000));
+        assert!(!inner.rotate(t0 + Duration::from_secs(9), window));
         // Older than the window: it becomes the previous generation...
-        assert!(inner.rotate(t0 + Duration::from_secs(10), window, 1_000));
+        assert!(inner.rotate(t0 + Duration::from_secs(10), window));
         inner.current.insert(b, stored(2), t0 + Duration::from_secs(10));
         assert!(inner.previous.get(a).is_some());
         // ...and is dropped with the next rotation, one window later.
-        assert!(inner.rotate(t0 + Duration::from_secs(20), window, 1_000));
+        assert!(inner.rotate(t0 + Duration::from_secs(20), window));
         assert!(inner.previous.get(b).is_some() && inner.previous.get(a).is_none());
-        assert!(inner.current.get(a).is_none() && inner.current.stored.is_empty());
+        assert!(inner.current.get(a).is_none() && inner.current.entries.is_empty());
     }
 
     #[test]
-    fn the_filter_never_misses_a_key_it_holds_and_rarely_claims_one_it_does_not() {
-        let c = Idempotency::new(Duration::from_secs(10), 100);
-        let mut filter = Filter::new(10_000);
-        let held: Vec<Key> = (0..10_000).map(|i| key(&c, &format!("in-{i}"))).collect();
-        held.iter().for_each(|k| filter.insert(*k));
-        assert!(held.iter().all(|k| filter.may_contain(*k)));
-        let false_hits = (0..10_000).filter(|i| filter.may_contain(key(&c, &format!("out-{i}"))));
-        // About 0.3% expected at this size; the bound leaves a wide margin for chance.
-        assert!(false_hits.count() < 200);
+    fn keys_that_share_a_bucket_spill_into_the_next_and_are_all_found() {
+        let t0 = Instant::now();
+        let mut g = Generation::new(100);
+        // Twelve keys with the same low bits (so the same first bucket) and distinct tags, and
+        // three with the same tag too (told apart by their entries), then one key per bucket.
+        let crowded = (0..12u128).map(|i| Key(i << 64 | 3));
+        let same_tag = (1..4u128).map(|i| Key(1 << 64 | i << 32 | 3));
+        let spread = (0..20u128).map(|i| Key((i + 1000) << 64 | i));
+        let keys: Vec<Key> = crowded.chain(same_tag).chain(spread).collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert!(g.get(*k).is_none());
+            g.insert(*k, stored(i as u64), t0);
+        }
+        let seqs: Vec<u64> =
+            keys.iter().map(|k| g.get(*k).map_or(u64::MAX, |e| e.stored.seq)).collect();
+        assert_eq!(seqs, (0..keys.len() as u64).collect::<Vec<_>>());
+        // Storing a key again updates its entry in place.
+        g.insert(keys[4], stored(99), t0);
+        assert_eq!(g.get(keys[4]).map(|e| e.stored.seq), Some(99));
+        assert_eq!(g.entries.len(), keys.len());
+        // A key never stored is not found, whatever bucket it starts in.
+        assert!((100..200u128).all(|i| g.get(Key(i << 64 | 3)).is_none()));
+    }
+
+    #[test]
+    fn a_full_generation_takes_no_more_keys() {
+        let t0 = Instant::now();
+        let mut g = Generation::new(3);
+        for i in 0..10u128 {
+            g.insert(Key(i << 64 | i), stored(i as u64), t0);
+        }
+        assert!(g.is_full());
+        let found = (0..10u128).filter(|i| g.get(Key(i << 64 | i)).is_some()).count();
+        assert_eq!(found, 3);
     }
 }
