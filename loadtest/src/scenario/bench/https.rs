@@ -11,8 +11,8 @@
 //! binary in `BEFORE_BIN`, an earlier build: an A/B of a change to the relay, e.g.
 //! `BEFORE_BIN=... VARIANTS="before batched"`).
 //!
-//! `PROTOCOLS="https quic"` also loads every relay over its native QUIC listener (one event
-//! per request), alternating with the HTTPS runs: an A/B of two builds over both front-ends
+//! `PROTOCOLS="https quic"` also loads every relay over its native QUIC listener
+//! (`EVENTS_PER_REQUEST` events per request, one by default), alternating with the HTTPS runs: an A/B of two builds over both front-ends
 //! in one invocation, a table per protocol.
 
 use std::path::{Path, PathBuf};
@@ -47,6 +47,9 @@ pub struct Args {
     /// Payload bytes.
     #[arg(long, env = "PAYLOAD", default_value_t = 256)]
     payload: u32,
+    /// Events per request of the `quic` protocol (HTTPS requests carry one).
+    #[arg(long, env = "EVENTS_PER_REQUEST", default_value_t = 1)]
+    events_per_request: u32,
     /// Space-separated: batched, unbatched, fixed-linger, early-N, before; the first is
     /// the baseline of the ratios.
     #[arg(long, env = "VARIANTS", default_value = "batched unbatched")]
@@ -119,7 +122,11 @@ impl Args {
     fn loadtest(&self, protocol: &str, variant: &str, relay: &Relay, ca: &Path) -> Vec<String> {
         let ca = ca.to_string_lossy().into_owned();
         let mut flags: Vec<(&str, String)> = match (protocol, relay.quic) {
-            ("quic", Some(quic)) => vec![("--addr", quic.to_string()), ("--ca", ca)],
+            ("quic", Some(quic)) => vec![
+                ("--addr", quic.to_string()),
+                ("--ca", ca),
+                ("--events-per-request", self.events_per_request.to_string()),
+            ],
             _ => vec![
                 ("--url", format!("https://{}", relay.https)),
                 ("--ca", ca),
@@ -138,7 +145,10 @@ impl Args {
     /// The first line above a protocol's table.
     fn heading(&self, protocol: &str) -> String {
         let path = match protocol {
-            "quic" => "QUIC (edgerelay/1, one event per request)".to_owned(),
+            "quic" => match self.events_per_request {
+                1 => "QUIC (edgerelay/1, one event per request)".to_owned(),
+                n => format!("QUIC (edgerelay/1, {n} events per request)"),
+            },
             _ => format!("HTTP/{}", self.http),
         };
         format!(
